@@ -1,0 +1,111 @@
+"""`lmcraft <stage> CONFIG.yaml [key=value ...]`: parse, validate, call a stage.
+
+The CLI is thin and lazy: the stage table below is plain data, so `lmcraft --help` imports
+nothing heavy; a stage's module (and torch) is imported only when that stage runs. Each stage
+module provides `add_arguments(parser)` and `run(args) -> int | None`.
+
+User errors (`LmcraftError`, missing files) print as one paragraph with exit code 2; pass
+`--debug` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+# name -> (module, one-line summary). Keep in life-cycle order: this is what `--help` lists.
+STAGES: dict[str, tuple[str, str]] = {
+    "assets": ("lmcraft.stages.assets", "list / fetch the named offline models and data sets"),
+    "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
+    "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
+    "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
+}
+
+EPILOG = """\
+examples:
+  lmcraft assets fetch smollm2-135m-instruct
+  lmcraft generate smollm2-135m-instruct --chat --prompt "What is the capital of France?"
+  lmcraft pretrain recipes/pretrain-gpt-tiny.yaml trainer.max_steps=200
+
+Each stage takes --help. Config keys are checked before any work: a typo is an error naming the key.
+"""
+
+
+def _stage_module(name: str):  # noqa: ANN202 - a module object
+    return importlib.import_module(STAGES[name][0])
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmcraft",
+        description="lmcraft: the whole life of a language model, one CLI.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (_, summary) in STAGES.items():
+        sp = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        if name == stage:  # only the chosen stage's module is imported
+            _stage_module(name).add_arguments(sp)
+    return parser
+
+
+def _chosen_stage(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in STAGES else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = _chosen_stage(argv)
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    if args.version:
+        from lmcraft import __version__
+
+        print(f"lmcraft {__version__}")
+        return 0
+    if args.stage is None:
+        parser.print_help()
+        return 0
+    try:
+        result = _stage_module(args.stage).run(args)
+        return int(result or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place where every failure becomes a message
+        if args.debug:
+            raise
+        print(_explain(err), file=sys.stderr)
+        return 2 if _is_user_error(err) else 1
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from lmcraft.errors import LmcraftError
+
+    return isinstance(err, LmcraftError | FileNotFoundError | NotADirectoryError | PermissionError)
+
+
+def _explain(err: BaseException) -> str:
+    if _is_user_error(err):
+        text = f"error: {err}"
+    else:
+        text = f"internal error ({type(err).__name__}): {err}. Re-run with --debug for the traceback."
+    return "\n".join(textwrap.wrap(text, width=100, break_long_words=False, break_on_hyphens=False))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Stage configs: pydantic models read from YAML, with `dotted.key=value` overrides.
+
+Every stage declares a `StageConfig` subclass. `load_config` reads the YAML file, applies the
+command-line overrides, and validates everything before any work starts; any problem becomes a
+`ConfigError` whose message names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from lmcraft.errors import ConfigError
+
+__all__ = [
+    "StageConfig",
+    "Section",
+    "ExistingPath",
+    "ExistingFile",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "validate_config",
+]
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """A nested block of a config: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class StageConfig(Section):
+    """Top-level config of one CLI stage."""
+
+
+def _must_exist(path: Path) -> Path:
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"path does not exist: {path}")
+    return Path(path).expanduser()
+
+
+def _must_be_file(path: Path) -> Path:
+    path = _must_exist(path)
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    return path
+
+
+ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+ExistingFile = Annotated[Path, AfterValidator(_must_be_file)]
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn `["a.b=1", "c=[x, y]"]` into `{"a.b": 1, "c": ["x", "y"]}` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.lr=3e-4)")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict, creating intermediate dicts as needed."""
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}={value!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at `loc`, to suggest the right key for a typo."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+        else:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}.")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}.")
+        else:
+            given = e.get("input")
+            given_txt = f" (given: {given!r})" if not isinstance(given, dict | list) else ""
+            lines.append(f"key {key!r}: {e['msg']}{given_txt}.")
+    return f"invalid config {source}: " + " ".join(lines)
+
+
+def validate_config(cls: type[C], data: dict[str, Any], source: str = "") -> C:
+    """Validate a plain dict against a config class, raising `ConfigError` with readable text."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, cls, source or cls.__name__)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read `path` (YAML) if given, apply `key=value` overrides, validate as `cls`."""
+    data: dict[str, Any] = {}
+    source = "(overrides)"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config {p}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a mapping of keys to values, got {type(loaded).__name__}")
+        data = loaded
+    apply_overrides(data, parse_overrides(overrides or []))
+    return validate_config(cls, data, source)

@@ -1,0 +1,1 @@
+"""lmcraft.objectives"""
