@@ -1,0 +1,122 @@
+"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2, GPT-2) and encoders (BERT).
+
+The families differ only in switches: which norm, where it sits (pre/post), the MLP shape, how
+positions enter (rotary or learned), which projections carry biases, and whether embeddings are
+tied. `lmcraft.hub` maps each family's Hugging Face `config.json` onto these fields and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Arch = Literal["decoder", "encoder"]
+ModelType = Literal["llama", "mistral", "qwen2", "gpt2", "bert"]
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a transformer.
+
+    `head_dim` defaults to `hidden_size // num_heads`; `num_kv_heads` < `num_heads` is grouped-query
+    attention (each key/value head serves `num_heads // num_kv_heads` query heads).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    arch: Arch = "decoder"
+    model_type: ModelType = "llama"
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    # layout switches
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # False = post-LN (BERT): x = LN(x + f(x))
+    final_norm: bool = True  # a norm after the last block (pre-LN models)
+    mlp: Literal["gated", "plain"] = "gated"  # gated: down(act(gate x) * up x); plain: down(act(up x))
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    position: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm has a bias (RMSNorm never does)
+    tie_word_embeddings: bool = True
+    sliding_window: int | None = None
+    type_vocab_size: int = 0  # BERT token types (segment A/B)
+    embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    # regularisation and init
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    # tokens and heads
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    num_labels: int = 2
+    classifier_dropout: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # HF keys we keep verbatim for saving
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def is_causal(self) -> bool:
+        return self.arch == "decoder"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the backbone + LM head, computed from the shapes (no model built)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
+        mlp = h * self.intermediate_size * (3 if self.mlp == "gated" else 2)
+        per_layer = attn + mlp + 2 * h
+        total = self.num_layers * per_layer
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+            if self.position == "learned":
+                total += self.max_position_embeddings * h
+        return total
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~14M-parameter Llama used by tests, recipes and the generation benchmark
+    "llama-14m": dict(vocab_size=8192, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2,
+                      intermediate_size=896, max_position_embeddings=1024),
+    "gpt2-tiny": dict(model_type="gpt2", vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8,
+                      intermediate_size=1024, norm="layernorm", mlp="plain", activation="gelu_tanh",
+                      position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, max_position_embeddings=512),
+    "bert-tiny": dict(arch="encoder", model_type="bert", vocab_size=8192, hidden_size=256, num_layers=4,
+                      num_heads=4, intermediate_size=1024, norm="layernorm", norm_eps=1e-12, pre_norm=False,
+                      final_norm=False, mlp="plain", activation="gelu", position="learned", qkv_bias=True,
+                      out_bias=True, mlp_bias=True, type_vocab_size=2, embed_norm=True, dropout=0.1,
+                      attention_dropout=0.1, max_position_embeddings=512),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named model size (see PRESETS), with any field overridden."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,108 @@
+"""Output heads on top of the backbone's hidden states h (B, T, H).
+
+- `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V)
+- `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head
+- `cls`:       encoder: pooled = tanh(W_p h[:, 0] + b_p); decoder: h at the last real token;
+               logits = W_c dropout(pooled) (+ b_c)                    (B, num_labels)
+- `token_cls`: logits = W dropout(h) + b                               (B, T, num_labels)
+- `value`:     v = h w + b, one scalar per token                        (B, T)  (PPO critic)
+- `reward`:    r = h_last w, one scalar per sequence at the last real token   (B,)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmcraft.models.config import ModelConfig
+from lmcraft.models.layers import ACTIVATIONS, make_norm
+
+HEADS = ("lm", "mlm", "cls", "token_cls", "value", "reward")
+
+
+def last_token_index(
+    attention_mask: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """Index of the last real token per row; works for left and right padding."""
+    if attention_mask is None:
+        return torch.full((batch,), seq_len - 1, device=device, dtype=torch.long)
+    positions = torch.arange(seq_len, device=device).expand(batch, -1)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values.clamp_min(0)
+
+
+def gather_last(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    idx = last_token_index(attention_mask, h.shape[0], h.shape[1], h.device)
+    return h[torch.arange(h.shape[0], device=h.device), idx]
+
+
+class LMHead(nn.Linear):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(h)
+
+
+class MLMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.norm = make_norm(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.transform(h)))) + self.bias
+
+
+class SequenceClassificationHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pool_first = cfg.arch == "encoder"
+        if self.pool_first:
+            self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=self.pool_first)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pool_first else gather_last(h, attention_mask)
+        return self.classifier(self.dropout(pooled))
+
+
+class TokenClassificationHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.dropout
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.dropout(h))
+
+
+class ValueHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.score = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score(h).squeeze(-1)
+
+
+class RewardHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score(gather_last(h, attention_mask)).squeeze(-1)
+
+
+def make_head(kind: str, cfg: ModelConfig) -> nn.Module:
+    table = {"lm": LMHead, "mlm": MLMHead, "cls": SequenceClassificationHead, "token_cls": TokenClassificationHead,
+             "value": ValueHead, "reward": RewardHead}
+    if kind not in table:
+        raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+    return table[kind](cfg)

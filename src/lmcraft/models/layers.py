@@ -1,0 +1,214 @@
+"""Transformer building blocks shared by decoders and encoders.
+
+    attention:  softmax(Q K^T / sqrt(d) + mask) V       (torch scaled_dot_product_attention)
+    gated MLP:  down(act(gate x) * up x)                (SwiGLU when act = silu)
+    plain MLP:  down(act(up x))                         (GPT-2, BERT)
+    pre-norm block:   x = x + attn(norm1 x);  x = x + mlp(norm2 x)
+    post-norm block:  x = norm1(x + attn x);  x = norm2(x + mlp x)  (BERT)
+
+Keys/values may be extended in two ways without touching these modules from outside:
+a `KVCache` (generation) and per-layer `prefix` key/values (prefix tuning), both passed to forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcraft.models.config import ModelConfig
+from lmcraft.models.rope import apply_rope
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (B, kv_heads, capacity, D), filled left to right.
+
+    `update(layer, k, v)` writes the new positions and returns the filled part; `advance(n)` is
+    called once per forward, after every layer has written its `n` new positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(max(end, 2 * self.capacity))
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def _grow(self, capacity: int) -> None:
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                grown = t.new_zeros((*t.shape[:2], capacity, t.shape[3]))
+                grown[:, :, : t.shape[2]] = t
+                store[i] = grown
+
+
+@dataclass
+class AttentionMask:
+    """What a forward pass needs to mask attention; `mask` is None when SDPA flags suffice."""
+
+    mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend
+    is_causal: bool
+
+
+def build_attention_mask(
+    padding_mask: torch.Tensor | None,
+    q_len: int,
+    past_len: int,
+    prefix_len: int,
+    causal: bool,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionMask:
+    """Combine causality, padding (B, past_len + q_len; 1 = real token), prefix and sliding window.
+
+    Keys are laid out as [prefix | past | current]. Prefix keys are visible to every real query. A query
+    always sees its own key, so rows of padding queries never become all-masked (which gives NaN).
+    """
+    kv_len = past_len + q_len
+    window_matters = sliding_window is not None and kv_len > sliding_window
+    if padding_mask is None and prefix_len == 0 and not window_matters:
+        if not causal or q_len == 1:
+            return AttentionMask(None, False)
+        if past_len == 0:
+            return AttentionMask(None, True)
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = k_pos <= q_pos
+    if window_matters:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    if prefix_len:
+        prefix = torch.ones(*allowed.shape[:3], prefix_len, dtype=torch.bool, device=device)
+        allowed = torch.cat([prefix.expand(allowed.shape[0], -1, -1, -1), allowed], dim=-1)
+    return AttentionMask(allowed, False)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
+        self.dropout = cfg.attention_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if prefix is not None:
+            pk, pv = prefix
+            k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Gated: down(act(gate x) * up x).  Plain: down(act(up x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and MLP sub-layers with residuals, pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn_norm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope=None, cache=None, prefix=None) -> torch.Tensor:  # noqa: ANN001
+        if self.pre_norm:
+            x = x + self.dropout(self.self_attn(self.attn_norm(x), mask, rope, cache, prefix))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.self_attn(x, mask, rope, cache, prefix)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
