@@ -1,0 +1,217 @@
+"""Checkpoint files: atomic directories, model weights, RNG states, keep-last-K rotation.
+
+Layout of `output_dir`:
+  step-N/model.safetensors        all weights (or the file named by `WeightsFormat`, e.g.
+                                   adapter_model.safetensors with only trainable tensors)
+  step-N/config.json              the model's config (`.config.to_hf()`, `.to_dict()`, a dataclass or
+                                   a pydantic model), when it has one
+  step-N/tokenizer.json ...       copied from the tokenizer folder, when given
+  step-N/trainer_state/           state.json (step, data position, early stopping, history),
+                                   optimizer.pt, scheduler.pt, rng_rank{R}.pt
+  best/                           weights + config + tokenizer of the best evaluation so far
+  latest                          text file naming the newest step-N folder
+A checkpoint is written into `.tmp-step-N/` and renamed to `step-N/` only once complete
+(`os.replace` is atomic), then `latest` is rewritten atomically (temp file + `os.replace`), so a
+process killed at any moment leaves every `step-*` folder complete. Resuming picks the highest
+`step-N`. Loading uses safetensors and `torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "WeightsFormat",
+    "TOKENIZER_FILES",
+    "atomic_write_text",
+    "atomic_write_json",
+    "replace_dir",
+    "save_model_files",
+    "load_weights",
+    "model_config_dict",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_torch",
+    "load_torch",
+    "step_dirs",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "remove_stale",
+]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class WeightsFormat:
+    """Which model tensors a checkpoint stores, in which file, and how strictly they load back.
+
+    `WeightsFormat()` stores the whole state dict in `model.safetensors` and loads it strictly.
+    `WeightsFormat("adapter_model.safetensors", trainable_only=True)` stores only parameters with
+    `requires_grad` (adapters, a head) and loads them onto a model rebuilt with the same frozen
+    base. PEFT methods subclass it and override `select` / `write_extra` (e.g. adapter_config.json).
+    """
+
+    def __init__(self, filename: str = "model.safetensors", trainable_only: bool = False) -> None:
+        self.filename, self.trainable_only = filename, trainable_only
+
+    @property
+    def strict(self) -> bool:
+        return not self.trainable_only
+
+    def select(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to write, from the full state dict (names as in `model.state_dict()`)."""
+        if not self.trainable_only:
+            return state
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in keep}
+
+    def write_extra(self, model: nn.Module, directory: Path) -> None:
+        """Hook for extra files next to the weights; nothing by default."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder `src` to `dst`, replacing any existing `dst`."""
+    if dst.exists():
+        trash = dst.with_name(f".trash-{dst.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash)
+    else:
+        os.replace(src, dst)
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The model's `.config` as a JSON-able dict (HF layout when it offers `to_hf()`), else None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    for method in ("to_hf", "to_dict", "model_dump"):
+        if callable(getattr(cfg, method, None)):
+            return getattr(cfg, method)()
+    if hasattr(cfg, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(cfg)
+    return dict(cfg) if isinstance(cfg, dict) else None
+
+
+def _for_safetensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors; tensors sharing storage (tied weights) are cloned."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[k] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def save_model_files(
+    directory: Path,
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    fmt: WeightsFormat,
+    tokenizer_dir: Path | None = None,
+) -> None:
+    """Write weights (per `fmt`), config.json and the tokenizer files into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_for_safetensors(fmt.select(model, state)), str(directory / fmt.filename), metadata={"format": "pt"})
+    cfg = model_config_dict(model)
+    if cfg is not None:
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, directory / name)
+    fmt.write_extra(model, directory)
+
+
+def load_weights(directory: Path, fmt: WeightsFormat) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / fmt.filename))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states as tensors and plain values."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints `(step, path)`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    dirs = step_dirs(output_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    for _, path in step_dirs(output_dir)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Delete half-written folders left by a killed run (`.tmp-*`), restoring a swapped-out `best/`."""
+    if not output_dir.is_dir():
+        return
+    for p in output_dir.iterdir():
+        if p.name.startswith(".trash-") and not (output_dir / p.name[len(".trash-"):]).exists():
+            os.replace(p, output_dir / p.name[len(".trash-"):])
+        elif p.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()

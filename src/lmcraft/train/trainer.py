@@ -1,0 +1,559 @@
+"""The one training loop every stage reuses.
+
+A stage supplies a model, a `loss_fn`, datasets and a `TrainerConfig`; the trainer owns the
+optimizer, LR schedule, precision, gradient accumulation, data parallelism, evaluation, logging,
+checkpoints and exact resume.
+
+Loss contract. `loss_fn(model, batch) -> LossOutput(loss_sum, num_targets, metrics, num_tokens)`:
+`loss_sum` is the SUM of the per-target losses of the micro-batch (e.g. cross-entropy summed over
+non-ignored tokens) and `num_targets` how many targets it sums over. For one optimizer step over
+a window of micro-batches `b` on all ranks `r`, the trainer minimises the global token mean
+
+    L = sum_{r,b} loss_sum[r,b] / N,   N = sum_{r,b} num_targets[r,b]
+
+so accumulating k micro-batches of size B equals one batch of k*B whatever the targets per
+micro-batch, and W ranks equal one process with a W times larger batch. Mechanically each
+micro-batch backpropagates its unscaled `loss_sum`; after the window, N is all-reduced and the
+accumulated gradients are multiplied by 1/N (by W/N under DDP/FSDP, which average over ranks).
+That is exactly dL/dθ = (sum of dloss_sum/dθ) / N without knowing N before the forward passes.
+A loss_fn may instead return a tuple `(loss_mean, metrics)`: it then counts as one target, so
+the step averages micro-batch means (use this only for losses that are not per-token sums).
+`metrics` values are means over the micro-batch's targets; the trainer reports their
+target-weighted mean over the window (and over ranks). `num_tokens` (default: num_targets) is
+only used for the tokens/s figure.
+
+Steps. One optimizer step = one window of `grad_accum` micro-batches per rank. The run lasts
+`max_steps` steps, or `ceil(epochs * batches_per_epoch / grad_accum)` steps (the last window may
+be short). A step whose loss or gradient norm is NaN/Inf is skipped (no update, gradients
+dropped, the schedule still advances); `max_bad_steps` of them in a row raise
+`NonFiniteLossError`.
+
+Exact resume. Checkpoints hold weights, optimizer, scheduler, data position, RNG states (per
+rank), counters and history; `train()` resumes from the newest `step-N` in `output_dir` and then
+reproduces the uninterrupted run bit for bit on CPU (same weights, same logged losses).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from lmcraft.config import Section
+from lmcraft.errors import LmcraftError
+from lmcraft.train import checkpoint as ckpt
+from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
+from lmcraft.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    grad_sync,
+    init_distributed,
+    load_full_model_state,
+    load_full_optimizer_state,
+    wrap_model,
+)
+from lmcraft.train.loader import Collate, ResumableLoader, eval_batches
+from lmcraft.train.metrics_log import CurvePlotter, JsonlLogger, TensorBoardLogger
+from lmcraft.train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+
+__all__ = [
+    "EarlyStopping",
+    "TrainerConfig",
+    "LossOutput",
+    "LossFn",
+    "TrainerState",
+    "Trainer",
+    "NonFiniteLossError",
+    "set_seed",
+    "move_to",
+]
+
+log = logging.getLogger("lmcraft.train")
+_STEP_KEYS = ("loss", "lr", "grad_norm", "targets", "tokens", "skipped", "tokens_per_s")  # per-step fields
+
+
+class EarlyStopping(Section):
+    """Stop after `patience` evaluations without an improvement of `metric` by more than `min_delta`."""
+
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainerConfig(Section):
+    """Optimisation, schedule, precision, evaluation, checkpointing and parallelism of one run."""
+
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on each rank")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
+    eval_batch_size: int | None = Field(None, ge=1, description="default: micro_batch_size")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global L2 norm; null = no clipping")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (always at the end)")
+    eval_max_batches: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1, description="steps between checkpoints (always at the end)")
+    keep_last: int = Field(2, ge=1, description="step-N checkpoints kept")
+    save_best: bool = Field(True, description="keep the best evaluation's weights in best/")
+    early_stopping: EarlyStopping | None = None
+    seed: int = 0
+    shuffle: bool = True
+    log_every: int = Field(10, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="NaN/Inf guard: consecutive skipped steps before failing")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    find_unused_parameters: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> TrainerConfig:
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every (steps between evaluations)")
+        return self
+
+
+@dataclass
+class LossOutput:
+    """What a loss_fn returns for one micro-batch (see the module docstring for the math).
+
+    loss_sum:    scalar tensor, sum of per-target losses, attached to the graph
+    num_targets: number of targets summed in loss_sum (int or integer tensor)
+    metrics:     extra values, each a mean over this micro-batch's targets
+    num_tokens:  tokens processed, for throughput only (default: num_targets)
+    """
+
+    loss_sum: torch.Tensor
+    num_targets: int | torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    num_tokens: int | torch.Tensor | None = None
+
+
+LossFn = Callable[[nn.Module, Any], "LossOutput | tuple[torch.Tensor, dict[str, Any]]"]
+
+
+def _as_loss_output(result: Any) -> LossOutput:
+    if isinstance(result, LossOutput):
+        return result
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor):
+        return LossOutput(result[0], 1, dict(result[1] or {}))
+    raise TypeError(f"loss_fn must return LossOutput(loss_sum, num_targets, metrics) or (loss, metrics), "
+                    f"got {type(result).__name__}")
+
+
+class NonFiniteLossError(LmcraftError):
+    """Training produced NaN/Inf losses or gradients for too many consecutive steps."""
+
+
+@dataclass
+class TrainerState:
+    """Counters saved in `trainer_state/state.json` (everything the loop needs besides tensors)."""
+
+    step: int = 0
+    micro_batches: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    bad_steps: int = 0
+    stopped: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    log_acc: dict[str, float] = field(default_factory=dict)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) dict/list/tuple to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Train `model` by minimising the token-mean of `loss_fn` over `train_data`.
+
+    train_data:   a map-style dataset (`len`, `[i]`) batched by `ResumableLoader` with
+                  `collate_fn`, or a ready `ResumableLoader`
+    eval_data:    a map-style dataset for `evaluate()` (loss, perplexity, loss_fn metrics)
+    param_groups: `fn(model) -> groups` building optimizer groups after wrapping (FSDP swaps the
+                  parameters), e.g. `lambda m: optim.param_groups(m, 0.01, 1e-4, layer_lr_decay=0.8,
+                  layer_of=...)`; default: decay/no-decay split at `config.lr`
+    weights:      which tensors checkpoints hold (`WeightsFormat`; default all, model.safetensors)
+    tokenizer_dir: folder whose tokenizer files are copied into every checkpoint
+    eval_fn:      `fn(trainer) -> {name: value}` extra evaluation, reported as `eval_<name>`
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_data: Sequence[Any] | ResumableLoader,
+        eval_data: Sequence[Any] | None = None,
+        config: TrainerConfig | None = None,
+        output_dir: str | Path = "runs/train",
+        *,
+        collate_fn: Collate | None = None,
+        callbacks: Iterable[Callback] = (),
+        param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+        weights: ckpt.WeightsFormat | None = None,
+        tokenizer_dir: str | Path | None = None,
+        eval_fn: Callable[[Trainer], dict[str, float]] | None = None,
+    ) -> None:
+        cfg = self.config = config or TrainerConfig()
+        self.ctx = init_distributed(cfg.device)
+        self.output_dir = Path(output_dir)
+        self.model = model
+        self.wrapped = wrap_model(model, cfg.strategy, self.ctx, cfg.find_unused_parameters)
+        self.loss_fn, self.eval_data, self.collate_fn, self.eval_fn = loss_fn, eval_data, collate_fn, eval_fn
+        self.weights = weights or ckpt.WeightsFormat()
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        if isinstance(train_data, ResumableLoader):
+            if train_data.world_size != self.ctx.world_size or train_data.rank != self.ctx.rank:
+                raise LmcraftError(f"the ResumableLoader was built for rank {train_data.rank}/{train_data.world_size} "
+                                   f"but this process is rank {self.ctx.rank}/{self.ctx.world_size}")
+            self.loader = train_data
+        else:
+            self.loader = ResumableLoader(train_data, cfg.micro_batch_size, collate_fn, seed=cfg.seed,
+                                          shuffle=cfg.shuffle, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        groups = (param_groups or (lambda m: _default_groups(m, cfg)))(self.model)
+        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, self.total_steps,
+                                         cfg.min_lr_ratio, cfg.decay_fraction)
+        builtin: list[Callback] = [JsonlLogger()]
+        if cfg.progress:
+            builtin.append(ProgressBar())
+        if cfg.tensorboard:
+            builtin.append(TensorBoardLogger())
+        if cfg.plot:
+            builtin.append(CurvePlotter())
+        self.user_callbacks = CallbackList(callbacks)
+        self.callbacks = CallbackList([*builtin, *self.user_callbacks.callbacks])
+        self.state = TrainerState()
+        self.should_stop = False
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        return -(-cfg.epochs * len(self.loader) // cfg.grad_accum)
+
+    def _window_size(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.grad_accum
+        return min(cfg.grad_accum, cfg.epochs * len(self.loader) - self.state.micro_batches)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    # ---------------------------------------------------------------------------------- main loop
+    def train(self, resume_from: str | Path | None = "auto") -> dict[str, Any]:
+        """Run (or resume) training; returns {"step", "best_metric", "best_step", "stopped", "checkpoint"}.
+
+        resume_from: "auto" = the newest step-N in output_dir if any, a checkpoint folder, or None
+        (start fresh even if checkpoints exist).
+        """
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale(self.output_dir)
+        barrier()
+        path = ckpt.latest_checkpoint(self.output_dir) if resume_from == "auto" else resume_from
+        if path is not None:
+            self.load_checkpoint(Path(path))
+        else:
+            set_seed(self.config.seed + self.ctx.rank)
+        self.callbacks.on_train_begin(self)
+        last_saved = self.state.step if path is not None else None
+        while self.state.step < self.total_steps and self.state.stopped is None:
+            if self.should_stop:
+                self.state.stopped = "callback"
+                break
+            metrics = self._optimizer_step()
+            self.callbacks.on_step_end(self, metrics)
+            self._maybe_log(metrics)
+            step, cfg = self.state.step, self.config
+            at_end = step == self.total_steps
+            if self.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
+                self._evaluate_and_track()
+            if self.should_stop and self.state.stopped is None:
+                self.state.stopped = "callback"
+            if (cfg.save_every and step % cfg.save_every == 0) or at_end or self.state.stopped:
+                self.save_checkpoint()
+                last_saved = step
+        if last_saved != self.state.step:
+            self.save_checkpoint()
+        self.callbacks.on_train_end(self)
+        return {"step": self.state.step, "best_metric": self.state.best_metric, "best_step": self.state.best_step,
+                "stopped": self.state.stopped, "checkpoint": str(self.output_dir / f"step-{self.state.step}")}
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """One window of micro-batches -> one (or a skipped) optimizer update; returns the step's metrics."""
+        cfg, t0 = self.config, time.perf_counter()
+        self.callbacks.on_step_begin(self)
+        window = [self.loader.next_batch() for _ in range(self._window_size())]
+        self.state.micro_batches += len(window)
+        self.wrapped.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)  # targets, tokens
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(window):
+            with grad_sync(self.wrapped, i == len(window) - 1):
+                with self._autocast():
+                    out = _as_loss_output(self.loss_fn(self.wrapped, move_to(batch, self.device)))
+                out.loss_sum.backward()
+            n = torch.as_tensor(out.num_targets, dtype=torch.float64, device=self.device)
+            loss_sum += out.loss_sum.detach().to(torch.float64)
+            counts[0] += n
+            counts[1] += n if out.num_tokens is None else out.num_tokens
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().double() * n
+        keys = sorted(metric_sums)
+        totals = all_reduce_sum(torch.stack([loss_sum, counts[0], counts[1], *[metric_sums[k] for k in keys]]))
+        total_loss, n_targets, n_tokens = (float(x) for x in totals[:3])
+        scale = self.ctx.world_size / n_targets if n_targets > 0 else float("nan")  # DDP/FSDP average over ranks
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            p.grad.mul_(scale)
+        grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        loss = total_loss / n_targets if n_targets > 0 else float("nan")
+        lr = cfg.lr * lr_multiplier(cfg.schedule, self.state.step, cfg.warmup_steps, self.total_steps,
+                                    cfg.min_lr_ratio, cfg.decay_fraction)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.state.bad_steps = 0
+        else:
+            self.state.bad_steps += 1
+            log.warning("step %d skipped: loss=%s grad_norm=%s targets=%d", self.state.step + 1, loss, grad_norm,
+                        n_targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        if self.state.bad_steps >= cfg.max_bad_steps:
+            last = ckpt.latest_checkpoint(self.output_dir)
+            raise NonFiniteLossError(
+                f"training diverged: the loss or gradient norm was NaN/Inf (or a window had no targets) for "
+                f"{self.state.bad_steps} optimizer steps in a row, up to step {self.state.step}. Lower trainer.lr, "
+                f"add warmup_steps, set max_grad_norm, or check the data for batches without targets. "
+                f"The last good checkpoint is {last or '(none)'}."
+            )
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": n_targets, "tokens": n_tokens,
+                   "skipped": float(not finite), "tokens_per_s": n_tokens / max(time.perf_counter() - t0, 1e-9)}
+        metrics.update({k: float(v) / n_targets for k, v in zip(keys, totals[3:].tolist(), strict=True)})
+        return metrics
+
+    def _maybe_log(self, m: dict[str, float]) -> None:
+        """Add the step to the current interval; every log_every steps emit its target-weighted means.
+
+        Interval sums (saved in checkpoints): loss*targets, targets, tokens, seconds, skipped steps and
+        metric*targets for each loss_fn metric (`m:<name>`); skipped steps add only to `skipped`.
+        """
+        acc = self.state.log_acc
+        acc["skipped"] = acc.get("skipped", 0.0) + m["skipped"]
+        if not m["skipped"]:
+            n = m["targets"]
+            add = {"loss": m["loss"] * n, "targets": n, "tokens": m["tokens"], "time": m["tokens"] / m["tokens_per_s"]}
+            add.update({f"m:{k}": v * n for k, v in m.items() if k not in _STEP_KEYS})
+            for k, v in add.items():
+                acc[k] = acc.get(k, 0.0) + v
+        step = self.state.step
+        if step % self.config.log_every and step != self.total_steps:
+            return
+        n = acc.get("targets", 0.0)
+        record: dict[str, Any] = {
+            "split": "train", "step": step, "epoch": self.state.micro_batches / len(self.loader),
+            "loss": acc["loss"] / n if n else float("nan"), "lr": m["lr"], "grad_norm": m["grad_norm"],
+            "targets": n, "skipped": int(acc["skipped"]), "tokens_per_s": acc.get("tokens", 0.0) / acc.get("time", 1.0),
+        }
+        record.update({k[2:]: v / n for k, v in acc.items() if k.startswith("m:")})
+        self.state.log_acc = {}
+        self.state.history.append(record)
+        self.callbacks.on_log(self, record)
+
+    # --------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Token-mean loss of `loss_fn` over eval_data (all ranks), its perplexity and metrics.
+
+        Returns {"eval_loss": L, "eval_ppl": exp(L), "eval_<metric>": target-weighted mean, ...}.
+        """
+        if self.eval_data is None:
+            raise LmcraftError("evaluate() needs eval_data")
+        cfg = self.config
+        model = self.model  # the DDP wrapper is bypassed (no collectives); an FSDP module is itself
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = eval_batches(self.eval_data, cfg.eval_batch_size or cfg.micro_batch_size, self.collate_fn,
+                               self.ctx.rank, self.ctx.world_size, max_batches or cfg.eval_max_batches)
+        for batch, counts in batches:
+            with self._autocast():
+                out = _as_loss_output(self.loss_fn(model, move_to(batch, self.device)))
+            w = float(counts)
+            n = torch.as_tensor(out.num_targets, dtype=torch.float64, device=self.device) * w
+            loss_sum += torch.stack([out.loss_sum.detach().double() * w, n])
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).double() * n
+        model.train(was_training)
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.cat([loss_sum, *[sums[k].reshape(1) for k in keys]])).tolist()
+        n = totals[1]
+        loss = totals[0] / n if n else float("nan")
+        result = {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else float("inf")}
+        result.update({f"eval_{k}": v / n for k, v in zip(keys, totals[2:], strict=True)})
+        if self.eval_fn is not None:
+            result.update({f"eval_{k}": float(v) for k, v in self.eval_fn(self).items()})
+        return result
+
+    def _evaluate_and_track(self) -> None:
+        """Evaluate, log, update the best model (best/) and the early-stopping counter."""
+        metrics = self.evaluate()
+        st, es = self.state, self.config.early_stopping
+        name, mode, delta = (es.metric, es.mode, es.min_delta) if es else ("eval_loss", "min", 0.0)
+        if name not in metrics:
+            raise LmcraftError(f"early_stopping.metric {name!r} is not among the evaluation results "
+                               f"({', '.join(sorted(metrics))})")
+        value = metrics[name]
+        improved = st.best_metric is None or (value < st.best_metric - delta if mode == "min"
+                                              else value > st.best_metric + delta)
+        if improved:
+            st.best_metric, st.best_step, st.bad_evals = value, st.step, 0
+            if self.config.save_best:
+                self._save_best(name, value)
+        else:
+            st.bad_evals += 1
+            if es is not None and st.bad_evals >= es.patience:
+                st.stopped = "early_stopping"
+        record = {"split": "eval", "step": st.step, **metrics}
+        st.history.append(record)
+        self.callbacks.on_log(self, record)
+        self.callbacks.on_eval(self, metrics)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _save_best(self, metric: str, value: float) -> None:
+        state = full_model_state(self.wrapped)
+        if self.is_main:
+            tmp = self.output_dir / ".tmp-best"
+            ckpt.save_model_files(tmp, self.model, state, self.weights, self.tokenizer_dir)
+            ckpt.atomic_write_json(tmp / "best.json", {"step": self.state.step, "metric": metric, "value": value})
+            ckpt.replace_dir(tmp, self.output_dir / "best")
+        barrier()
+
+    def save_checkpoint(self) -> Path:
+        """Write `output_dir/step-N` atomically (all ranks must call it); returns its path."""
+        step, out = self.state.step, self.output_dir
+        final, tmp = out / f"step-{step}", out / f".tmp-step-{step}"
+        model_state = full_model_state(self.wrapped)
+        optim_state = full_optimizer_state(self.wrapped, self.optimizer)
+        if self.is_main:
+            ckpt.save_model_files(tmp, self.model, model_state, self.weights, self.tokenizer_dir)
+            (tmp / "trainer_state").mkdir()
+            ckpt.save_torch(optim_state, tmp / "trainer_state" / "optimizer.pt")
+            ckpt.save_torch(self.scheduler.state_dict(), tmp / "trainer_state" / "scheduler.pt")
+            meta = {"state": asdict(self.state), "loader": self.loader.state_dict(),
+                    "callbacks": self.user_callbacks.state_dict(), "world_size": self.ctx.world_size,
+                    "config": self.config.model_dump(mode="json")}
+            (tmp / "trainer_state" / "state.json").write_text(json.dumps(meta, indent=1))
+        barrier()
+        ckpt.save_torch(ckpt.capture_rng_state(), tmp / "trainer_state" / f"rng_rank{self.ctx.rank}.pt")
+        barrier()
+        if self.is_main:
+            ckpt.replace_dir(tmp, final)
+            ckpt.atomic_write_text(out / "latest", final.name + "\n")
+            ckpt.prune_checkpoints(out, self.config.keep_last)
+        barrier()
+        self.callbacks.on_save(self, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimizer, scheduler, data position, counters and RNG from `path`."""
+        state_dir = path / "trainer_state"
+        if not (state_dir / "state.json").is_file():
+            raise LmcraftError(f"{path} is not a trainer checkpoint: {state_dir / 'state.json'} is missing")
+        meta = json.loads((state_dir / "state.json").read_text())
+        if meta["world_size"] != self.ctx.world_size:
+            raise LmcraftError(f"checkpoint {path} was written by {meta['world_size']} processes but this run has "
+                               f"{self.ctx.world_size}; exact resume needs the same number of processes")
+        load_full_model_state(self.wrapped, ckpt.load_weights(path, self.weights), strict=self.weights.strict)
+        load_full_optimizer_state(self.wrapped, self.optimizer, ckpt.load_torch(state_dir / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_torch(state_dir / "scheduler.pt"))
+        self.loader.load_state_dict(meta["loader"])
+        self.state = TrainerState(**meta["state"])
+        self.user_callbacks.load_state_dict(meta["callbacks"])
+        ckpt.restore_rng_state(ckpt.load_torch(state_dir / f"rng_rank{self.ctx.rank}.pt"))
+        if self.is_main:
+            log.info("resumed from %s (step %d)", path, self.state.step)
+
+
+def _default_groups(model: nn.Module, cfg: TrainerConfig) -> list[dict[str, Any]]:
+    return param_groups(model, cfg.weight_decay, cfg.lr)
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients (after clipping them to `max_norm` when set)."""
+    if not params:
+        return 0.0
+    if max_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
