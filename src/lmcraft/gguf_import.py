@@ -1,0 +1,617 @@
+"""Import a GGUF file (llama.cpp's format) as a Hugging Face-layout model folder.
+
+`convert_gguf(path, out_dir)` reads the file with the pure-Python `gguf` package and writes
+`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
+`generation_config.json`, so that the result opens in lmcraft, in `transformers` and in any other
+tool that reads HF folders.
+
+Three pieces of math live here:
+
+* **Dequantisation** (`dequantize`). GGUF stores a weight row as blocks. For the "legacy" types
+  a block of 32 values holds an fp16 scale `d` (and for `_1` types an fp16 offset `m`) and small
+  integers `q`: Q4_0 `x = d * (q - 8)`, Q4_1 `x = d * q + m`, Q5_0 `x = d * (q - 16)`,
+  Q5_1 `x = d * q + m` (q has 5 bits, the 5th stored in a separate 32-bit mask), Q8_0
+  `x = d * q` (q is int8). The "K" types use super-blocks of 256 values split into 8 or 16
+  sub-blocks, each with its own 6-bit (Q4_K, Q5_K) or int8 (Q6_K) scale: Q4_K/Q5_K
+  `x = d * sc_j * q - dmin * m_j`, Q6_K `x = d * sc_j * (q - 32)`. Every function below works on a
+  whole tensor at once (numpy arrays of shape `(n_blocks, block_bytes)`), never block by block.
+* **Rotary layout** (`unpermute_qk`). llama.cpp rotates adjacent pairs `(2i, 2i+1)` of each head,
+  while HF's `rotate_half` rotates `(i, i + d/2)`. llama.cpp's converter therefore permutes the
+  rows of `q_proj`/`k_proj` inside every head: output row `h*d + 2i + s` comes from input row
+  `h*d + s*d/2 + i` (`s` in {0, 1}). `unpermute_qk` applies the inverse, so the attention scores
+  `q_m . k_n` are the same as in the original model.
+* **Tokenizer** (`build_tokenizer`). A GGUF has no `tokenizer.json`: it stores the token list,
+  the BPE merges, token types and a pre-tokenizer name (`tokenizer.ggml.pre`). We rebuild the HF
+  `tokenizers` pipeline that name stands for (llama.cpp's `llama-vocab.cpp` lists the regexes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmcraft.errors import ModelLoadError
+
+__all__ = [
+    "GGUFImportError",
+    "SUPPORTED_TYPES",
+    "build_tokenizer",
+    "convert_gguf",
+    "dequantize",
+    "hf_config",
+    "permute_qk",
+    "read_gguf",
+    "unpermute_qk",
+    "write_hf_model",
+]
+
+
+class GGUFImportError(ModelLoadError):
+    """A GGUF file cannot be imported: not a GGUF, unsupported architecture, tensor type or tokenizer."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Dequantisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 bytes -> (n, 1) float32 (little-endian IEEE half)."""
+    return raw.view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32): low nibbles are values 0..15, high nibbles values 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _q4_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, 0:2]) * (_nibbles(b[:, 2:18]).astype(np.float32) - 8.0)
+
+
+def _q4_1(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, 0:2]) * _nibbles(b[:, 4:20]).astype(np.float32) + _f16(b[:, 2:4])
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes of a little-endian uint32 mask -> (n, 32) bits, bit j belongs to value j."""
+    mask = qh.view("<u4")
+    return ((mask >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _q5_0(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 6:22]) | (_fifth_bits(b[:, 2:6]) << 4)
+    return _f16(b[:, 0:2]) * (q.astype(np.float32) - 16.0)
+
+
+def _q5_1(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 8:24]) | (_fifth_bits(b[:, 4:8]) << 4)
+    return _f16(b[:, 0:2]) * q.astype(np.float32) + _f16(b[:, 2:4])
+
+
+def _q8_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, 0:2]) * b[:, 2:34].view(np.int8).astype(np.float32)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins (llama.cpp `get_scale_min_k4`)."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k4_values(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes -> (n, 8, 32): chunk c's low nibbles are sub-block 2c, its high nibbles 2c+1."""
+    q = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _q4_k(b: np.ndarray) -> np.ndarray:
+    sc, mn = _k_scales(b[:, 4:16])
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    q = _k4_values(b[:, 16:144]).astype(np.float32)
+    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1, 256)
+
+
+def _q5_k(b: np.ndarray) -> np.ndarray:
+    sc, mn = _k_scales(b[:, 4:16])
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    qh = b[:, 16:48]  # bit j of qh[l] is the 5th bit of value l of sub-block j
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    q = (_k4_values(b[:, 48:176]) | (high << 4)).astype(np.float32)
+    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1, 256)
+
+
+def _q6_k(b: np.ndarray) -> np.ndarray:
+    ql = b[:, 0:128].reshape(-1, 2, 64)  # two halves of 128 values each
+    qh = b[:, 128:192].reshape(-1, 2, 32)
+    sc = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16(b[:, 208:210])
+    lo, hi = ql & 0x0F, ql >> 4
+    q = np.concatenate(
+        [
+            lo[..., :32] | ((qh & 3) << 4),
+            lo[..., 32:] | (((qh >> 2) & 3) << 4),
+            hi[..., :32] | (((qh >> 4) & 3) << 4),
+            hi[..., 32:] | (((qh >> 6) & 3) << 4),
+        ],
+        axis=2,
+    ).reshape(-1, 256)
+    return d * np.repeat(sc, 16, axis=1) * (q.astype(np.float32) - 32.0)
+
+
+# GGML type id -> (name, values per block, bytes per block, block decoder). Ids are ggml's enum.
+_BLOCK_TYPES: dict[int, tuple[str, int, int, Callable[[np.ndarray], np.ndarray]]] = {
+    2: ("Q4_0", 32, 18, _q4_0),
+    3: ("Q4_1", 32, 20, _q4_1),
+    6: ("Q5_0", 32, 22, _q5_0),
+    7: ("Q5_1", 32, 24, _q5_1),
+    8: ("Q8_0", 32, 34, _q8_0),
+    12: ("Q4_K", 256, 144, _q4_k),
+    13: ("Q5_K", 256, 176, _q5_k),
+    14: ("Q6_K", 256, 210, _q6_k),
+}
+_PLAIN_TYPES: dict[int, tuple[str, str]] = {0: ("F32", "<f4"), 1: ("F16", "<f2"), 30: ("BF16", "<u2")}
+SUPPORTED_TYPES: tuple[str, ...] = tuple(n for n, _ in _PLAIN_TYPES.values()) + tuple(
+    v[0] for v in _BLOCK_TYPES.values()
+)
+
+
+def _type_name(qtype: int) -> str:
+    try:
+        import gguf
+
+        return gguf.GGMLQuantizationType(int(qtype)).name
+    except ValueError:
+        return f"type {int(qtype)}"
+
+
+def _check_type(qtype: int, what: str) -> None:
+    if int(qtype) not in _PLAIN_TYPES and int(qtype) not in _BLOCK_TYPES:
+        raise GGUFImportError(
+            f"{what} has type {_type_name(qtype)}, which lmcraft cannot dequantise; "
+            f"supported types: {', '.join(SUPPORTED_TYPES)}."
+        )
+
+
+def dequantize(raw: np.ndarray, qtype: int, shape: Sequence[int]) -> np.ndarray:
+    """Decode the bytes of one GGUF tensor into a float32 array of numpy `shape` (row-major).
+
+    `raw` is the tensor's data as stored (any dtype; it is reinterpreted as bytes); blocks run
+    along the last axis. Raises `GGUFImportError` for a type this module does not decode.
+    """
+    qtype = int(qtype)
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    n = int(np.prod(shape, dtype=np.int64))
+    if qtype in _PLAIN_TYPES:
+        name, dtype = _PLAIN_TYPES[qtype]
+        values = data.view(dtype)
+        if name == "BF16":  # bf16 is the upper half of an fp32
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        return values.astype(np.float32, copy=False).reshape(shape)
+    _check_type(qtype, "GGUF tensor")
+    name, per_block, nbytes, decode = _BLOCK_TYPES[qtype]
+    if n % per_block or data.size != n // per_block * nbytes:
+        raise GGUFImportError(f"{name} tensor of shape {tuple(shape)} does not hold whole {per_block}-value blocks.")
+    return decode(data.reshape(-1, nbytes)).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary layout of q/k
+# ----------------------------------------------------------------------------------------------
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF -> llama.cpp row order (what llama.cpp's converter does): row h*d + s*d/2 + i -> h*d + 2i + s."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp -> HF row order, the inverse of `permute_qk`: row h*d + 2i + s -> h*d + s*d/2 + i."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
+    """`(metadata, tensors)` of a GGUF file: metadata as plain Python values, tensors as gguf ReaderTensors."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFImportError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF').")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise GGUFImportError(f"{path}: not a readable GGUF file ({err}).") from err
+    metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return metadata, list(reader.tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture: tensor names and config
+# ----------------------------------------------------------------------------------------------
+
+# GGUF architecture -> (HF model_type, HF class, llama.cpp permuted q/k for its rope layout).
+_ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _hf_name(name: str, path: Path) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if name == "rope_freqs.weight":
+        raise GGUFImportError(
+            f"{path}: tensor rope_freqs.weight (Llama-3.1-style rope frequency factors) is not supported; "
+            "the HF rope_scaling it came from cannot be recovered from the file."
+        )
+    raise GGUFImportError(f"{path}: tensor {name!r} has no Hugging Face counterpart in a llama-family model.")
+
+
+def _short_float(x: float) -> float:
+    """The shortest decimal that round-trips the float32 GGUF stores (9.99999974738e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def hf_config(metadata: dict[str, Any], tensor_names: Iterable[str], path: Path, dtype: str) -> dict[str, Any]:
+    """The HF `config.json` dict for a llama-family GGUF's metadata (`{arch}.*` keys)."""
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise GGUFImportError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(_ARCHITECTURES))}."
+        )
+    model_type, hf_class, _ = _ARCHITECTURES[arch]
+
+    def key(name: str, default: Any = None) -> Any:
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is None:
+            raise GGUFImportError(f"{path}: metadata key {arch}.{name} is missing.")
+        return value
+
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", hidden // heads))
+    rope_dim = int(key("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise GGUFImportError(f"{path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported.")
+    names = set(tensor_names)
+    vocab = metadata.get("tokenizer.ggml.tokens")
+    config: dict[str, Any] = {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "vocab_size": len(vocab) if vocab else int(key("vocab_size")),
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(key("context_length")),
+        "rms_norm_eps": _short_float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _short_float(key("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(metadata, arch),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in names,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
+    if model_type == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+        config["mlp_bias"] = False
+    for name in ("bos", "eos", "pad"):
+        token_id = metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
+        if token_id is not None:
+            config[f"{name}_token_id"] = int(token_id)
+    return config
+
+
+def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = metadata.get(f"{arch}.rope.scaling.factor")
+    if kind == "none" or not factor or float(factor) == 1.0:
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": _short_float(factor)}
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if original:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> pre-tokenizer family (the names llama.cpp's converter writes).
+_PRE_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2"), "gpt2"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"), "llama3"),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
+}
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
+    """(normalizer, pre_tokenizer, ignore_merges) for a byte-level BPE vocabulary named `pre`."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    family = _PRE_FAMILIES.get(pre)
+    if family is None:
+        warnings.warn(
+            f"{path}: pre-tokenizer {pre!r} is not known to lmcraft; using GPT-2's split rules, so text may "
+            "tokenize differently from the original model.",
+            stacklevel=3,
+        )
+        family = "gpt2"
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=family != "llama3")
+    if family == "gpt2":
+        return None, byte_level, False
+    if family == "digits":
+        return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
+    split_regex = _LLAMA3_REGEX if family == "llama3" else _QWEN2_REGEX
+    split = pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False)
+    no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
+    normalizer = normalizers.NFC() if family == "qwen2" else None
+    return normalizer, pre_tokenizers.Sequence([split, no_regex]), family == "llama3"
+
+
+def build_tokenizer(metadata: dict[str, Any], path: Path) -> Any:
+    """A `tokenizers.Tokenizer` equal to the one the GGUF's `tokenizer.ggml.*` metadata describes.
+
+    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported. Control tokens (type 3)
+    become special added tokens, user-defined ones (type 4) plain added tokens, so both are
+    matched whole in text, as in llama.cpp and in the original HF tokenizer.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFImportError(
+            f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, tokenizer.ggml.model = 'gpt2')."
+        )
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    if len(vocab) != len(tokens):
+        dupes = len(tokens) - len(vocab)
+        warnings.warn(f"{path}: {dupes} duplicate token strings; keeping the first id of each.", stacklevel=2)
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    normalizer, pre_tokenizer, ignore_merges = _pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "gpt-2")), path)
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+
+    types = list(metadata.get("tokenizer.ggml.token_type", [])) or [1] * len(tokens)
+    typed = list(zip(tokens, types, strict=True))
+    special = [AddedToken(t, special=True, normalized=False) for t, k in typed if k == _TOKEN_CONTROL]
+    plain = [AddedToken(t, special=False, normalized=False) for t, k in typed if k == _TOKEN_USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+
+    def flagged(flag: str, key: str) -> tuple[str, int] | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if not metadata.get(f"tokenizer.ggml.{flag}", False) or token_id is None:
+            return None
+        return tokens[int(token_id)], int(token_id)
+
+    bos, eos = flagged("add_bos_token", "bos_token_id"), flagged("add_eos_token", "eos_token_id")
+    post = [processors.ByteLevel(trim_offsets=False)]
+    if bos or eos:
+        single = " ".join([*(bos[:1] if bos else ()), "$A", *(eos[:1] if eos else ())])
+        pair = f"{single} {single.replace('$A', '$B:1')}"
+        specials = dict(x for x in (bos, eos) if x)
+        post.append(processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(specials.items())))
+    tok.post_processor = processors.Sequence(post)
+    return tok
+
+
+def _tokenizer_config(metadata: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    tokens = metadata["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+
+    out: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+    }
+    if metadata.get("tokenizer.chat_template"):
+        out["chat_template"] = metadata["tokenizer.chat_template"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _generation_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    eos = [int(metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in metadata]
+    out: dict[str, Any] = {}
+    if "tokenizer.ggml.bos_token_id" in metadata:
+        out["bos_token_id"] = int(metadata["tokenizer.ggml.bos_token_id"])
+    if eos:
+        unique = list(dict.fromkeys(eos))
+        out["eos_token_id"] = unique[0] if len(unique) == 1 else unique
+    if "tokenizer.ggml.padding_token_id" in metadata:
+        out["pad_token_id"] = int(metadata["tokenizer.ggml.padding_token_id"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+_OUT_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+
+
+def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> stored dtype. bf16 keeps the upper 16 bits after round-to-nearest-even."""
+    if dtype == "float32":
+        return x.astype("<f4", copy=False)
+    if dtype == "float16":
+        return x.astype("<f2")
+    bits = x.astype(np.float32, copy=False).view(np.uint32)
+    return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
+
+
+def _write_safetensors(
+    path: Path, specs: list[tuple[str, tuple[int, ...]]], tensors: Iterable[np.ndarray], dtype: str
+) -> None:
+    """Stream tensors into a safetensors file, one at a time (peak memory: one tensor).
+
+    Format: 8-byte little-endian header length N, N bytes of JSON (name -> dtype, shape,
+    [begin, end) byte offsets into the data section; space-padded to a multiple of 8), then the
+    raw little-endian tensor bytes in header order.
+    """
+    code, itemsize = _OUT_DTYPES[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in specs:
+        size = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, shape), tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != tuple(shape):
+                raise GGUFImportError(f"internal: tensor {name} has shape {tensor.shape}, expected {shape}")
+            f.write(np.ascontiguousarray(_cast(tensor, dtype)).tobytes())
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1, name)
+
+
+def write_hf_model(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: str = "float32", progress: bool = True
+) -> Path:
+    """Write the HF files of a GGUF model into the existing directory `out_dir` (not atomic: see `convert_gguf`)."""
+    from tqdm.auto import tqdm
+
+    if dtype not in _OUT_DTYPES:
+        raise GGUFImportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_OUT_DTYPES)}.")
+    path, out = Path(gguf_path), Path(out_dir)
+    metadata, tensors = read_gguf(path)
+    config = hf_config(metadata, (t.name for t in tensors), path, dtype)
+    tokenizer = build_tokenizer(metadata, path)  # fail on the tokenizer before the long tensor pass
+    permuted = _ARCHITECTURES[metadata["general.architecture"]][2]
+    heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
+
+    by_name = {_hf_name(t.name, path): t for t in tensors}
+    order = sorted(by_name, key=_layer_key)
+    specs = [(name, tuple(int(x) for x in reversed(by_name[name].shape.tolist()))) for name in order]
+    for t in tensors:  # fail before writing anything
+        _check_type(t.tensor_type, f"{path}: tensor {t.name}")
+
+    def arrays() -> Iterable[np.ndarray]:
+        for name, shape in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
+            t = by_name[name]
+            x = dequantize(t.data, t.tensor_type, shape)
+            proj = name.rsplit(".", 2)[-2]  # q_proj / k_proj / ...
+            if permuted and proj in ("q_proj", "k_proj"):
+                x = unpermute_qk(x, heads[proj[0]])
+            yield x
+
+    _write_safetensors(out / "model.safetensors", specs, arrays(), dtype)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config(metadata))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(metadata, config))
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a llama-family GGUF file into a Hugging Face-layout folder at `out_dir`; return it.
+
+    The folder is written under a temporary name next to `out_dir` and renamed when complete,
+    so an interrupted conversion never leaves a half-written model behind. An existing non-empty
+    `out_dir` is replaced only with `overwrite=True`.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise GGUFImportError(f"{out} already exists and is not empty; choose another folder or pass overwrite.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()  # unlike mkdtemp, honours the umask, so the renamed folder gets normal permissions
+    try:
+        write_hf_model(gguf_path, tmp, dtype=dtype, progress=progress)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,28 @@
+"""`lmcraft convert FILE.gguf OUT_DIR`: a GGUF model as a Hugging Face-layout folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", metavar="FILE.gguf", help="llama-family GGUF file (llama.cpp format)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (config.json, model.safetensors, ...)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored weight type"
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmcraft.gguf_import import convert_gguf
+
+    start = time.perf_counter()
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(out)
+    return 0
