@@ -40,6 +40,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -383,7 +384,9 @@ class Trainer:
             log.warning("step %d skipped: loss=%s grad_norm=%s targets=%d", self.state.step + 1, loss, grad_norm,
                         n_targets)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update makes LambdaLR warn about the call order
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         self.state.step += 1
         if self.state.bad_steps >= cfg.max_bad_steps:
             last = ckpt.latest_checkpoint(self.output_dir)
