@@ -1,0 +1,315 @@
+"""Autoregressive generation with a pre-allocated KV cache.
+
+For prompts x_1..x_P (a batch, left-padded to a common length P):
+
+    prefill:  one forward over all P positions fills the cache; logits only for the last position
+    decode:   y_t = choose(logits_t);  logits_{t+1} = model(y_t | cache)      t = 1..max_new_tokens
+
+Left padding keeps every row's last prompt token in the same column, so a single decode step serves
+the whole batch. Padded columns are masked out of attention, and position ids count real tokens only
+(a row with p pad columns starts at position 0 in column p), so each row computes exactly what it
+would alone. A row finishes at an end-of-sequence token, a stop string (needs the tokenizer) or
+`max_new_tokens`; generation ends when every row has finished.
+
+The cache holds `P + max_new_tokens` positions from the start (no reallocation), the prefill computes
+logits for one position only, and each decode step runs one forward and one `tolist()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmcraft.errors import ConfigError, LmcraftError
+from lmcraft.generate.sampling import TokenChooser
+from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
+
+
+class GenerationError(LmcraftError):
+    """Generation cannot run with these inputs (empty prompt, too long for the model, not a decoder)."""
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop.
+
+    `do_sample=False` (or `temperature=0`) is greedy decoding. `eos_token_ids=None` uses the model config's
+    `eos_token_id` (one id or a list); `()` disables EOS stopping. Stop strings need a tokenizer; the
+    returned text ends right before the stop string. `seed` makes sampling reproducible.
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: Sequence[int] | None = None
+    stop_strings: Sequence[str] = ()
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0"),
+            (self.temperature >= 0, "temperature", ">= 0 (0 means greedy)"),
+            (self.top_k >= 0, "top_k", "an integer >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1] (1 turns it off)"),
+            (0 <= self.min_p < 1, "min_p", "in [0, 1) (0 turns it off)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 turns it off)"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(
+                    f"generation setting {name}={getattr(self, name)!r} is out of range: expected {expected}."
+                )
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per row (the EOS token that ended a row included), why each row stopped, and timings."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "eos", "stop_string" or "length"
+    prompt_lengths: list[int]
+    elapsed_s: float
+    prefill_s: float
+    texts: list[str] | None = None  # decoded new text per row when a tokenizer was given (stop string cut)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged prompts -> (input_ids, attention_mask), both (B, P), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def _eos_ids(config: GenerationConfig, model: nn.Module) -> frozenset[int]:
+    if config.eos_token_ids is not None:
+        return frozenset(int(i) for i in config.eos_token_ids)
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([int(eos)] if isinstance(eos, int) else [int(i) for i in eos])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Generation:
+    """One generation run. Iterate it to stream: each step yields one entry per row (the new token id,
+    or None for a row that had already finished); `result()` afterwards returns the `GenerationResult`.
+    `generate()` is the non-streaming wrapper.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: torch.Tensor | Sequence[Sequence[int]],
+        config: GenerationConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        tokenizer: Any = None,
+        prefix: Any = None,
+    ) -> None:
+        self.model = model
+        self.config = config or GenerationConfig()
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        cfg = getattr(model, "config", None)
+        if cfg is not None and not getattr(cfg, "is_causal", True):
+            raise GenerationError(f"generation needs a decoder; this model's arch is {cfg.arch!r}.")
+        if self.config.stop_strings and tokenizer is None:
+            raise GenerationError("stop strings need the tokenizer: pass tokenizer= to generate().")
+        self.eos = _eos_ids(self.config, model)
+        self.input_ids, self.attention_mask = self._batch(prompts, attention_mask)
+        rows = self.input_ids.shape[0]
+        width = self.input_ids.shape[1]
+        self.prompt_lengths = [width] * rows if self.attention_mask is None else self.attention_mask.sum(-1).tolist()
+        self._check_length(cfg)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.finish_reasons: list[str | None] = [None] * rows
+        self.trackers: list[TextTracker] | None = None
+        if self.config.stop_strings:
+            contexts = self._prompt_contexts()
+            self.trackers = [TextTracker(tokenizer, self.config.stop_strings, c) for c in contexts]
+        self.elapsed_s = self.prefill_s = 0.0
+        self._done = False
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def _batch(
+        self, prompts: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = _model_device(self.model)
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts if prompts.dim() == 2 else prompts[None]
+            mask = attention_mask
+            if mask is not None and ((mask[:, 1:] < mask[:, :-1]).any() or (mask.sum(-1) == 0).any()):
+                raise GenerationError(
+                    "the attention mask must be left padding (0...0 1...1) with at least one real token per row."
+                )
+        else:
+            prompts = [list(p) for p in prompts]
+            if not prompts:
+                raise GenerationError("no prompts given.")
+            for i, p in enumerate(prompts):
+                if not p:
+                    raise GenerationError(f"prompt {i} has no tokens; generation needs at least one (e.g. BOS).")
+            pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+            ids, mask = left_pad(prompts, pad)
+        if ids.shape[1] == 0:
+            raise GenerationError("the prompt has no tokens; generation needs at least one (e.g. BOS).")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the model's fast unmasked attention paths apply
+        return ids.to(device), None if mask is None else mask.to(device).long()
+
+    def _check_length(self, cfg: Any) -> None:
+        total = self.input_ids.shape[1] + self.config.max_new_tokens
+        if cfg is not None and getattr(cfg, "position", "rope") == "learned" and total > cfg.max_position_embeddings:
+            raise GenerationError(
+                f"prompt ({self.input_ids.shape[1]} tokens) + max_new_tokens ({self.config.max_new_tokens}) = {total} "
+                f"exceeds this model's {cfg.max_position_embeddings} learned positions; shorten one of them."
+            )
+
+    def _prompt_contexts(self) -> list[list[int]]:
+        width = self.input_ids.shape[1]
+        return [self.input_ids[r, width - n:].tolist() for r, n in enumerate(self.prompt_lengths)]
+
+    # ----------------------------------------------------------------------------------------- decoding
+    def _chooser(self) -> TokenChooser:
+        c = self.config
+        generator = None
+        if c.seed is not None:
+            generator = torch.Generator(device=self.input_ids.device).manual_seed(c.seed)
+        return TokenChooser(
+            greedy=c.greedy, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
+            repetition_penalty=c.repetition_penalty, generator=generator,
+        )
+
+    def _record(self, row_tokens: list[int]) -> list[int | None]:
+        """Append each unfinished row's token, mark rows that end here; return this step's entries."""
+        step: list[int | None] = []
+        for row, token in enumerate(row_tokens):
+            if self.finish_reasons[row] is not None:
+                step.append(None)
+                continue
+            self.tokens[row].append(token)
+            step.append(token)
+            if token in self.eos:
+                self.finish_reasons[row] = "eos"
+            elif self.trackers is not None:
+                self.trackers[row].push(token)
+                if self.trackers[row].stopped:
+                    self.finish_reasons[row] = "stop_string"
+        return step
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        if self._done:
+            raise RuntimeError("a Generation runs once; create a new one to generate again")
+        self._done = True
+        model, c = self.model, self.config
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        try:
+            if c.max_new_tokens == 0:
+                return
+            ids, mask = self.input_ids, self.attention_mask
+            rows, width = ids.shape
+            extra = {} if self.prefix is None else {"prefix": self.prefix}
+            with torch.inference_mode():
+                cache = model.new_cache(rows, width + c.max_new_tokens)
+                if mask is None:
+                    positions = torch.arange(width, device=ids.device).expand(rows, -1)
+                    full_mask = None
+                else:
+                    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                    full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
+                    full_mask[:, :width] = mask
+                logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               logits_to_keep=1, **extra).logits[:, -1]
+                chooser = self._chooser()
+                chooser.observe_prompt(ids, mask, logits.shape[-1])
+                next_pos = positions[:, -1:] + 1
+            self.prefill_s = time.perf_counter() - start
+            for step in range(c.max_new_tokens):
+                with torch.inference_mode():
+                    chosen = chooser(logits)
+                    chooser.observe(chosen)
+                    entries = self._record(chosen.tolist())
+                yield entries
+                if step == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
+                    break
+                with torch.inference_mode():
+                    step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+                    logits = model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
+                                   past_key_values=cache, **extra).logits[:, -1]
+                    next_pos = next_pos + 1
+        finally:
+            self.elapsed_s = time.perf_counter() - start
+            model.train(was_training)
+
+    def result(self) -> GenerationResult:
+        reasons = [r or "length" for r in self.finish_reasons]
+        texts = None
+        if self.tokenizer is not None:
+            if self.trackers is not None:
+                for tracker in self.trackers:
+                    tracker.finish()
+                texts = [t.final_text for t in self.trackers]
+            else:
+                texts = [decode_continuation(self.tokenizer, ctx, toks)
+                         for ctx, toks in zip(self._prompt_contexts(), self.tokens, strict=True)]
+        return GenerationResult(self.tokens, reasons, self.prompt_lengths, self.elapsed_s, self.prefill_s, texts)
+
+
+def generate(
+    model: nn.Module,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    streamer: Streamer | None = None,
+    prefix: Any = None,
+) -> GenerationResult:
+    """Generate new tokens for a batch of prompts.
+
+    `prompts` is a (B, P) / (P,) tensor of token ids, with an optional left-padding `attention_mask`,
+    or a list of token-id lists of any lengths (left-padded here). `streamer.put` receives every step
+    (see `Generation`); `tokenizer` enables stop strings and fills `GenerationResult.texts`. `prefix`
+    (per-layer key/value prefixes, prefix tuning) is passed to every forward.
+    """
+    run = Generation(model, prompts, config, attention_mask=attention_mask, tokenizer=tokenizer, prefix=prefix)
+    for entries in run:
+        if streamer is not None:
+            streamer.put(entries)
+    if streamer is not None:
+        streamer.end()
+    return run.result()
