@@ -1,0 +1,260 @@
+"""The document pipeline: named steps applied in order, per-document work split from global state.
+
+A step is one of four kinds (its class attribute `kind`):
+- "clean": `step(text) -> text`; a document whose text becomes empty is removed (`<step>:empty`);
+- "filter": `step(text) -> reason | None` (and optionally `step.batch(texts)`, the same for many);
+- "dedup": `step.keys(texts)` computes per-document keys (hashes, MinHash signatures) and
+  `step.new_index()` holds the keys of kept documents; only the index is global;
+- "augment": `step(text, doc_id) -> [(id_suffix, text)]`, allowed only as the last step.
+
+`process_chunk` runs every per-document computation of a chunk (cleaners, filters, dedup keys,
+augmentation, tokenisation): it is pure, so worker processes can run chunks in parallel.
+`Decider.decide` then walks the chunk's documents in input order in the main process, consults
+and updates the dedup indexes, and counts per-step statistics. The output therefore depends only
+on the input order and the config, never on how many workers computed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmcraft.data.augment import Augment
+from lmcraft.data.clean import BoilerplateLines, HtmlToText, Normalize, Whitespace
+from lmcraft.data.dedup import ExactDedup, MinHashDedup
+from lmcraft.data.filters import Blocklist, C4Quality, GopherQuality, GopherRepetition, Language, MinLength
+from lmcraft.data.pii import PiiScrubber
+from lmcraft.data.readers import Document
+
+__all__ = [
+    "STEP_TYPES",
+    "ChunkResult",
+    "Decider",
+    "DocResult",
+    "StepStats",
+    "build_steps",
+    "process_chunk",
+    "is_validation",
+]
+
+STEP_TYPES: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        HtmlToText,
+        Normalize,
+        Whitespace,
+        BoilerplateLines,
+        PiiScrubber,
+        MinLength,
+        Language,
+        GopherQuality,
+        GopherRepetition,
+        C4Quality,
+        Blocklist,
+        ExactDedup,
+        MinHashDedup,
+        Augment,
+    )
+}
+
+
+def build_steps(specs: list[dict[str, Any]]) -> list[Any]:
+    """Steps from config entries `{type: NAME, key: value, ...}`; raises ValueError naming the bad entry."""
+    from pydantic import TypeAdapter, ValidationError
+
+    steps = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        if kind not in STEP_TYPES:
+            raise ValueError(f"step {i}: type must be one of {', '.join(STEP_TYPES)}; got {kind!r}")
+        try:
+            steps.append(TypeAdapter(STEP_TYPES[kind]).validate_python(spec))
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(step)'}: {e['msg']}" for e in err.errors(include_url=False)
+            )
+            raise ValueError(f"step {i} ({kind}): {problems}") from None
+    for i, step in enumerate(steps[:-1]):
+        if step.kind == "augment":
+            raise ValueError(f"step {i} (augment) must be the last step")
+    return steps
+
+
+def is_validation(doc_id: str, fraction: float, seed: int = 0) -> bool:
+    """Deterministic split: BLAKE2b(seed, id) read as a number in [0, 1) is below `fraction`."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+@dataclass
+class DocResult:
+    """What the workers computed for one input document."""
+
+    id: str
+    source: str
+    sizes: list[tuple[int, int, bool]]  # per step reached: (bytes in, bytes out, modified)
+    removed_at: int | None = None  # step index that removed it (clean -> empty, filter)
+    reason: str | None = None
+    keys: dict[int, Any] = field(default_factory=dict)  # dedup step index -> key
+    outputs: list[tuple[str, str]] = field(default_factory=list)  # (id, text) emitted if kept
+    tokens: list[Any] = field(default_factory=list)  # per output: (token ids, sentence lengths)
+
+
+@dataclass
+class ChunkResult:
+    docs: list[DocResult]
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) -> ChunkResult:
+    """All per-document work for one chunk, step by step over the chunk (so keys batch well)."""
+    results = [DocResult(id=d.id, source=d.meta.get("source", ""), sizes=[]) for d in docs]
+    texts = [d.text for d in docs]
+    alive = list(range(len(docs)))
+    for s, step in enumerate(steps):
+        if step.kind == "dedup":
+            keys = step.keys([texts[i] for i in alive])
+            for i, key in zip(alive, keys, strict=True):
+                n = _nbytes(texts[i])
+                results[i].sizes.append((n, n, False))
+                results[i].keys[s] = key
+            continue
+        survivors = []
+        batch = getattr(step, "batch", None)
+        verdicts = batch([texts[i] for i in alive]) if step.kind == "filter" and batch is not None else None
+        for pos, i in enumerate(alive):
+            text = texts[i]
+            n_in = _nbytes(text)
+            if step.kind == "clean":
+                new = step(text)
+                if not new.strip():
+                    results[i].sizes.append((n_in, 0, True))
+                    results[i].removed_at, results[i].reason = s, "empty"
+                    continue
+                results[i].sizes.append((n_in, _nbytes(new), new != text))
+                texts[i] = new
+            elif step.kind == "filter":
+                reason = verdicts[pos] if verdicts is not None else step(text)
+                if reason is not None:
+                    results[i].sizes.append((n_in, 0, False))
+                    results[i].removed_at, results[i].reason = s, reason
+                    continue
+                results[i].sizes.append((n_in, n_in, False))
+            else:  # augment: the last step
+                versions = step(text, results[i].id)
+                results[i].sizes.append((n_in, sum(_nbytes(t) for _, t in versions), len(versions) != 1))
+                results[i].outputs = [(results[i].id + suffix, t) for suffix, t in versions]
+            survivors.append(i)
+        alive = survivors
+    for i in alive:
+        if not results[i].outputs:
+            results[i].outputs = [(results[i].id, texts[i])]
+    if tokenize is not None:
+        encoded = iter(tokenize.batch([t for i in alive for _, t in results[i].outputs]))
+        for i in alive:
+            results[i].tokens = [next(encoded) for _ in results[i].outputs]
+    return ChunkResult(results)
+
+
+@dataclass
+class StepStats:
+    name: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    modified: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "modified": self.modified,
+            "reasons": dict(sorted(self.reasons.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepStats:
+        data = dict(data)
+        return cls(reasons=Counter(data.pop("reasons", {})), **data)
+
+    def add(self, other: StepStats) -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.modified += other.modified
+        self.reasons.update(other.reasons)
+
+
+def step_names(steps: list[Any]) -> list[str]:
+    """Unique display names: `gopher_quality`, or `whitespace#2` when a type appears twice."""
+    seen: Counter = Counter()
+    names = []
+    for step in steps:
+        seen[step.name] += 1
+        names.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
+    return names
+
+
+class Decider:
+    """Main-process state: the dedup indexes, in step order."""
+
+    def __init__(self, steps: list[Any]) -> None:
+        self.steps = steps
+        self.names = step_names(steps)
+        self.indexes = {s: step.new_index() for s, step in enumerate(steps) if step.kind == "dedup"}
+
+    def decide(self, chunk: ChunkResult) -> tuple[list[DocResult], list[StepStats], dict[int, list[Any]]]:
+        """Kept documents (in order), per-step stats of this chunk, and the dedup keys it added."""
+        stats = [StepStats(name) for name in self.names]
+        added: dict[int, list[Any]] = {s: [] for s in self.indexes}
+        kept = []
+        for doc in chunk.docs:
+            removed = False
+            for s, (n_in, n_out, modified) in enumerate(doc.sizes):
+                st = stats[s]
+                st.docs_in += 1
+                st.bytes_in += n_in
+                if s in self.indexes:
+                    reason = self.indexes[s].check_and_add(doc.keys[s])
+                    if reason is not None:
+                        st.reasons[reason] += 1
+                        removed = True
+                        break
+                    added[s].append(doc.keys[s])
+                elif doc.removed_at == s:
+                    st.reasons[doc.reason] += 1
+                    removed = True
+                    break
+                st.bytes_out += n_out
+                st.modified += int(modified)
+                st.docs_out += len(doc.outputs) if self.steps[s].kind == "augment" else 1
+            if not removed:
+                kept.append(doc)
+        return kept, stats, added
+
+    def state(self, added: dict[int, list[Any]]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for s, index in self.indexes.items():
+            for key, arr in index.state(added[s]).items():
+                out[f"{s}.{key}"] = arr
+        return out
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        for s, index in self.indexes.items():
+            index.restore({k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(s)})

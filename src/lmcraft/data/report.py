@@ -1,0 +1,113 @@
+"""The data-preparation report: a markdown table per step and a PNG chart, from run statistics.
+
+`stats` is the dict that `lmcraft prepare` writes to `stats.json`: input documents/bytes, input
+errors, per-step {docs_in, docs_out, bytes_in, bytes_out, modified, reasons}, and optionally the
+packed token counts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_markdown", "write_report"]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f}"
+
+
+def render_markdown(stats: dict[str, Any], title: str = "Data preparation report", image: str | None = None) -> str:
+    """Markdown: inputs, a per-step table (documents and MB in/out), removal reasons, errors, tokens."""
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"Input: {stats['docs_read']:,} documents, {_mb(stats['bytes_read'])} MB from {stats['files']} file(s)"
+        + (f", shard {stats['shard']}" if stats.get("shard") else "")
+        + "."
+    )
+    lines.append(f"Output: {stats['docs_written']:,} documents, {_mb(stats['bytes_written'])} MB.")
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| step | docs in | docs out | removed | MB in | MB out | modified |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for st in stats["steps"]:
+        removed = sum(st["reasons"].values())
+        lines.append(
+            f"| {st['name']} | {st['docs_in']:,} | {st['docs_out']:,} | {removed:,} | {_mb(st['bytes_in'])} "
+            f"| {_mb(st['bytes_out'])} | {st['modified']:,} |"
+        )
+    reasons = [
+        (st["name"], r, n) for st in stats["steps"] for r, n in sorted(st["reasons"].items(), key=lambda x: -x[1])
+    ]
+    if reasons:
+        lines += ["", "## Removal reasons", "", "| step | reason | documents |", "|---|---|---:|"]
+        lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
+    errors = stats.get("errors", {})
+    lines += ["", "## Input errors", ""]
+    if errors.get("counts"):
+        lines += ["| kind | records |", "|---|---:|"]
+        lines += [f"| {k} | {n:,} |" for k, n in errors["counts"].items()]
+        lines += ["", "First examples:", ""]
+        lines += [f"- `{path}`, {where}: {what}" for path, where, what in errors.get("examples", [])]
+    else:
+        lines.append("None.")
+    packed = stats.get("packed")
+    if packed:
+        lines += ["", "## Packed tokens", "", f"dtype {packed['dtype']}, vocabulary {packed['vocab_size']:,}.", ""]
+        lines += ["| split | documents | sentences | tokens | shards |", "|---|---:|---:|---:|---:|"]
+        for name, sp in packed["splits"].items():
+            lines.append(
+                f"| {name} | {sp['documents']:,} | {sp['sentences']:,} | {sp['tokens']:,} | {len(sp['shards'])} |"
+            )
+    if image:
+        lines += ["", f"![per-step counts]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(stats: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = stats["steps"]
+    names = [s["name"] for s in steps]
+    reasons = [(f"{s['name']}:{r}", n) for s in steps for r, n in s["reasons"].items()]
+    reasons.sort(key=lambda x: x[1])
+    fig, axes = plt.subplots(1, 3, figsize=(16, max(4.0, 0.35 * max(len(names), len(reasons)) + 1.5)))
+    y = range(len(names))
+    for ax, key, unit, scale in ((axes[0], "docs", "documents", 1.0), (axes[1], "bytes", "MB", 1e6)):
+        ax.barh([i + 0.2 for i in y], [s[f"{key}_in"] / scale for s in steps], height=0.4, label="in")
+        ax.barh([i - 0.2 for i in y], [s[f"{key}_out"] / scale for s in steps], height=0.4, label="out")
+        ax.set_yticks(list(y), names)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title(f"{unit} in / out per step")
+        ax.legend()
+    if reasons:
+        axes[2].barh([r for r, _ in reasons], [n for _, n in reasons], color="tab:red")
+        axes[2].set_title("documents removed, by reason")
+        axes[2].set_xlabel("documents")
+    else:
+        axes[2].text(0.5, 0.5, "nothing removed", ha="center", va="center")
+        axes[2].set_axis_off()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(stats: dict[str, Any], out_dir: str | Path, title: str = "Data preparation report") -> Path:
+    """Write `report.md` and `report.png` into `out_dir`; returns the markdown path."""
+    out = Path(out_dir)
+    _plot(stats, out / "report.png")
+    md = out / "report.md"
+    tmp = out / "report.md.tmp"
+    tmp.write_text(render_markdown(stats, title, image="report.png"), encoding="utf-8")
+    os.replace(tmp, md)
+    return md

@@ -1,0 +1,104 @@
+"""`lmcraft tokenizer CONFIG.yaml`: train a BPE / WordPiece / Unigram tokenizer on a corpus.
+
+Documents are streamed from the inputs (any format `lmcraft prepare` reads, including its own
+`parts/*.jsonl.zst` output). A deterministic `held_out_fraction` of documents (by id hash) is
+kept out of training; after training, bytes per token is measured on it. The output folder
+holds tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
+and tokenizer_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from lmcraft.config import StageConfig
+from lmcraft.stages import add_config_arguments, load_stage_config
+
+__all__ = ["TokenizerConfig", "add_arguments", "run", "train"]
+
+
+class TokenizerConfig(StageConfig):
+    inputs: list[Any]  # InputSpec entries, or plain paths/globs
+    output: Path
+    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"
+    vocab_size: int = Field(8000, ge=32)
+    min_frequency: int = Field(2, ge=1)
+    lowercase: bool = False
+    special_tokens: dict[str, str] | None = None  # role -> token; default per kind
+    chat_template: str | None = "chatml"  # "chatml", null for none, or a Jinja template
+    model_max_length: int = Field(2048, ge=1)
+    held_out_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_docs: int | None = Field(None, ge=1)
+    seed: int = 0
+    on_error: Literal["skip", "raise"] = "skip"
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> list[Any]:
+        from lmcraft.stages.prepare import PrepareConfig
+
+        return PrepareConfig._inputs(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress output")
+
+
+def train(cfg: TokenizerConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, save and evaluate; returns the report written to tokenizer_report.json."""
+    from itertools import islice
+
+    from lmcraft.data.pipeline import is_validation
+    from lmcraft.data.readers import ErrorLog, read_documents
+    from lmcraft.tokenizer.train import (
+        CHATML_TEMPLATE,
+        DEFAULT_SPECIAL_TOKENS,
+        bytes_per_token,
+        save_tokenizer,
+        train_tokenizer,
+    )
+
+    errors = ErrorLog()
+
+    def docs(held_out: bool) -> Any:
+        stream = islice(read_documents(cfg.inputs, errors, cfg.on_error), cfg.max_docs)
+        return (d.text for d in stream if is_validation(d.id, cfg.held_out_fraction, cfg.seed) == held_out)
+
+    specials = cfg.special_tokens or DEFAULT_SPECIAL_TOKENS[cfg.kind]
+    tok = train_tokenizer(
+        docs(False), cfg.kind, cfg.vocab_size, specials, cfg.min_frequency, cfg.lowercase, show_progress=progress
+    )
+    template = CHATML_TEMPLATE if cfg.chat_template == "chatml" else cfg.chat_template
+    out = save_tokenizer(tok, cfg.output, specials, template, cfg.model_max_length)
+    train_errors = errors.to_dict()
+    bpt, n_bytes, n_tokens = bytes_per_token(tok, docs(True))
+    report = {
+        "kind": cfg.kind,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "held_out_documents_fraction": cfg.held_out_fraction,
+        "held_out_bytes": n_bytes,
+        "held_out_tokens": n_tokens,
+        "bytes_per_token": round(bpt, 4),
+        "input_errors": train_errors,
+    }
+    tmp = out / "tokenizer_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "tokenizer_report.json")
+    return {**report, "output": str(out)}
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(TokenizerConfig, args)
+    report = train(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    print(
+        f"{report['kind']} tokenizer, vocabulary {report['vocab_size']:,}, saved to {report['output']}; "
+        f"held-out: {report['bytes_per_token']:.3f} bytes/token ({report['held_out_bytes']:,} bytes)"
+    )
+    return 0
