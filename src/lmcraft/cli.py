@@ -18,9 +18,12 @@ import textwrap
 # name -> (module, one-line summary). Keep in life-cycle order: this is what `--help` lists.
 STAGES: dict[str, tuple[str, str]] = {
     "assets": ("lmcraft.stages.assets", "list / fetch the named offline models and data sets"),
+    "prepare": ("lmcraft.stages.prepare", "clean, filter, deduplicate and pack a text corpus into token shards"),
+    "tokenizer": ("lmcraft.stages.tokenizer", "train a BPE / WordPiece / Unigram tokenizer on a corpus"),
     "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
+    "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),
 }
 
 EPILOG = """\
