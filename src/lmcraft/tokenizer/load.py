@@ -244,8 +244,8 @@ class StreamDecoder:
     decoders that strip a leading space (SentencePiece) consistent.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
-        self._tok = tokenizer
+    def __init__(self, tokenizer: Tokenizer | Any, skip_special_tokens: bool = False) -> None:
+        self._tok = tokenizer  # anything with decode(ids, skip_special_tokens), e.g. a raw tokenizers.Tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0
