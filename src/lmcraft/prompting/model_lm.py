@@ -1,0 +1,181 @@
+"""`ModelLM`: the `LM` protocol on an lmcraft model and tokenizer.
+
+- generate: prompts sorted by token length (longest first) and cut into micro-batches of `batch_size`;
+  each micro-batch is one left-padded `lmcraft.generate.generate` call (KV cache, EOS ids of the model and
+  tokenizer, stop strings), so N identical self-consistency prompts share one batch. Sampling uses
+  `seed + micro-batch index`, so equal prompts in different micro-batches draw different samples.
+- loglikelihood: `(context, continuation)` is encoded as `enc(context + continuation)`; the continuation's
+  tokens are those after `enc(context)` (so a word split differently at the boundary is still scored once);
+  score = sum over continuation tokens of log softmax(logits)[token].
+- loglikelihood_rolling: the text (after a BOS/EOS "start" token) is cut into windows of at most
+  `max_length` tokens; every token is predicted exactly once, with up to `max_length - stride` earlier tokens
+  of context in later windows.
+
+A plain prompt is encoded with the tokenizer's special tokens; a prompt that already starts with the BOS
+token (a rendered chat template) is encoded without adding them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcraft.errors import ConfigError
+from lmcraft.generate import GenerationConfig, generate, stop_token_ids
+from lmcraft.prompting.lm import GenSettings
+
+__all__ = ["ModelLM"]
+
+
+class ModelLM:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        progress: bool = True,
+        chat_template: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        cfg = getattr(model, "config", None)
+        self.max_length = max_length or min(int(getattr(cfg, "max_position_embeddings", 2048)), 4096)
+        self.progress = progress
+        self.chat_template = chat_template
+        self.eos_ids = stop_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.start_id = int(start if start is not None else self.pad_id)
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> ModelLM:
+        """A model folder, a .gguf file, or a model asset name (fetched once) with its tokenizer."""
+        from lmcraft.assets import resolve_model
+        from lmcraft.hub import load_model
+        from lmcraft.tokenizer.load import load_tokenizer
+
+        folder = resolve_model(name_or_path)
+        return cls(load_model(folder, dtype=dtype, device=device), load_tokenizer(folder), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------- chat
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, template=self.chat_template
+        )
+
+    def encode(self, text: str) -> list[int]:
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return list(self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
+
+    # ------------------------------------------------------------------------------------- generate
+    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Row indices, longest first, in chunks of `batch_size` (similar lengths share a batch: less padding)."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def generate(self, prompts: Sequence[str], settings: GenSettings) -> list[str]:
+        encoded = [self.encode(p) for p in prompts]
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not settings.greedy,
+            temperature=settings.temperature if not settings.greedy else 1.0,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            stop_strings=tuple(settings.stop),
+            eos_token_ids=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+        out: list[str] = [""] * len(prompts)
+        batches = self._batches([len(e) for e in encoded])
+        for b, rows in enumerate(tqdm(batches, desc="generate", leave=False, disable=not self.progress)):
+            seed = None if settings.seed is None else settings.seed + b
+            result = generate(
+                self.model, [encoded[i] for i in rows], dataclasses.replace(config, seed=seed), tokenizer=self.tokenizer
+            )
+            for i, text in zip(rows, result.texts or [], strict=True):
+                out[i] = text
+        return out
+
+    # ------------------------------------------------------------------------------------- scoring
+    def _score(self, items: Sequence[tuple[list[int], int]], desc: str) -> list[tuple[float, int]]:
+        """items: (token ids, n): sum of log p(ids[t] | ids[:t]) over the last n tokens of each sequence."""
+        scores: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+        batches = self._batches([len(ids) for ids, _ in items])
+        for rows in tqdm(batches, desc=desc, leave=False, disable=not self.progress):
+            inputs = [items[i][0][:-1] for i in rows]
+            width = max(len(x) for x in inputs)
+            keep = max(items[i][1] for i in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, x in enumerate(inputs):
+                ids[r, width - len(x) :] = torch.tensor(x)
+                mask[r, width - len(x) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            with torch.inference_mode():
+                logits = self.model(
+                    ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    logits_to_keep=keep,
+                ).logits.float()
+                logp = F.log_softmax(logits, dim=-1)
+            for r, i in enumerate(rows):
+                seq, n = items[i]
+                targets = torch.tensor(seq[-n:], device=logp.device)
+                picked = logp[r, keep - n :].gather(-1, targets[:, None])
+                scores[i] = (float(picked.sum()), n)
+        return scores
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
+        items = []
+        for context, continuation in pairs:
+            ctx = self.encode(context) if context else [self.start_id]
+            whole = self.encode(context + continuation) if context else [self.start_id, *self.encode(continuation)]
+            if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+                whole = ctx + list(self.tokenizer.encode(continuation, add_special_tokens=False))
+            n = len(whole) - len(ctx)
+            items.append((whole[-self.max_length - 1 :], min(n, self.max_length)))
+        return self._score(items, "loglikelihood")
+
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[tuple[float, int]]:
+        stride = stride or self.max_length // 2
+        items, owner = [], []
+        for k, text in enumerate(texts):
+            ids = [self.start_id, *self.tokenizer.encode(text, add_special_tokens=False)]
+            done = 1  # tokens[0] is the start token: never predicted
+            while done < len(ids):
+                end = min(len(ids), done + (self.max_length if done == 1 else stride))
+                begin = max(0, end - self.max_length - 1)
+                items.append((ids[begin:end], end - done))
+                owner.append(k)
+                done = end
+        totals = [[0.0, 0] for _ in texts]
+        for k, (logp, n) in zip(owner, self._score(items, "perplexity"), strict=True):
+            totals[k][0] += logp
+            totals[k][1] += n
+        return [(float(lp), int(n)) for lp, n in totals]
