@@ -82,7 +82,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
         axes[2].plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], "o-", color="C2")
-        axes[2].set(title="eval perplexity", xlabel="step", yscale="log")
+        axes[2].set(title="eval perplexity", xlabel="step")
     axes[0].set(title="loss", xlabel="step")
     axes[0].legend()
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], color="C1")

@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("lmcraft.train")
-_STEP_KEYS = ("loss", "lr", "grad_norm", "targets", "tokens", "skipped", "tokens_per_s")  # per-step fields
+_STEP_KEYS = ("loss", "lr", "grad_norm", "targets", "tokens", "skipped", "seconds", "tokens_per_s")  # per-step fields
 
 
 class EarlyStopping(Section):
@@ -140,8 +140,8 @@ class TrainerConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
     @model_validator(mode="after")
@@ -396,8 +396,9 @@ class Trainer:
                 f"add warmup_steps, set max_grad_norm, or check the data for batches without targets. "
                 f"The last good checkpoint is {last or '(none)'}."
             )
+        seconds = max(time.perf_counter() - t0, 1e-9)
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": n_targets, "tokens": n_tokens,
-                   "skipped": float(not finite), "tokens_per_s": n_tokens / max(time.perf_counter() - t0, 1e-9)}
+                   "skipped": float(not finite), "seconds": seconds, "tokens_per_s": n_tokens / seconds}
         metrics.update({k: float(v) / n_targets for k, v in zip(keys, totals[3:].tolist(), strict=True)})
         return metrics
 
@@ -411,7 +412,7 @@ class Trainer:
         acc["skipped"] = acc.get("skipped", 0.0) + m["skipped"]
         if not m["skipped"]:
             n = m["targets"]
-            add = {"loss": m["loss"] * n, "targets": n, "tokens": m["tokens"], "time": m["tokens"] / m["tokens_per_s"]}
+            add = {"loss": m["loss"] * n, "targets": n, "tokens": m["tokens"], "time": m["seconds"]}
             add.update({f"m:{k}": v * n for k, v in m.items() if k not in _STEP_KEYS})
             for k, v in add.items():
                 acc[k] = acc.get(k, 0.0) + v
