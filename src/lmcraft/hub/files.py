@@ -1,0 +1,174 @@
+"""safetensors files of a model folder: find and index them, read tensors, write (sharded) ones atomically.
+
+Only safetensors are read: a pickle checkpoint (`pytorch_model.bin`) can run code when opened, so a folder
+holding only that is refused with instructions to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lmcraft.errors import ModelLoadError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype torch cannot hold (e.g. F8 variants of old builds)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index (expected JSON with a 'weight_map' object: "
+                                 f"{e}).") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} lists shard(s) missing from the folder: {', '.join(absent)}.")
+        return files
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); lmcraft loads safetensors only, since "
+            "opening a pickle can run code. Convert once with transformers, e.g. AutoModelForCausalLM."
+            "from_pretrained(folder).save_pretrained(out_folder) (it writes model.safetensors).")
+    found = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+    raise ModelLoadError(f"{folder}: no {SINGLE} or {INDEX} (found: {found}).")
+
+
+def index_tensors(folder: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of the folder's safetensors file(s): key -> file, shape, dtype (headers only; no data read)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: no such model folder.")
+    out: dict[str, TensorInfo] = {}
+    for file in _weight_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    sl = f.get_slice(key)
+                    out[key] = TensorInfo(file, tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype()))
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e}). Re-download or re-save "
+                                 "the model.") from None
+    return out
+
+
+def common_float_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
+    """The floating dtype holding most of the parameters (the checkpoint's storage dtype)."""
+    counts: Counter[torch.dtype] = Counter()
+    for info in tensors.values():
+        if info.dtype is not None and info.dtype.is_floating_point:
+            counts[info.dtype] += int(torch.Size(info.shape).numel())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+@contextmanager
+def open_tensors(file: Path, device: torch.device) -> Iterator[object]:
+    """A safe_open handle whose errors name the file."""
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as e:
+        raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e}).") from None
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 123, "500MB", "2GB" (decimal, as Hugging Face) or "1GiB" (binary)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read size {size!r}; write e.g. 500MB, 2GB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
+    """Write tensors in order into shards of at most `max_bytes` (a bigger tensor gets a shard of its own).
+
+    One shard is `model.safetensors`; several are `model-0000i-of-0000n.safetensors` plus the index
+    `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: file}}).
+    """
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE), metadata={"format": "pt"})
+        return [SINGLE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
+                                encoding="utf-8")
+    return [*names, INDEX]
+
+
+def _is_weight_file(name: str) -> bool:
+    return name == INDEX or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes `out_dir`.
+
+    A new `out_dir` appears by one rename, complete or not at all. Into an existing folder the files are
+    moved one by one with os.replace (each file complete), then weight files of an earlier save that the
+    new one does not have (other shards) are removed; other files in the folder are left alone.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelLoadError(f"{out_dir} exists and is not a folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield stage
+        if not out_dir.exists():
+            os.replace(stage, out_dir)
+            return
+        new = {p.name for p in stage.iterdir()}
+        for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(stage / name, target)
+        for stale in out_dir.iterdir():
+            if _is_weight_file(stale.name) and stale.name not in new:
+                stale.unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

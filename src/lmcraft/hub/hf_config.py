@@ -1,0 +1,336 @@
+"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, gpt2 and bert families.
+
+Each family is a table of one-to-one key renames (our field, HF key, HF's default when the key is absent)
+plus the layout switches that define the family (norm type and place, MLP shape, how positions enter,
+biases). The few keys that need logic (activation names, RoPE in its 4.x and 5.x spellings, sliding
+window, labels) are handled by small functions below. HF keys we do not interpret are kept verbatim in
+`ModelConfig.extra` so that saving writes them back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcraft.errors import LmcraftError, ModelLoadError
+from lmcraft.models.config import ModelConfig
+from lmcraft.models.heads import HEADS
+from lmcraft.models.rope import SUPPORTED_ROPE_TYPES
+
+REQUIRED = object()  # marks an HF key without a usable default
+
+# HF activation names -> ours, and ours -> the name each family writes.
+ACTIVATIONS_IN = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+# Keys that describe the file rather than the model, or that we regenerate on saving.
+NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+            "lmcraft_head", "num_labels", "rope_theta", "rope_scaling", "rope_parameters", "layer_types",
+            "hidden_act", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
+            "attention_bias", "n_inner"}
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """How one family's config.json maps onto ModelConfig."""
+
+    renames: tuple[tuple[str, str, Any], ...]  # (our field, HF key, HF default or REQUIRED)
+    layout: dict[str, Any]  # ModelConfig fields fixed for the family
+    act_key: str  # the HF key naming the activation
+    act_out: dict[str, str]  # our activation -> HF name written
+    read_extra: Callable[[dict[str, Any]], dict[str, Any]]  # the keys that need logic, HF -> ours
+    write_extra: Callable[[ModelConfig], dict[str, Any]]  # ours -> HF
+    architectures: dict[str, str] = field(default_factory=dict)  # head -> HF class name
+
+
+_TOKENS = (("pad_token_id", "pad_token_id", None), ("initializer_range", "initializer_range", 0.02))
+
+
+def _rope_family_renames(max_pos: int, bos: int | None, eos: int | None) -> tuple[tuple[str, str, Any], ...]:
+    return _TOKENS + (
+        ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
+        ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
+        ("num_kv_heads", "num_key_value_heads", None), ("head_dim", "head_dim", None),
+        ("intermediate_size", "intermediate_size", REQUIRED), ("max_position_embeddings", "max_position_embeddings",
+                                                                max_pos),
+        ("norm_eps", "rms_norm_eps", 1e-6), ("attention_dropout", "attention_dropout", 0.0),
+        ("tie_word_embeddings", "tie_word_embeddings", False), ("bos_token_id", "bos_token_id", bos),
+        ("eos_token_id", "eos_token_id", eos),
+    )
+
+
+_ROPE_LAYOUT = dict(arch="decoder", norm="rmsnorm", pre_norm=True, final_norm=True, mlp="gated", position="rope")
+_SILU_OUT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+
+def _read_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE from `rope_parameters` (transformers 5.x) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = dict(hf.get("rope_parameters") or {})
+    if "rope_theta" not in params:
+        params.update(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = float(params.pop("rope_theta"))
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"config.json asks for rope type {rope_type!r}, which lmcraft does not implement; "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ModelLoadError(f"config.json sets partial_rotary_factor={partial}; lmcraft rotates the whole head.")
+    if rope_type == "llama3":
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+    return {"rope_theta": theta, "rope_scaling": None if rope_type == "default" else params}
+
+
+def _read_window(hf: dict[str, Any], default_window: int | None) -> int | None:
+    """One sliding window for every layer, or None; per-layer mixes are not supported."""
+    window = hf.get("sliding_window", default_window)
+    if "use_sliding_window" in hf or "max_window_layers" in hf:  # qwen2: layers >= max_window_layers slide
+        layers = hf["num_hidden_layers"]
+        first = hf.get("max_window_layers", 28) if hf.get("use_sliding_window") and window is not None else layers
+        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                          for i in range(layers)]
+    else:
+        types = hf.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"]
+    if set(types) == {"full_attention"}:
+        return None
+    if set(types) == {"sliding_attention"}:
+        return window
+    raise ModelLoadError("config.json mixes sliding-window and full-attention layers (layer_types); lmcraft "
+                         "supports one attention kind for all layers.")
+
+
+def _read_llama(hf: dict[str, Any]) -> dict[str, Any]:
+    bias = bool(hf.get("attention_bias", False))
+    return {**_read_rope(hf), "qkv_bias": bias, "out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
+
+
+def _read_mistral(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_read_rope(hf), "sliding_window": _read_window(hf, 4096)}
+
+
+def _read_qwen2(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_read_rope(hf), "qkv_bias": True, "sliding_window": _read_window({"max_window_layers": 28, **hf}, 4096)}
+
+
+def _write_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """Written in the 4.x spelling (rope_theta + rope_scaling), which transformers 4.x and 5.x both read."""
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+            "head_dim": cfg.head_dim}
+
+
+def _require(cfg: ModelConfig, ok: bool, what: str) -> None:
+    if not ok:
+        raise LmcraftError(f"this {cfg.model_type} model cannot be written as a Hugging Face {cfg.model_type} "
+                             f"checkpoint: {what}.")
+
+
+def _write_llama(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.qkv_bias == cfg.out_bias, "llama has one attention_bias for q, k, v and o")
+    _require(cfg, cfg.sliding_window is None, "llama has no sliding window")
+    return {**_write_rope(cfg), "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+
+
+def _write_mistral(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "mistral has no biases")
+    return {**_write_rope(cfg), "sliding_window": cfg.sliding_window}
+
+
+def _write_qwen2(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias, "qwen2 has q/k/v biases only")
+    sliding = cfg.sliding_window is not None
+    return {**_write_rope(cfg), "use_sliding_window": sliding, "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if sliding else cfg.num_layers}
+
+
+def _read_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise ModelLoadError("config.json changes GPT-2's attention scaling (scale_attn_weights=false or "
+                             "scale_attn_by_inverse_layer_idx=true); lmcraft scales by 1/sqrt(head_dim) only.")
+    if hf.get("add_cross_attention"):
+        raise ModelLoadError("config.json enables cross-attention (add_cross_attention=true); not supported.")
+    inner = hf.get("n_inner")
+    return {"intermediate_size": inner if inner is not None else 4 * hf["n_embd"]}
+
+
+def _write_gpt2(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.hidden_size,
+             "gpt2 has neither grouped-query attention nor a separate head_dim")
+    return {"n_inner": cfg.intermediate_size, "embd_pdrop": cfg.extra.get("embd_pdrop", cfg.dropout)}
+
+
+def _read_bert(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ModelLoadError(f"config.json sets position_embedding_type={hf['position_embedding_type']!r}; "
+                             "lmcraft supports 'absolute' BERT positions only.")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise ModelLoadError("config.json makes BERT a decoder (is_decoder/add_cross_attention); not supported.")
+    return {}
+
+
+def _write_bert(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.hidden_size,
+             "bert has neither grouped-query attention nor a separate head_dim")
+    return {}
+
+
+def _rope_spec(read: Callable, write: Callable, max_pos: int, bos: int | None, eos: int | None,
+               prefix: str) -> ConfigSpec:
+    archs = {"lm": f"{prefix}ForCausalLM", "cls": f"{prefix}ForSequenceClassification",
+             "reward": f"{prefix}ForSequenceClassification", "token_cls": f"{prefix}ForTokenClassification",
+             "value": f"{prefix}ForTokenClassification"}
+    return ConfigSpec(_rope_family_renames(max_pos, bos, eos), _ROPE_LAYOUT, "hidden_act", _SILU_OUT, read, write,
+                      archs)
+
+
+FAMILIES: dict[str, ConfigSpec] = {
+    "llama": _rope_spec(_read_llama, _write_llama, 2048, 1, 2, "Llama"),
+    "mistral": _rope_spec(_read_mistral, _write_mistral, 32768, 1, 2, "Mistral"),
+    "qwen2": _rope_spec(_read_qwen2, _write_qwen2, 32768, None, None, "Qwen2"),
+    "gpt2": ConfigSpec(
+        _TOKENS + (
+            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "n_embd", REQUIRED),
+            ("num_layers", "n_layer", REQUIRED), ("num_heads", "n_head", REQUIRED),
+            ("max_position_embeddings", "n_positions", 1024), ("norm_eps", "layer_norm_epsilon", 1e-5),
+            ("dropout", "resid_pdrop", 0.1), ("attention_dropout", "attn_pdrop", 0.1),
+            ("tie_word_embeddings", "tie_word_embeddings", True), ("bos_token_id", "bos_token_id", 50256),
+            ("eos_token_id", "eos_token_id", 50256),
+        ),
+        dict(arch="decoder", norm="layernorm", pre_norm=True, final_norm=True, mlp="plain", position="learned",
+             qkv_bias=True, out_bias=True, mlp_bias=True),
+        "activation_function", {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"},
+        _read_gpt2, _write_gpt2,
+        {"lm": "GPT2LMHeadModel", "cls": "GPT2ForSequenceClassification", "reward": "GPT2ForSequenceClassification",
+         "token_cls": "GPT2ForTokenClassification", "value": "GPT2ForTokenClassification"},
+    ),
+    "bert": ConfigSpec(
+        _TOKENS + (
+            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
+            ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
+            ("intermediate_size", "intermediate_size", REQUIRED), ("max_position_embeddings",
+                                                                    "max_position_embeddings", 512),
+            ("norm_eps", "layer_norm_eps", 1e-12), ("dropout", "hidden_dropout_prob", 0.1),
+            ("attention_dropout", "attention_probs_dropout_prob", 0.1), ("type_vocab_size", "type_vocab_size", 2),
+            ("classifier_dropout", "classifier_dropout", None), ("tie_word_embeddings", "tie_word_embeddings", True),
+            ("bos_token_id", "bos_token_id", None), ("eos_token_id", "eos_token_id", None),
+        ),
+        dict(arch="encoder", norm="layernorm", pre_norm=False, final_norm=False, mlp="plain", position="learned",
+             qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True),
+        "hidden_act", {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"},
+        _read_bert, _write_bert,
+        {"mlm": "BertForMaskedLM", "cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification"},
+    ),
+}
+ACT_DEFAULTS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gpt2": "gelu_new", "bert": "gelu"}
+
+# Endings of HF architecture class names -> the head they carry. Bare backbones (LlamaModel, BertModel) have none.
+ARCH_SUFFIX_HEADS = (("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm"),
+                     ("ForSequenceClassification", "cls"), ("ForTokenClassification", "token_cls"))
+
+
+def supported_types() -> str:
+    return ", ".join(FAMILIES)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed config.json of a model folder (or the file itself)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: no such file; a Hugging Face model folder needs a config.json.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{file}, line {e.lineno}: invalid JSON ({e.msg}).") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object at the top level.")
+    return data
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a parsed HF config dict."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelLoadError(f"{source}: model_type {model_type!r} is not supported; supported types: "
+                             f"{supported_types()}.")
+    spec = FAMILIES[model_type]
+    fields: dict[str, Any] = {"model_type": model_type, **spec.layout}
+    for ours, key, default in spec.renames:
+        if key not in hf and default is REQUIRED:
+            raise ModelLoadError(f"{source}: the {model_type} config lacks the required key {key!r}.")
+        fields[ours] = hf.get(key, default)
+    act = hf.get(spec.act_key, ACT_DEFAULTS[model_type])
+    if act not in ACTIVATIONS_IN:
+        raise ModelLoadError(f"{source}: activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS_IN)}.")
+    fields["activation"] = ACTIVATIONS_IN[act]
+    try:
+        fields.update(spec.read_extra(hf))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
+    labels = hf.get("id2label")
+    fields["num_labels"] = len(labels) if labels else int(hf.get("num_labels", 2))
+    used = {key for _, key, _ in spec.renames} | NOT_KEPT
+    fields["extra"] = {k: v for k, v in hf.items() if k not in used}
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{source}: inconsistent model config: {e}.") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from a Hugging Face `config.json` (a model folder or the file) of a supported family."""
+    path = Path(path)
+    return config_from_hf(read_config_json(path), str(path / "config.json" if path.is_dir() else path))
+
+
+def head_from_config(hf: dict[str, Any]) -> str | None:
+    """The head an HF checkpoint carries, from `architectures`; None for a bare backbone (e.g. BertModel)."""
+    if hf.get("lmcraft_head") in HEADS:
+        return hf["lmcraft_head"]
+    names = hf.get("architectures") or []
+    for name in names:
+        for suffix, head in ARCH_SUFFIX_HEADS:
+            if name.endswith(suffix):
+                return head
+    if not names or any(name.endswith("Model") for name in names):
+        return None
+    raise ModelLoadError(f"config.json architectures {names} name a head lmcraft does not have; lmcraft reads "
+                         "causal-LM, masked-LM, sequence- and token-classification checkpoints and bare backbones.")
+
+
+def default_head(arch: str) -> str:
+    """The head given to a bare backbone: an LM head for decoders, a classification head for encoders."""
+    return "lm" if arch == "decoder" else "cls"
+
+
+def to_hf_config(cfg: ModelConfig, head: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict for `cfg` with the given head (default: lm/cls by arch)."""
+    if cfg.model_type not in FAMILIES:
+        raise LmcraftError(f"model_type {cfg.model_type!r} cannot be saved; supported types: {supported_types()}.")
+    spec = FAMILIES[cfg.model_type]
+    head = head or ("lm" if cfg.arch == "decoder" else "mlm")
+    if head not in spec.architectures:
+        raise LmcraftError(f"a {head!r} head cannot be written as a Hugging Face {cfg.model_type} checkpoint; "
+                             f"heads with a {cfg.model_type} class: {', '.join(spec.architectures)}.")
+    for name, value in spec.layout.items():
+        _require(cfg, getattr(cfg, name) == value, f"{name}={getattr(cfg, name)!r} (the family needs {value!r})")
+    out: dict[str, Any] = dict(cfg.extra)
+    out.update({key: getattr(cfg, ours) for ours, key, _ in spec.renames})
+    out[spec.act_key] = spec.act_out[cfg.activation]
+    out.update(spec.write_extra(cfg))
+    num_labels = 1 if head in ("reward", "value") else cfg.num_labels
+    labels = out.get("id2label")
+    if not labels or len(labels) != num_labels:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    if head in ("reward", "value"):
+        out["lmcraft_head"] = head
+    out.update({"architectures": [spec.architectures[head]], "model_type": cfg.model_type})
+    if dtype is not None:
+        out["torch_dtype"] = dtype
+    return dict(sorted(out.items()))

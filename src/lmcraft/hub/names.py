@@ -1,0 +1,230 @@
+"""Parameter names: Hugging Face checkpoint keys <-> lmcraft keys, one template table per family.
+
+A `Rule` pairs one HF key template with one or more of our key templates. `{name}` placeholders match
+one dotted component and carry over to the other side. Most rules are renames; a rule with several of
+our keys fuses them: HF stores them concatenated along dim 0 (GPT-2's `c_attn` holds q, k, v stacked).
+`transpose` marks GPT-2's Conv1D weights, stored (in, out) where nn.Linear stores (out, in), so
+
+    ours = split_0(hf^T)        hf = cat_0(ours)^T
+
+`aliases` are further HF keys holding the same tensor: all are written, the first one present is read
+(BERT's MLM bias is both `cls.predictions.bias` and `cls.predictions.decoder.bias`).
+
+Every family uses this one mechanism in both directions; `plan` expands a table over a concrete model.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from lmcraft.errors import ModelLoadError
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@functools.cache
+def _compile(template: str) -> re.Pattern[str]:
+    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, ...
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^.]+)" for i, p in enumerate(parts))
+    return re.compile(regex)
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: tuple[str, ...]
+    hf: str
+    transpose: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def match(self, name: str) -> dict[str, str] | None:
+        for template in self.ours:
+            m = _compile(template).fullmatch(name)
+            if m:
+                return m.groupdict()
+        return None
+
+
+def rule(ours: str | tuple[str, ...], hf: str, transpose: bool = False, aliases: tuple[str, ...] = ()) -> Rule:
+    return Rule(ours if isinstance(ours, tuple) else (ours,), hf, transpose, aliases)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One HF tensor and the parameter(s) of ours it holds."""
+
+    hf: str
+    ours: tuple[str, ...]
+    transpose: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def hf_keys(self) -> tuple[str, ...]:
+        return (self.hf, *self.aliases)
+
+    def hf_shape(self, shapes: Mapping[str, torch.Size]) -> tuple[int, ...]:
+        """The shape the HF tensor must have, given the shapes of our parameters."""
+        first = tuple(shapes[self.ours[0]])
+        shape = (sum(shapes[o][0] for o in self.ours), *first[1:])
+        return tuple(reversed(shape)) if self.transpose else shape
+
+    def to_ours(self, tensor: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        t = tensor.t() if self.transpose else tensor
+        if len(self.ours) == 1:
+            return {self.ours[0]: t.contiguous()}
+        parts = t.split([shapes[o][0] for o in self.ours], dim=0)
+        return {o: p.clone(memory_format=torch.contiguous_format) for o, p in zip(self.ours, parts, strict=True)}
+
+    def to_hf(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        parts = [tensors[o] for o in self.ours]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return (t.t() if self.transpose else t).contiguous()
+
+
+@dataclass(frozen=True)
+class NameTable:
+    """A family's key layout."""
+
+    prefix: str  # backbone prefix in checkpoints with a head; bare backbones (LlamaModel, BertModel) omit it
+    backbone: tuple[Rule, ...]
+    heads: dict[str, tuple[Rule, ...]]
+    tied: dict[str, str] = field(default_factory=dict)  # head -> HF key of the output matrix tied to the embedding
+    ignored: tuple[str, ...] = ()  # regexes of HF keys holding buffers or duplicates, never loaded
+    legacy: tuple[tuple[str, str], ...] = ()  # regex renames of old HF key spellings, applied when loading
+
+    def normalise(self, keys: Iterable[str]) -> dict[str, str]:
+        """Checkpoint key -> the spelling the rules use (legacy names fixed, backbone prefix added if absent)."""
+        keys = list(keys)
+        bare = not any(k.startswith(self.prefix) for k in keys)
+        out = {}
+        for key in keys:
+            name = key
+            for pattern, repl in self.legacy:
+                name = re.sub(pattern, repl, name)
+            out[key] = self.prefix + name if bare else name
+        return out
+
+    def is_ignored(self, hf_key: str) -> bool:
+        return any(re.fullmatch(p, hf_key) for p in self.ignored)
+
+
+def plan(table: NameTable, head: str, names: Iterable[str], family: str) -> list[Entry]:
+    """The HF tensors for a model whose (deduplicated) parameter names are `names`, in model order."""
+    if head not in table.heads:
+        raise ModelLoadError(f"a {head!r} head has no Hugging Face {family} layout; heads that do: "
+                             f"{', '.join(table.heads)}.")
+    rules = table.backbone + table.heads[head]
+    names = list(names)
+    present, entries, seen = set(names), [], set()
+    for name in names:
+        for r in rules:
+            groups = r.match(name)
+            if groups is not None:
+                break
+        else:
+            raise ModelLoadError(f"parameter {name!r} has no place in the Hugging Face {family} layout (merge or "
+                                 "remove adapters before saving, or pick a head the family supports).")
+        hf = r.hf.format(**groups)
+        if hf in seen:
+            continue
+        ours = tuple(t.format(**groups) for t in r.ours)
+        absent = [o for o in ours if o not in present]
+        if absent:
+            raise ModelLoadError(f"{hf} packs {', '.join(ours)}, but the model lacks {', '.join(absent)}.")
+        seen.add(hf)
+        entries.append(Entry(hf, ours, r.transpose, tuple(a.format(**groups) for a in r.aliases)))
+    return entries
+
+
+# Llama, Mistral and Qwen2 share their names with ours except the two norms and the heads.
+ROPE_FAMILY = NameTable(
+    prefix="model.",
+    backbone=(
+        rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        rule("model.layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+        rule("model.layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+        rule("model.layers.{i}.{block}.{proj}.{param}", "model.layers.{i}.{block}.{proj}.{param}"),
+        rule("model.norm.weight", "model.norm.weight"),
+    ),
+    heads={
+        "lm": (rule("head.weight", "lm_head.weight"),),
+        "cls": (rule("head.classifier.weight", "score.weight"),),
+        "reward": (rule("head.score.weight", "score.weight"),),
+        "token_cls": (rule("head.classifier.{param}", "score.{param}"),),
+        "value": (rule("head.score.{param}", "score.{param}"),),
+    },
+    tied={"lm": "lm_head.weight"},
+    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+)
+
+_H = "transformer.h.{i}"
+_L = "model.layers.{i}"
+GPT2 = NameTable(
+    prefix="transformer.",
+    backbone=(
+        rule("model.embed_tokens.weight", "transformer.wte.weight"),
+        rule("model.embed_positions.weight", "transformer.wpe.weight"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{_H}.ln_1.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{_H}.ln_2.{{param}}"),
+        rule(tuple(f"{_L}.self_attn.{p}_proj.weight" for p in "qkv"), f"{_H}.attn.c_attn.weight", transpose=True),
+        rule(tuple(f"{_L}.self_attn.{p}_proj.bias" for p in "qkv"), f"{_H}.attn.c_attn.bias"),
+        rule(f"{_L}.self_attn.o_proj.weight", f"{_H}.attn.c_proj.weight", transpose=True),
+        rule(f"{_L}.self_attn.o_proj.bias", f"{_H}.attn.c_proj.bias"),
+        rule(f"{_L}.mlp.up_proj.weight", f"{_H}.mlp.c_fc.weight", transpose=True),
+        rule(f"{_L}.mlp.up_proj.bias", f"{_H}.mlp.c_fc.bias"),
+        rule(f"{_L}.mlp.down_proj.weight", f"{_H}.mlp.c_proj.weight", transpose=True),
+        rule(f"{_L}.mlp.down_proj.bias", f"{_H}.mlp.c_proj.bias"),
+        rule("model.norm.{param}", "transformer.ln_f.{param}"),
+    ),
+    heads={
+        "lm": (rule("head.weight", "lm_head.weight"),),
+        "cls": (rule("head.classifier.weight", "score.weight"),),
+        "reward": (rule("head.score.weight", "score.weight"),),
+        "token_cls": (rule("head.classifier.{param}", "classifier.{param}"),),
+        "value": (rule("head.score.{param}", "classifier.{param}"),),
+    },
+    tied={"lm": "lm_head.weight"},
+    ignored=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),  # causal-mask buffers of old checkpoints
+)
+
+_B = "bert.encoder.layer.{i}"
+BERT = NameTable(
+    prefix="bert.",
+    backbone=(
+        rule("model.embed_tokens.weight", "bert.embeddings.word_embeddings.weight"),
+        rule("model.embed_positions.weight", "bert.embeddings.position_embeddings.weight"),
+        rule("model.embed_types.weight", "bert.embeddings.token_type_embeddings.weight"),
+        rule("model.embed_norm.{param}", "bert.embeddings.LayerNorm.{param}"),
+        rule(f"{_L}.self_attn.q_proj.{{param}}", f"{_B}.attention.self.query.{{param}}"),
+        rule(f"{_L}.self_attn.k_proj.{{param}}", f"{_B}.attention.self.key.{{param}}"),
+        rule(f"{_L}.self_attn.v_proj.{{param}}", f"{_B}.attention.self.value.{{param}}"),
+        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{_B}.attention.output.dense.{{param}}"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{_B}.attention.output.LayerNorm.{{param}}"),
+        rule(f"{_L}.mlp.up_proj.{{param}}", f"{_B}.intermediate.dense.{{param}}"),
+        rule(f"{_L}.mlp.down_proj.{{param}}", f"{_B}.output.dense.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{_B}.output.LayerNorm.{{param}}"),
+    ),
+    heads={
+        "mlm": (
+            rule("head.transform.{param}", "cls.predictions.transform.dense.{param}"),
+            rule("head.norm.{param}", "cls.predictions.transform.LayerNorm.{param}"),
+            rule("head.bias", "cls.predictions.decoder.bias", aliases=("cls.predictions.bias",)),
+            rule("head.decoder.weight", "cls.predictions.decoder.weight"),
+        ),
+        "cls": (
+            rule("head.pooler.{param}", "bert.pooler.dense.{param}"),
+            rule("head.classifier.{param}", "classifier.{param}"),
+        ),
+        "token_cls": (rule("head.classifier.{param}", "classifier.{param}"),),
+    },
+    tied={"mlm": "cls.predictions.decoder.weight"},
+    ignored=(r"bert\.embeddings\.position_ids",),  # a buffer
+    legacy=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
+)
+
+NAME_TABLES: dict[str, NameTable] = {"llama": ROPE_FAMILY, "mistral": ROPE_FAMILY, "qwen2": ROPE_FAMILY,
+                                     "gpt2": GPT2, "bert": BERT}

@@ -1,0 +1,265 @@
+"""Parity with transformers: tiny random HF models load into lmcraft with the same logits, and the reverse.
+
+Every family (llama, mistral with a sliding window that matters, qwen2 with q/k/v biases, gpt2, bert MLM
+and sequence classification), RoPE scaling (llama3, linear), tied/untied embeddings, GQA and shards.
+Weights are re-drawn with std 0.1 (norm gains 1 +- 0.1) so that logits are O(1) and 1e-4 is a real bound.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmcraft import hub
+from lmcraft.models import LanguageModel, ModelConfig, preset
+
+pytestmark = pytest.mark.parity
+
+TOL = 1e-4
+V, T = 96, 12
+SMALL = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=64)
+ROPE = dict(SMALL, num_key_value_heads=2, pad_token_id=0)
+MEASURED: dict[str, float] = {}
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter ~ N(0, 0.1); norm gains ~ N(1, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                is_gain = name == "weight" and p.ndim == 1
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if is_gain else 0.0))
+    return model.eval()
+
+
+def batch(padding: str | None, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (2, T) avoiding the pad id 0, and a mask whose first row is padded on the given side."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (2, T), generator=g)
+    if padding is None:
+        return ids, None
+    mask = torch.ones(2, T, dtype=torch.long)
+    if padding == "left":
+        mask[0, :5] = 0
+    else:
+        mask[0, -5:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Positions counting real tokens only: what lmcraft uses by default for a padded batch."""
+    return None if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, where: torch.Tensor | None = None) -> float:
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    err = (ours - theirs).detach().abs()
+    if where is not None:
+        err = err[where.bool()]
+    value = float(err.max())
+    MEASURED[name] = max(MEASURED.get(name, 0.0), value)
+    assert value < TOL, f"{name}: max abs diff {value:.2e}"
+    return value
+
+
+def hf_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def our_logits(model: LanguageModel, ids: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, **kw).logits
+
+
+def compare_causal_lm(name: str, hf_model: nn.Module, ours: LanguageModel) -> None:
+    for padding in (None, "left"):
+        ids, mask = batch(padding)
+        theirs = hf_logits(hf_model, ids, mask, position_ids=positions(mask))
+        where = None if mask is None else mask
+        diff(name, our_logits(ours, ids, mask), theirs, where)
+
+
+def hf_to_ours(tmp_path: Path, hf_model: nn.Module, **save_kw) -> LanguageModel:
+    folder = tmp_path / "hf"
+    randomize(hf_model).save_pretrained(folder, **save_kw)
+    return hub.load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def transformers():  # noqa: ANN201 - the module; imported here so that collecting this file stays cheap
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> None:
+    yield
+    print("\nmax abs logit diff vs transformers:", {k: f"{v:.1e}" for k, v in sorted(MEASURED.items())})
+
+
+# ---- HF -> lmcraft ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-tied", "llama-rope-llama3", "llama-rope-linear", "mistral",
+                                  "qwen2"])
+def test_rope_family_from_hf(transformers, tmp_path: Path, case: str) -> None:
+    extra = {
+        "llama": {},
+        "llama-tied": {"tie_word_embeddings": True},
+        "llama-rope-llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        "llama-rope-linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        "mistral": {"sliding_window": 4},
+        "qwen2": {},
+    }[case]
+    family = case.split("-")[0]
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    hf_model = model_cls(config_cls(**ROPE, **extra))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.config.model_type == family and ours.config.num_kv_heads == 2
+    if case == "mistral":
+        assert ours.config.sliding_window == 4  # T=12 > 4: the window changes the logits
+    if case == "qwen2":
+        assert ours.config.qkv_bias and not ours.config.out_bias
+    if case == "llama-tied":
+        assert ours.head.weight is ours.model.embed_tokens.weight
+    compare_causal_lm(case, hf_model, ours)
+
+
+def test_sliding_window_matters() -> None:
+    """Guards the mistral case above: the same weights without the window give different logits."""
+    cfg = ModelConfig(model_type="mistral", vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, sliding_window=4, tie_word_embeddings=False)
+    windowed = randomize(LanguageModel(cfg))
+    full = LanguageModel(ModelConfig(**{**cfg.to_dict(), "sliding_window": None})).eval()
+    full.load_state_dict(windowed.state_dict())
+    ids, _ = batch(None)
+    assert (our_logits(windowed, ids, None) - our_logits(full, ids, None)).abs().max() > 1e-2
+
+
+def test_gpt2_from_hf(transformers, tmp_path: Path) -> None:
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                  eos_token_id=2)
+    hf_model = transformers.GPT2LMHeadModel(cfg)
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.config.activation == "gelu_tanh" and ours.config.intermediate_size == 256
+    compare_causal_lm("gpt2", hf_model, ours)
+
+
+def bert_config(transformers, **kw) -> object:  # noqa: ANN001
+    return transformers.BertConfig(**{**SMALL, "type_vocab_size": 2, **kw})
+
+
+def compare_bert(name: str, hf_model: nn.Module, ours: LanguageModel) -> None:
+    for padding in (None, "right"):
+        ids, mask = batch(padding)
+        types = torch.zeros_like(ids)
+        types[:, T // 2:] = 1
+        theirs = hf_logits(hf_model, ids, mask, token_type_ids=types)
+        mine = our_logits(ours, ids, mask, token_type_ids=types)
+        diff(name, mine, theirs, mask if mine.dim() == 3 and mask is not None else None)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bert_mlm_from_hf(transformers, tmp_path: Path, tied: bool) -> None:
+    hf_model = transformers.BertForMaskedLM(bert_config(transformers, tie_word_embeddings=tied))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.head_kind == "mlm"
+    assert (ours.head.decoder.weight is ours.model.embed_tokens.weight) == tied
+    compare_bert("bert-mlm" + ("" if tied else "-untied"), hf_model, ours)
+
+
+def test_bert_classifier_from_hf(transformers, tmp_path: Path) -> None:
+    hf_model = transformers.BertForSequenceClassification(bert_config(transformers, num_labels=3))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.head_kind == "cls" and ours.config.num_labels == 3
+    compare_bert("bert-cls", hf_model, ours)
+
+
+def test_bare_bert_gets_new_classifier(transformers, tmp_path: Path) -> None:
+    """BertModel has no head: lmcraft keeps its pooler, adds a fresh classifier and says so."""
+    hf_model = randomize(transformers.BertModel(bert_config(transformers)))
+    hf_model.save_pretrained(tmp_path / "bare")
+    with pytest.warns(hub.HubWarning, match="newly initialised.*head.classifier.weight"):
+        ours = hub.load_model(tmp_path / "bare")
+    assert ours.head_kind == "cls"
+    ids, mask = batch("right")
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, attention_mask=mask)
+        mine = ours(ids, attention_mask=mask)
+    diff("bert-bare-hidden", mine.hidden_states, theirs.last_hidden_state, mask)
+    pooled = torch.tanh(ours.head.pooler(mine.hidden_states[:, 0]))
+    diff("bert-bare-pooler", pooled, theirs.pooler_output)
+
+
+def test_decoder_classifier_from_hf(transformers, tmp_path: Path) -> None:
+    hf_model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**ROPE, num_labels=3))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.head_kind == "cls"
+    for padding in (None, "right"):
+        ids, mask = batch(padding)
+        diff("llama-cls", our_logits(ours, ids, mask), hf_logits(hf_model, ids, mask))
+
+
+def test_sharded_hf_checkpoint(transformers, tmp_path: Path) -> None:
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ROPE))
+    ours = hf_to_ours(tmp_path, hf_model, max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    compare_causal_lm("llama-sharded", hf_model, ours)
+
+
+# ---- lmcraft -> HF ---------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None,
+            intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+REVERSE = {
+    "llama": (dict(TINY, num_kv_heads=2, tie_word_embeddings=False), "lm"),
+    "llama-tied": (dict(TINY, num_kv_heads=2, tie_word_embeddings=True), "lm"),
+    "llama-biases": (dict(TINY, qkv_bias=True, out_bias=True, mlp_bias=True), "lm"),
+    "llama-rope-llama3": (dict(TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+                          "lm"),
+    "mistral": (dict(TINY, model_type="mistral", num_kv_heads=2, sliding_window=4, tie_word_embeddings=False), "lm"),
+    "qwen2": (dict(TINY, model_type="qwen2", num_kv_heads=2, qkv_bias=True), "lm"),
+    "llama-cls": (dict(TINY, num_labels=3), "cls"),
+    "llama-reward": (dict(TINY), "reward"),
+    "llama-token-cls": (dict(TINY, num_labels=5), "token_cls"),
+    "gpt2": ({**preset("gpt2-tiny").to_dict(), **TINY, "tie_word_embeddings": True}, "lm"),
+    "bert-mlm": ({**preset("bert-tiny").to_dict(), **TINY}, "mlm"),
+    "bert-mlm-untied": ({**preset("bert-tiny").to_dict(), **TINY, "tie_word_embeddings": False}, "mlm"),
+    "bert-cls": ({**preset("bert-tiny").to_dict(), **TINY, "num_labels": 3}, "cls"),
+}
+AUTO = {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "cls": "AutoModelForSequenceClassification",
+        "reward": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification"}
+
+
+@pytest.mark.parametrize("case", list(REVERSE))
+def test_lmcraft_to_hf(transformers, tmp_path: Path, case: str) -> None:
+    fields, head = REVERSE[case]
+    ours = randomize(LanguageModel(ModelConfig(**fields), head))
+    hub.save_model(ours, tmp_path / "out", max_shard_size="30KB" if case == "llama" else "2GB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_model = getattr(transformers, AUTO[head]).from_pretrained(tmp_path / "out").eval()
+    ids, mask = batch("right" if ours.config.arch == "encoder" or head != "lm" else "left")
+    kw = {} if ours.config.arch == "encoder" else {"position_ids": positions(mask)}
+    theirs = hf_logits(theirs_model, ids, mask, **kw)
+    mine = our_logits(ours, ids, mask)
+    if head == "reward":
+        theirs = theirs.squeeze(-1)
+    diff(f"save:{case}", mine, theirs, mask if mine.dim() == 3 else None)
+    ids, _ = batch(None)
+    diff(f"save:{case}", our_logits(ours, ids, None), hf_logits(theirs_model, ids, None).reshape(
+        our_logits(ours, ids, None).shape))
+    # and back: what we wrote loads into lmcraft unchanged
+    again = hub.load_model(tmp_path / "out")
+    assert again.head_kind == head
+    assert torch.equal(our_logits(again, ids, None), our_logits(ours, ids, None))
