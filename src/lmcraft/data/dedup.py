@@ -285,9 +285,9 @@ class LSHIndex:
             self.buckets[band].setdefault(k, doc)
         return doc
 
-    def check_and_add(self, sig: np.ndarray, keys: np.ndarray | None = None) -> str | None:
-        if keys is None:
-            keys = self.band_keys(sig[None, :])[0]
+    def check_and_add(self, key: tuple[np.ndarray, np.ndarray] | np.ndarray) -> str | None:
+        """`key` is a signature, or (signature, its band keys) as `MinHashDedup.keys` computes them."""
+        sig, keys = key if isinstance(key, tuple) else (key, self.band_keys(key[None, :])[0])
         if sig.min() == np.iinfo(np.uint32).max:
             return None  # an empty document has no shingles: nothing to compare
         if self.query(sig, keys) is not None:
@@ -295,8 +295,9 @@ class LSHIndex:
         self.add(sig, keys)
         return None
 
-    def state(self, sigs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def state(self, keys: list[tuple[np.ndarray, np.ndarray] | np.ndarray]) -> dict[str, np.ndarray]:
         """Arrays to save so that a resumed run rebuilds this index (signatures of kept documents)."""
+        sigs = [k[0] if isinstance(k, tuple) else k for k in keys]
         if not sigs:
             return {"sigs": np.empty((0, self.num_perm), dtype=np.uint32)}
         return {"sigs": np.stack(sigs)}
@@ -310,13 +311,22 @@ class LSHIndex:
 
 @dataclass
 class MinHashDedup:
-    """Near-duplicate removal: MinHash signatures, LSH banding, verified estimated Jaccard >= threshold."""
+    """Near-duplicate removal: MinHash signatures, LSH banding, verified estimated Jaccard >= threshold.
+
+    Shingle choice: a random edit of a fraction e of the words changes about n*e of the word
+    n-grams, so n-gram Jaccard falls fast with scattered edits (roughly (1 - n e) / (1 + n e)).
+    Measured on Shakespeare paragraphs with planted copies carrying 5-10% random word edits, at
+    threshold 0.8 (bench/bench_data.py): recall 0.95 with word unigrams (n=1), 0.18 with n=2,
+    0.03 with n=3, 0.005 with n=5; character 3-grams 0.79; precision >= 0.999 in every case. The
+    default is therefore n=1 (bag of words); n=5, as in datatrove and Gopher, targets copies that
+    share long verbatim spans (templated pages) and is stricter on long documents.
+    """
 
     name: ClassVar[str] = "minhash_dedup"
     kind: ClassVar[str] = "dedup"
     threshold: float = 0.8
     num_perm: int = 128
-    ngram: int = 5
+    ngram: int = 1
     shingle: Literal["word", "char"] = "word"
     bands: int | None = None
     rows: int | None = None
@@ -342,10 +352,14 @@ class MinHashDedup:
             return self.bands, self.rows
         return _cached_optimal_bands(self.threshold, self.num_perm)
 
-    def keys(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def keys(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(signature, LSH band keys) per text; both are computed here, in the worker processes."""
         if self._hasher is None:
             self._hasher = MinHasher(self.num_perm, self.ngram, self.shingle, self.seed)
-        return list(self._hasher.signatures(texts))
+        sigs = self._hasher.signatures(texts)
+        bands, rows = self.band_rows()
+        band_keys = LSHIndex(self.num_perm, self.threshold, bands, rows).band_keys(sigs)
+        return list(zip(sigs, band_keys, strict=True))
 
     def new_index(self) -> LSHIndex:
         bands, rows = self.band_rows()
