@@ -66,16 +66,21 @@ class Backbone(nn.Module):
         prefix: Prefix | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, H). `attention_mask` covers past + new tokens (1 = real, 0 = padding)."""
+        """Hidden states (B, T, H). `attention_mask` covers past + new tokens (1 = real, 0 = padding).
+
+        A 4-D bool `attention_mask` (B, 1, T, S) is an explicit mask used as given (see `build_attention_mask`);
+        positions then default to 0..T-1 unless `position_ids` is passed.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
         b, t = ref.shape[:2]
         past_len = past_key_values.length if past_key_values is not None else 0
+        explicit = attention_mask is not None and attention_mask.dim() == 4
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, b, t, past_len, ref.device)
+            position_ids = default_position_ids(None if explicit else attention_mask, b, t, past_len, ref.device)
         h = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)
-        if attention_mask is not None and bool(attention_mask.all()):
+        if not explicit and attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: keep the fast SDPA paths
         mask = build_attention_mask(
             attention_mask, t, past_len, prefix[0][0].shape[2] if prefix else 0,

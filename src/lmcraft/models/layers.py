@@ -108,8 +108,18 @@ def build_attention_mask(
 
     Keys are laid out as [prefix | past | current]. Prefix keys are visible to every real query. A query
     always sees its own key, so rows of padding queries never become all-masked (which gives NaN).
+
+    A 4-D `padding_mask` (B or 1, 1, q_len, prefix_len + past_len + q_len), bool with True = may attend, is an
+    explicit mask (e.g. block-diagonal causal attention over documents packed in one window): it is used as
+    given, without adding causality, padding or window rules.
     """
     kv_len = past_len + q_len
+    if padding_mask is not None and padding_mask.dim() == 4:
+        expected = (1, q_len, prefix_len + kv_len)
+        if padding_mask.dtype != torch.bool or tuple(padding_mask.shape[1:]) != expected:
+            raise ValueError(f"an explicit attention mask must be bool of shape (B, {', '.join(map(str, expected))}); "
+                             f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        return AttentionMask(padding_mask, False)
     window_matters = sliding_window is not None and kv_len > sliding_window
     if padding_mask is None and prefix_len == 0 and not window_matters:
         if not causal or q_len == 1:
