@@ -263,3 +263,54 @@ def test_lmcraft_to_hf(transformers, tmp_path: Path, case: str) -> None:
     again = hub.load_model(tmp_path / "out")
     assert again.head_kind == head
     assert torch.equal(our_logits(again, ids, None), our_logits(ours, ids, None))
+
+
+# ---- real checkpoints (assets) ---------------------------------------------------------------------------
+
+
+def encode(folder: Path, texts: list[str], side: str, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenizers import Tokenizer
+
+    rows = [Tokenizer.from_file(str(folder / "tokenizer.json")).encode(t).ids for t in texts]
+    width = max(map(len, rows))
+    ids, mask = [], []
+    for row in rows:
+        fill = width - len(row)
+        ids.append(row + [pad] * fill if side == "right" else [pad] * fill + row)
+        mask.append([1] * len(row) + [0] * fill if side == "right" else [0] * fill + [1] * len(row))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+TEXTS = ["The capital of France is Paris.", "Hello world"]
+
+
+@pytest.mark.slow
+def test_real_minilm_bert(transformers, tmp_path: Path) -> None:
+    from lmcraft.assets import fetch
+
+    folder = fetch("minilm-l6", progress=False)
+    with pytest.warns(hub.HubWarning, match="newly initialised"):
+        ours = hub.load_model(folder)  # a bare BertModel: encoder + pooler, new classifier
+    theirs = transformers.BertModel.from_pretrained(folder).eval()
+    ids, mask = encode(folder, TEXTS, "right", 0)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+        diff("minilm-l6-hidden", ours(ids, attention_mask=mask).hidden_states, expected, mask)
+    hub.save_model(ours, tmp_path / "cls", tokenizer_dir=folder)
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    diff("minilm-l6-cls-saved", our_logits(ours, ids, mask), hf_logits(reloaded, ids, mask))
+
+
+@pytest.mark.slow
+def test_real_smollm2_llama(transformers) -> None:
+    from lmcraft.assets import fetch
+
+    folder = fetch("smollm2-135m-instruct", progress=False)
+    ours = hub.load_model(folder)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids, mask = encode(folder, TEXTS, "left", ours.config.pad_token_id)
+    expected = hf_logits(theirs, ids, mask, position_ids=positions(mask))
+    mine = our_logits(ours, ids, mask)
+    err = float((mine - expected).abs()[mask.bool()].max())
+    MEASURED["smollm2-135m"] = err
+    assert err < 1e-3 * float(expected.abs().max()), err  # logits reach ~30: a relative bound
