@@ -92,6 +92,16 @@ def test_pairs_are_seeded():
     assert a == b
 
 
+def test_transform_accepts_data_items_and_truncates():
+    obj = SentencePairObjective("nsp", MaskingConfig(vocab_size=100, mask_token_id=MASK), CLS, SEP, PAD, max_length=8)
+    items = [{"tokens_a": torch.tensor([10, 11, 12, 13]), "tokens_b": torch.tensor([20, 21]), "label": torch.tensor(1)},
+             SentencePair([30], [40], 0)]
+    batch = obj.transform({"pairs": items}, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (2, 8)  # 4 + 2 tokens trimmed to 5, plus [CLS] [SEP] [SEP]
+    assert batch["pair_labels"].tolist() == [1, 0]
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
 def test_transform_never_masks_cls_sep_or_padding():
     obj = SentencePairObjective("sop", MaskingConfig(vocab_size=100, mask_token_id=MASK, probability=0.5), CLS, SEP,
                                 PAD)

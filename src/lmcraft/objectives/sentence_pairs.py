@@ -20,9 +20,9 @@ returned as the sum (sum_mlm + mean_pair * n_masked) over n_masked targets.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,15 @@ from lmcraft.models.model import LanguageModel, ModelOutput
 from lmcraft.objectives.base import Batch, LossOutput, token_cross_entropy
 from lmcraft.objectives.mlm import MaskingConfig, masked_batch
 
-__all__ = ["PretrainingModel", "SentencePair", "SentencePairObjective", "build_pairs", "collate_pairs"]
+__all__ = [
+    "PretrainingModel",
+    "SentencePair",
+    "SentencePairObjective",
+    "as_pair",
+    "build_pairs",
+    "collate_pairs",
+    "truncate_pair",
+]
 
 PairKind = Literal["nsp", "sop"]
 Document = Sequence[Sequence[int]]
@@ -46,6 +54,14 @@ class SentencePair:
     a: list[int]
     b: list[int]
     label: int  # 0 = true next / in order, 1 = random next / swapped
+
+
+def as_pair(item: SentencePair | Mapping[str, Any]) -> SentencePair:
+    """A `SentencePair` from itself or from a `lmcraft.data.datasets.SentencePairs` item
+    {"tokens_a", "tokens_b", "label"} (same label convention)."""
+    if isinstance(item, SentencePair):
+        return item
+    return SentencePair([int(t) for t in item["tokens_a"]], [int(t) for t in item["tokens_b"]], int(item["label"]))
 
 
 def _uniform(generator: torch.Generator | None) -> float:
@@ -165,13 +181,15 @@ class PretrainingModel(nn.Module):
 
 @dataclass
 class SentencePairObjective:
-    """NSP or SOP + MLM. `transform` takes {"pairs": [SentencePair, ...]} (from `build_pairs`)."""
+    """NSP or SOP + MLM. `transform` takes {"pairs": [...]}: `SentencePair`s (from `build_pairs`) or
+    `lmcraft.data.datasets.SentencePairs` items; pairs longer than `max_length` with specials are truncated."""
 
     kind: PairKind
     masking: MaskingConfig
     cls_token_id: int
     sep_token_id: int
     pad_token_id: int
+    max_length: int = 512
 
     @property
     def name(self) -> str:
@@ -181,7 +199,13 @@ class SentencePairObjective:
         return PretrainingModel(cfg)
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
-        packed = collate_pairs(batch["pairs"], self.cls_token_id, self.sep_token_id, self.pad_token_id)
+        pairs = []
+        for item in batch["pairs"]:
+            pair = as_pair(item)
+            a, b = list(pair.a), list(pair.b)
+            truncate_pair(a, b, self.max_length - 3, generator)
+            pairs.append(SentencePair(a, b, pair.label))
+        packed = collate_pairs(pairs, self.cls_token_id, self.sep_token_id, self.pad_token_id)
         return masked_batch(packed, self.masking, generator)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
