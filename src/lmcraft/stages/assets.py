@@ -8,10 +8,13 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default: $LMCRAFT_CACHE or ~/.cache/lmcraft)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", default=None, help="cache folder (default: $LMCRAFT_CACHE or ~/.cache/lmcraft)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    sub.add_parser("list", help="table of assets: name, kind, size, fetched?, path")
-    fetch = sub.add_parser("fetch", help="download (and convert) assets into the cache; instant when done before")
+    sub.add_parser("list", parents=[common], help="table of assets: name, kind, size, fetched?, path")
+    fetch = sub.add_parser(
+        "fetch", parents=[common], help="download (and convert) assets into the cache; instant when done before"
+    )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="asset name(s), see `lmcraft assets list`")
     fetch.add_argument("--quiet", action="store_true", help="no progress output")
 

@@ -339,7 +339,8 @@ def load_tokenizer(path: str | os.PathLike[str], padding_side: str | None = None
 
     Reads `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template, maximum
     length, padding side) and, to know every id that ends generation, the `eos_token_id` of
-    `generation_config.json` and `config.json`.
+    `generation_config.json` and `config.json`. Padding or truncation stored in `tokenizer.json`
+    is switched off: `encode` returns every token, `encode_batch` pads and truncates on request.
     """
     from tokenizers import Tokenizer as Backend
 
@@ -358,6 +359,8 @@ def load_tokenizer(path: str | os.PathLike[str], padding_side: str | None = None
     else:
         found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise TokenizerLoadError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt) here; found {found}.")
+    backend.no_padding()  # some tokenizer.json files pad/truncate every encoding (e.g. to 128);
+    backend.no_truncation()  # padding and truncation are per-call options of encode_batch here
     config = _read_json(folder / "tokenizer_config.json")
     specials = {name: _token_text(config.get(name)) for name in _SPECIAL_NAMES}
     if not file.is_file() and not config and backend.token_to_id("<|endoftext|>") is not None:
