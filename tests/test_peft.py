@@ -351,3 +351,52 @@ def test_adalora_allocation_schedule_and_regulariser(tmp_path) -> None:
 
 def layer_path(model: peft.PeftModel, layer: torch.nn.Module) -> str:
     return next(peft.model.clean_path(p) for p, m in model.adapter_layers() if m is layer)
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "lora"])
+def test_generate_with_adapter_and_left_padding(name: str) -> None:
+    """lmcraft.generate on a PeftModel (KV cache, left-padded batch) = greedy full forwards row by row."""
+    from lmcraft.generate import GenerationConfig, generate
+
+    model = peft.apply(tiny(), METHODS[name])
+    perturb(model, 1.0)
+    prompts = [[1, 5, 9, 33, 70], [2, 40]]
+    result = generate(model, prompts, GenerationConfig(max_new_tokens=6, eos_token_ids=()))
+    for row, prompt in zip(result.tokens, prompts, strict=True):
+        seq = torch.tensor([prompt])
+        with torch.no_grad():
+            for _ in range(6):
+                seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert row == seq[0, len(prompt):].tolist()
+
+
+def test_adalora_hook_needs_gradients() -> None:
+    model = peft.apply(tiny(), METHODS["adalora"])
+    with pytest.raises(peft.PeftError, match="after loss.backward"):
+        peft.update_and_allocate(model, 1)
+
+
+@pytest.mark.parametrize("name", ["lora", "prefix", "prompt", "houlsby", "ia3", "ptuning_v2"])
+@pytest.mark.parametrize("head", ["cls", "token_cls"])
+def test_encoder_with_task_heads(name: str, head: str) -> None:
+    torch.manual_seed(0)
+    cfg = preset("bert-tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=VOCAB,
+                 num_labels=3)
+    model = peft.apply(LanguageModel(cfg, head).eval(), METHODS[name])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    out = model(ids(), attention_mask=mask, token_type_ids=torch.zeros(2, 6, dtype=torch.long))
+    assert out.logits.shape == ((2, 3) if head == "cls" else (2, 6, 3))
+    assert out.hidden_states.shape == (2, 6, 64)
+
+
+def test_qlora_bfloat16_compute() -> None:
+    model = peft.apply(tiny(), {"method": "qlora", "r": 2, "compute_dtype": "bfloat16"})
+    assert all(p.dtype == torch.bfloat16 for _, p in model.named_adapter_parameters())
+    out = model(ids()).logits
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_stacking_different_wrappers_on_one_module_is_refused() -> None:
+    model = peft.apply(tiny(), {"method": "ia3"}, adapter_name="a")
+    with pytest.raises(peft.PeftError, match="cannot be stacked"):
+        peft.apply(model, {"method": "lora", "target_modules": ["k_proj"]}, adapter_name="b")

@@ -183,6 +183,9 @@ def update_and_allocate(model: PeftModel, step: int) -> int:
         return alloc.target_budget
     params = [p for _, m in layers for p in (m.lora_A[adapter], m.lora_B[adapter], m.lora_E[adapter])]
     if step < last:
+        if all(p.grad is None for p in params):
+            raise PeftError("update_and_allocate found no gradients on the AdaLoRA parameters: call it after "
+                            "loss.backward() and before optimizer.zero_grad().")
         alloc.update_importance(params)
     budget, prune = alloc.budget(step)
     if (prune or step == last) and budget < alloc.init_budget:

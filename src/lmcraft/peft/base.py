@@ -1,7 +1,7 @@
 """PEFT core: method registry, `apply`, trainable-parameter accounting, adapter save/load and `merge`.
 
     model = apply(base, {"method": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]})
-    print_trainable_parameters(model)          # trainable params: 24,576 / total 14,211,456 (0.1729%)
+    print_trainable_parameters(model)          # llama-14m: trainable params: 81,920 / total 14,637,440 (0.5597%)
     ... train ...
     save_adapter(model, "out/adapter")          # adapter_config.json + adapter_model.safetensors
     model = load_adapter(base, "out/adapter")   # the same adapter on a fresh base
@@ -22,9 +22,9 @@ config fields; tensor names are the clean module paths.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -81,8 +81,10 @@ class MethodConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"method"})
         if unknown:
-            raise ConfigError(f"peft method {cls.method!r}: unknown key(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(names))}.")
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"peft method {cls.method!r}: unknown key(s) {', '.join(unknown)}.{hint} "
+                              f"Allowed: {', '.join(sorted(names))}.")
         try:
             return cls(**{k: v for k, v in data.items() if k != "method"})
         except (TypeError, ValueError) as err:
@@ -289,24 +291,21 @@ def load_adapter_state_dict(model: PeftModel, state: dict[str, torch.Tensor], ad
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-def _write_dir_atomically(directory: Path, files: dict[str, Any]) -> None:
-    """Write {name: dict (JSON) | tensors (safetensors)} into a temp folder, then rename it to `directory`."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _write_files(directory: Path, files: dict[str, Any]) -> None:
+    """Write {name: dict (JSON) | tensors (safetensors)} into `directory`, each file atomically (temp + rename).
+
+    Other files in the folder are kept, except a stale lmcraft_config.json, which would override the new config.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
+        tmp = directory / f".tmp-{name}-{os.getpid()}"
         if name.endswith(".json"):
-            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in content.items()}, str(tmp / name))
-    if directory.exists():
-        trash = directory.with_name(f".trash-{directory.name}-{os.getpid()}")
-        os.replace(directory, trash)
-        os.replace(tmp, directory)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, directory)
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in content.items()}, str(tmp))
+        os.replace(tmp, directory / name)
+    if LMCRAFT_CONFIG_NAME not in files:
+        (directory / LMCRAFT_CONFIG_NAME).unlink(missing_ok=True)
 
 
 def save_adapter(model: PeftModel, directory: str | os.PathLike[str], adapter: str | None = None,
@@ -325,7 +324,7 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike[str], adapter: s
                               **dataclasses.asdict(cfg)}
         files[WEIGHTS_NAME] = adapter_state_dict(model, adapter)
     directory = Path(directory)
-    _write_dir_atomically(directory, files)
+    _write_files(directory, files)
     return directory
 
 

@@ -191,7 +191,11 @@ def find_modules(root: nn.Module, targets: str | list[str] | tuple[str, ...],
 def wrap_targets(root: nn.Module, targets: str | list[str] | tuple[str, ...], accept: tuple[type, ...],
                  wrapper: type[AdapterLayer], what: str) -> list[tuple[AdapterLayer, str]]:
     """Wrap every matching module in `wrapper` (reusing an existing one); returns (wrapper, clean path) pairs."""
-    found = find_modules(root, targets, (*accept, wrapper))
+    found = find_modules(root, targets, (*accept, AdapterLayer))
+    for _, _, module, cpath in found:
+        if isinstance(module, AdapterLayer) and not isinstance(module, (wrapper, *accept)):
+            raise PeftError(f"{what}: {cpath} already carries a {type(module).__name__} adapter of another method; "
+                            f"methods that wrap the same module cannot be stacked.")
     if not found:
         names = sorted({clean_path(p).rsplit(".", 1)[-1] for p, m in base_modules(root) if p and isinstance(m, accept)})
         raise PeftError(f"{what}: no module matches target_modules={targets!r}; modules of a suitable type here "
