@@ -43,6 +43,9 @@ LAYER_TENSORS = {
     "mlp.gate_proj.weight": ("ffn_gate.weight", Q.Q4_0),
     "mlp.up_proj.weight": ("ffn_up.weight", Q.Q4_1),
     "mlp.down_proj.weight": ("ffn_down.weight", Q.Q5_0),
+    "self_attn.q_proj.bias": ("attn_q.bias", Q.F32),
+    "self_attn.k_proj.bias": ("attn_k.bias", Q.F32),
+    "self_attn.v_proj.bias": ("attn_v.bias", Q.F32),
 }
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": ("token_embd.weight", Q.Q8_0),
@@ -74,7 +77,7 @@ def _merges(tok) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def hf_weights(vocab: int, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+def hf_weights(vocab: int, tied: bool, seed: int = 0, qkv_bias: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shapes = {
         "input_layernorm.weight": (HIDDEN,),
@@ -87,6 +90,10 @@ def hf_weights(vocab: int, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
         "mlp.up_proj.weight": (FFN, HIDDEN),
         "mlp.down_proj.weight": (HIDDEN, FFN),
     }
+    if qkv_bias:
+        shapes.update(
+            {f"self_attn.{p}_proj.bias": (n * HEAD_DIM,) for p, n in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS))}
+        )
     w = {"model.embed_tokens.weight": rng.standard_normal((vocab, HIDDEN)), "model.norm.weight": 1 + rng.random(HIDDEN)}
     if not tied:
         w["lm_head.weight"] = rng.standard_normal((vocab, HIDDEN))
@@ -148,9 +155,9 @@ def write_gguf(
             _, _, i, suffix = hf_name.split(".", 3)
             gguf_suffix, qtype = LAYER_TENSORS[suffix]
             name = f"blk.{i}.{gguf_suffix}"
-            if suffix.startswith("self_attn.q_proj"):
+            if arch == "llama" and suffix.startswith("self_attn.q_proj"):  # weight and bias alike
                 x = _llama_cpp_permute(x, HEADS)
-            elif suffix.startswith("self_attn.k_proj"):
+            elif arch == "llama" and suffix.startswith("self_attn.k_proj"):
                 x = _llama_cpp_permute(x, KV_HEADS)
         else:
             name, qtype = GLOBAL_TENSORS[hf_name]
@@ -288,14 +295,40 @@ def test_cli_convert(tmp_path: Path, tokenizer, capsys) -> None:
     assert "not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parity
-def test_transformers_logits_match_source_model(tmp_path: Path, tokenizer) -> None:
-    """The rope layout check: llama.cpp-permuted q/k, converted back, give transformers' logits exactly."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_qwen2_keeps_qk_order_and_biases(tmp_path: Path, tokenizer) -> None:
+    weights = hf_weights(tokenizer.get_vocab_size(), tied=True, qkv_bias=True)
+    write_gguf(tmp_path / "q.gguf", weights, tokenizer, mixed=False, arch="qwen2", pre="qwen2")
+    out = convert_gguf(tmp_path / "q.gguf", tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("qwen2", ["Qwen2ForCausalLM"])
+    tensors = load_file(out / "model.safetensors")
+    assert set(tensors) == set(weights)
+    for name, x in weights.items():
+        np.testing.assert_array_equal(tensors[name], x, err_msg=name)
 
+
+@pytest.mark.parity
+def test_split_regexes_match_transformers() -> None:
+    """The llama3 / qwen2 pre-tokenizer regexes are the ones transformers' own tokenizers use."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from lmcraft import gguf_import
+
+    assert gguf_import._LLAMA3_REGEX == _LLAMA3_SPLIT
+    assert gguf_import._QWEN2_REGEX == PRETOKENIZE_REGEX
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_logits_match_source_model(tmp_path: Path, tokenizer, arch: str) -> None:
+    """The rope layout check: llama.cpp-permuted q/k (llama), converted back, give transformers' logits exactly."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     vocab = tokenizer.get_vocab_size()
-    cfg = LlamaConfig(
+    cfg = config_class(
         vocab_size=vocab,
         hidden_size=HIDDEN,
         intermediate_size=FFN,
@@ -308,11 +341,17 @@ def test_transformers_logits_match_source_model(tmp_path: Path, tokenizer) -> No
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    source = LlamaForCausalLM(cfg).eval()
+    source = model_class(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so that a lost or misplaced bias shows
+        for name, p in source.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
     weights = {k: v.detach().numpy().copy() for k, v in source.state_dict().items()}
-    write_gguf(tmp_path / "m.gguf", weights, tokenizer, mixed=False)
+    write_gguf(
+        tmp_path / "m.gguf", weights, tokenizer, mixed=False, arch=arch, pre=arch if arch == "qwen2" else "smollm"
+    )
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
-    converted = LlamaForCausalLM.from_pretrained(out).eval()
+    converted = model_class.from_pretrained(out).eval()
     ids = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = source(ids).logits, converted(ids).logits

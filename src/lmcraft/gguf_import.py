@@ -294,8 +294,8 @@ def _short_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def hf_config(metadata: dict[str, Any], tensor_names: Iterable[str], path: Path, dtype: str) -> dict[str, Any]:
-    """The HF `config.json` dict for a llama-family GGUF's metadata (`{arch}.*` keys)."""
+def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path, dtype: str) -> dict[str, Any]:
+    """The HF `config.json` dict for a llama-family GGUF: `{arch}.*` metadata plus tensor names -> numpy shapes."""
     arch = metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise GGUFImportError(
@@ -314,12 +314,13 @@ def hf_config(metadata: dict[str, Any], tensor_names: Iterable[str], path: Path,
     rope_dim = int(key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise GGUFImportError(f"{path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported.")
-    names = set(tensor_names)
-    vocab = metadata.get("tokenizer.ggml.tokens")
+    if "token_embd.weight" not in shapes:
+        raise GGUFImportError(f"{path}: the file has no token_embd.weight tensor.")
+    names = set(shapes)
     config: dict[str, Any] = {
         "architectures": [hf_class],
         "model_type": model_type,
-        "vocab_size": len(vocab) if vocab else int(key("vocab_size")),
+        "vocab_size": shapes["token_embd.weight"][0],  # embedding rows; the token list may be shorter
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
         "num_hidden_layers": int(key("block_count")),
@@ -556,14 +557,15 @@ def write_hf_model(
         raise GGUFImportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_OUT_DTYPES)}.")
     path, out = Path(gguf_path), Path(out_dir)
     metadata, tensors = read_gguf(path)
-    config = hf_config(metadata, (t.name for t in tensors), path, dtype)
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in tensors}
+    config = hf_config(metadata, shapes, path, dtype)
     tokenizer = build_tokenizer(metadata, path)  # fail on the tokenizer before the long tensor pass
     permuted = _ARCHITECTURES[metadata["general.architecture"]][2]
     heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
 
     by_name = {_hf_name(t.name, path): t for t in tensors}
     order = sorted(by_name, key=_layer_key)
-    specs = [(name, tuple(int(x) for x in reversed(by_name[name].shape.tolist()))) for name in order]
+    specs = [(name, shapes[by_name[name].name]) for name in order]
     for t in tensors:  # fail before writing anything
         _check_type(t.tensor_type, f"{path}: tensor {t.name}")
 
