@@ -243,3 +243,24 @@ def test_callbacks_can_stop_and_their_state_is_checkpointed(tmp_path: Path) -> N
 def test_config_validation(override: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         validate_config(TrainerConfig, override)
+
+
+def test_on_optimizer_step_sees_gradients(tmp_path) -> None:
+    """AdaLoRA-style callbacks run after the update while gradients still exist, once per step."""
+    from lmcraft.train.callbacks import Callback
+
+    seen: list[tuple[int, bool]] = []
+
+    class Probe(Callback):
+        def on_optimizer_step(self, trainer, step):  # noqa: ANN001, ANN201
+            seen.append((step, all(p.grad is not None for p in trainer.model.parameters())))
+
+    model = torch.nn.Linear(4, 1)
+    data = [{"x": torch.randn(4), "y": torch.randn(1)} for _ in range(8)]
+
+    def loss_fn(m, batch):  # noqa: ANN001, ANN202
+        return ((m(batch["x"]) - batch["y"]) ** 2).mean(), {}
+
+    cfg = TrainerConfig(max_steps=3, micro_batch_size=4, progress=False, tensorboard=False, plot=False)
+    Trainer(model, loss_fn, data, config=cfg, output_dir=tmp_path, callbacks=[Probe()]).train()
+    assert seen == [(0, True), (1, True), (2, True)]

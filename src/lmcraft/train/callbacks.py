@@ -5,7 +5,8 @@ that only rank 0 should do). A callback may stop training by setting `trainer.sh
 Callbacks that hold state across steps return it from `state_dict()` (JSON-able values); it is
 saved in each checkpoint and given back to `load_state_dict()` on resume.
 
-Order within one optimizer step: on_step_begin -> (micro-batches, update) -> on_step_end ->
+Order within one optimizer step: on_step_begin -> (micro-batches, update) -> on_optimizer_step (gradients
+still set; skipped steps do not call it) -> on_step_end ->
 on_log (every `log_every` steps) -> on_eval (every `eval_every`) -> on_save (every `save_every`).
 """
 
@@ -29,6 +30,9 @@ class Callback:
     def on_train_begin(self, trainer: Trainer) -> None: ...
 
     def on_step_begin(self, trainer: Trainer) -> None: ...
+
+    def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        """Right after the optimizer update of step `step` (0-based), while gradients still exist (AdaLoRA)."""
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After each optimizer step; `metrics` holds this step's loss, lr, grad_norm, targets, ..."""

@@ -378,6 +378,7 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            self.callbacks.on_optimizer_step(self, self.state.step)
             self.state.bad_steps = 0
         else:
             self.state.bad_steps += 1
