@@ -78,6 +78,8 @@ def train_tokenizer(
     """Train a `tokenizers.Tokenizer` of `kind` on `texts` (streamed). Special tokens get the lowest ids."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    if kind not in DEFAULT_SPECIAL_TOKENS:
+        raise ValueError(f"kind must be bpe, wordpiece or unigram; got {kind!r}")
     specials = dict(special_tokens or DEFAULT_SPECIAL_TOKENS[kind])
     names = _unique(specials.values())
     if kind == "bpe":
@@ -114,7 +116,7 @@ def train_tokenizer(
             vocab_size=vocab_size, special_tokens=names, unk_token=unk, show_progress=show_progress
         )
     else:
-        raise ValueError(f"kind must be bpe, wordpiece or unigram; got {kind!r}")
+        raise AssertionError(kind)
     tok.train_from_iterator(_batches(texts), trainer=trainer)
     if kind == "wordpiece" and "cls" in specials and "sep" in specials:
         cls, sep = specials["cls"], specials["sep"]
