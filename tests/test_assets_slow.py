@@ -34,7 +34,9 @@ def test_minilm_folder() -> None:
     config = json.loads((path / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
     assert (path / "model.safetensors").stat().st_size > 80e6
-    assert load_tokenizer(path).encode("hello world") == [101, 7592, 2088, 102]  # [CLS] hello world [SEP], unpadded
+    tok = load_tokenizer(path)
+    assert tok.encode("hello world") == [101, 7592, 2088, 102]  # [CLS] hello world [SEP], unpadded
+    assert (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id) == (101, 102, 103, 0)
 
 
 def test_llamafactory_demos() -> None:

@@ -29,7 +29,7 @@ __all__ = [
     "load_tokenizer",
 ]
 
-_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
 
 class TokenizerLoadError(LmcraftError):
@@ -68,6 +68,9 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         unk_token: str | None = None,
+        cls_token: str | None = None,
+        sep_token: str | None = None,
+        mask_token: str | None = None,
         chat_template: str | None = None,
         extra_eos_token_ids: Iterable[int] = (),
         model_max_length: int | None = None,
@@ -78,6 +81,7 @@ class Tokenizer:
             raise TokenizerLoadError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.cls_token, self.sep_token, self.mask_token = cls_token, sep_token, mask_token  # encoders (BERT)
         for name in _SPECIAL_NAMES:
             token = getattr(self, name)
             if token is not None and backend.token_to_id(token) is None:
@@ -118,6 +122,18 @@ class Tokenizer:
     @property
     def unk_token_id(self) -> int | None:
         return self._id(self.unk_token)
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self._id(self.cls_token)
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self._id(self.sep_token)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self._id(self.mask_token)
 
     @property
     def pad_token_id(self) -> int | None:
