@@ -77,11 +77,11 @@ def _read_rope(hf: dict[str, Any]) -> dict[str, Any]:
         params.setdefault("rope_type", params.pop("type"))
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(f"config.json asks for rope type {rope_type!r}, which lmcraft does not implement; "
+        raise ModelLoadError(f"it asks for rope type {rope_type!r}, which lmcraft does not implement; "
                              f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
     partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ModelLoadError(f"config.json sets partial_rotary_factor={partial}; lmcraft rotates the whole head.")
+        raise ModelLoadError(f"it sets partial_rotary_factor={partial}; lmcraft rotates the whole head.")
     if rope_type == "llama3":
         params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
     return {"rope_theta": theta, "rope_scaling": None if rope_type == "default" else params}
@@ -101,7 +101,7 @@ def _read_window(hf: dict[str, Any], default_window: int | None) -> int | None:
         return None
     if set(types) == {"sliding_attention"}:
         return window
-    raise ModelLoadError("config.json mixes sliding-window and full-attention layers (layer_types); lmcraft "
+    raise ModelLoadError("it mixes sliding-window and full-attention layers (layer_types); lmcraft "
                          "supports one attention kind for all layers.")
 
 
@@ -150,10 +150,10 @@ def _write_qwen2(cfg: ModelConfig) -> dict[str, Any]:
 
 def _read_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-        raise ModelLoadError("config.json changes GPT-2's attention scaling (scale_attn_weights=false or "
+        raise ModelLoadError("it changes GPT-2's attention scaling (scale_attn_weights=false or "
                              "scale_attn_by_inverse_layer_idx=true); lmcraft scales by 1/sqrt(head_dim) only.")
     if hf.get("add_cross_attention"):
-        raise ModelLoadError("config.json enables cross-attention (add_cross_attention=true); not supported.")
+        raise ModelLoadError("it enables cross-attention (add_cross_attention=true); not supported.")
     inner = hf.get("n_inner")
     return {"intermediate_size": inner if inner is not None else 4 * hf["n_embd"]}
 
@@ -166,10 +166,10 @@ def _write_gpt2(cfg: ModelConfig) -> dict[str, Any]:
 
 def _read_bert(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ModelLoadError(f"config.json sets position_embedding_type={hf['position_embedding_type']!r}; "
+        raise ModelLoadError(f"it sets position_embedding_type={hf['position_embedding_type']!r}; "
                              "lmcraft supports 'absolute' BERT positions only.")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
-        raise ModelLoadError("config.json makes BERT a decoder (is_decoder/add_cross_attention); not supported.")
+        raise ModelLoadError("it makes BERT a decoder (is_decoder/add_cross_attention); not supported.")
     return {}
 
 
@@ -308,8 +308,9 @@ def default_head(arch: str) -> str:
     return "lm" if arch == "decoder" else "cls"
 
 
-def to_hf_config(cfg: ModelConfig, head: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict for `cfg` with the given head (default: lm/cls by arch)."""
+def to_hf_config(cfg: ModelConfig, head: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """The Hugging Face `config.json` dict for `cfg` with the given head (default: lm for decoders, mlm for
+    encoders) and storage dtype ("float32", "bfloat16", ...)."""
     if cfg.model_type not in FAMILIES:
         raise LmcraftError(f"model_type {cfg.model_type!r} cannot be saved; supported types: {supported_types()}.")
     spec = FAMILIES[cfg.model_type]
@@ -330,7 +331,5 @@ def to_hf_config(cfg: ModelConfig, head: str | None = None, dtype: str | None = 
         out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     if head in ("reward", "value"):
         out["lmcraft_head"] = head
-    out.update({"architectures": [spec.architectures[head]], "model_type": cfg.model_type})
-    if dtype is not None:
-        out["torch_dtype"] = dtype
+    out.update({"architectures": [spec.architectures[head]], "model_type": cfg.model_type, "torch_dtype": dtype})
     return dict(sorted(out.items()))
