@@ -67,7 +67,14 @@ def apply_rope(
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin tables for given position ids; caches them for the trained context length."""
+    """Computes cos/sin tables for given position ids.
+
+    The table is cached for the first `INITIAL_TABLE` positions (not the whole, possibly 128k-long,
+    context) and doubled when a longer sequence arrives; dynamic NTK scaling past the trained length
+    recomputes it per call, since its frequencies depend on the sequence length.
+    """
+
+    INITIAL_TABLE = 4096
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -77,7 +84,8 @@ class RotaryEmbedding(nn.Module):
         scaling = cfg.rope_scaling or {}
         self.max_pos = int(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
         self.dynamic = scaling.get("rope_type", scaling.get("type")) == "dynamic"
-        cos, sin = self._table(cfg.max_position_embeddings, seq_len=cfg.max_position_embeddings)
+        length = min(cfg.max_position_embeddings, self.INITIAL_TABLE)
+        cos, sin = self._table(length, seq_len=length)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
@@ -90,9 +98,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, D) for position ids (B, T)."""
         needed = int(position_ids.max()) + 1
-        if needed > self.cos_cached.shape[0] or (self.dynamic and needed > self.max_pos):
-            cos_t, sin_t = self._table(needed, seq_len=needed)
-            cos_t, sin_t = cos_t.to(position_ids.device), sin_t.to(position_ids.device)
+        if self.dynamic and needed > self.max_pos:
+            cos_t, sin_t = (t.to(position_ids.device) for t in self._table(needed, seq_len=needed))
         else:
+            if needed > self.cos_cached.shape[0]:
+                length = max(needed, 2 * self.cos_cached.shape[0])
+                cos, sin = self._table(length, seq_len=length)
+                self.cos_cached, self.sin_cached = cos.to(self.cos_cached.device), sin.to(self.sin_cached.device)
             cos_t, sin_t = self.cos_cached, self.sin_cached
         return cos_t[position_ids].unsqueeze(1).to(dtype), sin_t[position_ids].unsqueeze(1).to(dtype)
