@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "assets": ("lmcraft.stages.assets", "list / fetch the named offline models and data sets"),
     "prepare": ("lmcraft.stages.prepare", "clean, filter, deduplicate and pack a text corpus into token shards"),
     "tokenizer": ("lmcraft.stages.tokenizer", "train a BPE / WordPiece / Unigram tokenizer on a corpus"),
+    "pretrain": ("lmcraft.stages.pretrain", "pre-train or keep pre-training a model (clm, mlm, nsp, sop, rtd, plm)"),
     "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
