@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 from lmcraft.metrics import classification_report
 from lmcraft.prompting.answers import normalize_text
 from lmcraft.prompting.lm import LM
-from lmcraft.prompting.strategies import Context, Prediction
+from lmcraft.prompting.strategies import Chain, Context, Prediction
 from lmcraft.prompting.tasks import Task
 from lmcraft.report import Panel, Report, plot_panels
 
@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_task",
     "generation_metrics",
     "perplexity_metrics",
+    "read_results",
     "score_predictions",
     "token_f1",
     "wilson_interval",
@@ -168,9 +169,16 @@ class TaskResult:
 
 
 def evaluate_task(
-    lm: LM, task: Task, *, model_name: str = "", chat: bool = False, limit: int | None = None
+    lm: LM,
+    task: Task,
+    *,
+    model_name: str = "",
+    chat: bool = False,
+    limit: int | None = None,
+    on_result: Callable[[TaskResult], None] | None = None,
 ) -> TaskResult:
-    """Run every strategy of `task` on the same documents and score each; strategies run one after another."""
+    """Run every strategy of `task` on the same documents and score each; strategies run one after another.
+    `on_result` is called with the partial result after each strategy (to save progress)."""
     docs = task.docs(limit)
     ids = list(range(len(docs)))
     gen = task.config.generation
@@ -185,12 +193,12 @@ def evaluate_task(
         stop=tuple(gen.stop),
         seed=gen.seed,
     )
-    results = []
+    result = TaskResult(task.config.name, model_name, len(docs), chat, [], task.config.model_dump(mode="json"))
     for strategy in task.config.strategies:
         start = time.perf_counter()
         preds = strategy.run(ctx, docs, ids)
         seconds = time.perf_counter() - start
-        results.append(
+        result.strategies.append(
             StrategyResult(
                 strategy.title(),
                 strategy.model_dump(),
@@ -200,7 +208,9 @@ def evaluate_task(
                 preds,
             )
         )
-    return TaskResult(task.config.name, model_name, len(docs), chat, results, task.config.model_dump(mode="json"))
+        if on_result is not None:
+            on_result(result)
+    return result
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -246,6 +256,26 @@ def write_results(results: Sequence[TaskResult], out_dir: Path) -> Path:
     path = out_dir / "results.json"
     write_json(path, {"results": summary})
     return path
+
+
+def read_results(out_dir: Path) -> list[TaskResult]:
+    """The results written by `write_results` (with their per-document samples), e.g. to merge runs or
+    re-render a report."""
+    data = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    tasks = []
+    for t in data["results"]:
+        strategies = []
+        for s in t["strategies"]:
+            preds = []
+            for line in (out_dir / s["samples"]).read_text(encoding="utf-8").splitlines():
+                p = json.loads(line)
+                p["chains"] = [Chain(**c) for c in p["chains"]]
+                preds.append(Prediction(**p))
+            strategies.append(
+                StrategyResult(s["strategy"], s["spec"], s["metrics"], s["seconds"], s["seconds_per_item"], preds)
+            )
+        tasks.append(TaskResult(t["task"], t["model"], t["n"], t["chat"], strategies, t.get("config", {})))
+    return tasks
 
 
 def _accuracy_row(sr: StrategyResult) -> list[Any]:

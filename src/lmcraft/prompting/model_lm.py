@@ -142,8 +142,8 @@ class ModelLM:
                     attention_mask=mask.to(self.device),
                     position_ids=positions.to(self.device),
                     logits_to_keep=keep,
-                ).logits.float()
-                logp = F.log_softmax(logits, dim=-1)
+                ).logits
+                logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
             for r, i in enumerate(rows):
                 seq, n = items[i]
                 targets = torch.tensor(seq[-n:], device=logp.device)

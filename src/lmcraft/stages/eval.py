@@ -95,19 +95,22 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     if cfg.model.adapter is not None:
-        from lmcraft.peft.base import load_adapter
+        from lmcraft.peft import load_adapter
 
         lm.model = load_adapter(lm.model, cfg.model.adapter).eval()
     chat = lm.has_chat_template if cfg.model.chat is None else cfg.model.chat
-    results = []
-    for task, limit in tasks:
-        result = evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit)
-        for sr in result.strategies:
-            shown = {k: round(v, 4) for k, v in sr.metrics.items() if k in ("accuracy", "perplexity", "f1")}
-            print(f"{task.config.name:>20} {sr.strategy:<40} {shown} {sr.seconds_per_item:.2f} s/item", flush=True)
-        results.append(result)
     out = cfg.output_dir
-    path = write_results(results, out)
-    build_report(results, out, cfg.title).write(out / "report.md", out / "report.html")
-    print(f"wrote {path}, {out / 'report.md'}, {out / 'report.html'}")
+    results: list[Any] = []
+
+    def save(partial: Any) -> None:
+        """After every strategy: print its line and rewrite the outputs, so a long run keeps what it finished."""
+        sr = partial.strategies[-1]
+        shown = {k: round(v, 4) for k, v in sr.metrics.items() if k in ("accuracy", "perplexity", "f1")}
+        print(f"{partial.task:>20} {sr.strategy:<40} {shown} {sr.seconds_per_item:.2f} s/item", flush=True)
+        write_results([*results, partial], out)
+        build_report([*results, partial], out, cfg.title).write(out / "report.md", out / "report.html")
+
+    for task, limit in tasks:
+        results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit, on_result=save))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
