@@ -1,0 +1,297 @@
+"""Run a list of stages, each in its own folder under `run_dir`, then write one report.
+
+Each stage runs as `python -m lmcraft <stage> <run_dir>/<name>/config.yaml` in a child process: stages
+read files and write files, so a stage's memory and threads are released when it ends, and a crash in
+one stage leaves the finished ones untouched. A stage counts as complete when `<name>/.done.json`
+exists and records the same config hash; a rerun skips complete stages and reruns the others, which
+resume from their own checkpoints (the trainer and the data stage resume exactly), so a pipeline killed
+at any moment and rerun finishes with the same results as an uninterrupted run.
+
+Config values may refer to other stages' folders: `${pretrain}` is `<run_dir>/pretrain`, and
+`${run_dir}` is the run folder itself. The pipeline sets each stage's `output_key` (default
+`output_dir`) to the stage's folder.
+
+Stages report to the pipeline through an optional `summary.json` in their folder:
+`{"metrics": {...}, "samples": [{"prompt": .., "before": .., "after": ..}], "artifacts": {...}, "images": [...]}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from lmcraft.config import Section, StageConfig
+from lmcraft.errors import LmcraftError
+from lmcraft.report import Report, write_text
+
+DONE_FILE = ".done.json"
+_REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+
+
+class StageSpec(Section):
+    """One step of the pipeline."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="unique; also the stage's folder name")
+    stage: str = Field(description="a CLI stage, e.g. pretrain, finetune, sft, dpo, eval")
+    config: dict[str, Any] = Field(default_factory=dict, description="the stage's config (inline)")
+    config_file: Path | None = Field(None, description="a YAML config; `config` keys override it")
+    output_key: str | None = Field("output_dir", description="config key set to the stage's folder; null = none")
+    estimate_minutes: float | None = Field(None, gt=0, description="shown by --dry-run before the first run")
+    title: str | None = None
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, v: str) -> str:
+        from lmcraft.cli import STAGES
+
+        if v == "pipeline" or v not in STAGES:
+            allowed = ", ".join(s for s in STAGES if s != "pipeline")
+            raise ValueError(f"unknown stage {v!r}; allowed: {allowed}")
+        return v
+
+
+class PipelineConfig(StageConfig):
+    run_dir: Path = Path("runs/pipeline")
+    title: str = "lmcraft pipeline report"
+    description: str = ""
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> PipelineConfig:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        for i, spec in enumerate(self.stages):
+            for ref in _references(spec.config):
+                if ref != "run_dir" and ref.split(".")[0] not in names[:i]:
+                    raise ValueError(f"stage {spec.name!r} refers to ${{{ref}}}, which is not an earlier stage")
+        return self
+
+
+def _references(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return _REF.findall(value)
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _references(v)]
+    return []
+
+
+def _substitute(value: Any, folders: dict[str, Path]) -> Any:
+    """Replace `${name}` by that stage's folder (and `${name.sub/path}` is just text after it)."""
+    if isinstance(value, str):
+        return _REF.sub(lambda m: str(folders[m.group(1).split(".")[0]]), value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, folders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, folders) for v in value]
+    return value
+
+
+def stage_config(spec: StageSpec, folder: Path, folders: dict[str, Path]) -> dict[str, Any]:
+    """The full config a stage runs with: file, then inline keys, then references and its output folder."""
+    data: dict[str, Any] = {}
+    if spec.config_file is not None:
+        if not spec.config_file.is_file():
+            raise LmcraftError(f"stage {spec.name!r}: config_file {spec.config_file} does not exist")
+        data = yaml.safe_load(spec.config_file.read_text(encoding="utf-8")) or {}
+    data = _deep_merge(data, spec.config)
+    data = _substitute(data, folders)
+    if spec.output_key:
+        data[spec.output_key] = str(folder)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_hash(stage: str, config: dict[str, Any]) -> str:
+    blob = json.dumps({"stage": stage, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / DONE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class Pipeline:
+    """Plans, runs (skipping complete stages) and reports a `PipelineConfig`."""
+
+    def __init__(self, cfg: PipelineConfig, python: str = sys.executable) -> None:
+        self.cfg = cfg
+        self.python = python
+        self.run_dir = cfg.run_dir
+        self.folders = {"run_dir": self.run_dir, **{s.name: self.run_dir / s.name for s in cfg.stages}}
+
+    def plan(self) -> list[dict[str, Any]]:
+        """One row per stage: name, stage, status (done | pending), config, hash, minutes (recorded or estimated)."""
+        rows = []
+        for spec in self.cfg.stages:
+            folder = self.folders[spec.name]
+            config = stage_config(spec, folder, self.folders)
+            digest = config_hash(spec.stage, config)
+            done = read_done(folder)
+            complete = done is not None and done.get("hash") == digest
+            minutes = done["seconds"] / 60 if done else spec.estimate_minutes
+            rows.append({"spec": spec, "folder": folder, "config": config, "hash": digest,
+                         "status": "done" if complete else "pending", "minutes": minutes})
+        return rows
+
+    def describe(self) -> str:
+        rows = self.plan()
+        lines = [f"pipeline: {len(rows)} stages in {self.run_dir}", ""]
+        lines.append(f"  {'#':>2}  {'name':<16} {'stage':<18} {'status':<8} {'minutes':>8}")
+        total = 0.0
+        for i, r in enumerate(rows, 1):
+            mins = r["minutes"]
+            if r["status"] == "pending" and mins:
+                total += mins
+            shown = f"{mins:8.1f}" if mins else "       ?"
+            lines.append(f"  {i:>2}  {r['spec'].name:<16} {r['spec'].stage:<18} {r['status']:<8} {shown}")
+        unknown = any(not r["minutes"] for r in rows if r["status"] == "pending")
+        lines += ["", f"  estimated time for the pending stages: {total:.1f} min"
+                  + (" (+ stages with no estimate)" if unknown else "")]
+        return "\n".join(lines)
+
+    def run(self, stream: Any = None) -> Path:
+        """Run every pending stage in order; returns the report's HTML path."""
+        stream = stream or sys.stderr
+        rows = self.plan()
+        start = time.perf_counter()
+        for i, row in enumerate(rows, 1):
+            spec = row["spec"]
+            elapsed = time.perf_counter() - start
+            banner = f"[{i}/{len(rows)}] {spec.name} ({spec.stage})"
+            if row["status"] == "done":
+                print(f"== {banner}: complete, skipped", file=stream, flush=True)
+                continue
+            print(f"== {banner}: running  (pipeline elapsed {elapsed / 60:.1f} min)", file=stream, flush=True)
+            seconds = self._run_stage(spec, row["folder"], row["config"], stream)
+            done = {"hash": row["hash"], "seconds": seconds, "stage": spec.stage,
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            write_text(row["folder"] / DONE_FILE, json.dumps(done, indent=2))
+            print(f"== {banner}: done in {seconds / 60:.1f} min", file=stream, flush=True)
+            self.write_report()
+        html = self.write_report()
+        print(f"== pipeline complete in {(time.perf_counter() - start) / 60:.1f} min; report: {html}", file=stream)
+        return html
+
+    def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / "config.yaml"
+        write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+        cmd = [self.python, "-m", "lmcraft", spec.stage, str(config_path)]
+        t0 = time.perf_counter()
+        with open(folder / "log.txt", "ab") as log:
+            log.write(f"$ {' '.join(cmd)}\n".encode())
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
+            assert proc.stdout is not None
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                log.write(chunk)
+                out = getattr(stream, "buffer", None)
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    stream.write(chunk.decode("utf-8", "replace"))
+            code = proc.wait()
+        if code != 0:
+            raise LmcraftError(
+                f"stage {spec.name!r} ({spec.stage}) failed with exit code {code}; its log is {folder / 'log.txt'}. "
+                f"Fix the cause and rerun the same command: complete stages are skipped and this one resumes."
+            )
+        return time.perf_counter() - t0
+
+    def write_report(self) -> Path:
+        report = build_report(self.cfg, self.plan())
+        md, html = self.run_dir / "report.md", self.run_dir / "report.html"
+        report.write(md, html)
+        return html
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _artifacts(folder: Path) -> list[tuple[str, str]]:
+    """What lies in a stage folder: models, adapters, tokenizers, data shards (depth <= 2)."""
+    found = []
+    for path in sorted([folder, *folder.glob("*"), *folder.glob("*/*")]):
+        if not path.is_dir() or path.name.startswith((".", "step-")) or "trainer_state" in path.parts:
+            continue
+        if (path / "adapter_config.json").exists():
+            found.append(("adapter", str(path)))
+        elif (path / "config.json").exists() and any(path.glob("*.safetensors")):
+            found.append(("model", str(path)))
+        elif (path / "tokenizer.json").exists():
+            found.append(("tokenizer", str(path)))
+        if (path / "index.json").exists() and any(path.glob("*.bin")):
+            found.append(("token shards", str(path)))
+    return found
+
+
+def _images(folder: Path, summary: dict[str, Any]) -> list[Path]:
+    listed = [folder / p for p in summary.get("images", [])]
+    found = [p for p in sorted(folder.glob("*.png")) + sorted(folder.glob("*/*.png")) if "step-" not in str(p)]
+    return list(dict.fromkeys([p for p in listed + found if p.exists()]))
+
+
+def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
+    report = Report(cfg.title)
+    if cfg.description:
+        report.text(cfg.description)
+    overview = []
+    for r in rows:
+        done = read_done(r["folder"])
+        overview.append([r["spec"].name, r["spec"].stage, r["status"],
+                         f"{done['seconds'] / 60:.1f}" if done else "-", str(r["folder"])])
+    report.section("Overview")
+    report.table(["stage", "kind", "status", "minutes", "folder"], overview)
+    for r in rows:
+        spec, folder = r["spec"], r["folder"]
+        report.section(spec.title or f"{spec.name} ({spec.stage})")
+        summary = _read_summary(folder)
+        metrics = summary.get("metrics", {})
+        if metrics:
+            report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+        for image in _images(folder, summary):
+            report.image(image, image.stem.replace("_", " "))
+        samples = summary.get("samples", [])
+        if samples:
+            cols = [c for c in ("prompt", "before", "after", "output", "answer") if any(c in s for s in samples)]
+            report.table(cols, [[str(s.get(c, "")) for c in cols] for s in samples])
+        artifacts = _artifacts(folder) if folder.exists() else []
+        if artifacts:
+            report.table(["artefact", "path"], [list(a) for a in artifacts])
+        report.code(yaml.safe_dump(r["config"], sort_keys=False), "yaml")
+    return report
+
+
+def _read_summary(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

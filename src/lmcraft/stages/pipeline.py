@@ -1,0 +1,22 @@
+"""`lmcraft pipeline CONFIG.yaml [--dry-run]`: run a list of stages and write one report (see lmcraft.pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmcraft.stages import add_config_arguments, load_stage_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan with estimated time per stage and stop")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmcraft.pipeline import Pipeline, PipelineConfig
+
+    pipeline = Pipeline(load_stage_config(PipelineConfig, args))
+    print(pipeline.describe())
+    if not args.dry_run:
+        pipeline.run()
+    return 0
