@@ -237,3 +237,43 @@ def _curve(out: Path) -> list[tuple]:
     """The logged losses and accuracies (timings left out: they differ between runs)."""
     return [(r["split"], r["step"], r.get("loss"), r.get("eval_loss"), r.get("eval_masked_accuracy"))
             for r in _records(out)]
+
+
+# ------------------------------------------------------------------------------------------ torchrun, HF
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="no torchrun")
+def test_torchrun_ddp_matches_one_process(tmp_path: Path, gpt_run: tuple[Path, dict]) -> None:
+    """clm has no randomness: 2 ranks x micro-batch 4 (DDP) give the losses of 1 process x micro-batch 8."""
+    common = [*FAST, "data.inputs=null", f"data.packed={gpt_run[0] / 'data'}", "tokenizer.train=null",
+              "trainer.max_steps=4", "trainer.log_every=1", "samples.max_new_tokens=2"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "lmcraft", "pretrain", str(GPT),
+                           f"output_dir={tmp_path / 'ddp'}", *common, "trainer.strategy=ddp",
+                           "trainer.micro_batch_size=4", "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pre-training (clm) done") == 1  # rank 0 reports
+    one = _stage_process(GPT, 0, f"output_dir={tmp_path / 'one'}", *common, "trainer.micro_batch_size=8")
+    assert one.returncode == 0, one.stderr[-2000:]
+    ddp, single = _curve(tmp_path / "ddp"), _curve(tmp_path / "one")
+    assert [r[:2] for r in ddp] == [r[:2] for r in single]
+    torch.testing.assert_close([r[2] or r[3] for r in ddp], [r[2] or r[3] for r in single], rtol=1e-5, atol=1e-6)
+    assert load_model(tmp_path / "ddp" / "final").head_kind == "lm"
+
+
+@pytest.mark.parity
+def test_final_folders_open_in_transformers(gpt_run: tuple[Path, dict], bert_run: tuple[Path, dict]) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    text = "The grey owl sings near the river."
+    for (out, _), auto in ((gpt_run, AutoModelForCausalLM), (bert_run, AutoModelForMaskedLM)):
+        ours, tok = load_model(out / "final"), load_tokenizer(out / "final")
+        theirs = auto.from_pretrained(out / "final").eval()
+        hf_tok = AutoTokenizer.from_pretrained(out / "final")
+        ids = tok.encode(text, add_special_tokens=False)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+        batch = torch.tensor([ids])
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(batch).logits, ours(batch).logits, rtol=1e-4, atol=1e-4)
