@@ -290,8 +290,14 @@ def build_report(results: Sequence[TaskResult], out_dir: Path, title: str = "lmc
     report = Report(title)
     for tr in results:
         report.section(tr.task)
-        desc = tr.config.get("description") or ""
-        report.text(f"{desc} Model `{tr.model}`, {tr.n} documents, {'chat template' if tr.chat else 'plain'} prompts.")
+        desc = (tr.config.get("description") or "").rstrip(". ")
+        gen = tr.config.get("generation", {})
+        report.text(
+            f"{desc + '. ' if desc else ''}Model `{tr.model}`, {tr.n} documents, "
+            f"{'chat-template' if tr.chat else 'plain'} prompts, at most {gen.get('max_new_tokens')} reasoning / "
+            f"{gen.get('answer_max_new_tokens')} answer tokens. Times are wall-clock seconds per document, all "
+            "stages included."
+        )
         labels = [sr.strategy for sr in tr.strategies]
         if any("perplexity" in sr.metrics for sr in tr.strategies):
             rows = [
@@ -327,6 +333,8 @@ def build_report(results: Sequence[TaskResult], out_dir: Path, title: str = "lmc
                 title=f"{tr.task}: {tr.model}",
             )
             report.image(plot, f"{tr.task}: accuracy and time per problem by strategy")
+        report.text("Strategy settings:")
+        report.code("\n".join(f"{sr.strategy}: {json.dumps(sr.spec)}" for sr in tr.strategies))
         for sr in tr.strategies:
             if sr.predictions and sr.predictions[0].chains:
                 pred, chain = sr.predictions[0], sr.predictions[0].chains[0]

@@ -35,7 +35,7 @@ from lmcraft.config import Section
 from lmcraft.errors import ConfigError
 from lmcraft.prompting.answers import AnswerSpec
 from lmcraft.prompting.lm import LM, GenSettings
-from lmcraft.prompting.templates import Doc, Prompt, PromptTemplate, Shots, fill
+from lmcraft.prompting.templates import DemoPicker, Doc, Prompt, PromptTemplate, Shots, fill
 
 __all__ = [
     "Chain",
@@ -162,7 +162,7 @@ def _predict(ctx: Context, doc: Doc, id_: Any, chains: list[Chain], answer: str 
     return Prediction(id_, gold, answer, ctx.answer.match(answer, gold), chains, **kw)
 
 
-def _picker(ctx: Context, shots: Shots):
+def _picker(ctx: Context, shots: Shots) -> DemoPicker:
     return shots.bind(ctx.pool, ctx.template.question)
 
 
@@ -173,7 +173,9 @@ class _Direct(_Generative):
     style: ClassVar[Literal["plain", "instruction"]] = "plain"
     long: ClassVar[bool] = False  # instruction prompting asks for worked steps: reasoning-sized budget
 
-    def solve(self, ctx, docs, ids, sampling=None):
+    def solve(
+        self, ctx: Context, docs: Sequence[Doc], ids: Sequence[Any], sampling: Sampling | None = None
+    ) -> list[Chain]:
         picker = _picker(ctx, self.shots)
         prompts = [ctx.template.build(d, picker.pick(d, i), style=self.style) for d, i in zip(docs, ids, strict=True)]
         budget = ctx.max_new_tokens if self.long else ctx.answer_max_new_tokens
@@ -202,7 +204,9 @@ class ZeroShotCoT(_Generative):
     answer_trigger: str = "Therefore, the answer (arabic numerals) is"
     two_stage: bool = True
 
-    def solve(self, ctx, docs, ids, sampling=None):
+    def solve(
+        self, ctx: Context, docs: Sequence[Doc], ids: Sequence[Any], sampling: Sampling | None = None
+    ) -> list[Chain]:
         reply = f"{ctx.template.answer_prefix} {self.trigger}".strip()
         first = [ctx.template.build(d, reply=reply) for d in docs]
         texts1, reasons = ctx.generate(first, ctx.max_new_tokens, sampling)
@@ -220,7 +224,9 @@ class FewShotCoT(_Generative):
     name: Literal["few_shot_cot"] = "few_shot_cot"
     shots: Shots = Shots(k=4)
 
-    def solve(self, ctx, docs, ids, sampling=None):
+    def solve(
+        self, ctx: Context, docs: Sequence[Doc], ids: Sequence[Any], sampling: Sampling | None = None
+    ) -> list[Chain]:
         picker = _picker(ctx, self.shots)
         prompts = [
             ctx.template.build(d, picker.pick(d, i), with_reasoning=True) for d, i in zip(docs, ids, strict=True)
@@ -279,7 +285,9 @@ class LeastToMost(_Generative):
         messages.append(("user", f"{problem}\n\nQ: {ask}" if not done else f"Q: {ask}"))
         return Prompt(tuple(messages), "A:")
 
-    def solve(self, ctx, docs, ids, sampling=None):
+    def solve(
+        self, ctx: Context, docs: Sequence[Doc], ids: Sequence[Any], sampling: Sampling | None = None
+    ) -> list[Chain]:
         decompose = [self._decompose_prompt(ctx, d) for d in docs]
         texts, outs = ctx.generate(decompose, self.decompose_max_new_tokens, sampling)
         prefix = self.decompose_prefix.rsplit("\n", 1)[-1]  # "1." begins the first listed line
