@@ -280,3 +280,15 @@ def test_killed_process_resumes_without_duplicates(corpus: Path, tmp_path: Path)
     full.write_text(yaml.safe_dump(data))
     assert subprocess.run([*cmd[:4], str(full), "--no-progress"], capture_output=True).returncode == 0
     assert _digest(tmp_path / "full") == _digest(tmp_path / "killed")
+
+
+def test_rerun_after_completion_writes_nothing_new(tmp_path: Path) -> None:
+    """Bad records after the last document form a final errors-only chunk; a re-run must not repeat it."""
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(5)) + "{bad\n{bad\n")
+    cfg = PrepareConfig.model_validate({"inputs": [str(src)], "output": str(tmp_path / "o"), "chunk_docs": 5})
+    first = prepare(cfg, progress=False)
+    assert first["errors"]["counts"] == {"invalid_json": 2} and first["docs_written"] == 5
+    parts = sorted(p.name for p in (tmp_path / "o" / "parts").iterdir())
+    assert prepare(cfg, progress=False)["errors"]["counts"] == {"invalid_json": 2}
+    assert sorted(p.name for p in (tmp_path / "o" / "parts").iterdir()) == parts

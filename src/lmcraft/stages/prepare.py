@@ -189,6 +189,16 @@ class _Chunks:
             yield docs, (log.to_dict() if keep_errors else {}), sum(len(d.text.encode("utf-8")) for d in docs)
 
 
+def _with_last(items: Any) -> Iterator[tuple[Any, bool]]:
+    """(item, is it the last one) with one item of look-ahead."""
+    it = iter(items)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        yield current, following is None
+        current = following
+
+
 def _reset(log: Any) -> Any:
     log.counts.clear()
     log.examples.clear()
@@ -402,7 +412,7 @@ def prepare(
         if int(stale.name[5:10]) >= len(done):
             stale.unlink()
     skip = sum(r["docs_read"] for r in records)
-    finished = bool(records) and (out / "stats.json").is_file()
+    finished = bool(records) and records[-1].get("last", False)  # every chunk of the input is written
 
     chunks = _Chunks(cfg, files, doc_shard, skip)
     bar = tqdm(desc="prepare", unit="doc", initial=skip, disable=not progress or finished, file=sys.stderr)
@@ -419,11 +429,11 @@ def prepare(
                 _init_worker(steps, tok, in_pool=False)
             pending: deque = deque()
 
-            def handle(item: tuple[Any, dict, int, int]) -> None:
+            def handle(item: tuple[Any, dict, int, int, bool]) -> None:
                 nonlocal k, new
-                result, errors, nbytes, ndocs = item
+                result, errors, nbytes, ndocs, last = item
                 kept, stats, added = decider.decide(result)
-                meta = {"docs_read": ndocs, "bytes_read": nbytes, "errors": errors}
+                meta = {"docs_read": ndocs, "bytes_read": nbytes, "errors": errors, "last": last}
                 records.append(_write_part(parts, k, kept, stats, added, decider, meta, cfg))
                 k += 1
                 new += 1
@@ -431,20 +441,20 @@ def prepare(
                 bar.set_postfix(kept=sum(r["docs_written"] for r in records), refresh=False)
 
             stopped = False
-            for docs, errors, nbytes in chunks:
+            for (docs, errors, nbytes), last in _with_last(chunks):
                 if stop_after_chunks is not None and new + len(pending) >= stop_after_chunks:
                     stopped = True
                     break
                 if pool is None:
-                    handle((_work(docs), errors, nbytes, len(docs)))
+                    handle((_work(docs), errors, nbytes, len(docs), last))
                 else:
-                    pending.append((pool.apply_async(_work, (docs,)), errors, nbytes, len(docs)))
+                    pending.append((pool.apply_async(_work, (docs,)), errors, nbytes, len(docs), last))
                     while len(pending) > 2 * workers:
-                        res, e, b, n = pending.popleft()
-                        handle((res.get(), e, b, n))
+                        res, *meta = pending.popleft()
+                        handle((res.get(), *meta))
             while pending:
-                res, e, b, n = pending.popleft()
-                handle((res.get(), e, b, n))
+                res, *meta = pending.popleft()
+                handle((res.get(), *meta))
             if stopped:
                 return {"stopped": True, "chunks": k}
     finally:
