@@ -1,0 +1,188 @@
+"""The four fine-tuning tasks: which head, the loss, what a prediction is, and the validation metrics.
+
+Losses follow the trainer's contract (a SUM over targets plus the number of targets):
+
+    cls:        L = sum_b -log softmax(z_b)[y_b]                    z = W pooled   (B, C); targets = B
+    regression: L = sum_b (z_b - y_b)^2                             z = w pooled   (B,);   targets = B
+    token_cls:  L = sum_{b,t: y_bt != -100} -log softmax(z_bt)[y_bt]                        targets = labelled tokens
+    clm:        L = sum_{b,t: y_b,t+1 != -100} -log p(y_b,t+1 | x_b,<=t)                    targets = predicted tokens
+
+The pooled vector is the [CLS] state for encoders and the last non-padding token for decoders (see
+lmcraft.models.heads). Validation metrics: accuracy, precision/recall/F1 (macro, micro), MCC for
+classification; seqeval-style entity precision/recall/F1 (BIO tags) plus token accuracy for token
+classification; MSE, MAE, Pearson and Spearman correlation for regression; loss/perplexity for clm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcraft.finetune.data import IGNORE_INDEX
+from lmcraft.metrics import classification_report, entity_f1
+from lmcraft.objectives.base import token_cross_entropy
+from lmcraft.objectives.clm import causal_lm_loss
+from lmcraft.train import LossOutput
+
+__all__ = ["CausalLMTask", "ClassificationTask", "RegressionTask", "Task", "TokenClassificationTask", "make_task",
+           "spearman"]
+
+
+def _forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    kwargs = {"attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:
+        kwargs["token_type_ids"] = batch["token_type_ids"]
+    return model(batch["input_ids"], **kwargs).logits
+
+
+@dataclass
+class Task:
+    """Base: `forward` gives the loss and the logits; `predictions` and `metrics` score a validation pass."""
+
+    labels: list[str] = field(default_factory=list)
+    name: ClassVar[str] = ""
+    head: ClassVar[str] = ""
+
+    def headline(self) -> tuple[str, str]:
+        """(the metric that sums up a run, "max" or "min"): what early stopping and compare use by default."""
+        return "loss", "min"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        raise NotImplementedError
+
+    def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """(predicted, gold) for the examples of one batch, in a form `metrics` understands."""
+        return [], []
+
+    def metrics(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class ClassificationTask(Task):
+    name: ClassVar[str] = "cls"
+    head: ClassVar[str] = "cls"
+
+    def headline(self) -> tuple[str, str]:
+        return "f1_macro", "max"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        logits = _forward(model, batch).float()
+        y = batch["labels"]
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        acc = (logits.argmax(-1) == y).float().mean().detach()
+        return LossOutput(loss, y.numel(), {"accuracy": acc}, batch["attention_mask"].sum()), logits
+
+    def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        return logits.argmax(-1).tolist(), batch["labels"].tolist()
+
+    def metrics(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
+        report = classification_report(gold, predicted, num_classes=len(self.labels))
+        return {k: float(v) for k, v in report.items() if not isinstance(v, list)}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the ranks (ties share their average rank)."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x), dtype=np.float64)
+        r[order] = np.arange(len(x), dtype=np.float64)
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return sums[inverse] / counts[inverse]
+
+    return _pearson(ranks(a), ranks(b))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+@dataclass
+class RegressionTask(Task):
+    name: ClassVar[str] = "regression"
+    head: ClassVar[str] = "cls"
+
+    def headline(self) -> tuple[str, str]:
+        return "pearson", "max"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        pred = _forward(model, batch).float().squeeze(-1)
+        loss = F.mse_loss(pred, batch["labels"].float(), reduction="sum")
+        return LossOutput(loss, pred.numel(), {}, batch["attention_mask"].sum()), pred
+
+    def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        return logits.tolist(), batch["labels"].tolist()
+
+    def metrics(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
+        p, y = np.asarray(predicted, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+        return {"mse": float(((p - y) ** 2).mean()), "mae": float(np.abs(p - y).mean()),
+                "pearson": _pearson(p, y), "spearman": spearman(p, y)}
+
+
+@dataclass
+class TokenClassificationTask(Task):
+    name: ClassVar[str] = "token_cls"
+    head: ClassVar[str] = "token_cls"
+
+    def headline(self) -> tuple[str, str]:
+        return ("entity_f1" if self.bio else "token_accuracy"), "max"
+
+    @property
+    def bio(self) -> bool:
+        """Whether the tags are BIO/IOB2 entity tags (then entity-level F1 is reported)."""
+        return any(t.startswith(("B-", "I-")) for t in self.labels)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        logits = _forward(model, batch)
+        loss, count = token_cross_entropy(logits, batch["labels"])
+        keep = batch["labels"] != IGNORE_INDEX
+        acc = (logits.argmax(-1)[keep] == batch["labels"][keep]).float().mean().detach() if count else 0.0
+        return LossOutput(loss, count, {"accuracy": acc}, batch["attention_mask"].sum()), logits
+
+    def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        pred, gold = [], []
+        for row_logits, row_labels in zip(logits.argmax(-1).tolist(), batch["labels"].tolist(), strict=True):
+            kept = [(p, g) for p, g in zip(row_logits, row_labels, strict=True) if g != IGNORE_INDEX]
+            pred.append([self.labels[p] for p, _ in kept])
+            gold.append([self.labels[g] for _, g in kept])
+        return pred, gold
+
+    def metrics(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
+        flat_p = [t for row in predicted for t in row]
+        flat_g = [t for row in gold for t in row]
+        out = {"token_accuracy": float(np.mean([p == g for p, g in zip(flat_p, flat_g, strict=True)]))
+               if flat_g else 0.0}
+        if self.bio:
+            out.update(entity_f1(gold, predicted))
+        return out
+
+
+@dataclass
+class CausalLMTask(Task):
+    name: ClassVar[str] = "clm"
+    head: ClassVar[str] = "lm"
+
+    def headline(self) -> tuple[str, str]:
+        return "ppl", "min"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, count = causal_lm_loss(logits, batch["labels"])
+        return LossOutput(loss, count, {}, batch["attention_mask"].sum()), logits
+
+
+_TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, RegressionTask, TokenClassificationTask,
+                                                     CausalLMTask)}
+
+
+def make_task(name: str, labels: list[str]) -> Task:
+    return _TASKS[name](labels=list(labels))

@@ -1,0 +1,28 @@
+"""`lmcraft merge ADAPTER_DIR --out DIR`: fold a PEFT adapter into its base model (Hugging Face folder).
+
+    lmcraft merge runs/finetune-minilm-spam-lora/final --out runs/minilm-spam-merged
+    lmcraft merge my-adapter/ --base smollm2-135m-instruct --head lm --out merged/
+
+The result loads in lmcraft (`hub.load_model`) and transformers like any model. Prompt/prefix tuning,
+bottleneck adapters and UniPELT cannot be merged (their function is not a weight update) and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="adapter folder (the final/ folder of a PEFT `lmcraft finetune` run)")
+    parser.add_argument("--out", required=True, help="output folder for the merged model")
+    parser.add_argument("--base", help="base model folder / asset (default: the one the adapter names)")
+    parser.add_argument("--head", choices=["lm", "cls", "token_cls"], help="head of the base (default: adapter's)")
+    parser.add_argument("--num-labels", type=int, help="classes of a cls/token_cls head (default: adapter's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmcraft.finetune.merge import merge_adapter_folder
+
+    out = merge_adapter_folder(args.adapter, args.out, base=args.base, head=args.head, num_labels=args.num_labels)
+    print(f"merged model written to {out}")
+    return 0
