@@ -24,6 +24,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "finetune": ("lmcraft.stages.finetune", "fine-tune on classification, NER, regression or text: full or PEFT"),
     "merge": ("lmcraft.stages.merge", "fold a PEFT adapter into its base model; write a Hugging Face folder"),
     "compare": ("lmcraft.stages.compare", "run one task with several fine-tuning methods; table + plot"),
+    "sft": ("lmcraft.stages.sft", "supervised instruction tuning on chat data (loss on assistant tokens)"),
+    "reward": ("lmcraft.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
+    "ppo": ("lmcraft.stages.ppo", "RLHF with PPO against a reward model or rule (KL to a reference policy)"),
+    "dpo": ("lmcraft.stages.dpo", "direct preference optimisation (DPO / IPO / label smoothing)"),
+    "label-preferences": ("lmcraft.stages.label_preferences", "RLAIF: sample answers, rank them with an AI judge, "
+                          "write preference pairs"),
     "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
