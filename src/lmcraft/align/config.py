@@ -1,0 +1,97 @@
+"""Config sections shared by the alignment stages (sft, reward, dpo, ppo, label-preferences).
+
+    model:    {from: smollm2-135m-instruct, dtype: float32}     # HF folder, asset, .gguf, or an earlier stage's output
+    template: chatml                                             # optional: replaces the tokenizer's chat template
+    peft:     {method: lora, r: 8}                               # optional: null = full fine-tuning
+    data:     {train: [...], eval: [...], val_size: 0.05, max_length: 512, truncation: right, limit: 200}
+    trainer:  {...}                                              # lmcraft.train.TrainerConfig
+    samples:  {prompts: [...], max_new_tokens: 64}               # generations before and after training
+    save:     {merge: false}
+    output_dir: runs/sft
+
+No torch here: stage modules build their config classes lazily (TrainerConfig imports torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from lmcraft.align.scoring import ScorerSpec
+from lmcraft.config import Section
+from lmcraft.errors import ConfigError
+
+__all__ = ["DataSection", "ModelSource", "SamplesSection", "SaveSection", "ScoreEval", "split_eval"]
+
+
+class ModelSource(Section):
+    """`from:` a model folder, asset name, .gguf file, or an earlier stage's `final/` (adapter folders are merged)."""
+
+    model_config = ConfigDict(populate_by_name=False)
+
+    from_: str = Field(alias="from")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class DataSection(Section):
+    """Training records (JSON/JSONL files, globs or `asset:NAME/file` paths) and how they become token sequences.
+
+    Evaluation records: `eval` files, else `val_size` records held out of `train` (a fraction < 1 or a count),
+    chosen by a shuffle seeded with `seed`. `limit` keeps only the first records of `train` (small runs).
+    """
+
+    train: list[str] = Field(min_length=1)
+    eval: list[str] = []
+    format: str = "auto"
+    val_size: float = Field(0.0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["right", "left", "drop"] = "right"
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> DataSection:
+        if self.eval and self.val_size:
+            raise ValueError("give data.eval (files) or data.val_size (held out of train), not both")
+        return self
+
+
+class SamplesSection(Section):
+    """Greedy replies to these prompts (chat) before and after training, written to OUT/samples.json."""
+
+    prompts: list[str] = []
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class SaveSection(Section):
+    merge: bool = Field(False, description="PEFT runs: also write OUT/merged, the adapter folded into a full model")
+
+
+def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, eval): `val_size` items (a fraction if < 1, else a count) drawn by a seeded permutation, order kept."""
+    import numpy as np
+
+    if not val_size:
+        return items, []
+    n = len(items)
+    k = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if not 0 < k < n:
+        raise ConfigError(f"data.val_size={val_size} holds out {k} of {n} records; need at least one on each side")
+    held = set(np.random.Generator(np.random.PCG64(seed)).permutation(n)[:k].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+class ScoreEval(Section):
+    """Periodic check of the policy: mean `scorer` score of answers to held-out prompts (reported as eval_score).
+
+    Answers are sampled at `temperature` with a fixed seed (the same draws at every evaluation), or greedy at 0.
+    """
+
+    scorer: ScorerSpec
+    prompts: list[str] = Field(min_length=1)
+    limit: int | None = Field(64, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    seed: int = 0

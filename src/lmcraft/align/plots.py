@@ -1,0 +1,75 @@
+"""Curves of alignment runs as PNG: PPO's rollout statistics, and any logged metrics against the step."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_metrics", "plot_ppo"]
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _figure(panels: int, columns: int = 3) -> tuple[Any, list[Any]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-panels // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.2 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    return fig, flat[:panels]
+
+
+def plot_ppo(rollouts: Sequence[dict[str, float]], history: Sequence[dict[str, Any]], steps_per_rollout: int,
+             path: Path, title: str = "PPO") -> None:
+    """Score (rollouts and held-out eval), KL and beta, entropy, clip fraction, value and policy loss per rollout."""
+    x = [r["rollout"] + 1 for r in rollouts]
+    train = [r for r in history if r["split"] == "train"]
+    evals = [r for r in history if r["split"] == "eval" and "eval_score" in r]
+    tx = [r["step"] / steps_per_rollout for r in train]
+    fig, axes = _figure(6)
+    axes[0].plot(x, [r["score"] for r in rollouts], label="rollout score")
+    if evals:
+        axes[0].plot([r["step"] / steps_per_rollout for r in evals], [r["eval_score"] for r in evals], "o-",
+                     label="held-out score")
+    axes[0].legend()
+    axes[1].plot(x, [r["kl"] for r in rollouts], label="KL(pi || ref)")
+    ax_beta = axes[1].twinx()
+    ax_beta.plot(x, [r["beta"] for r in rollouts], color="C1", label="beta")
+    ax_beta.set_ylabel("beta", color="C1")
+    axes[1].legend(loc="upper left")
+    axes[2].plot(x, [r["entropy"] for r in rollouts])
+    for ax, key, name in ((axes[3], "clip_fraction", "clip fraction"), (axes[4], "value_loss", "value loss"),
+                          (axes[5], "policy_loss", "policy loss")):
+        ax.plot(tx, [r.get(key, float("nan")) for r in train])
+        ax.set(title=name, xlabel="rollout")
+    for ax, name in ((axes[0], "score"), (axes[1], "KL (answer, nats)"), (axes[2], "entropy (nats/token)")):
+        ax.set(title=name, xlabel="rollout")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_metrics(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str = "",
+                 xlabel: str = "step") -> None:
+    """One panel per named (x, y) series."""
+    fig, axes = _figure(len(series), columns=min(3, len(series)))
+    for ax, (name, (xs, ys)) in zip(axes, series.items(), strict=True):
+        ax.plot(xs, ys, "o-" if len(xs) < 15 else "-")
+        ax.set(title=name, xlabel=xlabel)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

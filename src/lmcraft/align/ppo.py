@@ -1,0 +1,445 @@
+"""RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022), on the shared Trainer.
+
+Rollout (no gradients). For B prompts x, the policy samples answers y = (y_1..y_n) with the KV-cache generator
+(temperature T). For every answer token t, with s_t = (x, y_<t):
+
+    logp_t   = log pi(y_t | s_t)          (the policy at rollout time; logits divided by T)
+    ref_t    = log ref(y_t | s_t)         (adapters disabled for PEFT runs, else a frozen copy of the start policy)
+    V_t      = value head on the hidden state of s_t's last token
+    kl_t     = logp_t - ref_t             (per-token KL estimate; sum_t kl_t estimates KL(pi || ref) of the answer)
+    r_t      = -beta kl_t  +  [t = n] * score(x, y)          (score: reward model or rule, minus a penalty when the
+                                                              answer did not end with EOS, if configured)
+    delta_t  = r_t + gamma V_{t+1} - V_t                      (V_{n+1} = 0)
+    A_t      = delta_t + gamma lambda A_{t+1}                 (GAE), returns R_t = A_t + V_t
+
+A is whitened over the batch (mean 0, variance 1 over all answer tokens); optionally the rewards r are scaled to
+unit variance first. beta is fixed, or adaptive (Ziegler et al.): after each rollout
+beta <- beta * (1 + clip(KL / KL_target - 1, -0.2, 0.2) * B / horizon), KL the batch's mean answer KL.
+
+Update. `ppo_epochs` passes over the rollout in shuffled minibatches, one optimizer step each, minimising the token
+mean over the minibatch of
+
+    L_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                       rho_t = exp(logp'_t - logp_t)
+        + c_v * 0.5 * max((V'_t - R_t)^2, (V_t + clip(V'_t - V_t, -eps_v, eps_v) - R_t)^2)
+        - c_ent * entropy_t
+
+Exact resume. One trainer step is one minibatch; `RolloutLoader` produces the micro-batches and generates a new
+rollout whenever the previous one is used up, from a seed fixed by (seed, rollout index). Checkpoints are taken at
+rollout boundaries only (the stage enforces it), so a resumed run regenerates the next rollout from the restored
+policy exactly as the uninterrupted run did; beta is saved with the data position.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmcraft.errors import LmcraftError
+from lmcraft.train.loader import ResumableLoader
+
+if TYPE_CHECKING:
+    from lmcraft.train import LossOutput
+
+__all__ = [
+    "AdaptiveKLController",
+    "PPOHyper",
+    "PPOLoss",
+    "PolicyWithValue",
+    "Rollout",
+    "RolloutEngine",
+    "RolloutLoader",
+    "gae",
+    "masked_mean",
+    "policy_loss",
+    "token_logprobs",
+    "token_rewards",
+    "value_loss",
+    "whiten",
+]
+
+
+# ---- math -----------------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); `shift_mean=False` keeps the mean."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp_min(2)
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_t, kl_t) for answers laid out as (B, n) with `mask` marking real tokens: r_t = -beta kl_t, plus the score
+    at each row's last real token."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    last = mask.long().cumsum(-1).argmax(-1)  # index of the last real token (answers are right-padded)
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation over right-padded (B, n) answers; values beyond
+    a row's end count as 0."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    n = rewards.shape[1]
+    for t in reversed(range(n)):
+        next_value = values[:, t + 1] if t + 1 < n else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate max(-A rho, -A clip(rho, 1-eps, 1+eps)) and whether the clipped term was taken."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 0.5 max((V' - R)^2, (V + clip(V' - V, -eps, eps) - R)^2) and whether the clipped term was taken."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+class AdaptiveKLController:
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon) (Ziegler et al.); fixed if target is None."""
+
+    def __init__(self, beta: float, target: float | None = None, horizon: float = 10000.0) -> None:
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n / self.horizon
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+class PolicyWithValue(nn.Module):
+    """A causal LM (or PeftModel) plus a value head V(s) = w . h_s + b on its final hidden states.
+
+    forward(...) returns (logits (B, T, V), values (B, T)); `config` is the policy's (checkpoints write it).
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.config = policy.config
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        h = out.hidden_states.to(self.value_head.weight.dtype)
+        return out.logits, self.value_head(h).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens`; logits (B, n, V) already aligned with tokens (B, n)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---- rollouts ----------------------------------------------------------------------------------------------------
+@dataclass
+class PPOHyper:
+    """PPO settings; see the module docstring for the symbols."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    missing_eos_penalty: float | None = None
+
+
+@dataclass
+class Rollout:
+    """B sequences = left-padded prompt (width P) + right-padded answer (width n), and per-answer-token tensors."""
+
+    input_ids: torch.Tensor       # (B, P + n)
+    attention_mask: torch.Tensor  # (B, P + n)
+    prompt_width: int
+    answer_mask: torch.Tensor     # (B, n) float
+    logprobs: torch.Tensor        # (B, n)
+    values: torch.Tensor          # (B, n)
+    advantages: torch.Tensor      # (B, n)
+    returns: torch.Tensor         # (B, n)
+    stats: dict[str, float] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+
+    def select(self, rows: Sequence[int]) -> dict[str, Any]:
+        """A micro-batch: the rows' tensors, trimmed to their longest answer, plus the rollout stats."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        mask = self.answer_mask[idx]
+        n = int(mask.sum(-1).max())
+        width = self.prompt_width
+        return {"input_ids": self.input_ids[idx, : width + n], "attention_mask": self.attention_mask[idx, : width + n],
+                "prompt_width": width, "answer_mask": mask[:, :n], "logprobs": self.logprobs[idx, :n],
+                "values": self.values[idx, :n], "advantages": self.advantages[idx, :n],
+                "returns": self.returns[idx, :n], "stats": dict(self.stats)}
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, width: int, n: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and values (if the model has a value head) at the positions that predict the n answer tokens."""
+    out = model(ids, attention_mask=mask)
+    if isinstance(out, tuple):
+        logits, values = out
+        return logits[:, width - 1: width - 1 + n], values[:, width - 1: width - 1 + n]
+    return out.logits[:, width - 1: width - 1 + n], None
+
+
+class RolloutEngine:
+    """Generates rollouts and computes their advantages (everything above the update in the module docstring).
+
+    model: the `PolicyWithValue` being trained; reference: a frozen copy of the start policy, or None to use the
+    policy with its adapters disabled; score_fn(prompts, answers) -> scores (B,) for prompt messages and answer texts.
+    """
+
+    def __init__(self, model: PolicyWithValue, reference: nn.Module | None,
+                 score_fn: Callable[[list[list[dict[str, Any]]], list[str]], torch.Tensor], tokenizer: Any,
+                 hyper: PPOHyper, kl: AdaptiveKLController, eos_token_ids: Sequence[int], pad_id: int,
+                 forward_batch_size: int = 8) -> None:
+        self.model, self.reference, self.score_fn, self.tokenizer = model, reference, score_fn, tokenizer
+        self.hyper, self.kl, self.eos, self.pad_id = hyper, kl, list(eos_token_ids), pad_id
+        self.forward_batch_size = forward_batch_size
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+
+    @classmethod
+    def frozen_copy(cls, policy: nn.Module) -> nn.Module:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def _reference_context(self) -> Any:
+        return nullcontext() if self.reference is not None else self.model.policy.disable_adapters()
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
+        from lmcraft.generate import GenerationConfig, generate
+
+        h = self.hyper
+        config = GenerationConfig(max_new_tokens=h.max_new_tokens, do_sample=True, temperature=h.temperature,
+                                  top_k=h.top_k, top_p=h.top_p, eos_token_ids=self.eos, pad_token_id=self.pad_id,
+                                  seed=seed)
+        return generate(self.model.policy, prompt_ids, config).tokens
+
+    def _layout(self, prompt_ids: list[list[int]], answers: list[list[int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, width, n = len(prompt_ids), max(map(len, prompt_ids)), max(map(len, answers))
+        ids = torch.full((b, width + n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width + n), dtype=torch.long)
+        for r, (p, a) in enumerate(zip(prompt_ids, answers, strict=True)):
+            ids[r, width - len(p): width] = torch.tensor(p)
+            ids[r, width: width + len(a)] = torch.tensor(a)
+            mask[r, width - len(p): width + len(a)] = 1
+        answer_ids = ids[:, width:]
+        return ids, mask, answer_ids, mask[:, width:].float()
+
+    @torch.no_grad()
+    def _score_old(self, ids: torch.Tensor, mask: torch.Tensor, width: int, answer_ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp, values, ref_logp, entropy) per answer token, in chunks of forward_batch_size rows."""
+        temp, n = self.hyper.temperature, answer_ids.shape[1]
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            for lo in range(0, ids.shape[0], self.forward_batch_size):
+                sl = slice(lo, lo + self.forward_batch_size)
+                logits, values = _forward(model, ids[sl], mask[sl], width, n)
+                parts[0].append(token_logprobs(logits, answer_ids[sl], temp))
+                parts[1].append(values.float())
+                parts[3].append(_entropy(logits, temp))
+                with self._reference_context():
+                    ref_model = self.reference if self.reference is not None else model.policy
+                    ref_logits, _ = _forward(ref_model, ids[sl], mask[sl], width, n)
+                parts[2].append(token_logprobs(ref_logits, answer_ids[sl], temp))
+        finally:
+            model.train(was_training)
+        return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]
+
+    def make(self, prompts: Sequence[dict[str, Any]], seed: int) -> Rollout:
+        """One rollout for `prompts` (dicts with `messages` and `ids`)."""
+        device = next(self.model.parameters()).device
+        prompt_ids = [list(p["ids"]) for p in prompts]
+        answers = self._generate(prompt_ids, seed)
+        ids, mask, answer_ids, answer_mask = (t.to(device) for t in self._layout(prompt_ids, answers))
+        width = ids.shape[1] - answer_ids.shape[1]
+        logp, values, ref_logp, entropy = self._score_old(ids, mask, width, answer_ids)
+        ended = torch.tensor([bool(a) and a[-1] in self.eos for a in answers], device=device)
+        texts = [self.tokenizer.decode(a[:-1] if ended[i] else a, skip_special_tokens=True)
+                 for i, a in enumerate(answers)]
+        scores = self.score_fn([p["messages"] for p in prompts], texts).to(device).float()
+        raw_scores = scores.clone()
+        if self.hyper.missing_eos_penalty is not None:
+            scores = scores - self.hyper.missing_eos_penalty * (~ended).float()
+        beta = self.kl.beta
+        rewards, kl = token_rewards(logp, ref_logp, scores, answer_mask, beta)
+        if self.hyper.whiten_rewards:
+            rewards = whiten(rewards, answer_mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, answer_mask, self.hyper.gamma, self.hyper.lam)
+        if self.hyper.whiten_advantages:
+            advantages = whiten(advantages, answer_mask)
+        seq_kl = kl.sum(-1)
+        stats = {"score": float(raw_scores.mean()), "kl": float(seq_kl.mean()), "beta": beta,
+                 "entropy": float(masked_mean(entropy, answer_mask)),
+                 "answer_length": float(answer_mask.sum(-1).mean()),
+                 "ended": float(ended.float().mean()), "non_score_reward": float((-beta * seq_kl).mean()),
+                 "value_mean": float(masked_mean(values, answer_mask))}
+        self.kl.update(stats["kl"], len(prompts))
+        return Rollout(ids, mask, width, answer_mask, logp, values * answer_mask, advantages, returns, stats, texts)
+
+
+class PPOLoss:
+    """The trainer's loss_fn on one micro-batch of a rollout: summed per-token PPO loss over answer tokens."""
+
+    def __init__(self, hyper: PPOHyper) -> None:
+        self.hyper = hyper
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        from lmcraft.train import LossOutput
+
+        h, mask = self.hyper, batch["answer_mask"]
+        width, n = batch["prompt_width"], mask.shape[1]
+        logits, values = _forward(model, batch["input_ids"], batch["attention_mask"], width, n)
+        tokens = batch["input_ids"][:, width: width + n]
+        logp = token_logprobs(logits, tokens, h.temperature)
+        pg, pg_clipped = policy_loss(logp, batch["logprobs"], batch["advantages"], h.clip_range)
+        vf, vf_clipped = value_loss(values.float(), batch["values"], batch["returns"], h.clip_range_value)
+        entropy = _entropy(logits, h.temperature)
+        per_token = pg + h.vf_coef * vf - h.ent_coef * entropy
+        count = mask.sum()
+        with torch.no_grad():
+            log_ratio = logp - batch["logprobs"]
+            metrics: dict[str, Any] = {
+                "policy_loss": masked_mean(pg, mask), "value_loss": masked_mean(vf, mask),
+                "clip_fraction": masked_mean(pg_clipped, mask), "value_clip_fraction": masked_mean(vf_clipped, mask),
+                "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask), "policy_entropy": masked_mean(entropy, mask),
+                "ratio": masked_mean(log_ratio.exp(), mask),
+            }
+            metrics.update({k: torch.tensor(v) for k, v in batch["stats"].items()})
+        return LossOutput((per_token * mask).sum(), count, metrics, num_tokens=int(batch["attention_mask"].sum()))
+
+
+class RolloutLoader(ResumableLoader):
+    """The trainer's data: micro-batches of PPO minibatches over rollouts generated on demand.
+
+    A rollout takes the next `rollout_batch_size` prompts (the parent loader's seeded order over the prompt set),
+    then serves `ppo_epochs` passes of shuffled rows cut into minibatches of `minibatch_size` rows, each cut into
+    micro-batches of `micro_batch_size` rows (one trainer step = one minibatch = its micro-batches). `len()` counts
+    micro-batches per pass over the prompt set. The state (rollout index, KL coefficient) is saveable only at
+    rollout boundaries.
+    """
+
+    def __init__(self, prompts: Sequence[dict[str, Any]], engine: RolloutEngine, rollout_batch_size: int,
+                 minibatch_size: int, micro_batch_size: int, ppo_epochs: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if rollout_batch_size % minibatch_size or minibatch_size % micro_batch_size:
+            raise LmcraftError(f"rollout_batch_size ({rollout_batch_size}) must be a multiple of the minibatch size "
+                               f"({minibatch_size}), itself a multiple of micro_batch_size ({micro_batch_size})")
+        self.engine = engine  # set before the parent's checks, which call len()
+        self.minibatch_size, self.micro_batch_size, self.ppo_epochs = minibatch_size, micro_batch_size, ppo_epochs
+        super().__init__(prompts, rollout_batch_size, collate_fn=list, seed=seed, shuffle=shuffle)
+        self.rollout_index, self.position = 0, 0
+        self.rollout: Rollout | None = None
+        self.plan: list[list[int]] = []
+        self.history: list[dict[str, float]] = []  # stats of every rollout (kept in checkpoints)
+
+    @property
+    def prompt_batches(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    @property
+    def micro_batches_per_rollout(self) -> int:
+        return self.ppo_epochs * self.batch_size // self.micro_batch_size
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.ppo_epochs * self.batch_size // self.minibatch_size
+
+    def __len__(self) -> int:
+        return self.prompt_batches * self.micro_batches_per_rollout
+
+    def _plan(self) -> list[list[int]]:
+        """Row indices of each micro-batch of the current rollout, epoch by epoch (seeded shuffles)."""
+        plan = []
+        for epoch in range(self.ppo_epochs):
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.rollout_index, epoch])))
+            order = rng.permutation(self.batch_size).tolist()
+            plan += [order[i: i + self.micro_batch_size] for i in range(0, self.batch_size, self.micro_batch_size)]
+        return plan
+
+    def next_batch(self) -> dict[str, Any]:
+        if self.rollout is None:
+            epoch, index = divmod(self.rollout_index, self.prompt_batches)
+            prompts = [self.dataset[int(i)] for i in self.indices(epoch, index)]
+            seed = int(np.random.SeedSequence([self.seed, self.rollout_index]).generate_state(1)[0])
+            self.rollout = self.engine.make(prompts, seed)
+            self.history.append({"rollout": self.rollout_index, **self.rollout.stats})
+            self.plan = self._plan()
+        batch = self.rollout.select(self.plan[self.position])
+        self.position += 1
+        if self.position == len(self.plan):
+            self.rollout, self.position = None, 0
+            self.rollout_index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.position:
+            raise LmcraftError("internal: a PPO checkpoint was requested in the middle of a rollout; checkpoints are "
+                               "only taken at rollout boundaries (save_every / eval_every are counted in rollouts)")
+        return {"rollout_index": self.rollout_index, "beta": self.engine.kl.beta, "seed": self.seed,
+                "num_prompts": len(self.dataset), "rollout_batch_size": self.batch_size, "history": self.history,
+                "steps_per_rollout": self.steps_per_rollout}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("seed", self.seed), ("num_prompts", len(self.dataset)),
+                          ("rollout_batch_size", self.batch_size), ("steps_per_rollout", self.steps_per_rollout)):
+            if state[key] != mine:
+                raise LmcraftError(f"cannot resume PPO exactly: the checkpoint was made with {key}={state[key]!r}, "
+                                   f"this run has {key}={mine!r}; resume with the same prompts and ppo settings")
+        self.rollout_index, self.engine.kl.beta = int(state["rollout_index"]), float(state["beta"])
+        self.history = list(state["history"])
+        self.rollout, self.position = None, 0
+

@@ -1,0 +1,81 @@
+"""Supervised instruction tuning: next-token cross-entropy on the assistant tokens only.
+
+    L = (1 / |A|) sum_{(b, t) in A} -log p(x[b, t] | x[b, < t])
+
+over the trained (assistant) tokens A of all micro-batches of an optimizer step (the trainer divides the summed loss
+by |A|). Examples are rendered and masked by `ChatFormatter`, truncated, and either right-padded per batch or packed
+into rows with per-example attention (see instruct.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lmcraft.align.data import Conversation
+from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, collate_packed, collate_padded, pack, truncate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lmcraft.train import LossOutput
+
+__all__ = ["SFTData", "build_sft_data", "sft_loss"]
+
+
+@dataclass
+class SFTData:
+    """Training items (examples, or packed rows of examples), their collate function and what was dropped."""
+
+    items: list[Any]
+    examples: list[Tokenized]
+    pad_id: int
+    packed: bool
+    dropped: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def collate(self, batch: list[Any]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            out = collate_packed(batch, self.pad_id)
+            out["num_tokens"] = sum(len(e.input_ids) for row in batch for e in row)
+        else:
+            out = collate_padded(batch, self.pad_id)
+            out["num_tokens"] = int(out["attention_mask"].sum())
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+def build_sft_data(conversations: Sequence[Conversation], formatter: ChatFormatter, max_length: int,
+                   truncation: Truncation = "right", packing: bool = False) -> SFTData:
+    """Tokenize, mask and truncate every conversation; pack them into rows of `max_length` tokens if asked."""
+    examples, dropped = [], 0
+    for conv in conversations:
+        ex = truncate(formatter.tokenize(conv.messages, source=conv.source), max_length, truncation)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    pad = formatter.tokenizer.pad_token_id
+    items: list[Any] = pack(examples, max_length) if packing else list(examples)
+    tokens = sum(len(e.input_ids) for e in examples)
+    stats = {"examples": len(examples), "dropped": dropped, "tokens": tokens,
+             "trained_tokens": sum(e.num_trained for e in examples), "rows": len(items),
+             "fill": tokens / (len(items) * max_length) if packing and items else 0.0}
+    return SFTData(items, examples, 0 if pad is None else pad, packing, dropped, stats)
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """Summed next-token cross-entropy over labelled tokens (`labels` != -100) and their count."""
+    from lmcraft.objectives.clm import causal_lm_loss
+    from lmcraft.train import LossOutput
+
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+    total, count = causal_lm_loss(out.logits, batch["labels"])
+    return LossOutput(total, count, {}, num_tokens=batch.get("num_tokens"))

@@ -1,0 +1,108 @@
+"""`lmcraft reward CONFIG.yaml [key=value ...]`: train a reward model on preference pairs (Bradley-Terry).
+
+Wiring (the math lives in lmcraft.align.reward):
+
+1. start model from `model.from` (a decoder or an encoder) with a scalar reward head (new unless the folder has
+   one); with PEFT the head trains as a full copy (`modules_to_save`) next to the adapter;
+2. pairs from `data.train` (prompt/chosen/rejected, alpaca or sharegpt preference records, an optional "margin"
+   per record), rendered through the chat template; truncation keeps the answer (the prompt is cut from the left);
+3. the Trainer with loss -log sigma(r_c - r_r - m); evaluation reports `eval_accuracy` (pairwise) and
+   `eval_margin` (mean r_c - r_r) on `data.eval` / `data.val_size`; exact resume by rerunning the command;
+4. OUT/final: the reward model (HF folder, a *ForSequenceClassification with one label) or its adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from lmcraft.config import StageConfig
+from lmcraft.stages import add_config_arguments, load_stage_config
+
+__all__ = ["add_arguments", "config_class", "load_pairs", "run", "run_reward"]
+
+
+@functools.cache
+def config_class() -> type[StageConfig]:
+    from lmcraft.align.config import DataSection, ModelSource, SaveSection
+    from lmcraft.train import TrainerConfig
+
+    class PairsData(DataSection):
+        format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
+
+    class RewardConfig(StageConfig):
+        model: ModelSource
+        template: str | None = None
+        peft: dict[str, Any] | None = None
+        data: PairsData
+        trainer: TrainerConfig = TrainerConfig()
+        save: SaveSection = SaveSection()
+        output_dir: Path
+
+    return RewardConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(config_class(), args)
+    if args.no_progress:
+        cfg.trainer.progress = False
+    run_reward(cfg)
+    return 0
+
+
+def load_pairs(data: Any, formatter: Any) -> tuple[Any, Any]:
+    """(train PairData, eval PairData or None) from a preference `data` section."""
+    from lmcraft.align.config import split_eval
+    from lmcraft.align.data import load_preferences
+    from lmcraft.align.reward import build_pair_data
+
+    pairs = load_preferences(data.train, data.format, data.limit)
+    evals = load_preferences(data.eval, data.format) if data.eval else []
+    if not evals:
+        pairs, evals = split_eval(pairs, data.val_size, data.seed)
+    train = build_pair_data(pairs, formatter, data.max_length, data.truncation)
+    evaluation = build_pair_data(evals, formatter, data.max_length, data.truncation) if evals else None
+    return train, evaluation
+
+
+def run_reward(cfg: Any) -> dict[str, Any]:
+    """Run the stage for a validated `RewardConfig`; returns the summary (also in OUT/summary.json)."""
+    from lmcraft.align.common import open_start, write_summary
+    from lmcraft.align.instruct import ChatFormatter
+    from lmcraft.align.modeling import (
+        AdaLoraHook,
+        add_peft,
+        base_source_of,
+        checkpoint_format,
+        planned_steps,
+        save_final,
+        with_regularization,
+    )
+    from lmcraft.align.reward import reward_loss
+    from lmcraft.train import Trainer
+
+    out = Path(cfg.output_dir)
+    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed, head="reward")
+    train, evaluation = load_pairs(cfg.data, ChatFormatter(start.tokenizer, train_on="last"))
+    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)), train_head=True)
+    trainer = Trainer(model, with_regularization(reward_loss, model), train, evaluation, cfg.trainer, out,
+                      collate_fn=train.collate, callbacks=AdaLoraHook(model), weights=checkpoint_format(model),
+                      tokenizer_dir=start.tokenizer_dir)
+    result = trainer.train()
+    if not trainer.is_main:
+        return result
+    paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    evals = [r for r in trainer.state.history if r["split"] == "eval"]
+    summary = {"stage": "reward", **result, **paths, "pairs": len(train), "dropped": train.dropped,
+               "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+               "eval_margin": evals[-1].get("eval_margin") if evals else None,
+               "first_eval_accuracy": evals[0].get("eval_accuracy") if evals else None}
+    write_summary(out, summary)
+    return summary

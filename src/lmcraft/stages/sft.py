@@ -1,0 +1,122 @@
+"""`lmcraft sft CONFIG.yaml [key=value ...]`: supervised instruction tuning (full or any PEFT method).
+
+Wiring (the math lives in lmcraft.align.sft / instruct):
+
+1. start model and tokenizer from `model.from`; `template` replaces the tokenizer's chat template;
+2. records from `data.train` (alpaca / sharegpt / messages, auto-detected), rendered through the chat template, loss
+   only on assistant tokens (`data.train_on`: all turns or the last), truncated (`data.truncation`), optionally packed;
+3. `--preview N` prints the first N rendered examples with the trained tokens highlighted and exits;
+4. the Trainer (exact resume: rerun the same command), evaluation loss/perplexity on `data.eval` / `data.val_size`;
+5. OUT/final: the model (HF folder) or adapter (PEFT layout) with the tokenizer and chat template; samples.json holds
+   greedy replies to `samples.prompts` before and after training; summary.json the run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from lmcraft.config import StageConfig
+from lmcraft.stages import add_config_arguments, load_stage_config
+
+__all__ = ["add_arguments", "config_class", "run", "run_sft"]
+
+
+@functools.cache
+def config_class() -> type[StageConfig]:
+    from lmcraft.align.config import DataSection, ModelSource, SamplesSection, SaveSection
+    from lmcraft.train import TrainerConfig
+
+    class SFTData(DataSection):
+        format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+        train_on: Literal["all", "last"] = "all"
+        packing: bool = False
+
+    class SFTConfig(StageConfig):
+        model: ModelSource
+        template: str | None = None
+        peft: dict[str, Any] | None = None
+        data: SFTData
+        trainer: TrainerConfig = TrainerConfig()
+        samples: SamplesSection = SamplesSection()
+        save: SaveSection = SaveSection()
+        output_dir: Path
+
+    return SFTConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--preview", type=int, metavar="N", help="print the first N rendered training examples with "
+                        "the trained (assistant) tokens highlighted, then exit")
+    parser.add_argument("--no-color", action="store_true", help="--preview marks trained text with «…» instead of "
+                        "colour (the default when stdout is not a terminal)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(config_class(), args)
+    if args.no_progress:
+        cfg.trainer.progress = False
+    color = sys.stdout.isatty() and not args.no_color
+    run_sft(cfg, preview=args.preview, color=color)
+    return 0
+
+
+def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[str, Any]:
+    """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
+    from lmcraft.align.common import open_start, record_samples, write_summary
+    from lmcraft.align.config import split_eval
+    from lmcraft.align.data import load_conversations
+    from lmcraft.align.instruct import ChatFormatter, highlight
+    from lmcraft.align.modeling import (
+        AdaLoraHook,
+        add_peft,
+        base_source_of,
+        checkpoint_format,
+        planned_steps,
+        save_final,
+        with_regularization,
+    )
+    from lmcraft.align.sft import build_sft_data, sft_loss
+    from lmcraft.errors import ConfigError
+    from lmcraft.train import Trainer
+
+    out, d = Path(cfg.output_dir), cfg.data
+    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
+    formatter = ChatFormatter(start.tokenizer, train_on=d.train_on)
+    convs = load_conversations(d.train, d.format, d.limit)
+    evals = load_conversations(d.eval, d.format) if d.eval else []
+    if not evals:
+        convs, evals = split_eval(convs, d.val_size, d.seed)
+    train = build_sft_data(convs, formatter, d.max_length, d.truncation, d.packing)
+    if preview:
+        for ex in train.examples[:preview]:
+            print(f"── {ex.source}: {len(ex.input_ids)} tokens, {ex.num_trained} trained")
+            print(highlight(ex, color=color))
+        print(f"{train.stats['examples']} examples ({train.dropped} dropped by truncation / no trained tokens)")
+        return train.stats
+    evaluation = build_sft_data(evals, formatter, d.max_length, d.truncation, d.packing) if evals else None
+    if not start.resuming:
+        record_samples(out, "before", start.model, start.tokenizer, cfg.samples)
+    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
+    if d.packing and getattr(model, "providers", None):
+        raise ConfigError("data.packing cannot be combined with prefix/prompt-style PEFT methods (their virtual tokens "
+                          "would be shared by every packed example); set data.packing=false")
+    trainer = Trainer(model, with_regularization(sft_loss, model), train, evaluation, cfg.trainer, out,
+                      collate_fn=train.collate, callbacks=AdaLoraHook(model), weights=checkpoint_format(model),
+                      tokenizer_dir=start.tokenizer_dir)
+    result = trainer.train()
+    if not trainer.is_main:
+        return result
+    paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    record_samples(out, "after", model, start.tokenizer, cfg.samples)
+    last = next((r for r in reversed(trainer.state.history) if r["split"] == "train"), {})
+    last_eval = next((r for r in reversed(trainer.state.history) if r["split"] == "eval"), {})
+    summary = {"stage": "sft", **result, **paths, "data": train.stats, "train_loss": last.get("loss"),
+               "eval_loss": last_eval.get("eval_loss")}
+    write_summary(out, summary)
+    return summary
