@@ -34,6 +34,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
     "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),
+    "scaling": ("lmcraft.stages.scaling", "sweep model sizes / token budgets, fit scaling laws with CIs, plot"),
 }
 
 EPILOG = """\
