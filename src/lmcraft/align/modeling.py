@@ -24,22 +24,19 @@ from typing import TYPE_CHECKING, Any
 from lmcraft.errors import ConfigError, LmcraftError
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from lmcraft.tokenizer.load import Tokenizer
-    from lmcraft.train import Callback, LossOutput, Trainer, TrainerConfig, WeightsFormat
+    from lmcraft.train import Callback, LossOutput, TrainerConfig, WeightsFormat
 
 __all__ = [
-    "AdaLoraHook",
-    "adapter_free_reference",
     "add_peft",
     "base_source_of",
     "checkpoint_format",
-    "float_dtype",
     "is_peft",
     "load_start_model",
     "load_stage_tokenizer",
+    "peft_callbacks",
     "planned_steps",
     "save_final",
     "unwrap",
@@ -96,18 +93,20 @@ def load_start_model(source: str | Path, head: str | None = None, dtype: str | N
 
 def load_stage_tokenizer(folder: Path, template: str | None = None) -> Tokenizer:
     """The tokenizer of `folder`, its chat template replaced by `template` (Jinja source, a .jinja file or a built-in
-    name) when given; the resolved Jinja source is stored on the tokenizer, so saving it saves the template."""
+    name) when given. The Jinja source (never a built-in's name) is stored on the tokenizer, so that saving it saves
+    a template other tools can run."""
     from lmcraft.tokenizer.chat import resolve_template
     from lmcraft.tokenizer.load import load_tokenizer
 
     tok = load_tokenizer(folder)
     if template is not None:
         file = Path(template).expanduser()
-        source = file.read_text(encoding="utf-8") if template.endswith(".jinja") and file.is_file() else template
-        tok.chat_template = resolve_template(source)
+        tok.chat_template = file.read_text(encoding="utf-8") if template.endswith(".jinja") and file.is_file() \
+            else template
     if tok.chat_template is None:
         raise ConfigError(f"{folder}: the tokenizer has no chat template; set `template:` to a built-in name "
                           "(chatml, llama3, zephyr, alpaca), a .jinja file or Jinja source")
+    tok.chat_template = resolve_template(tok.chat_template)
     return tok
 
 
@@ -119,35 +118,30 @@ def planned_steps(trainer: TrainerConfig, num_examples: int) -> int:
     return -(-trainer.epochs * batches // trainer.grad_accum)
 
 
-def add_peft(model: nn.Module, peft_cfg: dict[str, Any] | None, total_steps: int,
-             train_head: bool = False) -> nn.Module:
+def add_peft(model: nn.Module, peft_cfg: dict[str, Any] | None, total_steps: int) -> nn.Module:
     """Apply the PEFT method of `peft_cfg` (None = full fine-tuning: everything trains).
 
-    AdaLoRA's `total_step` defaults to the run's optimizer steps. `train_head`: the model's head is new (reward
-    head) and must train, so it joins `modules_to_save`.
+    As in `lmcraft finetune` (`finetune.adapters.method_config`): a head other than the LM head (the new reward
+    head) trains as a full copy next to the adapter, and AdaLoRA's `total_step` defaults to the run's steps.
     """
     if peft_cfg is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     from lmcraft import peft
+    from lmcraft.finetune.adapters import method_config
 
-    cfg = dict(peft_cfg)
-    if cfg.get("method") == "adalora" and cfg.get("total_step") is None:
-        cfg["total_step"] = total_steps
-    if train_head and "head" not in (cfg.get("modules_to_save") or []):
-        cfg["modules_to_save"] = [*(cfg.get("modules_to_save") or []), "head"]
-    return peft.apply(model, cfg)
+    return peft.apply(model, method_config(peft_cfg, getattr(model, "head_kind", "lm"), total_steps))
 
 
 def checkpoint_format(model: nn.Module) -> WeightsFormat:
     """Whole state dict when everything trains (full fine-tuning); else only the trainable tensors (adapters, new
-    heads), which load back onto the same frozen base."""
+    heads, PPO's value head) in adapter_model.safetensors, which load back onto the same frozen base."""
+    from lmcraft.finetune.adapters import AdapterWeights
     from lmcraft.train import WeightsFormat
 
-    if all(p.requires_grad for p in model.parameters()):
-        return WeightsFormat()
-    return WeightsFormat("adapter_model.safetensors", trainable_only=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return WeightsFormat() if len(trainable) == len(list(model.parameters())) else AdapterWeights(trainable)
 
 
 def with_regularization(loss_fn: Callable[[nn.Module, Any], LossOutput], peft_model: nn.Module
@@ -169,34 +163,15 @@ def with_regularization(loss_fn: Callable[[nn.Module, Any], LossOutput], peft_mo
     return wrapped
 
 
-def _adalora_hook() -> type[Callback]:
-    from lmcraft.train import Callback
-
-    class _Hook(Callback):
-        def __init__(self, model: nn.Module) -> None:
-            self.model = model
-
-        def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
-            from lmcraft import peft
-
-            peft.update_and_allocate(self.model, step)
-
-    return _Hook
-
-
-def AdaLoraHook(model: nn.Module) -> list[Callback]:  # noqa: N802 - reads as a class at call sites
-    """`[callback]` running AdaLoRA's importance update and rank pruning after each optimizer step (else `[]`)."""
+def peft_callbacks(model: nn.Module) -> list[Callback]:
+    """AdaLoRA's rank allocator (`finetune.adapters.AdaLoraAllocator`) when `model` carries an AdaLoRA adapter."""
     from lmcraft import peft
+    from lmcraft.finetune.adapters import AdaLoraAllocator
 
     m = unwrap(model)
     if isinstance(m, peft.PeftModel) and isinstance(m.peft_configs.get(m.active_adapter), peft.AdaLoraConfig):
-        return [_adalora_hook()(m)]
+        return [AdaLoraAllocator(m)]
     return []
-
-
-def adapter_free_reference(model: nn.Module) -> Any:
-    """A context manager under which a PEFT model computes its frozen base (the reference policy)."""
-    return unwrap(model).disable_adapters()
 
 
 def save_final(model: nn.Module, out_dir: Path, tokenizer: Tokenizer, base_source: str | None,
@@ -232,9 +207,3 @@ def base_source_of(source: str | Path) -> str:
 
     text = str(source)
     return text if text in REGISTRY else str(Path(text).expanduser().resolve())
-
-
-def float_dtype(name: str | None) -> torch.dtype | None:
-    import torch
-
-    return None if name is None else getattr(torch, name)

@@ -58,6 +58,7 @@ def _tokenizer(corpus: list[str]) -> Any:
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
+    from lmcraft.tokenizer.chat import BUILTIN_TEMPLATES
     from lmcraft.tokenizer.load import Tokenizer
 
     backend = Backend(models.BPE())
@@ -67,7 +68,7 @@ def _tokenizer(corpus: list[str]) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(corpus, trainer)
     return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     chat_template="chatml")
+                     chat_template=BUILTIN_TEMPLATES["chatml"])
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -82,11 +82,11 @@ def run_dpo(cfg: Any) -> dict[str, Any]:
     from lmcraft.align.dpo import DPOLoss, Reference, WithReference, precompute_reference
     from lmcraft.align.instruct import ChatFormatter
     from lmcraft.align.modeling import (
-        AdaLoraHook,
         add_peft,
         base_source_of,
         checkpoint_format,
         is_peft,
+        peft_callbacks,
         planned_steps,
         save_final,
         with_regularization,
@@ -115,7 +115,7 @@ def run_dpo(cfg: Any) -> dict[str, Any]:
     loss = DPOLoss(d.beta, d.loss, d.label_smoothing, reference)
     eval_fn = (lambda tr: {"score": scorer(tr.model)}) if scorer is not None else None
     trainer = Trainer(model, with_regularization(loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=AdaLoraHook(model), weights=checkpoint_format(model),
+                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
                       tokenizer_dir=start.tokenizer_dir, eval_fn=eval_fn)
     result = trainer.train()
     if not trainer.is_main:

@@ -146,11 +146,11 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
     from lmcraft.align.common import ScoreEvaluator, open_start, record_samples, score_eval_callback, write_summary
     from lmcraft.align.instruct import ChatFormatter
     from lmcraft.align.modeling import (
-        AdaLoraHook,
         add_peft,
         base_source_of,
         checkpoint_format,
         is_peft,
+        peft_callbacks,
         save_final,
         with_regularization,
     )
@@ -191,7 +191,7 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
                            p.forward_batch_size)
     loader = RolloutLoader(prompts, engine, p.rollout_batch_size, p.minibatch_size, micro, p.ppo_epochs,
                            cfg.trainer.seed, cfg.trainer.shuffle)
-    callbacks = AdaLoraHook(policy)
+    callbacks = peft_callbacks(policy)
     if evaluator is not None:
         callbacks.append(score_eval_callback(evaluator, (p.eval_every or p.rollouts) * steps_per_rollout, policy))
     trainer = Trainer(model, with_regularization(PPOLoss(hyper), policy), loader, None, trainer_cfg, out,

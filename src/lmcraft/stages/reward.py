@@ -77,10 +77,10 @@ def run_reward(cfg: Any) -> dict[str, Any]:
     from lmcraft.align.common import open_start, write_summary
     from lmcraft.align.instruct import ChatFormatter
     from lmcraft.align.modeling import (
-        AdaLoraHook,
         add_peft,
         base_source_of,
         checkpoint_format,
+        peft_callbacks,
         planned_steps,
         save_final,
         with_regularization,
@@ -91,9 +91,9 @@ def run_reward(cfg: Any) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed, head="reward")
     train, evaluation = load_pairs(cfg.data, ChatFormatter(start.tokenizer, train_on="last"))
-    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)), train_head=True)
+    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
     trainer = Trainer(model, with_regularization(reward_loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=AdaLoraHook(model), weights=checkpoint_format(model),
+                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
                       tokenizer_dir=start.tokenizer_dir)
     result = trainer.train()
     if not trainer.is_main:

@@ -73,10 +73,10 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
     from lmcraft.align.data import load_conversations
     from lmcraft.align.instruct import ChatFormatter, highlight
     from lmcraft.align.modeling import (
-        AdaLoraHook,
         add_peft,
         base_source_of,
         checkpoint_format,
+        peft_callbacks,
         planned_steps,
         save_final,
         with_regularization,
@@ -107,7 +107,7 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
         raise ConfigError("data.packing cannot be combined with prefix/prompt-style PEFT methods (their virtual tokens "
                           "would be shared by every packed example); set data.packing=false")
     trainer = Trainer(model, with_regularization(sft_loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=AdaLoraHook(model), weights=checkpoint_format(model),
+                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
                       tokenizer_dir=start.tokenizer_dir)
     result = trainer.train()
     if not trainer.is_main:
