@@ -59,7 +59,11 @@ def test_numeric_extraction_prefers_gsm_marker_then_answer_is_then_last_number()
     assert extract_numeric("we get 10, then 12.50") == "12.5"
     assert extract_numeric("$1,000.00 total") == "1000"
     assert extract_numeric("no digits") is None
-    assert AnswerSpec(type="numeric").extract(" 70. Because 12 + 58", first=True) == "70"
+    spec = AnswerSpec(type="numeric")
+    assert spec.extract(" 70. Because 12 + 58", "first") == "70"
+    assert spec.extract(" 3\n\nExplanation: 17 people", "first_line") == "3"
+    assert spec.extract(" 12 + 17 = 29\nso 4", "first_line") == "29"
+    assert spec.extract("\n\n", "first_line") is None
 
 
 def test_label_and_normalised_matching() -> None:

@@ -115,13 +115,15 @@ class AnswerSpec(Section):
     type: Literal["numeric", "label", "exact", "normalized"] = "normalized"
     labels: list[str] = []
 
-    def extract(self, text: str, first: bool = False) -> str | None:
-        """The answer in `text`; `first=True` reads a number at the start of a short final-answer stage."""
+    def extract(self, text: str, where: Literal["all", "first", "first_line"] = "all") -> str | None:
+        """The answer in `text`. For numbers, `where` says which: `all` (`#### n`, "answer is n", last number;
+        worked solutions), `first` (the first number; the stage after "the answer is"), or `first_line` (the
+        `all` rule on the first non-empty line; direct short answers such as "12 + 17 = 29\n\nExplanation: ...")."""
         if self.type == "numeric":
-            if first:
+            if where == "first":
                 hit = _ANY_NUMBER.search(text)
                 return _canonical_number(hit.group()) if hit else None
-            return extract_numeric(text)
+            return extract_numeric(extract_first_line(text) or "" if where == "first_line" else text)
         if self.type == "label":
             return extract_label(text, self.labels)
         return extract_first_line(text)

@@ -180,7 +180,8 @@ class _Direct(_Generative):
         prompts = [ctx.template.build(d, picker.pick(d, i), style=self.style) for d, i in zip(docs, ids, strict=True)]
         budget = ctx.max_new_tokens if self.long else ctx.answer_max_new_tokens
         texts, outs = ctx.generate(prompts, budget, sampling)
-        return [Chain([t], [o], ctx.answer.extract(o)) for t, o in zip(texts, outs, strict=True)]
+        where = "all" if self.long else "first_line"
+        return [Chain([t], [o], ctx.answer.extract(o, where)) for t, o in zip(texts, outs, strict=True)]
 
 
 class ZeroShot(_Direct):
@@ -215,7 +216,7 @@ class ZeroShotCoT(_Generative):
         second = [p.continued(f" {z.strip()}\n{self.answer_trigger}") for p, z in zip(first, reasons, strict=True)]
         texts2, finals = ctx.generate(second, ctx.answer_max_new_tokens, sampling)
         return [
-            Chain([t1, t2], [z, a], ctx.answer.extract(a, first=True))
+            Chain([t1, t2], [z, a], ctx.answer.extract(a, "first"))
             for t1, t2, z, a in zip(texts1, texts2, reasons, finals, strict=True)
         ]
 
