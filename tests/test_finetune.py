@@ -349,3 +349,49 @@ def test_toy_classification_learns(tmp_path) -> None:
     results = run_finetune(cfg)
     assert results["validation"]["accuracy"] > 0.85, results["validation"]
     assert results["metric"] == "f1_macro" and math.isfinite(results["metric_value"])
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_chunked_lm_loss_matches_full_logits(train_weight: bool) -> None:
+    from lmcraft.finetune.lm_loss import chunked_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=train_weight)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, 3] = labels[1, 6] = IGNORE_INDEX
+    loss, count = chunked_lm_loss(hidden, weight, labels, rows=4)
+    (2.5 * loss).backward()
+    got = (hidden.grad.clone(), weight.grad.clone() if train_weight else None)
+    hidden.grad = None
+    weight.grad = None
+    ref = F.cross_entropy((hidden @ weight.T)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="sum")
+    (2.5 * ref).backward()
+    assert count == 10 and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(got[0], hidden.grad, atol=1e-6)
+    if train_weight:
+        assert torch.allclose(got[1], weight.grad, atol=1e-6)
+
+
+def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
+    from lmcraft.finetune.tasks import CausalLMTask
+
+    torch.manual_seed(0)
+    model = LanguageModel(preset("llama-14m", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                                 num_kv_heads=1, intermediate_size=32), "lm")
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[1, 6:] = IGNORE_INDEX
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        out, _ = CausalLMTask(fused=fused).forward(model, batch)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.item(), out.num_targets, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2 == 13 and l1 == pytest.approx(l2, rel=1e-5)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-5), name

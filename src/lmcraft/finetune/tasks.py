@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.finetune.data import IGNORE_INDEX
+from lmcraft.finetune.lm_loss import chunked_lm_loss, lm_head_weight
 from lmcraft.metrics import classification_report, entity_f1
 from lmcraft.objectives.base import token_cross_entropy
 from lmcraft.objectives.clm import causal_lm_loss
@@ -168,6 +169,9 @@ class TokenClassificationTask(Task):
 
 @dataclass
 class CausalLMTask(Task):
+    """`fused`: compute the loss through a plain LM head chunk by chunk, without the (B, T, V) logits."""
+
+    fused: bool = True
     name: ClassVar[str] = "clm"
     head: ClassVar[str] = "lm"
 
@@ -175,8 +179,14 @@ class CausalLMTask(Task):
         return "ppl", "min"
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, count = causal_lm_loss(logits, batch["labels"])
+        weight = lm_head_weight(model) if self.fused else None
+        if weight is None:
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, count = causal_lm_loss(logits, batch["labels"])
+        else:  # the same loss through the LM head in chunks (lmcraft.finetune.lm_loss)
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+            loss, count = chunked_lm_loss(out.hidden_states, weight, batch["labels"])
+            logits = out.logits
         return LossOutput(loss, count, {}, batch["attention_mask"].sum()), logits
 
 
