@@ -79,3 +79,16 @@ def test_pii_placeholders() -> None:
     assert scrub(keep) == keep
     assert PiiScrubber(kinds=["email"])("a@b.io 192.168.0.1") == "<EMAIL> 192.168.0.1"
     assert luhn_valid("79927398713") and not luhn_valid("79927398710")
+
+
+def test_pii_leaves_numeric_tables_alone() -> None:
+    """Census tables and budgets from the State of the Union corpus once produced false phone matches."""
+    scrub = PiiScrubber()
+    for text in (
+        "1800 - 5,304,937 - 1810 - 7,239,814 - 1820 - 9,638,131",
+        "For judicial purposes, $5,120,150.00; for foreign intercourse, $1,339,710.35",
+        "Expenditures: 1947 1948 1949 Defense; Executive Order 9808 (3 CFR, 1943-1948 Comp., p. 590)",
+        "42,323,341 1880 - 56,967,216 and $35 000 000 000",
+    ):
+        assert scrub(text) == text
+    assert scrub("tel 555 123 4567, ok") == "tel <PHONE>, ok"

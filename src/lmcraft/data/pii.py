@@ -4,8 +4,9 @@ replaced by placeholders (`<EMAIL>`, `<CREDIT_CARD>`, `<IP_ADDRESS>`, `<PHONE>`)
 Order matters and is fixed: e-mails first (they contain digits and dots), then card numbers (13-19
 digits in groups, accepted only when the Luhn checksum holds, so order numbers and ISBNs survive),
 then IPv4/IPv6 addresses (each IPv4 octet <= 255), then phone numbers (7-15 digits in the usual
-groupings with separators or a leading +, the ITU E.164 maximum). Years, dates, prices and plain
-integers are not matched: a phone needs separators or a "+" and at least 7 digits.
+groupings with separators or a leading +, the ITU E.164 maximum). Years, dates, prices, amounts and
+plain integers are not matched: a phone needs separators or a "+" and at least 7 digits, may not
+touch a comma, "$" or decimal point (parts of larger numbers), and is not a run of years.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _IPV6 = re.compile(
     r"|(?:[0-9a-fA-F]{1,4}:){1,7}:(?:[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4}){0,5})?)(?![\w:])"
 )
 _PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])"
+    r"(?<![\w+$,.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w|[,.]\d)"
     r"|(?<![\w+])\+\d{7,15}(?!\w)"
 )
 
@@ -59,6 +60,11 @@ def _phone(match: re.Match[str]) -> str:
         return text  # a date
     if not (text.startswith(("+", "(")) or re.search(r"\d[ .-]\d", text)):
         return text
+    groups = re.findall(r"\d+", text)
+    if all(len(g) == 4 and 1000 <= int(g) <= 2199 for g in groups):
+        return text  # a list or range of years: "1947 1948 1949", "1943-1948"
+    if sum(g == "000" for g in groups) >= 2:
+        return text  # an amount with space-separated thousands: "35 000 000"
     return "<PHONE>"
 
 

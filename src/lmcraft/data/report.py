@@ -18,8 +18,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f}"
 
 
-def render_markdown(stats: dict[str, Any], title: str = "Data preparation report", image: str | None = None) -> str:
-    """Markdown: inputs, a per-step table (documents and MB in/out), removal reasons, errors, tokens."""
+def render_markdown(
+    stats: dict[str, Any], title: str = "Data preparation report", image: str | None = None, max_reasons: int = 10
+) -> str:
+    """Markdown: inputs, a per-step table (documents and MB in/out), the `max_reasons` most frequent
+    removal reasons of each step (the rest summed), input errors, packed tokens."""
     lines = [f"# {title}", ""]
     lines.append(
         f"Input: {stats['docs_read']:,} documents, {_mb(stats['bytes_read'])} MB from {stats['files']} file(s)"
@@ -40,9 +43,13 @@ def render_markdown(stats: dict[str, Any], title: str = "Data preparation report
             f"| {st['name']} | {st['docs_in']:,} | {st['docs_out']:,} | {removed:,} | {_mb(st['bytes_in'])} "
             f"| {_mb(st['bytes_out'])} | {st['modified']:,} |"
         )
-    reasons = [
-        (st["name"], r, n) for st in stats["steps"] for r, n in sorted(st["reasons"].items(), key=lambda x: -x[1])
-    ]
+    reasons = []
+    for st in stats["steps"]:
+        ranked = sorted(st["reasons"].items(), key=lambda x: (-x[1], x[0]))
+        reasons += [(st["name"], r, n) for r, n in ranked[:max_reasons]]
+        if len(ranked) > max_reasons:
+            rest = ranked[max_reasons:]
+            reasons.append((st["name"], f"({len(rest)} other reasons)", sum(n for _, n in rest)))
     if reasons:
         lines += ["", "## Removal reasons", "", "| step | reason | documents |", "|---|---|---:|"]
         lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
@@ -76,8 +83,8 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
 
     steps = stats["steps"]
     names = [s["name"] for s in steps]
-    reasons = [(f"{s['name']}:{r}", n) for s in steps for r, n in s["reasons"].items()]
-    reasons.sort(key=lambda x: x[1])
+    reasons = sorted(((f"{s['name']}:{r}", n) for s in steps for r, n in s["reasons"].items()), key=lambda x: x[1])
+    reasons = reasons[-20:]  # the 20 largest
     fig, axes = plt.subplots(1, 3, figsize=(16, max(4.0, 0.35 * max(len(names), len(reasons)) + 1.5)))
     y = range(len(names))
     for ax, key, unit, scale in ((axes[0], "docs", "documents", 1.0), (axes[1], "bytes", "MB", 1e6)):
@@ -90,8 +97,12 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
         ax.legend()
     if reasons:
         axes[2].barh([r for r, _ in reasons], [n for _, n in reasons], color="tab:red")
-        axes[2].set_title("documents removed, by reason")
+        axes[2].set_title("documents removed, by reason (largest 20)")
         axes[2].set_xlabel("documents")
+        if reasons[-1][1] > 100 * reasons[0][1]:
+            axes[2].set_xscale("log")  # one dominant reason would hide the others
+        for y, (_, n) in enumerate(reasons):
+            axes[2].annotate(f"{n:,}", (n, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     else:
         axes[2].text(0.5, 0.5, "nothing removed", ha="center", va="center")
         axes[2].set_axis_off()
