@@ -97,7 +97,7 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
         ax.legend()
     if reasons:
         axes[2].barh([r for r, _ in reasons], [n for _, n in reasons], color="tab:red")
-        axes[2].set_title("documents removed, by reason (largest 20)")
+        axes[2].set_title("removed, by reason (top 20)")
         axes[2].set_xlabel("documents")
         if reasons[-1][1] > 100 * reasons[0][1]:
             axes[2].set_xscale("log")  # one dominant reason would hide the others
