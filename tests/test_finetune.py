@@ -395,3 +395,14 @@ def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
     assert n1 == n2 == 13 and l1 == pytest.approx(l2, rel=1e-5)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], atol=1e-5), name
+
+
+def test_clm_long_documents_are_packed_not_truncated(tmp_path) -> None:
+    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=False))
+    words = ("great movie the plot was nice and sad " * 10).split()
+    (tmp_path / "a.txt").write_text(" ".join(words))
+    (tmp_path / "b.txt").write_text(" ".join(words[:20]))
+    cfg = DataConfig(train=DataSource(path=str(tmp_path / "a.txt")),
+                     validation=DataSource(path=str(tmp_path / "b.txt")), max_length=8, max_train_examples=5)
+    data = build_task_data(cfg, "clm", tok)
+    assert len(data.train) == 5 and len(data.validation) == 21 // 8 and data.truncated == 0

@@ -57,7 +57,7 @@ class DataConfig(Section):
     label_map:  raw label -> class name, applied first (e.g. merge source groups into ham/spam)
     clean:      `email`: keep the Subject line and the decoded text body of RFC 822 messages (headers dropped)
     max_length: tokens per example (longer ones are truncated); for `clm`, the length of each packed block
-    max_*_examples: a seeded random subset of each split (after the hold-out), for quick runs
+    max_*_examples: a seeded random subset of each split (after the hold-out; for clm, of the packed blocks)
     """
 
     train: DataSource

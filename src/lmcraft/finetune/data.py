@@ -9,7 +9,8 @@
 
 Examples are lists of ints; `Collator` pads a batch on the right to its longest row (labels with -100).
 Without an explicit validation source, a seeded `validation_fraction` of the training records is held out
-before tokenisation; `max_*_examples` then take a seeded random subset of each split.
+before tokenisation; `max_*_examples` then take a seeded random subset of each split (for `clm`, of the
+packed blocks).
 """
 
 from __future__ import annotations
@@ -114,9 +115,12 @@ class _Encoder:
         self.max_length = max_length
         self.truncated = 0
 
-    def encode(self, inputs: list[Any], pretokenized: bool = False, specials: bool = True) -> list[Any]:
+    def encode(self, inputs: list[Any], pretokenized: bool = False, specials: bool = True, truncate: bool = True
+               ) -> list[Any]:
         self.backend.no_truncation()
         full = self.backend.encode_batch(inputs, is_pretokenized=pretokenized, add_special_tokens=specials)
+        if not truncate:
+            return full
         long = [i for i, e in enumerate(full) if len(e.ids) > self.max_length]
         self.truncated += len(long)
         if long:
@@ -174,9 +178,8 @@ def _token_examples(records: list[Record], source: DataSource, enc: _Encoder, ta
 
 def _clm_blocks(records: list[Record], source: DataSource, enc: _Encoder, eos: int | None) -> list[Example]:
     stream: list[int] = []
-    for e in enc.encode([_string(r, source.text_field) for r in records], specials=False):
+    for e in enc.encode([_string(r, source.text_field) for r in records], specials=False, truncate=False):
         stream.extend(list(e.ids) + ([eos] if eos is not None else []))
-    enc.truncated = 0  # packing cuts documents on purpose
     n = enc.max_length
     return [{"input_ids": stream[i:i + n]} for i in range(0, len(stream) - n + 1, n)]
 
@@ -204,17 +207,19 @@ def build_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
     else:
         train_records, val_records = split_records(train_records, cfg.validation_fraction, cfg.seed)
         val_source = cfg.train
-    train_records = _subset(train_records, cfg.max_train_examples, cfg.seed)
-    val_records = _subset(val_records, cfg.max_validation_examples, cfg.seed + 1)
     enc = _Encoder(tokenizer, cfg.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if task == "clm":
-        train = _clm_blocks(train_records, cfg.train, enc, tokenizer.eos_token_id)
-        validation = _clm_blocks(val_records, val_source, enc, tokenizer.eos_token_id)
+    if task == "clm":  # the subsets are taken from the packed blocks
+        train = _subset(_clm_blocks(train_records, cfg.train, enc, tokenizer.eos_token_id), cfg.max_train_examples,
+                        cfg.seed)
+        validation = _subset(_clm_blocks(val_records, val_source, enc, tokenizer.eos_token_id),
+                             cfg.max_validation_examples, cfg.seed + 1)
         if not train or not validation:
             raise ConfigError(f"the causal-LM data gives {len(train)} training and {len(validation)} validation "
                               f"blocks of {cfg.max_length} tokens; add text or lower data.max_length")
         return TaskData(task, train, validation, pad_token_id=pad)
+    train_records = _subset(train_records, cfg.max_train_examples, cfg.seed)
+    val_records = _subset(val_records, cfg.max_validation_examples, cfg.seed + 1)
     labels = [] if task == "regression" else _label_names(cfg, task, train_records, cfg.train)
     ids = {name: i for i, name in enumerate(labels)}
     if task == "token_cls":
