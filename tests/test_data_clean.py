@@ -89,6 +89,8 @@ def test_pii_leaves_numeric_tables_alone() -> None:
         "For judicial purposes, $5,120,150.00; for foreign intercourse, $1,339,710.35",
         "Expenditures: 1947 1948 1949 Defense; Executive Order 9808 (3 CFR, 1943-1948 Comp., p. 590)",
         "42,323,341 1880 - 56,967,216 and $35 000 000 000",
+        "1800 - 5,304,937 - 35.02 1810 - 7,239,814 - 36.45",
+        "(in millions) 1947 $35, 860 1946 67,229 1945 100, 031",
     ):
         assert scrub(text) == text
     assert scrub("tel 555 123 4567, ok") == "tel <PHONE>, ok"

@@ -61,6 +61,11 @@ def _phone(match: re.Match[str]) -> str:
     if not (text.startswith(("+", "(")) or re.search(r"\d[ .-]\d", text)):
         return text
     groups = re.findall(r"\d+", text)
+    seps = set(re.findall(r"\d([ .-])\d", text))
+    if "." in seps and len(seps) > 1:
+        return text  # a decimal followed by another number: "35.02 1810"
+    if len(groups) == 2 and " " in seps and not text.startswith(("+", "(")):
+        return text  # two space-separated numbers are a table row far more often than a local phone number
     if all(len(g) == 4 and 1000 <= int(g) <= 2199 for g in groups):
         return text  # a list or range of years: "1947 1948 1949", "1943-1948"
     if sum(g == "000" for g in groups) >= 2:
