@@ -67,3 +67,10 @@ def test_help_imports_no_torch() -> None:
     code = f"try:\n    {code}\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_stage_help_lists_config_keys(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    out = capsys.readouterr().out
+    assert "config keys:" in out and "run_dir: Path = runs/pipeline" in out and "stages: list of" in out

@@ -2,7 +2,8 @@
 
 The CLI is thin and lazy: the stage table below is plain data, so `lmcraft --help` imports
 nothing heavy; a stage's module (and torch) is imported only when that stage runs. Each stage
-module provides `add_arguments(parser)` and `run(args) -> int | None`.
+module provides `add_arguments(parser)` and `run(args) -> int | None`; a config-driven stage also names
+its config class as `CONFIG_CLASS = "package.module:Class"`, whose keys `lmcraft <stage> --help` lists.
 
 User errors (`LmcraftError`, missing files) print as one paragraph with exit code 2; pass
 `--debug` for the traceback.
@@ -34,6 +35,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
     "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),
+    "pipeline": ("lmcraft.stages.pipeline", "run the whole life cycle (a list of stages) and write one report"),
     "scaling": ("lmcraft.stages.scaling", "sweep model sizes / token budgets, fit scaling laws with CIs, plot"),
 }
 
@@ -70,7 +72,13 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         )
         sp.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         if name == stage:  # only the chosen stage's module is imported
-            _stage_module(name).add_arguments(sp)
+            module = _stage_module(name)
+            module.add_arguments(sp)
+            if hasattr(module, "CONFIG_CLASS"):  # "package.module:Class": list its keys under --help
+                from lmcraft.config import describe_config
+
+                mod_name, _, cls_name = module.CONFIG_CLASS.partition(":")
+                sp.epilog = describe_config(getattr(importlib.import_module(mod_name), cls_name))
     return parser
 
 

@@ -8,6 +8,7 @@ command-line overrides, and validates everything before any work starts; any pro
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -151,3 +152,43 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         data = loaded
     apply_overrides(data, parse_overrides(overrides or []))
     return validate_config(cls, data, source)
+
+
+def describe_config(cls: type[BaseModel], indent: int = 2) -> str:
+    """Every key of a config class as an indented tree: `key: type = default  description` (for --help)."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], depth: int) -> None:
+        for name, info in model.model_fields.items():
+            nested = _section_type(info.annotation)
+            pad = " " * (indent * depth)
+            if nested is not None:
+                many = "list of" if "list[" in str(info.annotation) else ""
+                doc = f"  # {info.description}" if info.description else ""
+                lines.append(f"{pad}{name}: {many}{doc}".rstrip())
+                walk(nested, depth + 1)
+                continue
+            default = "required" if info.is_required() else f"= {_short(info.get_default(call_default_factory=True))}"
+            doc = f"  # {info.description}" if info.description else ""
+            lines.append(f"{pad}{name}: {_type_name(info.annotation)} {default}{doc}")
+
+    walk(cls, 1)
+    return "config keys:\n" + "\n".join(lines)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return re.sub(r"Annotated\[(\w+), .*?\]\]?", r"\1", text)
+
+
+def _short(value: Any) -> str:
+    text = str(value) if isinstance(value, Path) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -6,6 +6,8 @@ import argparse
 
 from lmcraft.stages import add_config_arguments, load_stage_config
 
+CONFIG_CLASS = "lmcraft.pipeline:PipelineConfig"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
