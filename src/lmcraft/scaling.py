@@ -48,7 +48,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -101,8 +101,36 @@ def _geomean(x: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ least squares
+def _terms(theta: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """The law's terms in log space, shape (1 + m, n): e, then a_k - gamma_k * feats[:, k] for each of m variables
+    (theta = (e, a_1, gamma_1, ..., a_m, gamma_m))."""
+    rows = [np.full(len(feats), theta[0])]
+    rows += [theta[1 + 2 * k] - theta[2 + 2 * k] * feats[:, k] for k in range(feats.shape[1])]
+    return np.stack(rows)
+
+
+def _log_law(theta: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """ln L_hat = logsumexp of the terms."""
+    from scipy.special import logsumexp
+
+    return logsumexp(_terms(theta, feats), axis=0)
+
+
+def _jacobian(theta: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """d ln L_hat / d theta: with softmax weights w_j of the terms, w_0 for e, w_k for a_k, -feats_k w_k for gamma_k."""
+    from scipy.special import softmax
+
+    w = softmax(_terms(theta, feats), axis=0)
+    jac = np.empty((len(feats), len(theta)))
+    jac[:, 0] = w[0]
+    for k in range(feats.shape[1]):
+        jac[:, 1 + 2 * k] = w[k + 1]
+        jac[:, 2 + 2 * k] = -feats[:, k] * w[k + 1]
+    return jac
+
+
 def _least_squares(
-    residuals: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    feats: np.ndarray,
     target: np.ndarray,
     starts: Sequence[np.ndarray],
     lower: np.ndarray,
@@ -110,14 +138,20 @@ def _least_squares(
     loss: LossKind,
     huber_delta: float,
 ) -> np.ndarray:
-    """argmin_theta sum rho(residuals(theta, target)) over several starting points (scipy TRF, bounded)."""
+    """argmin_theta sum rho(ln L_hat(theta) - target) over several starting points (scipy TRF, bounded)."""
     from scipy.optimize import least_squares
 
     best, best_cost = None, math.inf
     for x0 in starts:
         x0 = np.clip(x0, lower + 1e-9, upper - 1e-9)
         res = least_squares(
-            residuals, x0, args=(target,), bounds=(lower, upper), method="trf", loss=loss, f_scale=huber_delta
+            lambda th: _log_law(th, feats) - target,
+            x0,
+            jac=lambda th: _jacobian(th, feats),
+            bounds=(lower, upper),
+            method="trf",
+            loss=loss,
+            f_scale=huber_delta,
         )
         if np.all(np.isfinite(res.x)) and res.cost < best_cost:
             best, best_cost = res.x, res.cost
@@ -126,36 +160,43 @@ def _least_squares(
     return best
 
 
-def _bootstrap(
-    fit_once: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+def _fit_law(
+    feats: np.ndarray,
     log_y: np.ndarray,
-    log_fit: np.ndarray,
-    theta: np.ndarray,
+    starts: Sequence[np.ndarray],
     method: Bootstrap,
     n_boot: int,
     seed: int,
     distinct_key: np.ndarray,
-) -> np.ndarray:
-    """Parameter vectors refitted on `n_boot` resampled data sets (see the module docstring).
+    loss: LossKind,
+    huber_delta: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(theta, ln L_hat at the points, bootstrap draws of theta, one row each); see the module docstring.
 
-    fit_once(index, log_y_star, start) fits the points `index` (into the original arrays) with targets log_y_star.
+    Bootstrap refits start from the point estimate; `pairs` redraws a resample until it has more than p distinct
+    `distinct_key` rows (the points' coordinates).
     """
+    p = feats.shape[1] * 2 + 1
+    lower = np.array([-np.inf] + [-np.inf, 0.0] * feats.shape[1])
+    upper = np.array([np.inf] + [np.inf, _MAX_EXPONENT] * feats.shape[1])
+    theta = _least_squares(feats, log_y, starts, lower, upper, loss, huber_delta)
+    log_fit = _log_law(theta, feats)
     rng = np.random.default_rng(seed)
-    n, p = len(log_y), len(theta)
+    n = len(log_y)
     resid = log_y - log_fit
     resid = (resid - resid.mean()) * math.sqrt(n / (n - p))
-    everything = np.arange(n)
-    samples = np.empty((n_boot, p))
+    draws = np.empty((n_boot, p))
     for b in range(n_boot):
         if method == "residual":
-            samples[b] = fit_once(everything, log_fit + rng.choice(resid, size=n, replace=True), theta)
+            idx, target = np.arange(n), log_fit + rng.choice(resid, size=n, replace=True)
         else:
             while True:
                 idx = rng.integers(0, n, size=n)
                 if len(np.unique(distinct_key[idx], axis=0)) > p:
                     break
-            samples[b] = fit_once(idx, log_y[idx], theta)
-    return samples
+            target = log_y[idx]
+        draws[b] = _least_squares(feats[idx], target, [theta], lower, upper, loss, huber_delta)
+    return theta, log_fit, draws
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -206,11 +247,6 @@ class PowerLawFit:
         }
 
 
-def _log_law1(theta: np.ndarray, u: np.ndarray) -> np.ndarray:
-    e, a, alpha = theta
-    return np.logaddexp(e, a - alpha * u)
-
-
 def fit_power_law(
     x: Sequence[float] | np.ndarray,
     loss: Sequence[float] | np.ndarray,
@@ -231,26 +267,15 @@ def fit_power_law(
         raise FitError(f"L({variable}) has 3 parameters: fitting it needs at least 4 distinct {variable} values")
     x0 = _geomean(x_arr)
     u, log_y = np.log(x_arr / x0), np.log(y)
-    lower = np.array([-np.inf, -np.inf, 0.0])
-    upper = np.array([np.inf, np.inf, _MAX_EXPONENT])
-
-    def residuals_on(idx: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        return lambda theta, target: _log_law1(theta, u[idx]) - target
-
     ymin = float(y.min())
     starts = [
         np.array([math.log(frac * ymin), math.log(max(float(np.exp(log_y.mean())) - frac * ymin, 1e-6)), alpha])
         for frac in (0.1, 0.5, 0.9)
         for alpha in (0.1, 0.3, 0.7, 1.5)
     ]
-    everything = np.arange(len(y))
-    theta = _least_squares(residuals_on(everything), log_y, starts, lower, upper, fit_loss, huber_delta)
-
-    def fit_once(idx: np.ndarray, target: np.ndarray, start: np.ndarray) -> np.ndarray:
-        return _least_squares(residuals_on(idx), target, [start], lower, upper, fit_loss, huber_delta)
-
-    log_fit = _log_law1(theta, u)
-    draws = _bootstrap(fit_once, log_y, log_fit, theta, bootstrap, n_boot, seed, x_arr[:, None])
+    theta, log_fit, draws = _fit_law(
+        u[:, None], log_y, starts, bootstrap, n_boot, seed, x_arr[:, None], fit_loss, huber_delta
+    )
 
     def natural(t: np.ndarray) -> np.ndarray:  # (e, a', alpha) -> (E, A, alpha)
         t = np.atleast_2d(t)
@@ -310,11 +335,6 @@ class JointFit:
         }
 
 
-def _log_law2(theta: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    e, a, alpha, b, beta = theta
-    return np.logaddexp(np.logaddexp(e, a - alpha * u), b - beta * v)
-
-
 def fit_joint(
     n_params: Sequence[float] | np.ndarray,
     tokens: Sequence[float] | np.ndarray,
@@ -335,12 +355,6 @@ def fit_joint(
         raise FitError("L(N, D) has 5 parameters: it needs at least 6 runs over at least 2 sizes and 2 token budgets")
     n0, d0 = _geomean(n_arr), _geomean(d_arr)
     u, v, log_y = np.log(n_arr / n0), np.log(d_arr / d0), np.log(y)
-    lower = np.array([-np.inf, -np.inf, 0.0, -np.inf, 0.0])
-    upper = np.array([np.inf, np.inf, _MAX_EXPONENT, np.inf, _MAX_EXPONENT])
-
-    def residuals_on(idx: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        return lambda theta, target: _log_law2(theta, u[idx], v[idx]) - target
-
     ymin = float(y.min())
     starts = []
     for frac in (0.2, 0.6, 0.9):
@@ -348,15 +362,10 @@ def fit_joint(
         for alpha in (0.2, 0.6, 1.2):
             for beta in (0.2, 0.6, 1.2):
                 starts.append(np.array([math.log(frac * ymin), rest, alpha, rest, beta]))
-    everything = np.arange(len(y))
-    theta = _least_squares(residuals_on(everything), log_y, starts, lower, upper, fit_loss, huber_delta)
-
-    def fit_once(idx: np.ndarray, target: np.ndarray, start: np.ndarray) -> np.ndarray:
-        return _least_squares(residuals_on(idx), target, [start], lower, upper, fit_loss, huber_delta)
-
-    log_fit = _log_law2(theta, u, v)
     keys = np.stack([n_arr, d_arr], axis=1)
-    draws = _bootstrap(fit_once, log_y, log_fit, theta, bootstrap, n_boot, seed, keys)
+    theta, log_fit, draws = _fit_law(
+        np.stack([u, v], axis=1), log_y, starts, bootstrap, n_boot, seed, keys, fit_loss, huber_delta
+    )
 
     def natural(t: np.ndarray) -> np.ndarray:
         t = np.atleast_2d(t)
