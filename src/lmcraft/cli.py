@@ -2,8 +2,8 @@
 
 The CLI is thin and lazy: the stage table below is plain data, so `lmcraft --help` imports
 nothing heavy; a stage's module (and torch) is imported only when that stage runs. Each stage
-module provides `add_arguments(parser)` and `run(args) -> int | None`; a config-driven stage also names
-its config class as `CONFIG_CLASS = "package.module:Class"`, whose keys `lmcraft <stage> --help` lists.
+module provides `add_arguments(parser)` and `run(args) -> int | None`; a config-driven stage also has
+`config_class()` returning its config class, whose keys `lmcraft <stage> --help` lists.
 
 User errors (`LmcraftError`, missing files) print as one paragraph with exit code 2; pass
 `--debug` for the traceback.
@@ -74,11 +74,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         if name == stage:  # only the chosen stage's module is imported
             module = _stage_module(name)
             module.add_arguments(sp)
-            if hasattr(module, "CONFIG_CLASS"):  # "package.module:Class": list its keys under --help
+            if hasattr(module, "config_class"):  # list the stage's config keys under --help
                 from lmcraft.config import describe_config
 
-                mod_name, _, cls_name = module.CONFIG_CLASS.partition(":")
-                sp.epilog = describe_config(getattr(importlib.import_module(mod_name), cls_name))
+                sp.epilog = describe_config(module.config_class())
     return parser
 
 

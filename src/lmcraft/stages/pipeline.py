@@ -6,12 +6,16 @@ import argparse
 
 from lmcraft.stages import add_config_arguments, load_stage_config
 
-CONFIG_CLASS = "lmcraft.pipeline:PipelineConfig"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the plan with estimated time per stage and stop")
+
+
+def config_class() -> type:
+    from lmcraft.pipeline import PipelineConfig
+
+    return PipelineConfig
 
 
 def run(args: argparse.Namespace) -> int:
