@@ -148,7 +148,7 @@ def datatrove_exact(texts: list[str], work: Path, pre: list | None = None) -> li
     from datatrove.utils.hashing import HashConfig
 
     # sha1: datatrove 0.10's xxhash path passes str to xxhash >= 4, which wants bytes
-    cfg = ExactDedupConfig(content_getter=content, hash_config=HashConfig("sha1", 64))
+    cfg = ExactDedupConfig(content_getter=content, hash_config=HashConfig(hash_fc="sha1", precision=64))
     shutil.rmtree(work, ignore_errors=True)
     _run([_docs_step(texts), *(pre or []), ExactDedupSignature(str(work / "sigs"), config=cfg)], 1, work / "l1")
     _run([ExactFindDedups(str(work / "sigs"), str(work / "dups"), config=cfg)], 1, work / "l2")
@@ -173,7 +173,8 @@ def datatrove_minhash(texts: list[str], work: Path, pre: list | None = None) -> 
     from datatrove.utils.hashing import HashConfig
 
     # sha1: datatrove 0.10's xxhash path passes str to xxhash >= 4, which wants bytes
-    cfg = MinhashConfig(n_grams=1, num_buckets=12, hashes_per_bucket=10, hash_config=HashConfig("sha1", 64))
+    sha1 = HashConfig(hash_fc="sha1", precision=64)
+    cfg = MinhashConfig(n_grams=1, num_buckets=12, hashes_per_bucket=10, hash_config=sha1)
     shutil.rmtree(work, ignore_errors=True)
     _run([_docs_step(texts), *(pre or []), MinhashDedupSignature(str(work / "sigs"), config=cfg)], 1, work / "l1")
     _run([MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=cfg)], cfg.num_buckets, work / "l2")

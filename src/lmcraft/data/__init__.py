@@ -1,1 +1,8 @@
-"""lmcraft.data"""
+"""lmcraft.data: the data stage, raw text -> training-ready token shards.
+
+readers (streaming text/JSONL/JSON/CSV/Parquet, compressed) -> clean (HTML, Unicode, whitespace,
+boilerplate lines) -> filters + langid (Gopher, C4, blocklist, language) and pii -> dedup (exact,
+MinHash LSH; dedup_eval measures it) -> augment (EDA, back-translation) -> pack (token shards) ->
+datasets (causal windows, NSP/SOP pairs). pipeline runs the steps; report writes the run report.
+`lmcraft prepare` (lmcraft.stages.prepare) wires them together.
+"""
