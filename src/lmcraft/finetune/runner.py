@@ -169,6 +169,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     best = _restore_best(trainer, model, weights)
     final = _save_final(cfg, model, folder, task, data) if trainer.is_main else None
     validation = {k.removeprefix("eval_"): v for k, v in (best or {}).items() if k.startswith("eval_")}
+    if task.name != "clm":
+        validation.pop("ppl", None)  # exp(loss) means nothing for a classifier's loss
     results = {
         "task": task.name, "method": method, "model": cfg.model, "peft": cfg.peft,
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / max(total, 1),
