@@ -1,5 +1,5 @@
 """lmcraft.scaling: the fits recover known laws from synthetic data with intervals that cover the truth, the
-compute-optimal split minimises the fitted law, the frontier / emergence helpers, the next-speaker probe and the plot."""
+compute-optimal split minimises the fitted law, the frontier / emergence helpers, the next-speaker probe, the plot."""
 
 from __future__ import annotations
 

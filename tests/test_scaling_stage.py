@@ -50,7 +50,7 @@ trainer: {{lr: 0.01, micro_batch_size: 4, eval_max_batches: 2, progress: false, 
 curve_points: 4
 samples: {{max_new_tokens: 2}}
 fit: {{n_boot: 50}}
-probe: {{items: 20, context_chars: 90, batch_size: 16}}
+probe: {{items: 20, context_chars: 90, batch_size: 16, reference: "{out}/runs/w16-d2/final", reference_items: 10}}
 report: {{title: tiny sweep, publish_dir: "{publish}", name: scaling-tiny}}
 threads: 1
 output_dir: {out}
@@ -82,12 +82,15 @@ def test_sweep_writes_runs_fits_probe_and_reports(sweep: tuple[Path, Path, Path]
     fit = result["fits"]["N"]
     assert fit["n_points"] == 4 and fit["ci"]["alpha"][0] <= fit["alpha"] <= fit["ci"]["alpha"][1]
     assert "C" in result["fits"] or "C" in result["not_fitted"]
+    ref = result["probe_reference"]  # the last run's model as the yardstick: the same items, the same picks
+    assert ref["items"] == 10 and ref["low"] <= ref["accuracy"] <= ref["high"]
     items = json.loads((out / "probe_items.json").read_text(encoding="utf-8"))
     assert len(items) == 20 and all(it["options"][it["answer"]] in it["context"] for it in items)
     png = (out / "scaling.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) < 200_000
     md = (docs / "scaling-tiny.md").read_text(encoding="utf-8")
     assert "](scaling-tiny.png)" in md and "| w16-d2 |" in md and "L(N) = E + A / N^alpha" in md
+    assert "Reference: the pretrained" in md
     assert (docs / "scaling-tiny.png").read_bytes() == png
     assert (out / "report.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 1
 

@@ -500,7 +500,8 @@ class LossCurve:
 
 @dataclass
 class TaskPoints:
-    """A task metric per run at scale `x` (parameters, or compute), with interval (low, high) and the chance level."""
+    """A task metric per run at scale `x` (parameters, or compute), with interval (low, high), the chance level, and
+    optionally a reference model's score drawn across the panel: (label, value, low, high)."""
 
     name: str
     x: Sequence[float]
@@ -509,6 +510,7 @@ class TaskPoints:
     high: Sequence[float]
     chance: float | None = None
     xlabel: str = "parameters N"
+    reference: tuple[str, float, float, float] | None = None
 
 
 def _fmt_ci(fit: PowerLawFit | JointFit, name: str) -> str:
@@ -607,6 +609,10 @@ def plot_scaling(
             onset = first_above_chance(task.x, task.low, task.chance)
             if onset is not None:
                 ax.axvline(onset, color="C3", ls="--", lw=1, label=f"above chance from {onset:.3g}")
+        if task.reference is not None:
+            label, ref, ref_low, ref_high = task.reference
+            ax.axhline(ref, color="C4", ls="--", lw=1.2, label=f"{label}: {ref:.3g}")
+            ax.axhspan(ref_low, ref_high, color="C4", alpha=0.12)
         log_axes(ax, log_y=False)
         ax.set_xlabel(task.xlabel)
         ax.set_ylabel(task.name)

@@ -9,7 +9,9 @@ stage, scaling-law fits with confidence intervals, plots, and a capability probe
    grad_accum * seq_len)` and an evaluation every 1/`curve_points` of the run. A rerun skips finished runs (those
    with summary.json) and resumes an interrupted one from its last checkpoint;
 3. probe: the next-speaker cloze of `lmcraft.scaling` on the held-out documents (`probe`), scored on every
-   run's final model, accuracy with its 95% Wilson interval (OUT/runs/NAME/probe.json);
+   run's final model, accuracy with its 95% Wilson interval (OUT/runs/NAME/probe.json); `probe.reference` also
+   scores a pretrained model (e.g. an asset) on the first `reference_items` items, as a yardstick
+   (OUT/probe_reference.json);
 4. fits (`lmcraft.scaling`): L(N) over the final evaluation losses when only the size varies, L(D) when only the
    token budget does, L(N, D) when both do, and L(C) over the compute frontier of every run's evaluation curve,
    with C = 6 N D and N the non-embedding parameters (`fit.embeddings: true` counts embeddings too);
@@ -98,6 +100,8 @@ class ProbeSection(Section):
     context_chars: int = Field(400, ge=50)
     seed: int = 0
     batch_size: int = Field(32, ge=1)
+    reference: str | None = None  # a pretrained model (folder or asset) scored on the first `reference_items` items
+    reference_items: int = Field(100, ge=10)
 
 
 class ReportSection(Section):
@@ -251,12 +255,14 @@ def _probe_items(cfg: Any, first_run: Any, first_summary: dict[str, Any]) -> lis
     return items
 
 
-def _run_probe(cfg: Any, items: list[ClozeItem], final: Path, progress: bool) -> dict[str, Any]:
+def _run_probe(cfg: Any, items: list[ClozeItem], model: Path | str, progress: bool,
+               max_length: int | None = None) -> dict[str, Any]:
+    """Accuracy of `model` on the items, with its 95% Wilson interval (contexts cut to `max_length` tokens)."""
     from lmcraft.evaluate import wilson_interval
     from lmcraft.prompting.model_lm import ModelLM
     from lmcraft.scaling import score_cloze
 
-    lm = ModelLM.load(final, dtype="float32", batch_size=cfg.probe.batch_size, max_length=cfg.data.seq_len,
+    lm = ModelLM.load(model, dtype="float32", batch_size=cfg.probe.batch_size, max_length=max_length,
                       progress=progress)
     picks = score_cloze(lm, items)
     correct = sum(int(p == it.answer) for p, it in zip(picks, items, strict=True))
@@ -339,12 +345,22 @@ def scaling(cfg: Any, progress: bool = True) -> dict[str, Any]:
             if probe_path.is_file():
                 probe = json.loads(probe_path.read_text(encoding="utf-8"))
             else:
-                probe = _run_probe(cfg, items, Path(summary["final"]), progress)
+                probe = _run_probe(cfg, items, Path(summary["final"]), progress, max_length=cfg.data.seq_len)
                 write_json(probe_path, probe)
         rows.append(_row(cfg, name, run_cfg, summary, probe))
+    reference = None
+    if cfg.probe is not None and cfg.probe.reference is not None:
+        ref_path = out / "probe_reference.json"
+        reference = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.is_file() else None
+        wanted = min(cfg.probe.reference_items, len(items))
+        if reference is None or (reference["model"], reference["items"]) != (cfg.probe.reference, wanted):
+            print(f"scaling: probe reference {cfg.probe.reference}", file=sys.stderr)
+            reference = {"model": cfg.probe.reference,
+                         **_run_probe(cfg, items[:wanted], cfg.probe.reference, progress)}
+            write_json(ref_path, reference)
     fits = _fit(cfg, rows)
     result = {"runs": rows, "fits": {k: v.to_dict() for k, v in fits.items() if not isinstance(v, str)},
-              "not_fitted": {k: v for k, v in fits.items() if isinstance(v, str)}}
+              "not_fitted": {k: v for k, v in fits.items() if isinstance(v, str)}, "probe_reference": reference}
     if not isinstance(fits.get("NxD", ""), str):
         from lmcraft.scaling import compute_optimal
 
@@ -414,6 +430,7 @@ def _write_report(cfg: Any, rows: list[dict[str, Any]], fits: dict[str, Any], re
             [p["high"] for p in pr],
             pr[0]["chance"],
             "training compute C (FLOPs)" if by_flops else n_label,
+            _reference_line(result.get("probe_reference")),
         )
     png = plot_scaling(
         out / "scaling.png",
@@ -440,6 +457,13 @@ def _write_report(cfg: Any, rows: list[dict[str, Any]], fits: dict[str, Any], re
         _report(cfg, done, fits, result, task, target).write(pub / f"{cfg.report.name}.md")
 
 
+def _reference_line(reference: dict[str, Any] | None) -> tuple[str, float, float, float] | None:
+    if reference is None:
+        return None
+    return (f"{reference['model']} ({reference['items']} items)", reference["accuracy"], reference["low"],
+            reference["high"])
+
+
 def _report(cfg: Any, done: list[dict[str, Any]], fits: dict[str, Any], result: dict[str, Any],
             task: TaskPoints | None, png: Path) -> Report:
     from lmcraft.report import Report
@@ -461,6 +485,9 @@ def _report(cfg: Any, done: list[dict[str, Any]], fits: dict[str, Any], result: 
             p = r["probe"]
             row.append(f"{p['accuracy']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" if p else "")
     rep.table(headers, table)
+    total = sum(r["seconds"] for r in done)
+    rep.text(f"Wall-clock time of the {len(done)} runs together: {total / 60:.1f} minutes (`seconds`: each "
+             "pre-training run from start to saved model, without the probe).")
     rep.section("Fits")
     rows_fit = [[fit.to_dict()["law"], name, f"{getattr(fit, name):.4g}", f"[{lo:.4g}, {hi:.4g}]"]
                 for fit in good.values() for name, (lo, hi) in fit.ci.items()]
@@ -486,6 +513,10 @@ def _report(cfg: Any, done: list[dict[str, Any]], fits: dict[str, Any], result: 
                  f"(chance {probe['chance']:.2f}): the true speaker, who always appears in the context, the other "
                  "speakers of the context, and other speakers of the play; the model picks by log-likelihood. The "
                  f"lower end of the 95% Wilson interval is above chance {where}.")
+        ref = result.get("probe_reference")
+        if ref is not None:
+            rep.text(f"Reference: the pretrained `{ref['model']}` scores {ref['accuracy']:.3f} "
+                     f"[{ref['low']:.3f}, {ref['high']:.3f}] on the first {ref['items']} items (dashed line).")
     return rep
 
 
@@ -499,4 +530,7 @@ def _format_result(result: dict[str, Any]) -> str:
         lines.append(f"  {fit['law']}: {ci}")
     for key, reason in result["not_fitted"].items():
         lines.append(f"  L({key}) not fitted: {reason}")
+    ref = result["probe_reference"]
+    if ref is not None:
+        lines.append(f"  reference {ref['model']}: next-speaker accuracy {ref['accuracy']:.3f} on {ref['items']} items")
     return "\n".join(lines)
