@@ -406,3 +406,21 @@ def test_clm_long_documents_are_packed_not_truncated(tmp_path) -> None:
                      validation=DataSource(path=str(tmp_path / "b.txt")), max_length=8, max_train_examples=5)
     data = build_task_data(cfg, "clm", tok)
     assert len(data.train) == 5 and len(data.validation) == 21 // 8 and data.truncated == 0
+
+
+def test_qlora_training_keeps_no_dense_weights_for_backward() -> None:
+    """NF4 layers dequantise again in backward: autograd saves no (out, in) weight (the QLoRA memory saving)."""
+    from lmcraft.peft.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    layer = NF4Linear(dense)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    y.square().sum().backward()
+    assert (48, 64) not in saved and (64, 48) not in saved
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.linear(x_ref, layer.dequantize(), layer.bias).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)

@@ -106,10 +106,30 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     return values.view(-1)[:n].view(q.shape).to(dtype)
 
 
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x W_hat^T, with W_hat dequantised again in backward (dx = dy W_hat) instead of being kept for it.
+
+    A plain `F.linear(x, dequantize())` makes autograd save the dense weight of every layer until the backward
+    pass, which costs as much memory as the unquantised model during training.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4; the weight is dequantised on the fly in every forward pass.
 
-        y = x W_hat^T + b,   W_hat = dequantize_nf4(W)  (computed in `compute_dtype`, never stored)
+        y = x W_hat^T + b,   W_hat = dequantize_nf4(W)  (computed in `compute_dtype`, never stored; dequantised
+                                                          again in the backward pass)
 
     The quantised state is kept as buffers (so `.to(device)` and `state_dict()` carry it); the bias, if any, stays
     a frozen floating-point parameter.
@@ -150,8 +170,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.quantized(), self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        y = _DequantizedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
