@@ -89,7 +89,7 @@ class FitSection(Section):
     n_boot: int = Field(1000, ge=50)
     level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
-    embeddings: bool = False  # count embedding parameters in N
+    embeddings: bool = Field(False, description="count embedding parameters in N")
 
 
 class ProbeSection(Section):
@@ -100,13 +100,13 @@ class ProbeSection(Section):
     context_chars: int = Field(400, ge=50)
     seed: int = 0
     batch_size: int = Field(32, ge=1)
-    reference: str | None = None  # a pretrained model (folder or asset) scored on the first `reference_items` items
-    reference_items: int = Field(100, ge=10)
+    reference: str | None = Field(None, description="a pretrained model (folder or asset) scored as a yardstick")
+    reference_items: int = Field(100, ge=10, description="the reference scores this many of the items")
 
 
 class ReportSection(Section):
     title: str = "Scaling sweep"
-    publish_dir: Path | None = None  # also write NAME.md and NAME.png here (e.g. docs/results)
+    publish_dir: Path | None = Field(None, description="also write NAME.md and NAME.png here (e.g. docs/results)")
     name: str = Field("scaling", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
@@ -128,13 +128,14 @@ def config_class() -> type[StageConfig]:
         model: ModelSection
         sizes: list[SizeSpec] = []
         grid: GridSection | None = None
-        tokens: int | list[int] = Field(description="training tokens per run; a list sweeps the data too")
+        tokens: int | list[int] = Field(description="training tokens per run (sets trainer.max_steps); a list "
+                                                    "sweeps the data too")
         objective: ObjectiveSection = ObjectiveSection(name="clm")
         data: DataSection
         tokenizer: TokenizerSection = TokenizerSection()
         trainer: TrainerConfig = TrainerConfig()
         samples: SamplesSection = SamplesSection(max_new_tokens=32)
-        curve_points: int = Field(8, ge=1, description="evaluations per run (the loss-vs-compute curves)")
+        curve_points: int = Field(8, ge=1, description="evaluations per run (sets trainer.eval_every)")
         threads: int | None = Field(None, ge=1, description="torch CPU threads (1 is often faster on a busy machine)")
         fit: FitSection = FitSection()
         probe: ProbeSection | None = ProbeSection()
