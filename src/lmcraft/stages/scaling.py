@@ -153,7 +153,7 @@ def config_class() -> type[StageConfig]:
             budgets = self.token_budgets()
             if any(t < 1 for t in budgets) or len(set(budgets)) != len(budgets):
                 raise ValueError(f"tokens must be positive and distinct, got {budgets}")
-            if self.data.eval_inputs is not None:
+            if getattr(self.data, "eval_inputs", None) is not None:  # pretrain's held-out files (newer pretrain)
                 raise ValueError("data.eval_inputs is not supported by the sweep (later runs reuse the first run's "
                                  "packed data, which has one folder); hold out documents with data.val_fraction")
             if self.probe is not None and self.objective.name != "clm":
