@@ -43,10 +43,15 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
 class FakeStages(Pipeline):
     """Runs stages in-process by writing a marker file (or failing on demand), recording the calls."""
 
-    def __init__(self, cfg: PipelineConfig, fail: set[str] | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, fail: set[str] | None = None, check: bool = False) -> None:
         super().__init__(cfg)
         self.calls: list[str] = []
         self.fail = fail or set()
+        self.checked = check
+
+    def check(self) -> None:
+        if self.checked:
+            super().check()
 
     def _run_stage(self, spec, folder, config, stream):  # noqa: ANN001, ANN202
         self.calls.append(spec.name)
@@ -86,9 +91,32 @@ def test_dry_run_shows_estimates(tmp_path: Path) -> None:
 
 
 def test_real_subprocess_stage_and_failure_message(tmp_path: Path) -> None:
-    """A child process runs a real stage; a failing stage names its log."""
-    cfg = _cfg(tmp_path, [{"name": "bad", "stage": "eval", "config": {"no_such_key": 1}}])
+    """A real stage runs in a child process; when it fails, the error names its log, which holds the reason."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"line {i} of a tiny corpus with some words" for i in range(200)))
+    cfg = _cfg(tmp_path, [
+        {"name": "tok", "stage": "tokenizer", "output_key": "output",
+         "config": {"inputs": [{"path": str(corpus)}], "vocab_size": 300, "held_out_fraction": 0.1}},
+        {"name": "bad", "stage": "tokenizer", "output_key": "output",
+         "config": {"inputs": [{"path": "${tok}/no-such-file.txt"}], "vocab_size": 300}},
+    ])
     with pytest.raises(LmcraftError, match="log.txt"):
         Pipeline(cfg).run()
-    log = (tmp_path / "run" / "bad" / "log.txt").read_text()
-    assert "no_such_key" in log
+    assert (tmp_path / "run" / "tok" / "tokenizer.json").exists()
+    assert "no-such-file.txt" in (tmp_path / "run" / "bad" / "log.txt").read_text()
+
+
+def test_stage_configs_are_checked_before_any_work(tmp_path: Path) -> None:
+    """A typo in the last stage fails at once; a path that an earlier stage will write is accepted."""
+    stages = [
+        {"name": "ok", "stage": "tokenizer", "output_key": "output",
+         "config": {"inputs": [{"path": str(tmp_path)}], "vocab_size": 300}},
+        {"name": "typo", "stage": "tokenizer", "output_key": "output",
+         "config": {"inputs": [{"path": "${ok}/corpus.txt"}], "vocab_sise": 300}},
+    ]
+    pipe = FakeStages(_cfg(tmp_path, stages), check=True)
+    with pytest.raises(ConfigError, match="vocab_sise"):
+        pipe.run()
+    assert pipe.calls == []
+    stages[1]["config"]["vocab_size"] = stages[1]["config"].pop("vocab_sise")
+    FakeStages(_cfg(tmp_path, stages), check=True).check()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -103,9 +104,13 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(fields) if fields else []
 
 
-def _format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+def _format_validation_error(
+    err: ValidationError, model: type[BaseModel], source: str, ignore: Callable[[dict], bool] | None = None
+) -> str:
     lines = []
     for e in err.errors():
+        if ignore is not None and ignore(e):
+            continue
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
@@ -119,7 +124,7 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel], sourc
             given = e.get("input")
             given_txt = f" (given: {given!r})" if not isinstance(given, dict | list) else ""
             lines.append(f"key {key!r}: {e['msg']}{given_txt}.")
-    return f"invalid config {source}: " + " ".join(lines)
+    return f"invalid config {source}: " + " ".join(lines) if lines else ""
 
 
 def validate_config(cls: type[C], data: dict[str, Any], source: str = "") -> C:
@@ -128,6 +133,22 @@ def validate_config(cls: type[C], data: dict[str, Any], source: str = "") -> C:
         return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, cls, source or cls.__name__)) from None
+
+
+def precheck_config(cls: type[BaseModel], data: dict[str, Any], source: str,
+                    pending_paths: Callable[[str], bool]) -> None:
+    """Validate now a config whose files may only exist later: missing paths for which `pending_paths(path)`
+    is true (outputs of earlier pipeline stages) are accepted; any other problem raises `ConfigError`."""
+
+    def later(e: dict) -> bool:
+        return "does not exist" in str(e.get("msg", "")) and pending_paths(str(e.get("input", "")))
+
+    try:
+        cls.model_validate(data)
+    except ValidationError as err:
+        message = _format_validation_error(err, cls, source, ignore=later)
+        if message:
+            raise ConfigError(message) from None
 
 
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
@@ -168,6 +189,7 @@ def describe_config(cls: type[BaseModel], indent: int = 2) -> str:
                 lines.append(f"{pad}{name}: {many}{doc}".rstrip())
                 walk(nested, depth + 1)
                 continue
+            name = info.alias or name
             default = "required" if info.is_required() else f"= {_short(info.get_default(call_default_factory=True))}"
             doc = f"  # {info.description}" if info.description else ""
             lines.append(f"{pad}{name}: {_type_name(info.annotation)} {default}{doc}")

@@ -18,6 +18,7 @@ Stages report to the pipeline through an optional `summary.json` in their folder
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -156,6 +157,21 @@ class Pipeline:
                          "status": "done" if complete else "pending", "minutes": minutes})
         return rows
 
+    def check(self) -> None:
+        """Validate every pending stage's config before any work (outputs of earlier stages may not exist yet)."""
+        from lmcraft.cli import STAGES
+        from lmcraft.config import precheck_config
+
+        run_dir = str(self.run_dir.resolve())
+        for row in self.plan():
+            if row["status"] == "done":
+                continue
+            spec = row["spec"]
+            module = importlib.import_module(STAGES[spec.stage][0])
+            if hasattr(module, "config_class"):
+                precheck_config(module.config_class(), row["config"], f"of pipeline stage {spec.name!r}",
+                                lambda path: str(Path(path).resolve()).startswith(run_dir))
+
     def describe(self) -> str:
         rows = self.plan()
         lines = [f"pipeline: {len(rows)} stages in {self.run_dir}", ""]
@@ -175,6 +191,7 @@ class Pipeline:
     def run(self, stream: Any = None) -> Path:
         """Run every pending stage in order; returns the report's HTML path."""
         stream = stream or sys.stderr
+        self.check()
         rows = self.plan()
         start = time.perf_counter()
         for i, row in enumerate(rows, 1):

@@ -29,3 +29,10 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     rows = run_compare(cfg, methods, rerun=args.rerun)
     return 0 if all(r["error"] is None for r in rows) else 1
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft compare --help` and checked by `lmcraft pipeline`."""
+    from lmcraft.finetune.config import CompareConfig
+
+    return CompareConfig

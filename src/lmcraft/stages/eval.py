@@ -114,3 +114,8 @@ def run(args: argparse.Namespace) -> int:
         results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit, on_result=save))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft eval --help` and checked by `lmcraft pipeline`."""
+    return EvalConfig

@@ -29,3 +29,10 @@ def run(args: argparse.Namespace) -> int:
                                      "peak_memory_mb", "step_seconds", "tokens_per_second", "final")}
     print(json.dumps(shown, indent=1, default=str))
     return 0
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft finetune --help` and checked by `lmcraft pipeline`."""
+    from lmcraft.finetune.config import FinetuneConfig
+
+    return FinetuneConfig

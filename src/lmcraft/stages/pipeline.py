@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from lmcraft.pipeline import Pipeline, PipelineConfig
 
     pipeline = Pipeline(load_stage_config(PipelineConfig, args))
+    pipeline.check()
     print(pipeline.describe())
     if not args.dry_run:
         pipeline.run()

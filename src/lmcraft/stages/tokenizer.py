@@ -102,3 +102,8 @@ def run(args: argparse.Namespace) -> int:
         f"held-out: {report['bytes_per_token']:.3f} bytes/token ({report['held_out_bytes']:,} bytes)"
     )
     return 0
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft tokenizer --help` and checked by `lmcraft pipeline`."""
+    return TokenizerConfig
