@@ -1,0 +1,194 @@
+"""Training speed and memory: lmcraft vs transformers, one full step (forward + backward + AdamW step), same model.
+
+    python -m bench.bench_train [--batch 8] [--seq-len 256] [--repeats 5] [--threads N] [--matmul-size 2048]
+                                [--precisions fp32 bf16] [--skip-memory]
+
+Model: the llama-14m preset (14.6M parameters, vocabulary 8192) with random weights, saved once in Hugging Face
+layout and loaded by both libraries: the same weights, the same batch (random token ids), the same thread count.
+Each side runs its own training path:
+- lmcraft: `hub.load_model`, the `clm` objective's loss (summed next-token cross-entropy / targets, what the
+  Trainer minimises) and AdamW from `lmcraft.train.optim.build_optimizer` (what the Trainer uses);
+- transformers: `LlamaForCausalLM` (sdpa attention), `model(input_ids, labels=input_ids).loss`, and fused AdamW
+  (`adamw_torch_fused`, the HF Trainer's default optimizer with torch >= 2.8).
+Precisions: fp32, and bf16 autocast (fp32 weights and optimizer, bf16 matmuls) on both sides.
+
+Throughput: tokens per step / best wall time over interleaved repeats (`bench.common.compare`, A B A B ...).
+Memory: peak RSS growth over two training steps (the first allocates gradients and AdamW state), each library in a
+fresh subprocess: the peak (VmHWM) is reset through /proc/self/clear_refs, then peak VmHWM - VmRSS before the steps.
+MFU: 6 N tokens/s / P, with N the parameter count (the tied embedding counted once) and P the measured fp32 peak,
+the best GFLOP/s of a square fp32 matmul (`--matmul-size`) with the same threads. Attention scores (12 L T d FLOPs
+per token, about 10% more at T = 256) are not counted, as in the usual 6N definition.
+The first step's losses of both sides are printed: same weights and batch give the same loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.common import Table, compare, fmt, machine, ratio, set_threads
+
+LR = 1e-4
+
+
+def matmul_peak(size: int, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of one (size x size) @ (size x size) product (2 size^3 FLOPs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def llama_14m_folder(root: Path) -> Path:
+    from lmcraft.hub import save_model
+    from lmcraft.models import LanguageModel, preset
+
+    folder = root / "llama-14m"
+    torch.manual_seed(0)
+    save_model(LanguageModel(preset("llama-14m")), folder)
+    return folder
+
+
+def lmcraft_step(folder: Path, batch: torch.Tensor, precision: str) -> tuple[Callable[[], float], int]:
+    """(one training step returning the loss, parameter count) on lmcraft's training path."""
+    from lmcraft.hub import load_model
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.train.optim import build_optimizer, param_groups
+
+    model = load_model(folder, dtype=torch.float32).train()
+    objective = CausalLM()
+    optimizer = build_optimizer(param_groups(model, 0.0, LR), LR, (0.9, 0.999), 1e-8)
+    data = objective.transform({"input_ids": batch})
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = objective.loss(model, data)
+        loss = out.loss_sum / out.num_targets
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, model.num_parameters()
+
+
+def transformers_step(folder: Path, batch: torch.Tensor, precision: str) -> tuple[Callable[[], float], int]:
+    """(one training step returning the loss, parameter count) as the HF Trainer runs it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                  fused=True)
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, model.num_parameters()
+
+
+BUILDERS = {"lmcraft": lmcraft_step, "transformers": transformers_step}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_child(library: str, folder: Path, batch_size: int, seq_len: int, precision: str) -> None:
+    """Print {"peak_mb": ...}: peak RSS growth of two training steps in this fresh process."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    batch = torch.randint(0, 8192, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    step, _ = BUILDERS[library](folder, batch, precision)
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+    before = _status_kb("VmRSS")
+    step()
+    step()
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+
+
+def peak_memory_mb(library: str, folder: Path, args: argparse.Namespace, precision: str) -> float:
+    cmd = [sys.executable, "-m", "bench.bench_train", "--memory-child", library, str(folder), "--batch",
+           str(args.batch), "--seq-len", str(args.seq_len)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run([*cmd, "--precisions", precision], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (best kept)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for both sides (default: all cores)")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
+    parser.add_argument("--memory-child", nargs=2, metavar=("LIBRARY", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    set_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child[0], Path(args.memory_child[1]), args.batch, args.seq_len, args.precisions[0])
+        return 0
+    peak = matmul_peak(args.matmul_size)
+    tokens = args.batch * args.seq_len
+    print(f"# training step (forward + backward + AdamW), llama-14m, batch {args.batch} x {args.seq_len} tokens — "
+          f"{machine()}, transformers {transformers.__version__}", flush=True)
+    print(f"# fp32 matmul peak ({args.matmul_size}^2): {peak:.1f} GFLOP/s", flush=True)
+    columns = ["precision", "lmcraft tok/s", "transformers tok/s", "ratio", "lmcraft MFU", "transformers MFU"]
+    if not args.skip_memory:
+        columns += ["lmcraft peak MB", "transformers peak MB", "memory ratio"]
+    table = Table(columns)
+    batch = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        folder = llama_14m_folder(Path(tmp))
+        for precision in args.precisions:
+            steps, params = {}, 0
+            for name, build in BUILDERS.items():
+                steps[name], params = build(folder, batch, precision)
+            first = {name: step() for name, step in steps.items()}  # warm-up; the same weights give the same loss
+            print(f"  {precision}: first-step loss lmcraft {first['lmcraft']:.6f}, "
+                  f"transformers {first['transformers']:.6f}", file=sys.stderr, flush=True)
+            best = compare(steps, repeats=args.repeats, warmup=0)
+            tps = {name: tokens / seconds for name, seconds in best.items()}
+            mfu = {name: 6 * params * tps[name] / (peak * 1e9) for name in tps}
+            row = [precision, fmt(tps["lmcraft"]), fmt(tps["transformers"]), ratio(tps["lmcraft"], tps["transformers"]),
+                   f"{mfu['lmcraft']:.0%}", f"{mfu['transformers']:.0%}"]
+            if not args.skip_memory:
+                mem = {name: peak_memory_mb(name, folder, args, precision) for name in BUILDERS}
+                row += [fmt(mem["lmcraft"], 0), fmt(mem["transformers"], 0),
+                        f"{mem['lmcraft'] / mem['transformers']:.2f}x"]
+            table.add(row)
+            del steps
+    table.print()
+    print("ratio > 1: lmcraft faster; memory ratio < 1: lmcraft uses less. MFU = 6 N tok/s / measured fp32 peak.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
