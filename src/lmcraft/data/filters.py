@@ -34,6 +34,7 @@ _CONFIG = {"extra": "forbid"}
 _BULLETS = ("•", "●", "○", "▪", "▫", "■", "□", "◦", "‣", "⁃", "-", "*", "–", "—", "➢", "➤", "►", "→")
 _ELLIPSES = ("...", "…")
 _STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+_LETTER = re.compile(r"[^\W\d_]")  # any Unicode letter
 
 
 @dataclass
@@ -67,6 +68,12 @@ class GopherQuality:
     stop_words: list[str] = field(default_factory=lambda: list(_STOP_WORDS))
     __pydantic_config__ = _CONFIG
 
+    def __post_init__(self) -> None:
+        self._stop_regex: re.Pattern[str] | None = None  # built on first use (not pickled: rebuilt)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stop_regex": None}
+
     def __call__(self, text: str) -> str | None:
         words = text.split()
         n = len(words)
@@ -76,7 +83,7 @@ class GopherQuality:
             return "too_many_words"
         if n == 0:
             return None
-        mean_len = sum(len(w) for w in words) / n
+        mean_len = sum(map(len, words)) / n
         if self.min_mean_word_length is not None and mean_len < self.min_mean_word_length:
             return "short_mean_word_length"
         if self.max_mean_word_length is not None and mean_len > self.max_mean_word_length:
@@ -93,12 +100,15 @@ class GopherQuality:
             if sum(ln.endswith(_ELLIPSES) for ln in lines) / len(lines) > self.max_ellipsis_lines_ratio:
                 return "ellipsis_lines"
         if self.min_alpha_words_ratio is not None:
-            alpha = sum(any(c.isalpha() for c in w) for w in words)
+            alpha = sum(map(str.isalpha, words))  # fast path: words made of letters only
+            if alpha / n < self.min_alpha_words_ratio:  # then count words with a letter among other characters
+                alpha += sum(1 for w in words if not w.isalpha() and _LETTER.search(w))
             if alpha / n < self.min_alpha_words_ratio:
                 return "few_alphabetic_words"
         if self.min_stop_words:
-            present = {w.lower().strip(".,;:!?\"'()") for w in words} & set(self.stop_words)
-            if len(present) < self.min_stop_words:
+            if self._stop_regex is None:
+                self._stop_regex = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, self.stop_words)) + r")(?!\w)")
+            if len(set(self._stop_regex.findall(text.lower()))) < self.min_stop_words:
                 return "few_stop_words"
         return None
 
@@ -179,15 +189,18 @@ class GopherRepetition:
             if self.max_dup_line_char_fraction is not None and chars > self.max_dup_line_char_fraction:
                 return "dup_line_chars"
         words = text.lower().split()
-        total = sum(len(w) for w in words)
+        total = sum(map(len, words))
         if not total:
             return None
         for n, limit in sorted(self.top_ngram_max_fraction.items()):
             if _top_ngram_char_fraction(words, n, total) > limit:
                 return f"top_{n}gram"
         for n, limit in sorted(self.dup_ngram_max_fraction.items()):
-            if _dup_ngram_char_fraction(words, n, total) > limit:
+            fraction = _dup_ngram_char_fraction(words, n, total)
+            if fraction > limit:
                 return f"dup_{n}gram"
+            if fraction == 0.0:
+                break  # every repeated (n+1)-gram contains a repeated n-gram: none for larger n either
         return None
 
 

@@ -160,6 +160,14 @@ def _work(docs: list[Any]) -> Any:
 # ---- main side ---------------------------------------------------------------------------------
 
 
+def _context() -> Any:
+    """fork where the platform has it: workers start in milliseconds and do not re-import the caller's
+    main module (spawn would, and a script that imports torch would pay for it in every worker)."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 class _Chunks:
     """The input stream cut into chunks of `size` documents, each with the input errors met reading it."""
 
@@ -415,18 +423,16 @@ def prepare(
     finished = bool(records) and records[-1].get("last", False)  # every chunk of the input is written
 
     chunks = _Chunks(cfg, files, doc_shard, skip)
+    pool = None
+    if not finished and workers > 1:  # started before the progress bar's monitor thread exists
+        pool = _context().Pool(workers, initializer=_init_worker, initargs=(steps, tok))
+    elif not finished:
+        _init_worker(steps, tok, in_pool=False)
     bar = tqdm(desc="prepare", unit="doc", initial=skip, disable=not progress or finished, file=sys.stderr)
     k = len(done)
     new = 0
-    pool = None
     try:
         if not finished:
-            if workers > 1:
-                import multiprocessing as mp
-
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(steps, tok))
-            else:
-                _init_worker(steps, tok, in_pool=False)
             pending: deque = deque()
 
             def handle(item: tuple[Any, dict, int, int, bool]) -> None:
@@ -472,3 +478,8 @@ def prepare(
 
     report = write_report(stats, out, cfg.title)
     return {**stats, "output": str(out), "report": str(report)}
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft prepare --help` and checked by `lmcraft pipeline`."""
+    return PrepareConfig
