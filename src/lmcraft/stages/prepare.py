@@ -45,22 +45,28 @@ __all__ = ["PackConfig", "PrepareConfig", "add_arguments", "run"]
 class PackConfig(Section):
     """Tokenise kept documents and pack them into token shards."""
 
-    tokenizer: ExistingPath  # a folder with tokenizer.json, or the file itself
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    shard_tokens: int = Field(100_000_000, ge=1)
-    sentences: bool = True  # keep sentence boundaries (needed for NSP/SOP)
-    eos_token: str | None = None  # default: eos_token (else sep_token) of tokenizer_config.json
+    tokenizer: ExistingPath = Field(description="a folder with tokenizer.json, or the file itself")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="documents to the validation split (by id hash)")
+    shard_tokens: int = Field(100_000_000, ge=1, description="start a new shard after this many tokens")
+    sentences: bool = Field(True, description="keep sentence boundaries (needed for NSP/SOP readers)")
+    eos_token: str | None = Field(None, description="default: eos_token, else sep_token, of tokenizer_config.json")
 
 
 class PrepareConfig(StageConfig):
-    inputs: list[Any]  # InputSpec entries, or plain paths/globs
-    output: Path
-    steps: list[Any] = []  # {type: NAME, ...} entries, see lmcraft.data.pipeline.STEP_TYPES
-    on_error: Literal["skip", "raise"] = "skip"
-    chunk_docs: int = Field(1000, ge=1)
-    pack: PackConfig | None = None
-    seed: int = 0
-    title: str = "Data preparation report"
+    inputs: list[Any] = Field(
+        description="paths/globs (asset:NAME/... allowed) or {path, format, text_field, id_field, text_mode}"
+    )
+    output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md, report.png")
+    steps: list[Any] = Field(
+        [],
+        description="{type: NAME, ...}: html normalize whitespace boilerplate pii min_length language "
+        "gopher_quality gopher_repetition c4 blocklist exact_dedup minhash_dedup augment",
+    )
+    on_error: Literal["skip", "raise"] = Field("skip", description="bad input records: count and skip, or stop")
+    chunk_docs: int = Field(1000, ge=1, description="documents per chunk (the unit of work and of resuming)")
+    pack: PackConfig | None = Field(None, description="tokenise and pack into token shards")
+    seed: int = Field(0, description="seed of the train/validation split")
+    title: str = Field("Data preparation report", description="title of report.md")
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -20,21 +20,21 @@ from pydantic import Field, field_validator
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_config_arguments, load_stage_config
 
-__all__ = ["TokenizerConfig", "add_arguments", "run", "train"]
+__all__ = ["TokenizerConfig", "add_arguments", "config_class", "run", "train"]
 
 
 class TokenizerConfig(StageConfig):
-    inputs: list[Any]  # InputSpec entries, or plain paths/globs
-    output: Path
-    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"
+    inputs: list[Any] = Field(description="paths/globs (asset:NAME/... allowed) or {path, format, text_field, ...}")
+    output: Path = Field(description="folder for tokenizer.json, tokenizer_config.json, tokenizer_report.json")
+    kind: Literal["bpe", "wordpiece", "unigram"] = Field("bpe", description="byte-level BPE, WordPiece or Unigram")
     vocab_size: int = Field(8000, ge=32)
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(2, ge=1, description="minimum pair/word count to merge (BPE, WordPiece)")
     lowercase: bool = False
-    special_tokens: dict[str, str] | None = None  # role -> token; default per kind
-    chat_template: str | None = "chatml"  # "chatml", null for none, or a Jinja template
+    special_tokens: dict[str, str] | None = Field(None, description="role -> token; default per kind")
+    chat_template: str | None = Field("chatml", description='"chatml", null for none, or a Jinja template')
     model_max_length: int = Field(2048, ge=1)
-    held_out_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    max_docs: int | None = Field(None, ge=1)
+    held_out_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="documents kept out to measure bytes/token")
+    max_docs: int | None = Field(None, ge=1, description="read at most this many documents")
     seed: int = 0
     on_error: Literal["skip", "raise"] = "skip"
 
