@@ -12,6 +12,7 @@ from lmcraft.generate import (
     GenerationError,
     TokenChooser,
     apply_repetition_penalty,
+    fused_projections,
     generate,
     min_p_filter,
     top_k_filter,
@@ -57,6 +58,37 @@ def test_left_padded_batch_equals_each_prompt_alone() -> None:
     alone = [generate(model, [p], config).tokens[0] for p in prompts]
     assert batched.tokens == alone
     assert batched.prompt_lengths == [1, 8, 3]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "num_kv_heads": 4},
+                                       {"mlp": "plain", "activation": "gelu"}])
+def test_fused_projections_give_the_same_logits(overrides: dict) -> None:
+    model = tiny(**overrides)
+    ids = torch.tensor([[3, 9, 27, 81], [5, 25, 1, 2]])
+    with torch.inference_mode():
+        cache = model.new_cache(2, 8)
+        expected = [model(ids, past_key_values=cache).logits, model(ids[:, :1], past_key_values=cache).logits]
+        with fused_projections(model):
+            cache = model.new_cache(2, 8)
+            got = [model(ids, past_key_values=cache).logits, model(ids[:, :1], past_key_values=cache).logits]
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert all(layer.self_attn.fused is None and layer.mlp.fused is None for layer in model.model.layers)
+
+
+def test_prefix_reaches_every_decoding_step() -> None:
+    model = tiny()
+    cfg = model.config
+    torch.manual_seed(1)
+    prefix = [(torch.randn(1, cfg.num_kv_heads, 3, cfg.head_dim), torch.randn(1, cfg.num_kv_heads, 3, cfg.head_dim))
+              for _ in range(cfg.num_layers)]
+    prompt, ids = [4, 8, 15], [4, 8, 15]
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]), prefix=prefix).logits[0, -1].argmax()))
+    result = generate(model, [prompt], GenerationConfig(max_new_tokens=6, eos_token_ids=()), prefix=prefix)
+    assert result.tokens[0] == ids[3:]
+    assert result.tokens[0] != generate(model, [prompt], GenerationConfig(max_new_tokens=6, eos_token_ids=())).tokens[0]
 
 
 def test_tensor_input_with_attention_mask_matches_lists() -> None:

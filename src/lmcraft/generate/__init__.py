@@ -5,7 +5,15 @@
     result = generate_text(model, tokenizer, "What is 2+2?", chat=True)                  # result.texts
 """
 
-from lmcraft.generate.core import Generation, GenerationConfig, GenerationError, GenerationResult, generate, left_pad
+from lmcraft.generate.core import (
+    Generation,
+    GenerationConfig,
+    GenerationError,
+    GenerationResult,
+    fused_projections,
+    generate,
+    left_pad,
+)
 from lmcraft.generate.sampling import (
     TokenChooser,
     apply_repetition_penalty,
@@ -30,6 +38,7 @@ __all__ = [
     "decode_continuation",
     "encode_prompts",
     "encode_text",
+    "fused_projections",
     "generate",
     "generate_text",
     "left_pad",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,20 @@ def _eos_ids(config: GenerationConfig, model: nn.Module) -> frozenset[int]:
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def fused_projections(model: nn.Module) -> Iterator[None]:
+    """Let layers that can (`fuse_projections()`) compute q/k/v and gate/up with one matrix product each
+    for the duration of a generation; the stacked weight copies are dropped afterwards."""
+    layers = [m for m in model.modules() if hasattr(m, "fuse_projections")]
+    try:
+        for layer in layers:
+            layer.fuse_projections()
+        yield
+    finally:
+        for layer in layers:
+            layer.unfuse_projections()
 
 
 class Generation:
@@ -233,47 +248,53 @@ class Generation:
         if self._done:
             raise RuntimeError("a Generation runs once; create a new one to generate again")
         self._done = True
-        model, c = self.model, self.config
+        model = self.model
         was_training = model.training
         model.eval()
         start = time.perf_counter()
         try:
-            if c.max_new_tokens == 0:
-                return
-            ids, mask = self.input_ids, self.attention_mask
-            rows, width = ids.shape
-            extra = {} if self.prefix is None else {"prefix": self.prefix}
-            with torch.inference_mode():
-                cache = model.new_cache(rows, width + c.max_new_tokens)
-                if mask is None:
-                    positions = torch.arange(width, device=ids.device).expand(rows, -1)
-                    full_mask = None
-                else:
-                    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                    full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
-                    full_mask[:, :width] = mask
-                logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                               logits_to_keep=1, **extra).logits[:, -1]
-                chooser = self._chooser()
-                chooser.observe_prompt(ids, mask, logits.shape[-1])
-                next_pos = positions[:, -1:] + 1
-            self.prefill_s = time.perf_counter() - start
-            for step in range(c.max_new_tokens):
-                with torch.inference_mode():
-                    chosen = chooser(logits)
-                    chooser.observe(chosen)
-                    entries = self._record(chosen.tolist())
-                yield entries
-                if step == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
-                    break
-                with torch.inference_mode():
-                    step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
-                    logits = model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
-                                   past_key_values=cache, **extra).logits[:, -1]
-                    next_pos = next_pos + 1
+            with fused_projections(model):
+                yield from self._decode()
         finally:
             self.elapsed_s = time.perf_counter() - start
             model.train(was_training)
+
+    def _decode(self) -> Iterator[list[int | None]]:
+        model, c = self.model, self.config
+        if c.max_new_tokens == 0:
+            return
+        start = time.perf_counter()
+        ids, mask = self.input_ids, self.attention_mask
+        rows, width = ids.shape
+        extra = {} if self.prefix is None else {"prefix": self.prefix}
+        with torch.inference_mode():
+            cache = model.new_cache(rows, width + c.max_new_tokens)
+            if mask is None:
+                positions = torch.arange(width, device=ids.device).expand(rows, -1)
+                full_mask = None
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
+                full_mask[:, :width] = mask
+            logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           logits_to_keep=1, **extra).logits[:, -1]
+            chooser = self._chooser()
+            chooser.observe_prompt(ids, mask, logits.shape[-1])
+            next_pos = positions[:, -1:] + 1
+        self.prefill_s = time.perf_counter() - start
+        for step in range(c.max_new_tokens):
+            with torch.inference_mode():
+                chosen = chooser(logits)
+                chooser.observe(chosen)
+                entries = self._record(chosen.tolist())
+            yield entries
+            if step == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
+                break
+            with torch.inference_mode():
+                step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+                logits = model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
+                               past_key_values=cache, **extra).logits[:, -1]
+                next_pos = next_pos + 1
 
     def result(self) -> GenerationResult:
         reasons = [r or "length" for r in self.finish_reasons]

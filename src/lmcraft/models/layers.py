@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.models.config import ModelConfig
-from lmcraft.models.rope import apply_rope
+from lmcraft.models.rope import apply_rope, rotate_half
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -38,6 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same math in one call
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -69,12 +71,14 @@ class KVCache:
         return self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
+        n = k.shape[2]
+        end = self.length + n
         if end > self.capacity:
             self._grow(max(end, 2 * self.capacity))
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys.narrow(2, self.length, n).copy_(k)
+        values.narrow(2, self.length, n).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -144,7 +148,14 @@ def build_attention_mask(
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys."""
+    """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys.
+
+    Decoding (one new token per row, with a cache, in eval mode) takes `_decode`: q and k are rotated
+    together, and the `groups` query heads sharing one key/value head become `groups` query rows of that
+    head, so the cached keys/values are read in place instead of being repeated per query head.
+    `fuse_projections()` (used by generation) stacks the q/k/v weights so that one matrix product yields
+    all three; the stacked copy is used only while gradients are off and is dropped by `unfuse_projections()`.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -155,6 +166,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.dropout = cfg.attention_dropout
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse_projections(self) -> bool:
+        """Stack q/k/v weights (and biases) for generation; False (nothing done) unless all three are plain
+        `nn.Linear` (an adapter-wrapped projection keeps its own forward)."""
+        self.fused = _stack_linears(self.q_proj, self.k_proj, self.v_proj)
+        return self.fused is not None
+
+    def unfuse_projections(self) -> None:
+        self.fused = None
 
     def forward(
         self,
@@ -165,6 +186,8 @@ class Attention(nn.Module):
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and cache is not None and not self.training:
+            return self._decode(x, mask, rope, cache, prefix)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -173,9 +196,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if prefix is not None:
-            pk, pv = prefix
-            k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+            k, v = _with_prefix(k, v, prefix)
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
@@ -186,9 +207,64 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
+    def _decode(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Attention for one new token per row (x: (B, 1, H)); the mask is (B or 1, 1, 1, S) or None."""
+        b = x.shape[0]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused is not None and not torch.is_grad_enabled():
+            qkv = F.linear(x, *self.fused).view(b, h + 2 * kv, 1, d)  # T = 1: heads need no transpose
+            qk, v = qkv.split((h + kv, kv), dim=1)
+        else:
+            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(b, h + kv, 1, d)
+            v = self.v_proj(x).view(b, kv, 1, d)
+        if rope is not None:
+            cos, sin = rope
+            qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk.split((h, kv), dim=1)
+        k, v = cache.update(self.layer_idx, k, v)
+        if prefix is not None:
+            k, v = _with_prefix(k, v, prefix)
+        q = q.reshape(b, kv, h // kv, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
+        return self.o_proj(out.reshape(b, 1, h * d))
+
+
+def _with_prefix(
+    k: torch.Tensor, v: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend per-layer prefix keys/values (1 or B, kv_heads, P, D) to k, v (B, kv_heads, S, D)."""
+    b = k.shape[0]
+    pk, pv = prefix
+    k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+    return k, v
+
+
+def _stack_linears(*layers: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weights stacked along the output dim, biases likewise or None); None unless all are plain nn.Linear."""
+    if not all(type(layer) is nn.Linear for layer in layers):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([layer.weight for layer in layers])
+        has_bias = [layer.bias is not None for layer in layers]
+        if any(has_bias) and not all(has_bias):
+            return None
+        bias = torch.cat([layer.bias for layer in layers]) if all(has_bias) else None
+    return weight, bias
+
 
 class MLP(nn.Module):
-    """Gated: down(act(gate x) * up x).  Plain: down(act(up x))."""
+    """Gated: down(act(gate x) * up x).  Plain: down(act(up x)).
+
+    `fuse_projections()` stacks gate and up (generation; used only while gradients are off).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -198,8 +274,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.activation]
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse_projections(self) -> bool:
+        self.fused = _stack_linears(self.gate_proj, self.up_proj) if self.gated else None
+        return self.fused is not None
+
+    def unfuse_projections(self) -> None:
+        self.fused = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
 
@@ -217,8 +304,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rope=None, cache=None, prefix=None) -> torch.Tensor:  # noqa: ANN001
+        drop = self.dropout if self.training else _identity  # eval: skip the no-op module call
         if self.pre_norm:
-            x = x + self.dropout(self.self_attn(self.attn_norm(x), mask, rope, cache, prefix))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.self_attn(x, mask, rope, cache, prefix)))
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+            x = x + drop(self.self_attn(self.attn_norm(x), mask, rope, cache, prefix))
+            return x + drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + drop(self.self_attn(x, mask, rope, cache, prefix)))
+        return self.mlp_norm(x + drop(self.mlp(x)))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
