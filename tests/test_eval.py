@@ -192,6 +192,7 @@ def test_evaluate_task_scores_every_strategy_and_writes_outputs(tmp_path) -> Non
     assert result.strategies[2].metrics["agreement"] == 1.0
     path = write_results([result], tmp_path)
     data = json.loads(path.read_text())
+    assert load_task(data["results"][0]["config"]).config == task.config  # the saved task config reloads as is
     entry = data["results"][0]["strategies"][1]
     assert entry["strategy"] == "few_shot_cot(k=1)" and entry["metrics"]["accuracy"] == pytest.approx(2 / 3)
     samples = [json.loads(line) for line in (tmp_path / entry["samples"]).read_text().splitlines()]

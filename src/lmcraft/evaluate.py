@@ -193,7 +193,9 @@ def evaluate_task(
         stop=tuple(gen.stop),
         seed=gen.seed,
     )
-    result = TaskResult(task.config.name, model_name, len(docs), chat, [], task.config.model_dump(mode="json"))
+    result = TaskResult(
+        task.config.name, model_name, len(docs), chat, [], task.config.model_dump(mode="json", by_alias=True)
+    )
     for strategy in task.config.strategies:
         start = time.perf_counter()
         preds = strategy.run(ctx, docs, ids)
