@@ -220,3 +220,34 @@ def test_stage_resumes_exactly_after_sigkill(task: Path, tmp_path: Path, stage: 
     assert records(full) == records(killed) and len(records(full)) >= 8
     if stage == "ppo":
         assert (full / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
+
+
+def test_reward_model_on_an_encoder(task: Path, tmp_path: Path) -> None:
+    """An encoder (BERT layout) reward model: the scalar head reads the last real token, which sees the whole text."""
+    from lmcraft.hub import save_model
+    from lmcraft.models import LanguageModel, preset
+    from lmcraft.tokenizer.load import load_tokenizer
+
+    tok = load_tokenizer(task / "base")
+    torch.manual_seed(0)
+    cfg = preset("bert-tiny", vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0)
+    save_model(LanguageModel(cfg), tmp_path / "bert", tokenizer_dir=task / "base")  # an MLM checkpoint
+    cfg = stage_config("reward", task, tmp_path / "rm", start=tmp_path / "bert", max_steps=12, eval_every=12)
+    cfg["template"] = "alpaca"
+    summary = run_stage("reward", cfg, tmp_path / "rm.yaml")
+    assert summary["eval_accuracy"] is not None
+    assert json.loads((tmp_path / "rm" / "final" / "config.json").read_text())["architectures"] == [
+        "BertForSequenceClassification"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")
+                                          if p.name.split("-")[0] in ("sft", "reward", "dpo", "ppo", "rlaif")))
+def test_recipes_validate(recipe: str) -> None:
+    from lmcraft.config import load_config
+    from lmcraft.stages import dpo, label_preferences, ppo, reward, sft
+
+    stage = recipe.split("-")[0]
+    cls = label_preferences.LabelConfig if stage == "rlaif" else {
+        "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo}[stage].config_class()
+    load_config(cls, Path(__file__).parents[1] / "recipes" / recipe)

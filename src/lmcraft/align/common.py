@@ -1,4 +1,4 @@
-"""Run plumbing the alignment stages share: start model + tokenizer, samples, summary, trainer construction.
+"""Run plumbing the alignment stages share: start model + tokenizer, samples, held-out scores, summary.
 
 Every stage run writes into `output_dir`: `tokenizer/` (with the chat template in use, copied into each
 checkpoint), `step-N/` checkpoints, `metrics.jsonl`, `curves.png`, `final/`, `samples.json` and `summary.json`.
@@ -36,10 +36,12 @@ class StartPoint:
     resuming: bool
 
 
-def open_start(source: ModelSource, template: str | None, out: Path, seed: int, head: str | None = None
-               ) -> StartPoint:
-    """Load the start model (head `head`; a new head is initialised from `seed`, without hub's warning, as the
-    stage trains it) and its tokenizer, and save the tokenizer with its chat template to OUT/tokenizer."""
+def open_start(source: ModelSource, template: str | None, out: Path, seed: int, head: str | None = None,
+               num_labels: int | None = None) -> StartPoint:
+    """Load the start model and its tokenizer, and save the tokenizer with its chat template to OUT/tokenizer.
+
+    `head` names a head the stage adds and trains (the reward head): when the checkpoint lacks it, it is initialised
+    from `seed`, without hub's "newly initialised" warning."""
     import warnings
 
     import torch
@@ -50,8 +52,9 @@ def open_start(source: ModelSource, template: str | None, out: Path, seed: int, 
         torch.set_num_threads(source.threads)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*newly initialised", category=HubWarning)
-        model, tok_dir = load_start_model(source.from_, head=head, dtype=source.dtype)
+        if head is not None:
+            warnings.filterwarnings("ignore", message=".*newly initialised", category=HubWarning)
+        model, tok_dir = load_start_model(source.from_, head=head, dtype=source.dtype, num_labels=num_labels)
     tokenizer = load_stage_tokenizer(tok_dir, template)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer")

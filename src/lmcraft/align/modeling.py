@@ -38,6 +38,8 @@ __all__ = [
     "load_stage_tokenizer",
     "peft_callbacks",
     "planned_steps",
+    "reward_head",
+    "tokenizer_folder",
     "save_final",
     "unwrap",
     "with_regularization",
@@ -65,30 +67,68 @@ def _adapter_base(folder: Path) -> str:
     return str(base)
 
 
+def _model_folder(source: str | Path) -> Path:
+    """The Hugging Face folder at the root of `source` (following adapter folders to their bases)."""
+    from lmcraft.assets import resolve_model
+
+    path = Path(str(source)).expanduser()
+    return _model_folder(_adapter_base(path)) if (path / "adapter_config.json").is_file() else resolve_model(source)
+
+
+def tokenizer_folder(source: str | Path) -> Path:
+    """The folder whose tokenizer a model loaded from `source` uses (an adapter folder's own, else its base's)."""
+    from lmcraft.assets import resolve_model
+
+    path = Path(str(source)).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return path if (path / "tokenizer.json").is_file() else tokenizer_folder(_adapter_base(path))
+    return resolve_model(source)
+
+
+def reward_head(source: str | Path) -> tuple[str, int | None]:
+    """(head, num_labels) of a reward model built on `source`: the scalar `reward` head of decoders (last real token),
+    or for encoders a one-label `cls` head (pooled [CLS]), the layout Hugging Face knows for BERT."""
+    from lmcraft.hub import load_config
+
+    return ("reward", None) if load_config(_model_folder(source)).arch == "decoder" else ("cls", 1)
+
+
 def load_start_model(source: str | Path, head: str | None = None, dtype: str | None = None,
-                     device: str | None = None) -> tuple[nn.Module, Path]:
+                     device: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, Path]:
     """(model in eval mode, folder holding its tokenizer) for a model folder, asset, .gguf or adapter folder.
 
-    Adapter folders are merged into their base (see the module docstring); `head` is passed to `hub.load_model`.
+    Adapter folders are merged into their base (see the module docstring); `head` is passed to `hub.load_model`, and
+    a `cls` head gets `num_labels` outputs when given.
     """
     from lmcraft.assets import resolve_model
     from lmcraft.hub import load_model
 
     path = Path(str(source)).expanduser()
     if (path / "adapter_config.json").is_file():
-        from lmcraft import peft
+        import warnings
 
-        base, base_dir = load_start_model(_adapter_base(path), head, dtype, device)
+        from lmcraft import peft
+        from lmcraft.hub import HubWarning
+
+        with warnings.catch_warnings():
+            if json.loads((path / "adapter_config.json").read_text()).get("modules_to_save"):
+                # the adapter carries the trained head: the base's fresh head is replaced below
+                warnings.filterwarnings("ignore", message=".*newly initialised", category=HubWarning)
+            base, _ = load_start_model(_adapter_base(path), head, dtype, device, num_labels)
         merged = peft.merge(peft.load_adapter(base, path))
         if isinstance(merged, peft.PeftModel):
             method = merged.peft_configs[merged.active_adapter].method
             raise LmcraftError(f"{path}: a {method} adapter cannot be merged into its base model, so a new stage "
                                "cannot start from it; train the earlier stage with a mergeable method (LoRA, DoRA, "
                                "IA3, BitFit, AdaLoRA) or full fine-tuning")
-        tok_dir = path if (path / "tokenizer.json").is_file() else base_dir
-        return merged.eval(), tok_dir
+        return merged.eval(), tokenizer_folder(path)
     folder = resolve_model(source)
-    return load_model(folder, head=head, dtype=dtype, device=device), folder
+    model = load_model(folder, head=head, dtype=dtype, device=device)
+    if num_labels is not None and model.head_kind == "cls":
+        from lmcraft.finetune.heads import fit_head
+
+        fit_head(model, num_labels)
+    return model, folder
 
 
 def load_stage_tokenizer(folder: Path, template: str | None = None) -> Tokenizer:

@@ -35,29 +35,36 @@ def _figure(panels: int, columns: int = 3) -> tuple[Any, list[Any]]:
 
 
 def plot_ppo(rollouts: Sequence[dict[str, float]], history: Sequence[dict[str, Any]], steps_per_rollout: int,
-             path: Path, title: str = "PPO") -> None:
-    """Score (rollouts and held-out eval), KL and beta, entropy, clip fraction, value and policy loss per rollout."""
+             path: Path, title: str = "PPO", start_score: float | None = None) -> None:
+    """Score (rollouts; held-out evaluations, from `start_score` at 0), KL and beta, entropy, clip fraction, value
+    and policy loss per rollout."""
     x = [r["rollout"] + 1 for r in rollouts]
     train = [r for r in history if r["split"] == "train"]
-    evals = [r for r in history if r["split"] == "eval" and "eval_score" in r]
+    evals = [(r["step"] / steps_per_rollout, r["eval_score"]) for r in history
+             if r["split"] == "eval" and "eval_score" in r]
+    if start_score is not None:
+        evals.insert(0, (0.0, start_score))
     tx = [r["step"] / steps_per_rollout for r in train]
     fig, axes = _figure(6)
-    axes[0].plot(x, [r["score"] for r in rollouts], label="rollout score")
+    axes[0].plot(x, [r["score"] for r in rollouts], label="reward of rollouts")
+    axes[0].set_ylabel("reward", color="C0")
     if evals:
-        axes[0].plot([r["step"] / steps_per_rollout for r in evals], [r["eval_score"] for r in evals], "o-",
-                     label="held-out score")
-    axes[0].legend()
-    axes[1].plot(x, [r["kl"] for r in rollouts], label="KL(pi || ref)")
-    ax_beta = axes[1].twinx()
-    ax_beta.plot(x, [r["beta"] for r in rollouts], color="C1", label="beta")
-    ax_beta.set_ylabel("beta", color="C1")
-    axes[1].legend(loc="upper left")
+        ax_eval = axes[0].twinx()
+        ax_eval.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="C1")
+        ax_eval.set_ylabel("held-out score", color="C1")
+    axes[1].plot(x, [r["kl"] for r in rollouts])
+    betas = [r["beta"] for r in rollouts]
+    if max(betas) > min(betas):  # adaptive KL coefficient
+        ax_beta = axes[1].twinx()
+        ax_beta.plot(x, betas, color="C1")
+        ax_beta.set_ylabel("beta", color="C1")
     axes[2].plot(x, [r["entropy"] for r in rollouts])
     for ax, key, name in ((axes[3], "clip_fraction", "clip fraction"), (axes[4], "value_loss", "value loss"),
                           (axes[5], "policy_loss", "policy loss")):
         ax.plot(tx, [r.get(key, float("nan")) for r in train])
         ax.set(title=name, xlabel="rollout")
-    for ax, name in ((axes[0], "score"), (axes[1], "KL (answer, nats)"), (axes[2], "entropy (nats/token)")):
+    for ax, name in ((axes[0], "reward / score"), (axes[1], "KL(pi || ref) per answer (nats)"),
+                     (axes[2], "entropy (nats/token)")):
         ax.set(title=name, xlabel="rollout")
     fig.suptitle(title)
     _save(fig, path)
@@ -66,7 +73,7 @@ def plot_ppo(rollouts: Sequence[dict[str, float]], history: Sequence[dict[str, A
 def plot_metrics(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str = "",
                  xlabel: str = "step") -> None:
     """One panel per named (x, y) series."""
-    fig, axes = _figure(len(series), columns=min(3, len(series)))
+    fig, axes = _figure(len(series), columns=2 if len(series) == 4 else min(3, len(series)))
     for ax, (name, (xs, ys)) in zip(axes, series.items(), strict=True):
         ax.plot(xs, ys, "o-" if len(xs) < 15 else "-")
         ax.set(title=name, xlabel=xlabel)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from lmcraft.config import Section
-from lmcraft.errors import ConfigError, LmcraftError
+from lmcraft.errors import LmcraftError
 
 if TYPE_CHECKING:
     import torch
@@ -174,16 +174,14 @@ class JudgeScorer:
 
 def build_scorer(spec: ScorerSpec, device: str | None = None) -> Any:
     """The scorer a spec names; models are loaded (adapter folders merged) onto `device`."""
-    from lmcraft.align.modeling import load_stage_tokenizer, load_start_model
+    from lmcraft.align.modeling import load_stage_tokenizer, load_start_model, reward_head
 
     if spec.kind == "rule":
         return RuleScorer(spec)
-    head = "reward" if spec.kind == "reward_model" else None
-    model, tok_dir = load_start_model(spec.from_, head=head, device=device)
+    head, num_labels = reward_head(spec.from_) if spec.kind == "reward_model" else (None, None)
+    model, tok_dir = load_start_model(spec.from_, head=head, device=device, num_labels=num_labels)
     tokenizer = load_stage_tokenizer(tok_dir, spec.template)
     if spec.kind == "reward_model":
-        if getattr(model, "head_kind", "reward") not in ("reward", "cls"):
-            raise ConfigError(f"{spec.from_}: a reward_model scorer needs a model with a reward head")
         return RewardModelScorer(model, tokenizer, spec.max_length, spec.batch_size)
     return JudgeScorer(model, tokenizer, spec.prompt, spec.answer_prefix, spec.scale, spec.batch_size)
 

@@ -76,6 +76,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(history: list[dict[str, Any]], start_score: float | None, path: Path) -> None:
+    """Train loss and implicit-reward margin, held-out reward accuracy, and the held-out score (from the start)."""
+    from lmcraft.align.plots import plot_metrics
+
+    train = [r for r in history if r["split"] == "train"]
+    evals = [r for r in history if r["split"] == "eval"]
+    series = {"DPO loss (train)": ([r["step"] for r in train], [r["loss"] for r in train]),
+              "reward margin (train)": ([r["step"] for r in train], [r["reward_margin"] for r in train]),
+              "reward accuracy (held-out pairs)": ([r["step"] for r in evals],
+                                                   [r["eval_reward_accuracy"] for r in evals])}
+    scored = [(r["step"], r["eval_score"]) for r in evals if "eval_score" in r]
+    if scored:
+        scored.insert(0, (0, start_score))
+        series["held-out score (sampled answers)"] = ([s for s, _ in scored], [v for _, v in scored])
+    plot_metrics(series, path, "DPO")
+
+
 def run_dpo(cfg: Any) -> dict[str, Any]:
     """Run the stage for a validated `DPOConfig`; returns the summary (also in OUT/summary.json)."""
     from lmcraft.align.common import ScoreEvaluator, open_start, record_samples, write_summary
@@ -122,6 +139,8 @@ def run_dpo(cfg: Any) -> dict[str, Any]:
         return result
     paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
     record_samples(out, "after", model, start.tokenizer, cfg.samples)
+    if cfg.trainer.plot:
+        _plot(trainer.state.history, start_score, out / "dpo_curves.png")
     evals = [r for r in trainer.state.history if r["split"] == "eval"]
     last = evals[-1] if evals else {}
     summary = {"stage": "dpo", **result, **paths, "pairs": len(train), "start_score": start_score,

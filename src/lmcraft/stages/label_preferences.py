@@ -75,10 +75,11 @@ class LabelConfig(StageConfig):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_labelling(load_stage_config(LabelConfig, args))
+    run_labelling(load_stage_config(LabelConfig, args), progress=not args.no_progress)
     return 0
 
 
@@ -110,7 +111,7 @@ def _part(cfg: LabelConfig, index: int, prompts: list[tuple[Any, str]], policy: 
             if pair.chosen[0]["content"] and pair.chosen[0]["content"] != pair.rejected[0]["content"]]
 
 
-def run_labelling(cfg: LabelConfig) -> dict[str, Any]:
+def run_labelling(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns (and prints) a summary."""
     import shutil
 
@@ -136,7 +137,7 @@ def run_labelling(cfg: LabelConfig) -> dict[str, Any]:
     parts.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     chunks = range(0, len(prompts), cfg.part_size)
-    for index, lo in enumerate(tqdm(chunks, desc="labelling", unit="part")):
+    for index, lo in enumerate(tqdm(chunks, desc="labelling", unit="part", disable=not progress)):
         path = parts / f"part-{index:05d}.json"
         if not path.is_file():
             atomic_write_json(path, _part(cfg, index, prompts[lo: lo + cfg.part_size], policy, tokenizer, judge,
@@ -151,3 +152,8 @@ def run_labelling(cfg: LabelConfig) -> dict[str, Any]:
         summary["mean_worst_score"] = sum(min(r["scores"]) for r in records) / len(records)
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def config_class() -> type:
+    """The config class, listed by `lmcraft label-preferences --help` and checked by `lmcraft pipeline`."""
+    return LabelConfig

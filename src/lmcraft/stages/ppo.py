@@ -201,7 +201,8 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
     record_samples(out, "after", policy, start.tokenizer, cfg.samples)
     atomic_write_text(out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in loader.history))
     if cfg.trainer.plot:
-        plot_ppo(loader.history, trainer.state.history, steps_per_rollout, out / "curves.png")
+        plot_ppo(loader.history, trainer.state.history, steps_per_rollout, out / "curves.png",
+                 start_score=start_score)
     evals = [r for r in trainer.state.history if r["split"] == "eval"]
     first, last = loader.history[0], loader.history[-1]
     summary = {"stage": "ppo", **result, **paths, "prompts": len(prompts), "skipped_prompts": skipped,

@@ -2,8 +2,9 @@
 
 Wiring (the math lives in lmcraft.align.reward):
 
-1. start model from `model.from` (a decoder or an encoder) with a scalar reward head (new unless the folder has
-   one); with PEFT the head trains as a full copy (`modules_to_save`) next to the adapter;
+1. start model from `model.from` with a scalar head (new unless the folder has one): a decoder's `reward` head on
+   the last real token, or an encoder's one-label `cls` head on the pooled [CLS]; with PEFT the head trains as a full
+   copy (`modules_to_save`) next to the adapter;
 2. pairs from `data.train` (prompt/chosen/rejected, alpaca or sharegpt preference records, an optional "margin"
    per record), rendered through the chat template; truncation keeps the answer (the prompt is cut from the left);
 3. the Trainer with loss -log sigma(r_c - r_r - m); evaluation reports `eval_accuracy` (pairwise) and
@@ -82,6 +83,7 @@ def run_reward(cfg: Any) -> dict[str, Any]:
         checkpoint_format,
         peft_callbacks,
         planned_steps,
+        reward_head,
         save_final,
         with_regularization,
     )
@@ -89,7 +91,8 @@ def run_reward(cfg: Any) -> dict[str, Any]:
     from lmcraft.train import Trainer
 
     out = Path(cfg.output_dir)
-    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed, head="reward")
+    head, num_labels = reward_head(cfg.model.from_)
+    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed, head, num_labels)
     train, evaluation = load_pairs(cfg.data, ChatFormatter(start.tokenizer, train_on="last"))
     model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
     trainer = Trainer(model, with_regularization(reward_loss, model), train, evaluation, cfg.trainer, out,

@@ -76,9 +76,11 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
         add_peft,
         base_source_of,
         checkpoint_format,
+        load_stage_tokenizer,
         peft_callbacks,
         planned_steps,
         save_final,
+        tokenizer_folder,
         with_regularization,
     )
     from lmcraft.align.sft import build_sft_data, sft_loss
@@ -86,19 +88,21 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
     from lmcraft.train import Trainer
 
     out, d = Path(cfg.output_dir), cfg.data
-    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
-    formatter = ChatFormatter(start.tokenizer, train_on=d.train_on)
     convs = load_conversations(d.train, d.format, d.limit)
     evals = load_conversations(d.eval, d.format) if d.eval else []
     if not evals:
         convs, evals = split_eval(convs, d.val_size, d.seed)
-    train = build_sft_data(convs, formatter, d.max_length, d.truncation, d.packing)
-    if preview:
+    if preview:  # the tokenizer is enough: no model is loaded, nothing is written
+        tokenizer = load_stage_tokenizer(tokenizer_folder(cfg.model.from_), cfg.template)
+        train = build_sft_data(convs, ChatFormatter(tokenizer, train_on=d.train_on), d.max_length, d.truncation)
         for ex in train.examples[:preview]:
             print(f"── {ex.source}: {len(ex.input_ids)} tokens, {ex.num_trained} trained")
             print(highlight(ex, color=color))
         print(f"{train.stats['examples']} examples ({train.dropped} dropped by truncation / no trained tokens)")
         return train.stats
+    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
+    formatter = ChatFormatter(start.tokenizer, train_on=d.train_on)
+    train = build_sft_data(convs, formatter, d.max_length, d.truncation, d.packing)
     evaluation = build_sft_data(evals, formatter, d.max_length, d.truncation, d.packing) if evals else None
     if not start.resuming:
         record_samples(out, "before", start.model, start.tokenizer, cfg.samples)
