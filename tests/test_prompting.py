@@ -258,6 +258,7 @@ def test_parse_subquestions() -> None:
     text = "1. How many?\n2) What total?\n- Why?\nSo we add."
     assert parse_subquestions(text, 5) == ["How many?", "What total?", "Why?"]
     assert parse_subquestions("step one\nstep two", 1) == ["step one"]
+    assert parse_subquestions("1. How many?\n2. Why?\n3. how many?", 5) == ["How many?", "Why?"]
 
 
 def test_multiple_choice_by_loglikelihood_with_length_normalisation() -> None:

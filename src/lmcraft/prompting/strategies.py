@@ -240,9 +240,14 @@ _LISTED = re.compile(r"^\s*(?:(?:Q|Sub-?question)?\s*\d+\s*[.):]|[-*•]|Q\s*:)\
 
 
 def parse_subquestions(text: str, limit: int) -> list[str]:
-    """Sub-questions listed one per line (numbering / bullets stripped); lines ending in "?" when any do."""
-    lines = [_LISTED.sub("", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    """Sub-questions listed one per line (numbering / bullets stripped, repeats dropped); only the lines ending
+    in "?" when any do."""
+    lines, seen = [], set()
+    for raw in text.splitlines():
+        line = _LISTED.sub("", raw).strip()
+        if line and line.lower() not in seen:
+            seen.add(line.lower())
+            lines.append(line)
     asked = [line for line in lines if line.endswith("?")]
     return (asked or lines)[:limit]
 
