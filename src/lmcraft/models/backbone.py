@@ -77,6 +77,7 @@ class Backbone(nn.Module):
         b, t = ref.shape[:2]
         past_len = past_key_values.length if past_key_values is not None else 0
         explicit = attention_mask is not None and attention_mask.dim() == 4
+        shared_positions = position_ids is None and (explicit or attention_mask is None)  # every row 0..T-1
         if position_ids is None:
             position_ids = default_position_ids(None if explicit else attention_mask, b, t, past_len, ref.device)
         h = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)
@@ -86,7 +87,9 @@ class Backbone(nn.Module):
             attention_mask, t, past_len, prefix[0][0].shape[2] if prefix else 0,
             self.config.is_causal, self.config.sliding_window, ref.device,
         )
-        rope = self.rotary(position_ids, h.dtype) if self.config.position == "rope" else None
+        rope = None
+        if self.config.position == "rope":  # rows sharing positions share one (1, 1, T, D) table, broadcast
+            rope = self.rotary(position_ids[:1] if shared_positions else position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, rope, past_key_values, prefix[i] if prefix else None)
         if past_key_values is not None:

@@ -197,13 +197,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if prefix is not None:
             k, v = _with_prefix(k, v, prefix)
-        if self.num_kv_heads != self.num_heads:
-            groups = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(  # enable_gqa: query head h reads kv head h // groups, uncopied
             q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
