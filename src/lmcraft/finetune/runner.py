@@ -67,6 +67,17 @@ def _trainer_config(cfg: FinetuneConfig, metric: str, mode: str) -> TrainerConfi
     return tc
 
 
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy every tensor out of the checkpoint file's memory map (hub.load_model maps safetensors files).
+
+    Otherwise the file's pages stay mapped as long as any tensor from it lives, so weights a method drops
+    (QLoRA replaces the float32 projections by NF4) would still occupy memory, and count in the peak.
+    """
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
+
+
 def _load_model(cfg: FinetuneConfig, folder: Path, task: Task, data: TaskData, device: torch.device,
                 ) -> torch.nn.Module:
     import warnings
@@ -76,6 +87,7 @@ def _load_model(cfg: FinetuneConfig, folder: Path, task: Task, data: TaskData, d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HubWarning)  # a new task head is expected here; fit_head sizes it
         model = load_model(folder, head=task.head, dtype=torch.float32, device=device)
+    _own_memory(model)
     if task.head in ("cls", "token_cls"):
         fit_head(model, data.num_labels, data.labels)
     set_dropout(model, cfg.dropout, cfg.attention_dropout, cfg.classifier_dropout)
