@@ -9,6 +9,7 @@ Rollout (no gradients). For B prompts x, the policy samples answers y = (y_1..y_
     kl_t     = logp_t - ref_t             (per-token KL estimate; sum_t kl_t estimates KL(pi || ref) of the answer)
     r_t      = -beta kl_t  +  [t = n] * score(x, y)          (score: reward model or rule, minus a penalty when the
                                                               answer did not end with EOS, if configured)
+    logged per rollout: score, kl = sum_t kl_t, rlhf_reward = score - beta kl, entropy, beta, answer length
     delta_t  = r_t + gamma V_{t+1} - V_t                      (V_{n+1} = 0)
     A_t      = delta_t + gamma lambda A_{t+1}                 (GAE), returns R_t = A_t + V_t
 
@@ -326,6 +327,7 @@ class RolloutEngine:
                  "entropy": float(masked_mean(entropy, answer_mask)),
                  "answer_length": float(answer_mask.sum(-1).mean()),
                  "ended": float(ended.float().mean()), "non_score_reward": float((-beta * seq_kl).mean()),
+                 "rlhf_reward": float((scores - beta * seq_kl).mean()),
                  "value_mean": float(masked_mean(values, answer_mask))}
         self.kl.update(stats["kl"], len(prompts))
         return Rollout(ids, mask, width, answer_mask, logp, values * answer_mask, advantages, returns, stats, texts)
