@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lmcraft.models.config import ModelConfig
-from lmcraft.models.layers import Block, KVCache, build_attention_mask, make_norm
+from lmcraft.models.layers import Block, KVCache, Rotation, build_attention_mask, make_norm
 from lmcraft.models.rope import RotaryEmbedding
 
 Prefix = list[tuple[torch.Tensor, torch.Tensor]]
@@ -89,7 +89,7 @@ class Backbone(nn.Module):
         )
         rope = None
         if self.config.position == "rope":  # rows sharing positions share one (1, 1, T, D) table, broadcast
-            rope = self.rotary(position_ids[:1] if shared_positions else position_ids, h.dtype)
+            rope = Rotation(*self.rotary(position_ids[:1] if shared_positions else position_ids, h.dtype))
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, rope, past_key_values, prefix[i] if prefix else None)
         if past_key_values is not None:

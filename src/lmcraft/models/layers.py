@@ -12,6 +12,8 @@ a `KVCache` (generation) and per-layer `prefix` key/values (prefix tuning), both
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +149,49 @@ def build_attention_mask(
     return AttentionMask(allowed, False)
 
 
+class Rotation:
+    """The RoPE tables of one forward pass: cos, sin (B or 1, 1, T, D); unpacks as `cos, sin = rotation`.
+
+    For single-token steps the rotation is also one matrix per row, built on first use and shared by all
+    layers: rope(x) = x * cos + rotate_half(x) * sin = x @ M with M = diag(cos) + P diag(sin), where P is
+    the signed permutation with x @ P = rotate_half(x). Every query and key head of a layer then rotates in
+    one batched matrix product instead of six elementwise operations.
+    """
+
+    __slots__ = ("cos", "sin", "_matrix")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+        self._matrix: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.cos, self.sin))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.cos, self.sin)[index]
+
+    def __len__(self) -> int:
+        return 2
+
+    def matrix(self) -> torch.Tensor:
+        """M (B or 1, D, D) for T = 1."""
+        if self._matrix is None:
+            cos, sin = self.cos[:, 0, 0], self.sin[:, 0, 0]  # (B, D)
+            self._matrix = torch.diag_embed(cos) + _half_rotation(cos.shape[-1], cos.dtype, cos.device) * sin[:, None]
+        return self._matrix
+
+
+@functools.cache
+def _half_rotation(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """P (D, D) with x @ P = rotate_half(x) = [-x2, x1]."""
+    half = dim // 2
+    p = torch.zeros(dim, dim, dtype=dtype, device=device)
+    idx = torch.arange(half, device=device)
+    p[idx + half, idx] = -1.0
+    p[idx, idx + half] = 1.0
+    return p
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys.
 
@@ -220,7 +265,9 @@ class Attention(nn.Module):
         else:
             qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(b, h + kv, 1, d)
             v = self.v_proj(x).view(b, kv, 1, d)
-        if rope is not None:
+        if isinstance(rope, Rotation):
+            qk = torch.bmm(qk.view(b, h + kv, d), rope.matrix().expand(b, d, d)).view(b, h + kv, 1, d)
+        elif rope is not None:
             cos, sin = rope
             qk = qk * cos + rotate_half(qk) * sin
         q, k = qk.split((h, kv), dim=1)
