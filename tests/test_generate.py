@@ -46,6 +46,8 @@ def test_greedy_with_cache_equals_full_recompute(family: str) -> None:
     prompt = [5, 17, 3, 88, 42]
     result = generate(model, [prompt], GenerationConfig(max_new_tokens=12, eos_token_ids=()))
     assert result.tokens[0] == argmax_without_cache(model, prompt, 12)
+    assert generate(model, [prompt], GenerationConfig(max_new_tokens=12, eos_token_ids=()), fuse=False).tokens == \
+        result.tokens
     assert result.finish_reasons == ["length"]
     assert result.num_new_tokens == 12 and result.tokens_per_second > 0
 

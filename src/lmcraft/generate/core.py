@@ -12,7 +12,9 @@ would alone. A row finishes at an end-of-sequence token, a stop string (needs th
 `max_new_tokens`; generation ends when every row has finished.
 
 The cache holds `P + max_new_tokens` positions from the start (no reallocation), the prefill computes
-logits for one position only, and each decode step runs one forward and one `tolist()`.
+logits for one position only, and each decode step runs one forward and one `tolist()`. During a run
+the q/k/v and gate/up weights of plain linear layers are also held stacked (`fused_projections`), one
+matrix product each instead of three and two; pass `fuse=False` to save that memory.
 """
 
 from __future__ import annotations
@@ -152,8 +154,10 @@ class Generation:
         attention_mask: torch.Tensor | None = None,
         tokenizer: Any = None,
         prefix: Any = None,
+        fuse: bool = True,
     ) -> None:
         self.model = model
+        self.fuse = fuse
         self.config = config or GenerationConfig()
         self.tokenizer = tokenizer
         self.prefix = prefix
@@ -253,7 +257,10 @@ class Generation:
         model.eval()
         start = time.perf_counter()
         try:
-            with fused_projections(model):
+            if self.fuse:
+                with fused_projections(model):
+                    yield from self._decode()
+            else:
                 yield from self._decode()
         finally:
             self.elapsed_s = time.perf_counter() - start
@@ -319,15 +326,18 @@ def generate(
     tokenizer: Any = None,
     streamer: Streamer | None = None,
     prefix: Any = None,
+    fuse: bool = True,
 ) -> GenerationResult:
     """Generate new tokens for a batch of prompts.
 
     `prompts` is a (B, P) / (P,) tensor of token ids, with an optional left-padding `attention_mask`,
     or a list of token-id lists of any lengths (left-padded here). `streamer.put` receives every step
     (see `Generation`); `tokenizer` enables stop strings and fills `GenerationResult.texts`. `prefix`
-    (per-layer key/value prefixes, prefix tuning) is passed to every forward.
+    (per-layer key/value prefixes, prefix tuning) is passed to every forward. `fuse=False` skips the stacked
+    q/k/v and gate/up weight copies (less memory, slower decoding).
     """
-    run = Generation(model, prompts, config, attention_mask=attention_mask, tokenizer=tokenizer, prefix=prefix)
+    run = Generation(model, prompts, config, attention_mask=attention_mask, tokenizer=tokenizer, prefix=prefix,
+                     fuse=fuse)
     for entries in run:
         if streamer is not None:
             streamer.put(entries)

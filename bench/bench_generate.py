@@ -1,0 +1,126 @@
+"""Greedy generation speed: lmcraft `generate()` vs transformers `generate()` on the same weights.
+
+    python -m bench.bench_generate [--new-tokens 128] [--repeats 5] [--threads N] [--skip-smollm]
+
+Both sides: fp32, `torch.inference_mode()`, the same thread count, greedy decoding of exactly
+`--new-tokens` tokens (EOS ignored), prefill included in the time. Models: the ~14M `llama-14m`
+preset (random weights, saved once in Hugging Face layout and loaded by both libraries) and
+SmolLM2-135M-Instruct (the `smollm2-135m-instruct` asset; skipped with a message when it cannot be
+fetched). Batch 8 uses prompts of different lengths, i.e. left padding. The `same tokens` column is
+the share of generated tokens on which both libraries agree (fp32 ties can differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import Table, compare, fmt, machine, ratio, set_threads
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+          "movable metal type with an oil-based ink and a wooden screw press. Within a few decades")
+
+
+def prompts_for(batch: int, vocab_size: int, tokenizer=None) -> list[list[int]]:  # noqa: ANN001
+    """`batch` prompts of different lengths (16..44 tokens): real text when a tokenizer is given."""
+    g = torch.Generator().manual_seed(0)
+    base = tokenizer.encode(PROMPT) if tokenizer is not None else torch.randint(0, vocab_size, (44,), generator=g)
+    base = [int(t) for t in base]
+    lengths = [44 - 4 * i for i in range(batch)] if batch > 1 else [32]
+    return [base[:n] for n in lengths]
+
+
+def hf_inputs(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def time_batch(ours, theirs, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001
+    """(lmcraft tok/s, transformers tok/s, share of equal tokens) for one batch of prompts."""
+    from lmcraft.generate import GenerationConfig, generate
+
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())
+    ids, mask = hf_inputs(prompts, pad=0)
+    out: dict[str, list[list[int]]] = {}
+
+    def run_ours() -> None:
+        out["ours"] = generate(ours, prompts, config).tokens
+
+    def run_theirs() -> None:
+        with torch.inference_mode():
+            seqs = theirs.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out["theirs"] = seqs[:, ids.shape[1]:].tolist()
+
+    best = compare({"ours": run_ours, "theirs": run_theirs}, repeats=repeats)
+    tokens = len(prompts) * new_tokens
+    pairs = [(a, b) for ra, rb in zip(out["ours"], out["theirs"], strict=True) for a, b in zip(ra, rb, strict=True)]
+    return tokens / best["ours"], tokens / best["theirs"], sum(a == b for a, b in pairs) / tokens
+
+
+def bench_model(name: str, folder: Path, table: Table, new_tokens: int, repeats: int, tokenizer=None) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    from lmcraft.hub import load_model
+
+    ours = load_model(folder, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # both sides generate exactly new_tokens tokens
+    for batch in (1, 8):
+        prompts = prompts_for(batch, ours.config.vocab_size, tokenizer)
+        ours_tps, theirs_tps, same = time_batch(ours, theirs, prompts, new_tokens, repeats)
+        table.add([name, batch, fmt(ours_tps), fmt(theirs_tps), ratio(ours_tps, theirs_tps), f"{same:.0%}"])
+        print(f"  {name} batch {batch}: lmcraft {fmt(ours_tps)} tok/s, transformers {fmt(theirs_tps)} tok/s",
+              file=sys.stderr, flush=True)
+
+
+def llama_14m_folder(root: Path) -> Path:
+    from lmcraft.hub import save_model
+    from lmcraft.models import LanguageModel, preset
+
+    folder = root / "llama-14m"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        save_model(LanguageModel(preset("llama-14m")), folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (best kept)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for both sides (default: all cores)")
+    parser.add_argument("--skip-smollm", action="store_true", help="only the llama-14m preset")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    set_threads(args.threads)
+    print(f"# greedy generation, {args.new_tokens} new tokens, fp32 — {machine()}, "
+          f"transformers {transformers.__version__}", flush=True)
+    table = Table(["model", "batch", "lmcraft tok/s", "transformers tok/s", "ratio", "same tokens"])
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args.new_tokens, args.repeats)
+    if not args.skip_smollm:
+        try:
+            from lmcraft.assets import resolve_model
+            from lmcraft.tokenizer.load import load_tokenizer
+
+            folder = resolve_model("smollm2-135m-instruct")
+            tokenizer = load_tokenizer(folder)
+        except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
+            print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
+        else:
+            bench_model("smollm2-135m", folder, table, args.new_tokens, max(2, args.repeats // 2), tokenizer)
+    table.print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Shared helpers for benchmarks: interleaved timing that resists noisy neighbours, and a table with ratios.
+
+    times = compare({"lmcraft": run_ours, "transformers": run_theirs}, repeats=5)   # best seconds each
+    table = Table(["model", "batch", "lmcraft tok/s", "transformers tok/s", "ratio"])
+    table.add(["llama-14m", 1, fmt(a), fmt(b), ratio(a, b)])
+    table.print()
+
+`compare` alternates the candidates (A B A B ...) so a burst of load from another process hits both,
+and keeps each one's fastest run: the minimum is the least disturbed measurement of the same work.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` intra-op threads (default: all cores) in this process; returns the count."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Best wall time (seconds) of each candidate over `repeats` interleaved runs, after `warmup` runs each."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], time_once(fn))
+    return best
+
+
+def ratio(ours: float, theirs: float) -> str:
+    """ours / theirs as '2.31x' (for throughputs: > 1 means we are faster)."""
+    return f"{ours / theirs:.2f}x" if theirs > 0 else "-"
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+class Table:
+    """A plain-text table printed with aligned columns (markdown pipe syntax, so it pastes into docs)."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self.rows: list[list[str]] = []
+
+    def add(self, row: Sequence[object]) -> None:
+        if len(row) != len(self.columns):
+            raise ValueError(f"row has {len(row)} cells, table has {len(self.columns)} columns")
+        self.rows.append([str(cell) for cell in row])
+
+    def render(self) -> str:
+        widths = [max(len(c), *(len(r[i]) for r in self.rows)) for i, c in enumerate(self.columns)]
+
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([line(self.columns), sep, *(line(r) for r in self.rows)])
+
+    def print(self, file=sys.stdout) -> None:  # noqa: ANN001 - a text stream
+        print(self.render(), file=file, flush=True)
+
+
+def machine() -> str:
+    """One line naming the CPU, core count, torch version and thread count, printed above every table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
