@@ -1,7 +1,7 @@
 """Training speed and memory: lmcraft vs transformers, one full step (forward + backward + AdamW step), same model.
 
-    python -m bench.bench_train [--batch 8] [--seq-len 256] [--repeats 5] [--threads N] [--matmul-size 2048]
-                                [--precisions fp32 bf16] [--skip-memory]
+    python -m bench.bench_train [--batch 8] [--seq-len 256] [--repeats 5] [--threads N] [--clock wall|cpu]
+                                [--matmul-size 2048] [--precisions fp32 bf16] [--skip-memory]
 
 Model: the llama-14m preset (14.6M parameters, vocabulary 8192) with random weights, saved once in Hugging Face
 layout and loaded by both libraries: the same weights, the same batch (random token ids), the same thread count.
@@ -12,18 +12,21 @@ Each side runs its own training path:
   (`adamw_torch_fused`, the HF Trainer's default optimizer with torch >= 2.8).
 Precisions: fp32, and bf16 autocast (fp32 weights and optimizer, bf16 matmuls) on both sides.
 
-Throughput: tokens per step / best wall time over interleaved repeats (`bench.common.compare`, A B A B ...).
+Throughput: tokens per step / best time over interleaved repeats (A B A B ...). `--clock cpu` times with this
+process's CPU time instead of wall time: with `--threads 1` that is the time the step ran, whatever other
+processes take from the machine (use it on a shared machine; with more threads, waiting threads count too).
 Memory: peak RSS growth over two training steps (the first allocates gradients and AdamW state), each library in a
 fresh subprocess: the peak (VmHWM) is reset through /proc/self/clear_refs, then peak VmHWM - VmRSS before the steps.
 MFU: 6 N tokens/s / P, with N the parameter count (the tied embedding counted once) and P the measured fp32 peak,
-the best GFLOP/s of a square fp32 matmul (`--matmul-size`) with the same threads. Attention scores (12 L T d FLOPs
-per token, about 10% more at T = 256) are not counted, as in the usual 6N definition.
+the best GFLOP/s of a square fp32 matmul (`--matmul-size`) with the same threads and clock. Attention scores
+(12 L T d FLOPs per token, about 10% more at T = 256) are not counted, as in the usual 6N definition.
 The first step's losses of both sides are printed: same weights and batch give the same loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -34,20 +37,30 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Table, compare, fmt, machine, ratio, set_threads
+from bench.common import Table, fmt, machine, ratio, set_threads
 
 LR = 1e-4
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def matmul_peak(size: int, repeats: int = 5) -> float:
+def best_times(candidates: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
+               ) -> dict[str, float]:
+    """Best time of each candidate over `repeats` interleaved runs (A B A B ...), measured with `clock`."""
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            gc.collect()
+            start = clock()
+            fn()
+            best[name] = min(best[name], clock() - start)
+    return best
+
+
+def matmul_peak(size: int, clock: Callable[[], float], repeats: int = 10) -> float:
     """Best fp32 GFLOP/s of one (size x size) @ (size x size) product (2 size^3 FLOPs)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    best = best_times({"matmul": lambda: a @ b}, repeats, clock)["matmul"]
     return 2 * size**3 / best / 1e9
 
 
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (best kept)")
     parser.add_argument("--threads", type=int, help="intra-op threads for both sides (default: all cores)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this process's CPU time")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
@@ -155,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         memory_child(args.memory_child[0], Path(args.memory_child[1]), args.batch, args.seq_len, args.precisions[0])
         return 0
-    peak = matmul_peak(args.matmul_size)
+    clock = CLOCKS[args.clock]
+    peak = matmul_peak(args.matmul_size, clock)
     tokens = args.batch * args.seq_len
-    print(f"# training step (forward + backward + AdamW), llama-14m, batch {args.batch} x {args.seq_len} tokens — "
-          f"{machine()}, transformers {transformers.__version__}", flush=True)
+    print(f"# training step (forward + backward + AdamW), llama-14m, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.clock} clock — {machine()}, transformers {transformers.__version__}", flush=True)
     print(f"# fp32 matmul peak ({args.matmul_size}^2): {peak:.1f} GFLOP/s", flush=True)
     columns = ["precision", "lmcraft tok/s", "transformers tok/s", "ratio", "lmcraft MFU", "transformers MFU"]
     if not args.skip_memory:
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             first = {name: step() for name, step in steps.items()}  # warm-up; the same weights give the same loss
             print(f"  {precision}: first-step loss lmcraft {first['lmcraft']:.6f}, "
                   f"transformers {first['transformers']:.6f}", file=sys.stderr, flush=True)
-            best = compare(steps, repeats=args.repeats, warmup=0)
+            best = best_times(steps, args.repeats, clock)
             tps = {name: tokens / seconds for name, seconds in best.items()}
             mfu = {name: 6 * params * tps[name] / (peak * 1e9) for name in tps}
             row = [precision, fmt(tps["lmcraft"]), fmt(tps["transformers"]), ratio(tps["lmcraft"], tps["transformers"]),

@@ -151,6 +151,16 @@ def test_continued_pretraining_starts_from_the_saved_weights(tmp_path: Path, gpt
     assert summary["eval"]["eval_loss"] == pytest.approx(gpt_run[1]["eval"]["eval_loss"], abs=1e-3)
 
 
+def test_eval_inputs_are_held_out_files(tmp_path: Path, corpus: list[str]) -> None:
+    overrides = [inputs_override(corpus), f"data.eval_inputs=[{corpus[1]}]", "trainer.max_steps=1",
+                 "samples.max_new_tokens=2"]
+    summary = pretrain(config(GPT, tmp_path, *overrides), progress=False)
+    train = json.loads((tmp_path / "data" / "stats.json").read_text())
+    held = json.loads((tmp_path / "data-eval" / "stats.json").read_text())
+    assert train["files"] == 2 and held["files"] == 1 and list(held["packed"]["splits"]) == ["train"]
+    assert summary["eval"]["eval_loss"] > 0
+
+
 def test_cli_runs_the_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str], gpt_run: tuple[Path, dict]) -> None:
     args = ["pretrain", str(GPT), f"output_dir={tmp_path}", *FAST, "data.inputs=null",
             f"data.packed={gpt_run[0] / 'data'}", "tokenizer.train=null", "trainer.max_steps=2",

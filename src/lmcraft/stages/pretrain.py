@@ -6,8 +6,9 @@ The stage wires parts together, in this order:
    documents of `data.inputs` (`tokenizer.train`, into OUT/tokenizer/), else the packed data's tokenizer, else the
    `model.from` folder's;
 2. data: `data.packed` (the output of `lmcraft prepare`), or `data.inputs` (files, globs, `asset:NAME/...` paths or
-   corpus asset names) tokenised and packed into OUT/data/ by the prepare pipeline, without cleaning steps, holding
-   out `data.val_fraction` of the documents for evaluation;
+   corpus asset names) tokenised and packed into OUT/data/ by the prepare pipeline, without cleaning steps. The
+   evaluation documents are the files of `data.eval_inputs` (left out of training, packed into OUT/data-eval/), or
+   else a `data.val_fraction` of the documents drawn by a hash of their ids;
 3. model: a preset with overrides (vocabulary size and special-token ids taken from the tokenizer), or the HF
    folder/asset `model.from` (continued pre-training); the objective builds the model it trains around it;
 4. examples: windows of `data.seq_len` tokens over the packed stream (clm, mlm, rtd, plm), or sentence pairs of at
@@ -195,8 +196,9 @@ class DataSection(Section):
 
     packed: Path | None = None
     inputs: list[Any] | None = None  # paths, globs, asset:NAME/... paths, {path:, format:, ...}, corpus asset names
+    eval_inputs: list[Any] | None = None  # held-out files (same forms), removed from `inputs`
     text_mode: Literal["file", "paragraph", "line"] = "paragraph"  # what one document is in plain-text inputs
-    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)  # documents held out for evaluation (inputs only)
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)  # documents held out for evaluation (without eval_inputs)
     seq_len: int = Field(256, ge=8)
     train_split: str = "train"
     eval_split: str = "validation"
@@ -208,6 +210,8 @@ class DataSection(Section):
             raise ValueError("give exactly one of data.packed (a `lmcraft prepare` output) and data.inputs (text)")
         if self.inputs is not None and not self.inputs:
             raise ValueError("data.inputs is empty")
+        if self.eval_inputs is not None and self.inputs is None:
+            raise ValueError("data.eval_inputs goes with data.inputs (packed data has its own validation split)")
         return self
 
 
@@ -282,15 +286,15 @@ def _check_run_folder(cfg: Any, out: Path) -> None:
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
-def _input_specs(data: DataSection) -> list[dict[str, Any]]:
-    """`data.inputs` as prepare/tokenizer input dicts; a bare corpus asset name becomes the asset's text files."""
+def _input_specs(items: list[Any], text_mode: str) -> list[dict[str, Any]]:
+    """Input entries as prepare/tokenizer input dicts; a bare corpus asset name becomes the asset's text files."""
     from lmcraft.assets import MANIFEST, REGISTRY, fetch
     from lmcraft.data.readers import detect_format
 
     specs: list[dict[str, Any]] = []
-    for item in data.inputs or []:
+    for item in items:
         if isinstance(item, dict):
-            specs.append({"text_mode": data.text_mode, **item})
+            specs.append({"text_mode": text_mode, **item})
         elif isinstance(item, str) and item in REGISTRY and not Path(item).exists():
             if REGISTRY[item].kind != "corpus":
                 raise ConfigError(f"data.inputs: asset {item!r} is a {REGISTRY[item].kind}, not a text corpus")
@@ -300,12 +304,35 @@ def _input_specs(data: DataSection) -> list[dict[str, Any]]:
                         detect_format(path)
                     except ConfigError:
                         continue
-                    specs.append({"path": str(path), "text_mode": data.text_mode})
+                    specs.append({"path": str(path), "text_mode": text_mode})
         elif isinstance(item, str):
-            specs.append({"path": item, "text_mode": data.text_mode})
+            specs.append({"path": item, "text_mode": text_mode})
         else:
             raise ConfigError(f"data.inputs: {item!r} is neither a path, a glob, an asset name nor {{path: ...}}")
     return specs
+
+
+def _file_specs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One input dict per file the specs' globs match."""
+    from lmcraft.data.readers import expand_inputs
+    from lmcraft.stages.prepare import PrepareConfig
+
+    return [{**dataclasses.asdict(spec), "path": str(path)}
+            for spec, path in expand_inputs(PrepareConfig._inputs(specs))]
+
+
+def data_inputs(data: DataSection) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(training inputs, evaluation inputs or None): with `eval_inputs`, one dict per file, the evaluation
+    files left out of the training ones."""
+    train = _input_specs(data.inputs or [], data.text_mode)
+    if data.eval_inputs is None:
+        return train, None
+    held_out = _file_specs(_input_specs(data.eval_inputs, data.text_mode))
+    skip = {Path(spec["path"]).resolve() for spec in held_out}
+    train = [spec for spec in _file_specs(train) if Path(spec["path"]).resolve() not in skip]
+    if not train:
+        raise ConfigError("data.inputs has no file left for training once the data.eval_inputs files are removed")
+    return train, held_out
 
 
 def _resolve_tokenizer(cfg: Any, out: Path, packed: Path | None, progress: bool) -> Path:
@@ -322,9 +349,7 @@ def _resolve_tokenizer(cfg: Any, out: Path, packed: Path | None, progress: bool)
             _train_tokenizer(cfg, folder, progress)
         return folder
     if packed is not None:
-        from lmcraft.data.datasets import PackedCorpus
-
-        recorded = PackedCorpus(packed, cfg.data.train_split).index.get("tokenizer")
+        recorded = json.loads((packed / "index.json").read_text(encoding="utf-8")).get("tokenizer")
         if recorded and Path(recorded).exists():
             return Path(recorded)
         raise ConfigError(f"{packed}/index.json names no existing tokenizer ({recorded!r}); set tokenizer.path")
@@ -343,14 +368,16 @@ def _train_tokenizer(cfg: Any, folder: Path, progress: bool) -> None:
 
     t = cfg.tokenizer.train
     model_max = int((cfg.model.overrides or {}).get("max_position_embeddings", 0)) or cfg.data.seq_len
+    train_inputs, eval_inputs = data_inputs(cfg.data)
+    held_out = 0.0 if eval_inputs is not None else cfg.data.val_fraction  # never train it on evaluation text
     tcfg = TokenizerConfig(
-        inputs=_input_specs(cfg.data), output=folder, kind=t.kind, vocab_size=t.vocab_size,
-        min_frequency=t.min_frequency, lowercase=t.lowercase, special_tokens=t.special_tokens, chat_template=None,
-        model_max_length=model_max, held_out_fraction=cfg.data.val_fraction, max_docs=t.max_docs, seed=cfg.data.seed,
+        inputs=train_inputs, output=folder, kind=t.kind, vocab_size=t.vocab_size, min_frequency=t.min_frequency,
+        lowercase=t.lowercase, special_tokens=t.special_tokens, chat_template=None, model_max_length=model_max,
+        held_out_fraction=held_out, max_docs=t.max_docs, seed=cfg.data.seed,
     )
     report = train(tcfg, progress=progress)
-    print(f"tokenizer: {report['kind']}, vocabulary {report['vocab_size']:,}, {report['bytes_per_token']:.2f} "
-          f"bytes/token on the held-out documents -> {folder}", file=sys.stderr)
+    held = f", {report['bytes_per_token']:.2f} bytes/token on held-out documents" if report["held_out_bytes"] else ""
+    print(f"tokenizer: {report['kind']}, vocabulary {report['vocab_size']:,}{held} -> {folder}", file=sys.stderr)
 
 
 def token_ids(tok: Tokenizer, folder: Path) -> TokenIds:
@@ -382,20 +409,41 @@ def _packed_folder(path: Path) -> Path:
                                          "`lmcraft prepare` with a pack: section)")
 
 
-def _pack_inputs(cfg: Any, tokenizer_path: Path, out: Path, progress: bool) -> Path:
-    """Tokenise and pack `data.inputs` into OUT/data/packed (once: a finished folder is reused)."""
+@dataclasses.dataclass(frozen=True)
+class DataSources:
+    """Where the training and evaluation documents are: a packed folder and a split name each."""
+
+    train: tuple[Path, str]
+    eval: tuple[Path, str]
+
+
+def _pack(inputs: list[dict[str, Any]], tokenizer_path: Path, folder: Path, val_fraction: float, seed: int,
+          progress: bool) -> Path:
+    """Tokenise and pack `inputs` into folder/packed with the prepare pipeline (once: a finished folder is reused)."""
     from lmcraft.stages.prepare import PackConfig, PrepareConfig, prepare
 
-    data_dir = out / "data"
-    if not ((data_dir / "stats.json").is_file() and (data_dir / "packed" / "index.json").is_file()):
-        pcfg = PrepareConfig(inputs=_input_specs(cfg.data), output=data_dir, steps=[], seed=cfg.data.seed,
-                             pack=PackConfig(tokenizer=tokenizer_path, val_fraction=cfg.data.val_fraction),
-                             title="Pre-training data")
+    if not ((folder / "stats.json").is_file() and (folder / "packed" / "index.json").is_file()):
+        pcfg = PrepareConfig(inputs=inputs, output=folder, steps=[], seed=seed, title="Pre-training data",
+                             pack=PackConfig(tokenizer=tokenizer_path, val_fraction=val_fraction))
         stats = prepare(pcfg, progress=progress)
         splits = ", ".join(f"{k} {v['tokens']:,} tokens / {v['documents']:,} documents"
                            for k, v in stats["packed"]["splits"].items())
-        print(f"data: packed {splits} -> {data_dir / 'packed'}", file=sys.stderr)
-    return data_dir / "packed"
+        print(f"data: packed {splits} -> {folder / 'packed'}", file=sys.stderr)
+    return folder / "packed"
+
+
+def _data_sources(cfg: Any, tokenizer_path: Path, out: Path, progress: bool) -> DataSources:
+    data = cfg.data
+    if data.packed is not None:
+        packed = _packed_folder(data.packed)
+        return DataSources((packed, data.train_split), (packed, data.eval_split))
+    train_inputs, eval_inputs = data_inputs(data)
+    if eval_inputs is None:
+        packed = _pack(train_inputs, tokenizer_path, out / "data", data.val_fraction, data.seed, progress)
+        return DataSources((packed, "train"), (packed, "validation"))
+    packed = _pack(train_inputs, tokenizer_path, out / "data", 0.0, data.seed, progress)
+    held_out = _pack(eval_inputs, tokenizer_path, out / "data-eval", 0.0, data.seed, progress)
+    return DataSources((packed, "train"), (held_out, "train"))
 
 
 class BatchMaker:
@@ -432,12 +480,13 @@ class Indexed:
         return i, self.dataset[i]
 
 
-def _examples(cfg: Any, packed: Path, split: str, seed_offset: int) -> Sequence[Any] | None:
+def _examples(cfg: Any, source: tuple[Path, str], seed_offset: int) -> Sequence[Any] | None:
     """Windows (or sentence pairs for nsp/sop) of one split; None when the split is missing or too small."""
     import torch
 
     from lmcraft.data.datasets import CausalWindows, PackedCorpus
 
+    packed, split = source
     if split not in json.loads((packed / "index.json").read_text(encoding="utf-8"))["splits"]:
         return None
     if cfg.objective.name not in PAIR_OBJECTIVES:
@@ -563,12 +612,15 @@ def pretrain(cfg: Any, progress: bool = True, callbacks: Iterable[Callback] = ()
         _check_run_folder(cfg, out)
         packed = _packed_folder(cfg.data.packed) if cfg.data.packed is not None else None
         tokenizer_path = _resolve_tokenizer(cfg, out, packed, progress)
-        if packed is None:
-            packed = _pack_inputs(cfg, tokenizer_path, out, progress)
-        atomic_write_json(out / "resolved.json", {"tokenizer": str(tokenizer_path), "packed": str(packed)})
+        sources = _data_sources(cfg, tokenizer_path, out, progress)
+        atomic_write_json(out / "resolved.json", {"tokenizer": str(tokenizer_path),
+                                                  "train": [str(x) for x in sources.train],
+                                                  "eval": [str(x) for x in sources.eval]})
     barrier()  # the other ranks wait for the tokenizer and the packed data
     resolved = json.loads((out / "resolved.json").read_text(encoding="utf-8"))
-    tokenizer_path, packed = Path(resolved["tokenizer"]), Path(resolved["packed"])
+    tokenizer_path = Path(resolved["tokenizer"])
+    sources = DataSources(*((Path(resolved[k][0]), resolved[k][1]) for k in ("train", "eval")))
+    packed = sources.train[0]
     tokenizer_dir = tokenizer_path.parent if tokenizer_path.is_file() else tokenizer_path
     tok = load_tokenizer(tokenizer_path)
     ids = token_ids(tok, tokenizer_dir)
@@ -579,15 +631,15 @@ def pretrain(cfg: Any, progress: bool = True, callbacks: Iterable[Callback] = ()
 
     objective = build_objective_with_ids(cfg.objective, ids, cfg.data.seq_len)
     pairs = cfg.objective.name in PAIR_OBJECTIVES
-    train_data = _examples(cfg, packed, cfg.data.train_split, 0)
+    train_data = _examples(cfg, sources.train, 0)
     if train_data is None:
-        raise InputFileError(packed, f"split {cfg.data.train_split!r}",
+        raise InputFileError(packed, f"split {sources.train[1]!r}",
                              f"at least one training example of {cfg.data.seq_len} tokens; lower data.seq_len or "
                              "give more text")
-    eval_data = _examples(cfg, packed, cfg.data.eval_split, 1)
+    eval_data = _examples(cfg, sources.eval, 1)
     if eval_data is None and ctx.is_main:
-        print(f"note: no evaluation examples in split {cfg.data.eval_split!r}; training without evaluation",
-              file=sys.stderr)
+        print(f"note: no evaluation examples in {sources.eval[0]} (split {sources.eval[1]!r}); training without "
+              "evaluation", file=sys.stderr)
 
     mcfg, from_folder = _model_config(cfg, ids, progress)
     set_seed(cfg.trainer.seed)  # the same initial weights on every rank and every rerun
