@@ -120,3 +120,18 @@ def test_stage_configs_are_checked_before_any_work(tmp_path: Path) -> None:
     assert pipe.calls == []
     stages[1]["config"]["vocab_size"] = stages[1]["config"].pop("vocab_sise")
     FakeStages(_cfg(tmp_path, stages), check=True).check()
+
+
+def test_report_reads_stage_summaries(tmp_path: Path) -> None:
+    """Scalars (also one level down), parallel-list samples from samples.json, and PNGs reach the report."""
+    from lmcraft.pipeline import _metric_rows, _read_summary, _sample_rows
+
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"eval": {"eval_loss": 1.5}, "steps": 3, "long": "x" * 99}))
+    (folder / "results.json").write_text(json.dumps({"metric_value": 0.9}))
+    (folder / "samples.json").write_text(json.dumps({"prompts": ["p1", "p2"], "before": ["b1", "b2"],
+                                                     "after": ["a1", "a2"]}))
+    summary = _read_summary(folder)
+    assert _metric_rows(summary) == [["metric_value", 0.9], ["eval.eval_loss", 1.5], ["steps", 3]]
+    assert _sample_rows(summary["samples"]) == (["prompt", "before", "after"], [["p1", "b1", "a1"], ["p2", "b2", "a2"]])

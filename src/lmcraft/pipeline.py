@@ -11,8 +11,10 @@ Config values may refer to other stages' folders: `${pretrain}` is `<run_dir>/pr
 `${run_dir}` is the run folder itself. The pipeline sets each stage's `output_key` (default
 `output_dir`) to the stage's folder.
 
-Stages report to the pipeline through an optional `summary.json` in their folder:
-`{"metrics": {...}, "samples": [{"prompt": .., "before": .., "after": ..}], "artifacts": {...}, "images": [...]}`.
+Stages report to the pipeline through `summary.json` / `results.json` in their folder: scalar entries (and
+those of one-level nested dicts such as `"eval": {...}`) become the metrics table, `samples` (a list of
+`{"prompt", "before", "after" | "completion"}` records, or parallel lists; also read from `samples.json`) the
+samples table, and every PNG in the folder an image.
 """
 
 from __future__ import annotations
@@ -290,15 +292,14 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
         spec, folder = r["spec"], r["folder"]
         report.section(spec.title or f"{spec.name} ({spec.stage})")
         summary = _read_summary(folder)
-        metrics = summary.get("metrics", {})
+        metrics = _metric_rows(summary)
         if metrics:
-            report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+            report.table(["metric", "value"], metrics)
         for image in _images(folder, summary):
             report.image(image, image.stem.replace("_", " "))
-        samples = summary.get("samples", [])
+        cols, samples = _sample_rows(summary.get("samples"))
         if samples:
-            cols = [c for c in ("prompt", "before", "after", "output", "answer") if any(c in s for s in samples)]
-            report.table(cols, [[str(s.get(c, "")) for c in cols] for s in samples])
+            report.table(cols, samples)
         artifacts = _artifacts(folder) if folder.exists() else []
         if artifacts:
             report.table(["artefact", "path"], [list(a) for a in artifacts])
@@ -306,9 +307,49 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
     return report
 
 
-def _read_summary(folder: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
-        data = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return None
+
+
+def _read_summary(folder: Path) -> dict[str, Any]:
+    """What a stage left for the report: `summary.json` merged over `results.json`, plus `samples.json`."""
+    summary: dict[str, Any] = {}
+    for name in ("results.json", "summary.json"):
+        data = _read_json(folder / name)
+        if isinstance(data, dict):
+            summary.update(data)
+    samples = _read_json(folder / "samples.json")
+    if samples is not None and "samples" not in summary:
+        summary["samples"] = samples
+    return summary
+
+
+def _metric_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """Scalars of a summary (and of its one-level-nested dicts) as `[key, value]` rows."""
+    rows: list[list[Any]] = []
+    for key, value in summary.items():
+        if key in ("samples", "images", "artifacts"):
+            continue
+        items = value.items() if isinstance(value, dict) and key != "metrics" else [(None, value)]
+        if key == "metrics" and isinstance(value, dict):
+            items = [(k, v) for k, v in value.items()]
+            key = ""
+        for sub, v in items:
+            if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 60):
+                rows.append([".".join(p for p in (key, sub) if p), v])
+    return rows
+
+
+def _sample_rows(samples: Any) -> tuple[list[str], list[list[str]]]:
+    """Samples as a table: a list of records, or parallel lists {"prompts": [...], "before": [...], ...}."""
+    if isinstance(samples, dict):
+        columns = {("prompt" if k == "prompts" else k): v for k, v in samples.items() if isinstance(v, list)}
+        n = max((len(v) for v in columns.values()), default=0)
+        samples = [{k: v[i] for k, v in columns.items() if i < len(v)} for i in range(n)]
+    if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
+        return [], []
+    cols = [c for c in ("prompt", "before", "after", "completion", "output", "answer") if any(c in s for s in samples)]
+    return cols, [[str(s.get(c, "")) for c in cols] for s in samples]
