@@ -9,6 +9,7 @@ One step = forward, causal-LM loss, backward, AdamW update, zero_grad, on a fixe
                        finetune stage's causal-LM loss (through the LM head in chunks); frozen weights get
                        no gradient (checked);
 - lmcraft LoRA, plain loss: the same with the loss on full (B, T, V) logits, to show what the chunked loss adds;
+- lmcraft QLoRA:       the same adapters on an NF4 base (every projection dequantised in forward and backward);
 - peft+transformers:   `peft.get_peft_model(AutoModelForCausalLM, LoraConfig(same))`, loss from `labels=`.
 All fp32, the same thread count. Models: the ~14M `llama-14m` preset (random weights, saved once in Hugging
 Face layout and loaded by both libraries) and SmolLM2-135M-Instruct (the `smollm2-135m-instruct` asset).
@@ -30,17 +31,17 @@ from bench.common import Table, compare, machine, set_threads
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 
 
-def lmcraft_step(folder: Path, batch: dict[str, torch.Tensor], lora: bool, fused: bool = True
+def lmcraft_step(folder: Path, batch: dict[str, torch.Tensor], method: str | None, fused: bool = True
                  ) -> tuple[Callable[[], None], int]:
-    """(one training step, trainable parameter count) for an lmcraft model."""
+    """(one training step, trainable parameter count) for an lmcraft model; method None = full fine-tuning."""
     from lmcraft import peft
     from lmcraft.finetune.tasks import CausalLMTask
     from lmcraft.hub import load_model
 
     torch.manual_seed(0)
     model = load_model(folder, dtype=torch.float32)
-    if lora:
-        model = peft.apply(model, {"method": "lora", **LORA})
+    if method is not None:
+        model = peft.apply(model, {"method": method, **LORA})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -83,19 +84,21 @@ def bench_model(name: str, folder: Path, table: Table, batch_size: int, seq: int
     vocab = load_config(folder).vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    full, n_full = lmcraft_step(folder, batch, lora=False)
-    lora, n_lora = lmcraft_step(folder, batch, lora=True)
-    plain, _ = lmcraft_step(folder, batch, lora=True, fused=False)
+    full, n_full = lmcraft_step(folder, batch, None)
+    lora, n_lora = lmcraft_step(folder, batch, "lora")
+    plain, _ = lmcraft_step(folder, batch, "lora", fused=False)
+    qlora, _ = lmcraft_step(folder, batch, "qlora")
     theirs, n_theirs = peft_step(folder, batch)
     if n_lora != n_theirs:
         raise AssertionError(f"LoRA configs differ: lmcraft trains {n_lora} parameters, peft {n_theirs}")
-    best = compare({"full": full, "lora": lora, "plain": plain, "peft": theirs}, repeats=repeats)
+    best = compare({"full": full, "lora": lora, "plain": plain, "qlora": qlora, "peft": theirs}, repeats=repeats)
     vs_full, vs_peft = best["full"] / best["lora"], best["peft"] / best["lora"]
-    table.add([name, f"{batch_size}x{seq}", f"{n_lora:,} / {n_full:,}", f"{best['full']:.3f}", f"{best['lora']:.3f}",
-               f"{best['plain']:.3f}", f"{best['peft']:.3f}", f"{vs_full:.2f}x {'ok' if vs_full >= 1.4 else 'MISS'}",
+    seconds = [f"{best[k]:.3f}" for k in ("full", "lora", "plain", "qlora", "peft")]
+    table.add([name, f"{batch_size}x{seq}", f"{n_lora:,} / {n_full:,}", *seconds,
+               f"{vs_full:.2f}x {'ok' if vs_full >= 1.4 else 'MISS'}",
                f"{vs_peft:.2f}x {'ok' if vs_peft >= 1.3 else 'MISS'}"])
     print(f"  {name}: full {best['full']:.3f} s, LoRA {best['lora']:.3f} s, LoRA plain loss {best['plain']:.3f} s, "
-          f"peft {best['peft']:.3f} s", file=sys.stderr, flush=True)
+          f"QLoRA {best['qlora']:.3f} s, peft {best['peft']:.3f} s", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     print(f"# training step (forward + backward + AdamW), fp32, LoRA r=8 on q_proj/v_proj — {machine()}, "
           f"transformers {transformers.__version__}", flush=True)
-    table = Table(["model", "batch", "LoRA / full params", "lmcraft full s", "lmcraft LoRA s",
-                   "LoRA plain-loss s", "peft+transformers s", "LoRA vs full (>=1.4)", "LoRA vs peft (>=1.3)"])
+    table = Table(["model", "batch", "LoRA / full params", "lmcraft full s", "lmcraft LoRA s", "LoRA plain-loss s",
+                   "QLoRA s", "peft+transformers s", "LoRA vs full (>=1.4)", "LoRA vs peft (>=1.3)"])
     from bench.bench_generate import llama_14m_folder
 
     with tempfile.TemporaryDirectory(prefix="bench-peft-") as tmp:
