@@ -73,6 +73,7 @@ def test_sft_preview_then_training(task: Path, tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "sft" / "step-6").exists()  # preview does not train
     summary = run_stage("sft", cfg, path)
     assert summary["step"] == 6 and summary["data"]["rows"] < summary["data"]["examples"]  # packed
+    assert summary["start_eval_loss"] > summary["eval_loss"]  # the start model is evaluated before step 1
     final = tmp_path / "sft" / "final"
     assert json.loads((final / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for message")
     samples = json.loads((tmp_path / "sft" / "samples.json").read_text())

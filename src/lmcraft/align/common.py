@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lmcraft.train import Callback, Trainer
 
 __all__ = ["ScoreEvaluator", "StartPoint", "generate_samples", "open_start", "record_samples", "score_eval_callback",
-           "write_summary"]
+           "start_evaluation", "write_summary"]
 
 
 @dataclass
@@ -83,6 +83,18 @@ def record_samples(out: Path, key: str, model: nn.Module, tokenizer: Tokenizer, 
     data["prompts"] = samples.prompts
     data[key] = generate_samples(model, tokenizer, samples.prompts, samples.max_new_tokens)
     atomic_write_json(path, data)
+
+
+def start_evaluation(trainer: Trainer, out: Path) -> dict[str, float]:
+    """The trainer's evaluation of the start model (before any step), computed once per run folder and kept in
+    OUT/start_eval.json; it uses no random numbers, so a fresh run stays identical to one without it."""
+    path = out / "start_eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics = trainer.evaluate()
+    if trainer.is_main:
+        atomic_write_json(path, metrics)
+    return metrics
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Curves of alignment runs as PNG: PPO's rollout statistics, and any logged metrics against the step."""
+"""Curves of alignment runs as PNG: PPO's rollout statistics, SFT-style loss curves, any logged metric by step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metrics", "plot_ppo"]
+__all__ = ["plot_metrics", "plot_ppo", "plot_training"]
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -77,6 +77,31 @@ def plot_metrics(series: dict[str, tuple[Sequence[float], Sequence[float]]], pat
     for ax, (name, (xs, ys)) in zip(axes, series.items(), strict=True):
         ax.plot(xs, ys, "o-" if len(xs) < 15 else "-")
         ax.set(title=name, xlabel=xlabel)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_training(history: Sequence[dict[str, Any]], path: Path, title: str = "", start_eval: float | None = None,
+                  window: int = 5) -> None:
+    """Train loss per step with its `window`-step moving average, and the evaluation loss (from `start_eval`, the
+    start model's, at step 0), next to the learning rate."""
+    train = [r for r in history if r["split"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r["split"] == "eval" and "eval_loss" in r]
+    if start_eval is not None:
+        evals.insert(0, (0, start_eval))
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+              for i in range(len(losses))]
+    fig, axes = _figure(2, columns=2)
+    axes[0].plot(steps, losses, color="C0", alpha=0.35, label="train (per step)")
+    axes[0].plot(steps, smooth, color="C0", label=f"train ({window}-step mean)")
+    if evals:
+        axes[0].plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="C1", label="held-out")
+    axes[0].set(title="loss (assistant tokens)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in train], color="C2")
+    axes[1].set(title="learning rate", xlabel="step")
     if title:
         fig.suptitle(title)
     _save(fig, path)

@@ -75,7 +75,7 @@ def load_pairs(data: Any, formatter: Any) -> tuple[Any, Any]:
 
 def run_reward(cfg: Any) -> dict[str, Any]:
     """Run the stage for a validated `RewardConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.common import open_start, write_summary
+    from lmcraft.align.common import open_start, start_evaluation, write_summary
     from lmcraft.align.instruct import ChatFormatter
     from lmcraft.align.modeling import (
         add_peft,
@@ -98,14 +98,15 @@ def run_reward(cfg: Any) -> dict[str, Any]:
     trainer = Trainer(model, with_regularization(reward_loss, model), train, evaluation, cfg.trainer, out,
                       collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
                       tokenizer_dir=start.tokenizer_dir)
+    start_eval = start_evaluation(trainer, out) if evaluation is not None else {}
     result = trainer.train()
     if not trainer.is_main:
         return result
     paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
     evals = [r for r in trainer.state.history if r["split"] == "eval"]
     summary = {"stage": "reward", **result, **paths, "pairs": len(train), "dropped": train.dropped,
+               "start_eval_accuracy": start_eval.get("eval_accuracy"),
                "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
-               "eval_margin": evals[-1].get("eval_margin") if evals else None,
-               "first_eval_accuracy": evals[0].get("eval_accuracy") if evals else None}
+               "eval_margin": evals[-1].get("eval_margin") if evals else None}
     write_summary(out, summary)
     return summary

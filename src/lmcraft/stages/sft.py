@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[str, Any]:
     """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
-    from lmcraft.align.common import open_start, record_samples, write_summary
+    from lmcraft.align.common import open_start, record_samples, start_evaluation, write_summary
     from lmcraft.align.config import split_eval
     from lmcraft.align.data import load_conversations
     from lmcraft.align.instruct import ChatFormatter, highlight
@@ -83,6 +83,7 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
         tokenizer_folder,
         with_regularization,
     )
+    from lmcraft.align.plots import plot_training
     from lmcraft.align.sft import build_sft_data, sft_loss
     from lmcraft.errors import ConfigError
     from lmcraft.train import Trainer
@@ -113,14 +114,17 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
     trainer = Trainer(model, with_regularization(sft_loss, model), train, evaluation, cfg.trainer, out,
                       collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
                       tokenizer_dir=start.tokenizer_dir)
+    start_eval = start_evaluation(trainer, out) if evaluation is not None else {}
     result = trainer.train()
     if not trainer.is_main:
         return result
     paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
     record_samples(out, "after", model, start.tokenizer, cfg.samples)
+    if cfg.trainer.plot:
+        plot_training(trainer.state.history, out / "sft_curves.png", "SFT", start_eval.get("eval_loss"))
     last = next((r for r in reversed(trainer.state.history) if r["split"] == "train"), {})
     last_eval = next((r for r in reversed(trainer.state.history) if r["split"] == "eval"), {})
     summary = {"stage": "sft", **result, **paths, "data": train.stats, "train_loss": last.get("loss"),
-               "eval_loss": last_eval.get("eval_loss")}
+               "start_eval_loss": start_eval.get("eval_loss"), "eval_loss": last_eval.get("eval_loss")}
     write_summary(out, summary)
     return summary
