@@ -59,3 +59,14 @@ def test_compare_three_methods_writes_table_and_plot(tmp_path, capsys) -> None:
     # a second call reuses the finished runs (same configs)
     assert main(["compare", str(path), "--methods", "full,lora,pfeiffer"]) == 0
     assert "reusing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["compare-minilm-spam.yaml", "compare-smollm2-shakespeare.yaml"])
+def test_compare_recipes_validate_and_plan(recipe: str) -> None:
+    from pathlib import Path
+
+    from lmcraft.config import load_config
+
+    cfg = load_config(CompareConfig, Path(__file__).parent.parent / "recipes" / recipe)
+    runs = plan_runs(cfg)
+    assert [r.name for r in runs] == cfg.compare.methods and runs[0].name == "full"
