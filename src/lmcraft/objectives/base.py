@@ -46,11 +46,18 @@ class Objective(Protocol):
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """sum_i -log softmax(logits_i)[labels_i] over positions with labels_i != -100, and their count.
 
-    Only the labelled rows are gathered before the softmax, so memory scales with the number of targets.
+    `logits` (..., V) and `labels` (...) are flattened. When most positions are labelled (causal LM) the
+    loss runs over all rows with `ignore_index`, which needs no copy of the logits and no scatter in the
+    backward pass; when few are (MLM's 15%), only the labelled rows are gathered first (`index_select`,
+    whose gradient is a cheap `index_add`), so the softmax work scales with the number of targets.
     """
-    keep = labels != IGNORE_INDEX
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
         return logits.sum() * 0.0, 0
-    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-    return loss, count
+    if 2 * count > flat_labels.numel():
+        return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"), count
+    rows = keep.nonzero().squeeze(1)
+    return F.cross_entropy(flat_logits.index_select(0, rows).float(), flat_labels[rows], reduction="sum"), count

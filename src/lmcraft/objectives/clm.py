@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.models.config import ModelConfig
@@ -45,8 +46,12 @@ def document_attention(input_ids: torch.Tensor, eos_token_id: int) -> tuple[torc
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed shifted cross-entropy: logits[:, t] predicts labels[:, t + 1]; returns (sum, number of targets)."""
-    return token_cross_entropy(logits[:, :-1], labels[:, 1:])
+    """Summed shifted cross-entropy: logits[:, t] predicts labels[:, t + 1]; returns (sum, number of targets).
+
+    The labels are shifted (the last position gets -100), not the logits, so the logits are never copied.
+    """
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return token_cross_entropy(logits, next_labels)
 
 
 @dataclass
