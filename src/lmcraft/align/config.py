@@ -19,10 +19,11 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.align.scoring import ScorerSpec
-from lmcraft.config import Section
+from lmcraft.config import Section, StageConfig
 from lmcraft.errors import ConfigError
 
-__all__ = ["DataSection", "ModelSource", "SamplesSection", "SaveSection", "ScoreEval", "split_eval"]
+__all__ = ["AlignmentConfig", "DataSection", "ModelSource", "PairsData", "SamplesSection", "SaveSection",
+           "ScoreEval", "split_eval"]
 
 
 class ModelSource(Section):
@@ -58,6 +59,12 @@ class DataSection(Section):
         return self
 
 
+class PairsData(DataSection):
+    """Preference pairs (reward, dpo): prompt/chosen/rejected records, alpaca or sharegpt preference records."""
+
+    format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
+
+
 class SamplesSection(Section):
     """Greedy replies to these prompts (chat) before and after training, written to OUT/samples.json."""
 
@@ -67,6 +74,18 @@ class SamplesSection(Section):
 
 class SaveSection(Section):
     merge: bool = Field(False, description="PEFT runs: also write OUT/merged, the adapter folded into a full model")
+
+
+class AlignmentConfig(StageConfig):
+    """The keys every alignment stage starts with: the start model, its chat template and the PEFT method.
+
+    A stage's config class (built lazily: `TrainerConfig` imports torch) subclasses this and adds its own sections,
+    `trainer`, `save` and `output_dir`; pydantic keeps these three keys first.
+    """
+
+    model: ModelSource
+    template: str | None = None
+    peft: dict[str, Any] | None = None
 
 
 def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:

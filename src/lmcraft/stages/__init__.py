@@ -1,7 +1,8 @@
 """One module per CLI stage. A stage wires parts together; it holds no math of its own.
 
 Config-driven stages use `add_config_arguments` / `load_stage_config` so that every one of them
-reads `CONFIG.yaml key=value ...` the same way.
+reads `CONFIG.yaml key=value ...` the same way; stages that train (a `trainer:` section) use
+`add_training_arguments` / `load_training_config`, which add `--no-progress`.
 """
 
 from __future__ import annotations
@@ -28,3 +29,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
 def load_stage_config(cls: type[C], args: argparse.Namespace) -> C:
     return load_config(cls, args.config, args.overrides)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """`CONFIG.yaml key=value ...` and `--no-progress`, for stages whose config has a `trainer` section."""
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def load_training_config(cls: type[C], args: argparse.Namespace) -> C:
+    """The validated config; `--no-progress` turns `trainer.progress` off."""
+    cfg = load_stage_config(cls, args)
+    if args.no_progress:
+        cfg.trainer.progress = False  # type: ignore[attr-defined]
+    return cfg

@@ -22,7 +22,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmcraft.config import Section, StageConfig
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments as add_arguments
+from lmcraft.stages import load_training_config
 
 __all__ = ["DPOSection", "add_arguments", "config_class", "run", "run_dpo"]
 
@@ -42,16 +43,10 @@ class DPOSection(Section):
 
 @functools.cache
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import DataSection, ModelSource, SamplesSection, SaveSection, ScoreEval
+    from lmcraft.align.config import AlignmentConfig, PairsData, SamplesSection, SaveSection, ScoreEval
     from lmcraft.train import TrainerConfig
 
-    class PairsData(DataSection):
-        format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
-
-    class DPOConfig(StageConfig):
-        model: ModelSource
-        template: str | None = None
-        peft: dict[str, Any] | None = None
+    class DPOConfig(AlignmentConfig):
         data: PairsData
         dpo: DPOSection = DPOSection()
         trainer: TrainerConfig = TrainerConfig()
@@ -63,16 +58,8 @@ def config_class() -> type[StageConfig]:
     return DPOConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
-    run_dpo(cfg)
+    run_dpo(load_training_config(config_class(), args))
     return 0
 
 

@@ -25,7 +25,8 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from lmcraft.config import Section, StageConfig
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments as add_arguments
+from lmcraft.stages import load_training_config
 
 __all__ = ["PPOSection", "PromptsSection", "add_arguments", "config_class", "run", "run_ppo"]
 
@@ -73,14 +74,11 @@ class PPOSection(Section):
 
 @functools.cache
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import ModelSource, SamplesSection, SaveSection, ScoreEval
+    from lmcraft.align.config import AlignmentConfig, SamplesSection, SaveSection, ScoreEval
     from lmcraft.align.scoring import ScorerSpec
     from lmcraft.train import TrainerConfig
 
-    class PPOConfig(StageConfig):
-        model: ModelSource
-        template: str | None = None
-        peft: dict[str, Any] | None = None
+    class PPOConfig(AlignmentConfig):
         prompts: PromptsSection
         reward: ScorerSpec
         ppo: PPOSection = PPOSection()
@@ -108,16 +106,8 @@ def config_class() -> type[StageConfig]:
     return PPOConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
-    run_ppo(cfg)
+    run_ppo(load_training_config(config_class(), args))
     return 0
 
 

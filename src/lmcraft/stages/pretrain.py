@@ -44,7 +44,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import ConfigError, InputFileError, ModelLoadError
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments as add_arguments
+from lmcraft.stages import load_training_config
 
 if TYPE_CHECKING:
     import torch
@@ -248,16 +249,8 @@ def config_class() -> type[StageConfig]:
     return PretrainConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
-    summary = pretrain(cfg, progress=not args.no_progress)
+    summary = pretrain(load_training_config(config_class(), args), progress=not args.no_progress)
     if summary["is_main"]:
         print(format_summary(summary))
     return 0

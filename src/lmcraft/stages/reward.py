@@ -17,26 +17,21 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lmcraft.config import StageConfig
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments as add_arguments
+from lmcraft.stages import load_training_config
 
 __all__ = ["add_arguments", "config_class", "load_pairs", "run", "run_reward"]
 
 
 @functools.cache
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import DataSection, ModelSource, SaveSection
+    from lmcraft.align.config import AlignmentConfig, PairsData, SaveSection
     from lmcraft.train import TrainerConfig
 
-    class PairsData(DataSection):
-        format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
-
-    class RewardConfig(StageConfig):
-        model: ModelSource
-        template: str | None = None
-        peft: dict[str, Any] | None = None
+    class RewardConfig(AlignmentConfig):
         data: PairsData
         trainer: TrainerConfig = TrainerConfig()
         save: SaveSection = SaveSection()
@@ -45,16 +40,8 @@ def config_class() -> type[StageConfig]:
     return RewardConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
-    run_reward(cfg)
+    run_reward(load_training_config(config_class(), args))
     return 0
 
 

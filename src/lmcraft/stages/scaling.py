@@ -34,7 +34,8 @@ from pydantic import Field, model_validator
 
 from lmcraft.config import Section, StageConfig, validate_config
 from lmcraft.errors import ConfigError
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments as add_arguments
+from lmcraft.stages import load_training_config
 
 if TYPE_CHECKING:
     from lmcraft.report import Report
@@ -170,16 +171,8 @@ def config_class() -> type[StageConfig]:
     return ScalingConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
-    result = scaling(cfg, progress=not args.no_progress)
+    result = scaling(load_training_config(config_class(), args), progress=not args.no_progress)
     print(_format_result(result))
     return 0
 

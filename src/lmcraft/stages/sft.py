@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmcraft.config import StageConfig
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_training_arguments, load_training_config
 
 __all__ = ["add_arguments", "config_class", "run", "run_sft"]
 
 
 @functools.cache
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import DataSection, ModelSource, SamplesSection, SaveSection
+    from lmcraft.align.config import AlignmentConfig, DataSection, SamplesSection, SaveSection
     from lmcraft.train import TrainerConfig
 
     class SFTData(DataSection):
@@ -35,10 +35,7 @@ def config_class() -> type[StageConfig]:
         train_on: Literal["all", "last"] = "all"
         packing: bool = False
 
-    class SFTConfig(StageConfig):
-        model: ModelSource
-        template: str | None = None
-        peft: dict[str, Any] | None = None
+    class SFTConfig(AlignmentConfig):
         data: SFTData
         trainer: TrainerConfig = TrainerConfig()
         samples: SamplesSection = SamplesSection()
@@ -49,20 +46,16 @@ def config_class() -> type[StageConfig]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
     parser.add_argument("--preview", type=int, metavar="N", help="print the first N rendered training examples with "
                         "the trained (assistant) tokens highlighted, then exit")
     parser.add_argument("--no-color", action="store_true", help="--preview marks trained text with «…» instead of "
                         "colour (the default when stdout is not a terminal)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_training_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_stage_config(config_class(), args)
-    if args.no_progress:
-        cfg.trainer.progress = False
     color = sys.stdout.isatty() and not args.no_color
-    run_sft(cfg, preview=args.preview, color=color)
+    run_sft(load_training_config(config_class(), args), preview=args.preview, color=color)
     return 0
 
 
