@@ -9,12 +9,20 @@ first run.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcraft.align.modeling import load_stage_tokenizer, load_start_model
+from lmcraft.align.modeling import (
+    base_source_of,
+    checkpoint_format,
+    load_stage_tokenizer,
+    load_start_model,
+    peft_callbacks,
+    save_final,
+    with_regularization,
+)
 from lmcraft.train.checkpoint import atomic_write_json, latest_checkpoint
 
 if TYPE_CHECKING:
@@ -24,8 +32,8 @@ if TYPE_CHECKING:
     from lmcraft.tokenizer.load import Tokenizer
     from lmcraft.train import Callback, Trainer
 
-__all__ = ["ScoreEvaluator", "StartPoint", "generate_samples", "open_start", "record_samples", "score_eval_callback",
-           "start_evaluation", "write_summary"]
+__all__ = ["ScoreEvaluator", "StartPoint", "generate_samples", "open_start", "record_samples", "save_stage_final",
+           "score_eval_callback", "stage_trainer", "start_evaluation", "write_summary"]
 
 
 @dataclass
@@ -59,6 +67,24 @@ def open_start(source: ModelSource, template: str | None, out: Path, seed: int, 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer")
     return StartPoint(model, tokenizer, out / "tokenizer", latest_checkpoint(out) is not None)
+
+
+def stage_trainer(cfg: Any, start: StartPoint, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any],
+                  train: Any, evaluation: Any, out: Path, **options: Any) -> Trainer:
+    """The Trainer of an alignment stage with a `trainer` section: `loss_fn` plus the PEFT method's regulariser,
+    the method's callbacks, batches from `train.collate`, checkpoints in the model's format (adapter or full weights)
+    carrying OUT/tokenizer. `options` go on to the Trainer (e.g. `eval_fn`)."""
+    from lmcraft.train import Trainer
+
+    return Trainer(model, with_regularization(loss_fn, model), train, evaluation, cfg.trainer, out,
+                   collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
+                   tokenizer_dir=start.tokenizer_dir, **options)
+
+
+def save_stage_final(cfg: Any, start: StartPoint, model: nn.Module, out: Path) -> dict[str, str]:
+    """`save_final` for a stage config with `model` and `save` sections: OUT/final (the model, or its adapter naming
+    `model.from` as its base) with the run's tokenizer, and OUT/merged when `save.merge`. Returns the paths."""
+    return save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
 
 
 def generate_samples(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int

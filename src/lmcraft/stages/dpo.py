@@ -82,21 +82,18 @@ def _plot(history: list[dict[str, Any]], start_score: float | None, path: Path) 
 
 def run_dpo(cfg: Any) -> dict[str, Any]:
     """Run the stage for a validated `DPOConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.common import ScoreEvaluator, open_start, record_samples, write_summary
+    from lmcraft.align.common import (
+        ScoreEvaluator,
+        open_start,
+        record_samples,
+        save_stage_final,
+        stage_trainer,
+        write_summary,
+    )
     from lmcraft.align.dpo import DPOLoss, Reference, WithReference, precompute_reference
     from lmcraft.align.instruct import ChatFormatter
-    from lmcraft.align.modeling import (
-        add_peft,
-        base_source_of,
-        checkpoint_format,
-        is_peft,
-        peft_callbacks,
-        planned_steps,
-        save_final,
-        with_regularization,
-    )
+    from lmcraft.align.modeling import add_peft, is_peft, planned_steps
     from lmcraft.stages.reward import load_pairs
-    from lmcraft.train import Trainer
 
     out, d = Path(cfg.output_dir), cfg.dpo
     start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
@@ -118,13 +115,11 @@ def run_dpo(cfg: Any) -> dict[str, Any]:
         reference = None  # the copy (if any) is no longer needed
     loss = DPOLoss(d.beta, d.loss, d.label_smoothing, reference)
     eval_fn = (lambda tr: {"score": scorer(tr.model)}) if scorer is not None else None
-    trainer = Trainer(model, with_regularization(loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
-                      tokenizer_dir=start.tokenizer_dir, eval_fn=eval_fn)
+    trainer = stage_trainer(cfg, start, model, loss, train, evaluation, out, eval_fn=eval_fn)
     result = trainer.train()
     if not trainer.is_main:
         return result
-    paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    paths = save_stage_final(cfg, start, model, out)
     record_samples(out, "after", model, start.tokenizer, cfg.samples)
     if cfg.trainer.plot:
         _plot(trainer.state.history, start_score, out / "dpo_curves.png")

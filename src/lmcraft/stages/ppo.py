@@ -133,17 +133,16 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
     import dataclasses
     import json
 
-    from lmcraft.align.common import ScoreEvaluator, open_start, record_samples, score_eval_callback, write_summary
-    from lmcraft.align.instruct import ChatFormatter
-    from lmcraft.align.modeling import (
-        add_peft,
-        base_source_of,
-        checkpoint_format,
-        is_peft,
-        peft_callbacks,
-        save_final,
-        with_regularization,
+    from lmcraft.align.common import (
+        ScoreEvaluator,
+        open_start,
+        record_samples,
+        save_stage_final,
+        score_eval_callback,
+        write_summary,
     )
+    from lmcraft.align.instruct import ChatFormatter
+    from lmcraft.align.modeling import add_peft, checkpoint_format, is_peft, peft_callbacks, with_regularization
     from lmcraft.align.plots import plot_ppo
     from lmcraft.align.ppo import (
         AdaptiveKLController,
@@ -187,7 +186,7 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
     trainer = Trainer(model, with_regularization(PPOLoss(hyper), policy), loader, None, trainer_cfg, out,
                       callbacks=callbacks, weights=checkpoint_format(model), tokenizer_dir=start.tokenizer_dir)
     result = trainer.train()
-    paths = save_final(policy, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    paths = save_stage_final(cfg, start, policy, out)
     record_samples(out, "after", policy, start.tokenizer, cfg.samples)
     atomic_write_text(out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in loader.history))
     if cfg.trainer.plot:

@@ -62,34 +62,22 @@ def load_pairs(data: Any, formatter: Any) -> tuple[Any, Any]:
 
 def run_reward(cfg: Any) -> dict[str, Any]:
     """Run the stage for a validated `RewardConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.common import open_start, start_evaluation, write_summary
+    from lmcraft.align.common import open_start, save_stage_final, stage_trainer, start_evaluation, write_summary
     from lmcraft.align.instruct import ChatFormatter
-    from lmcraft.align.modeling import (
-        add_peft,
-        base_source_of,
-        checkpoint_format,
-        peft_callbacks,
-        planned_steps,
-        reward_head,
-        save_final,
-        with_regularization,
-    )
+    from lmcraft.align.modeling import add_peft, planned_steps, reward_head
     from lmcraft.align.reward import reward_loss
-    from lmcraft.train import Trainer
 
     out = Path(cfg.output_dir)
     head, num_labels = reward_head(cfg.model.from_)
     start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed, head, num_labels)
     train, evaluation = load_pairs(cfg.data, ChatFormatter(start.tokenizer, train_on="last"))
     model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
-    trainer = Trainer(model, with_regularization(reward_loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
-                      tokenizer_dir=start.tokenizer_dir)
+    trainer = stage_trainer(cfg, start, model, reward_loss, train, evaluation, out)
     start_eval = start_evaluation(trainer, out) if evaluation is not None else {}
     result = trainer.train()
     if not trainer.is_main:
         return result
-    paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    paths = save_stage_final(cfg, start, model, out)
     evals = [r for r in trainer.state.history if r["split"] == "eval"]
     summary = {"stage": "reward", **result, **paths, "pairs": len(train), "dropped": train.dropped,
                "start_eval_accuracy": start_eval.get("eval_accuracy"),

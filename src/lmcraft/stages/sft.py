@@ -61,25 +61,21 @@ def run(args: argparse.Namespace) -> int:
 
 def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[str, Any]:
     """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
-    from lmcraft.align.common import open_start, record_samples, start_evaluation, write_summary
+    from lmcraft.align.common import (
+        open_start,
+        record_samples,
+        save_stage_final,
+        stage_trainer,
+        start_evaluation,
+        write_summary,
+    )
     from lmcraft.align.config import split_eval
     from lmcraft.align.data import load_conversations
     from lmcraft.align.instruct import ChatFormatter, highlight
-    from lmcraft.align.modeling import (
-        add_peft,
-        base_source_of,
-        checkpoint_format,
-        load_stage_tokenizer,
-        peft_callbacks,
-        planned_steps,
-        save_final,
-        tokenizer_folder,
-        with_regularization,
-    )
+    from lmcraft.align.modeling import add_peft, load_stage_tokenizer, planned_steps, tokenizer_folder
     from lmcraft.align.plots import plot_training
     from lmcraft.align.sft import build_sft_data, sft_loss
     from lmcraft.errors import ConfigError
-    from lmcraft.train import Trainer
 
     out, d = Path(cfg.output_dir), cfg.data
     convs = load_conversations(d.train, d.format, d.limit)
@@ -104,14 +100,12 @@ def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[s
     if d.packing and getattr(model, "providers", None):
         raise ConfigError("data.packing cannot be combined with prefix/prompt-style PEFT methods (their virtual tokens "
                           "would be shared by every packed example); set data.packing=false")
-    trainer = Trainer(model, with_regularization(sft_loss, model), train, evaluation, cfg.trainer, out,
-                      collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
-                      tokenizer_dir=start.tokenizer_dir)
+    trainer = stage_trainer(cfg, start, model, sft_loss, train, evaluation, out)
     start_eval = start_evaluation(trainer, out) if evaluation is not None else {}
     result = trainer.train()
     if not trainer.is_main:
         return result
-    paths = save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
+    paths = save_stage_final(cfg, start, model, out)
     record_samples(out, "after", model, start.tokenizer, cfg.samples)
     if cfg.trainer.plot:
         plot_training(trainer.state.history, out / "sft_curves.png", "SFT", start_eval.get("eval_loss"))
