@@ -74,3 +74,13 @@ def test_stage_help_lists_config_keys(capsys) -> None:
         main(["pipeline", "--help"])
     out = capsys.readouterr().out
     assert "config keys:" in out and "run_dir: Path = runs/pipeline" in out and "stages: list of" in out
+
+
+def test_overrides_may_follow_flags(tmp_path, capsys) -> None:
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("run_dir: somewhere\nstages:\n  - {name: a, stage: eval, config: {model: {path: m},"
+                      " tasks: [{task: spam}]}}\n")
+    assert main(["pipeline", str(recipe), "--dry-run", f"run_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert str(tmp_path / "elsewhere") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pipeline", str(recipe), "--dry-run", "--no-such-flag"])

@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = _chosen_stage(argv)
     parser = build_parser(stage)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(late_overrides) < len(extra) or (late_overrides and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit
+    if late_overrides:  # key=value written after a flag (`CONFIG --dry-run a.b=1`) still counts as an override
+        args.overrides = [*args.overrides, *late_overrides]
     if args.version:
         from lmcraft import __version__
 

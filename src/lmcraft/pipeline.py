@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -222,7 +223,8 @@ class Pipeline:
         t0 = time.perf_counter()
         with open(folder / "log.txt", "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(),
+                                    preexec_fn=_die_with_parent)
             assert proc.stdout is not None
             while chunk := os.read(proc.stdout.fileno(), 65536):
                 log.write(chunk)
@@ -245,6 +247,16 @@ class Pipeline:
         md, html = self.run_dir / "report.md", self.run_dir / "report.html"
         report.write(md, html)
         return html
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGKILL when the pipeline process dies, so that killing the
+    pipeline stops its running stage too (which then resumes from its last checkpoint on rerun)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _child_env() -> dict[str, str]:
