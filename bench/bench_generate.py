@@ -8,6 +8,11 @@ preset (random weights, saved once in Hugging Face layout and loaded by both lib
 SmolLM2-135M-Instruct (the `smollm2-135m-instruct` asset; skipped with a message when it cannot be
 fetched). Batch 8 uses prompts of different lengths, i.e. left padding. The `same tokens` column is
 the share of generated tokens on which both libraries agree (fp32 ties can differ in the last bits).
+
+`bandwidth ceiling` bounds batch-1 decoding from above when the weights do not fit in the CPU caches: every
+step must read every weight matrix once, so tok/s <= B / W with W the bytes of the weights used in matrix products (all parameters but an untied input
+embedding) and B the memory bandwidth a matrix-vector product reaches here, measured on a 1 GiB fp32 matrix
+that no cache holds. A library at the ceiling cannot decode faster without reading fewer bytes (lower precision).
 """
 
 from __future__ import annotations
@@ -63,7 +68,23 @@ def time_batch(ours, theirs, prompts: list[list[int]], new_tokens: int, repeats:
     return tokens / best["ours"], tokens / best["theirs"], sum(a == b for a, b in pairs) / tokens
 
 
-def bench_model(name: str, folder: Path, table: Table, new_tokens: int, repeats: int, tokenizer=None) -> None:  # noqa: ANN001
+def matvec_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of y = W x with W a (16384, 16384) fp32 matrix (1 GiB): the memory bandwidth decoding sees."""
+    weight, x = torch.randn(16384, 16384), torch.randn(1, 16384)
+    torch.nn.functional.linear(x, weight)
+    best = compare({"matvec": lambda: torch.nn.functional.linear(x, weight)}, repeats=repeats)["matvec"]
+    return weight.numel() * weight.element_size() / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decoding step reads: every parameter except an untied input embedding."""
+    cfg = model.config
+    untied_embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    return (model.num_parameters() - untied_embedding) * 4
+
+
+def bench_model(name: str, folder: Path, table: Table, new_tokens: int, repeats: int, bandwidth: float,
+                tokenizer=None) -> None:  # noqa: ANN001
     from transformers import AutoModelForCausalLM
 
     from lmcraft.hub import load_model
@@ -74,7 +95,8 @@ def bench_model(name: str, folder: Path, table: Table, new_tokens: int, repeats:
     for batch in (1, 8):
         prompts = prompts_for(batch, ours.config.vocab_size, tokenizer)
         ours_tps, theirs_tps, same = time_batch(ours, theirs, prompts, new_tokens, repeats)
-        table.add([name, batch, fmt(ours_tps), fmt(theirs_tps), ratio(ours_tps, theirs_tps), f"{same:.0%}"])
+        ceiling = fmt(bandwidth / weight_bytes(ours)) if batch == 1 else "-"
+        table.add([name, batch, fmt(ours_tps), fmt(theirs_tps), ratio(ours_tps, theirs_tps), f"{same:.0%}", ceiling])
         print(f"  {name} batch {batch}: lmcraft {fmt(ours_tps)} tok/s, transformers {fmt(theirs_tps)} tok/s",
               file=sys.stderr, flush=True)
 
@@ -104,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     print(f"# greedy generation, {args.new_tokens} new tokens, fp32 — {machine()}, "
           f"transformers {transformers.__version__}", flush=True)
-    table = Table(["model", "batch", "lmcraft tok/s", "transformers tok/s", "ratio", "same tokens"])
+    bandwidth = matvec_bandwidth()
+    print(f"# matrix-vector memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    table = Table(["model", "batch", "lmcraft tok/s", "transformers tok/s", "ratio", "same tokens",
+                   "bandwidth ceiling tok/s"])
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-        bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args.new_tokens, args.repeats)
+        bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args.new_tokens, args.repeats, bandwidth)
     if not args.skip_smollm:
         try:
             from lmcraft.assets import resolve_model
@@ -117,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
             print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
         else:
-            bench_model("smollm2-135m", folder, table, args.new_tokens, max(2, args.repeats // 2), tokenizer)
+            bench_model("smollm2-135m", folder, table, args.new_tokens, max(2, args.repeats // 2), bandwidth,
+                        tokenizer)
     table.print()
     return 0
 
