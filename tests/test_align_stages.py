@@ -194,6 +194,7 @@ def records(out: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("stage, peft, kill_at", [
     ("sft", None, 5),                                   # full fine-tuning, packed: checkpoints at 4, 8
+    ("sft", {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "total_step": 8}, 6),
     ("reward", {"method": "lora", "r": 2}, 5),
     ("dpo", {"method": "lora", "r": 2}, 5),
     ("ppo", {"method": "lora", "r": 2}, 6),             # 4 steps per rollout: killed inside the second rollout

@@ -54,6 +54,13 @@ class AdaLoraAllocator(Callback):
             self.handle.remove()
             self.handle = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The importance EMAs and rank pattern of the active AdaLoRA adapter (for exact resume)."""
+        return self.model.method_state[self.model.active_adapter].state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.method_state[self.model.active_adapter].load_state_dict(self.model, state)
+
 
 class AdapterWeights(WeightsFormat):
     """`adapter_model.safetensors` holding the named parameters only; loads non-strictly onto the same model."""

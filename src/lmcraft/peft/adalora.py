@@ -145,6 +145,19 @@ class RankAllocator:
                 self.ipt_avg[key] = b1 * self.ipt_avg[key] + (1 - b1) * ipt
                 self.unc_avg[key] = b2 * self.unc_avg[key] + (1 - b2) * (ipt - self.ipt_avg[key]).abs()
 
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The EMAs by parameter name and the current rank pattern: what exact resume needs besides the weights."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {"ipt_avg": {names[k]: t for k, t in self.ipt_avg.items()},
+                "unc_avg": {names[k]: t for k, t in self.unc_avg.items()},
+                "rank_pattern": self.cfg.rank_pattern}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
+        params = dict(model.named_parameters())
+        self.ipt_avg = {id(params[n]): t.to(params[n].device) for n, t in state["ipt_avg"].items()}
+        self.unc_avg = {id(params[n]): t.to(params[n].device) for n, t in state["unc_avg"].items()}
+        self.cfg.rank_pattern = state["rank_pattern"]
+
     def score(self, p: nn.Parameter) -> torch.Tensor:
         if id(p) not in self.ipt_avg:
             return torch.zeros_like(p)

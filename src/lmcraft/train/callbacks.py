@@ -2,8 +2,9 @@
 
 Every hook receives the `Trainer`; callbacks run on every rank (test `trainer.is_main` for work
 that only rank 0 should do). A callback may stop training by setting `trainer.should_stop = True`.
-Callbacks that hold state across steps return it from `state_dict()` (JSON-able values); it is
-saved in each checkpoint and given back to `load_state_dict()` on resume.
+Callbacks that hold state across steps return it from `state_dict()` (tensors, numbers, strings, and lists and
+dicts of them); it is saved in each checkpoint (`trainer_state/callbacks.pt`, loaded with `weights_only=True`) and
+given back to `load_state_dict()` on resume.
 
 Order within one optimizer step: on_step_begin -> (micro-batches, update) -> on_optimizer_step (gradients
 still set; skipped steps do not call it) -> on_step_end ->

@@ -512,8 +512,8 @@ class Trainer:
             (tmp / "trainer_state").mkdir()
             ckpt.save_torch(optim_state, tmp / "trainer_state" / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), tmp / "trainer_state" / "scheduler.pt")
-            meta = {"state": asdict(self.state), "loader": self.loader.state_dict(),
-                    "callbacks": self.user_callbacks.state_dict(), "world_size": self.ctx.world_size,
+            ckpt.save_torch(self.user_callbacks.state_dict(), tmp / "trainer_state" / "callbacks.pt")
+            meta = {"state": asdict(self.state), "loader": self.loader.state_dict(), "world_size": self.ctx.world_size,
                     "config": self.config.model_dump(mode="json")}
             (tmp / "trainer_state" / "state.json").write_text(json.dumps(meta, indent=1))
         barrier()
@@ -541,7 +541,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt.load_torch(state_dir / "scheduler.pt"))
         self.loader.load_state_dict(meta["loader"])
         self.state = TrainerState(**meta["state"])
-        self.user_callbacks.load_state_dict(meta["callbacks"])
+        callbacks = state_dir / "callbacks.pt"
+        self.user_callbacks.load_state_dict(ckpt.load_torch(callbacks) if callbacks.is_file() else meta["callbacks"])
         ckpt.restore_rng_state(ckpt.load_torch(state_dir / f"rng_rank{self.ctx.rank}.pt"))
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.state.step)
