@@ -146,7 +146,7 @@ def test_checkpoints_keep_last_and_resume_in_process(tmp_path: Path) -> None:
     assert names == ["latest", "metrics.jsonl", "step-4", "step-6"]
     assert (tmp_path / "full" / "latest").read_text() == "step-6\n"
     assert sorted(p.name for p in (tmp_path / "full" / "step-4" / "trainer_state").iterdir()) == [
-        "optimizer.pt", "rng_rank0.pt", "scheduler.pt", "state.json"]
+        "callbacks.pt", "optimizer.pt", "rng_rank0.pt", "scheduler.pt", "state.json"]
 
     resumed = Trainer(_model(dropout=0.2), clm_loss, make_data(), config=cfg, output_dir=tmp_path / "resumed")
     resumed.train(resume_from=tmp_path / "full" / "step-4")
