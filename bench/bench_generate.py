@@ -10,9 +10,10 @@ fetched). Batch 8 uses prompts of different lengths, i.e. left padding. The `sam
 the share of generated tokens on which both libraries agree (fp32 ties can differ in the last bits).
 
 `bandwidth ceiling` bounds batch-1 decoding from above when the weights do not fit in the CPU caches: every
-step must read every weight matrix once, so tok/s <= B / W with W the bytes of the weights used in matrix products (all parameters but an untied input
-embedding) and B the memory bandwidth a matrix-vector product reaches here, measured on a 1 GiB fp32 matrix
-that no cache holds. A library at the ceiling cannot decode faster without reading fewer bytes (lower precision).
+step must read every weight matrix once, so tok/s <= B / W with W the bytes of the weights used in matrix
+products (all parameters but an untied input embedding) and B the memory bandwidth a matrix-vector product
+reaches here, measured on a 1 GiB fp32 matrix that no cache holds. A library at the ceiling cannot decode
+faster without reading fewer bytes (lower precision).
 """
 
 from __future__ import annotations

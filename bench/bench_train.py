@@ -18,7 +18,8 @@ processes take from the machine (use it on a shared machine; with more threads, 
 Memory: peak RSS growth over two training steps (the first allocates gradients and AdamW state), each library in a
 fresh subprocess: the peak (VmHWM) is reset through /proc/self/clear_refs, then peak VmHWM - VmRSS before the steps.
 MFU: 6 N tokens/s / P, with N the parameter count (the tied embedding counted once) and P the measured fp32 peak,
-the best GFLOP/s of a square fp32 matmul (`--matmul-size`) with the same threads and clock. Attention scores
+the best GFLOP/s of a square fp32 matmul (`--matmul-size`) with the same threads and clock, timed in the same
+interleaved rounds as the training steps (and five more times per round). Attention scores
 (12 L T d FLOPs per token, about 10% more at T = 256) are not counted, as in the usual 6N definition.
 The first step's losses of both sides are printed: same weights and batch give the same loss.
 """
@@ -56,12 +57,11 @@ def best_times(candidates: dict[str, Callable[[], object]], repeats: int, clock:
     return best
 
 
-def matmul_peak(size: int, clock: Callable[[], float], repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of one (size x size) @ (size x size) product (2 size^3 FLOPs)."""
+def matmul_candidate(size: int) -> tuple[Callable[[], object], float]:
+    """(one fp32 (size x size) @ (size x size) product, its FLOPs 2 size^3): timed among the training steps, so that
+    the peak is measured under the same machine conditions as they are (on a shared VM it drifts by +-20%)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = best_times({"matmul": lambda: a @ b}, repeats, clock)["matmul"]
-    return 2 * size**3 / best / 1e9
+    return (lambda: a @ b), 2 * size**3
 
 
 def llama_14m_folder(root: Path) -> Path:
@@ -170,15 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(args.memory_child[0], Path(args.memory_child[1]), args.batch, args.seq_len, args.precisions[0])
         return 0
     clock = CLOCKS[args.clock]
-    peak = matmul_peak(args.matmul_size, clock)
+    matmul, matmul_flops = matmul_candidate(args.matmul_size)
     tokens = args.batch * args.seq_len
     print(f"# training step (forward + backward + AdamW), llama-14m, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.clock} clock — {machine()}, transformers {transformers.__version__}", flush=True)
-    print(f"# fp32 matmul peak ({args.matmul_size}^2): {peak:.1f} GFLOP/s", flush=True)
     columns = ["precision", "lmcraft tok/s", "transformers tok/s", "ratio", "lmcraft MFU", "transformers MFU"]
     if not args.skip_memory:
         columns += ["lmcraft peak MB", "transformers peak MB", "memory ratio"]
     table = Table(columns)
+    measured: list[tuple[str, dict[str, float], int, list[str]]] = []
+    peak_seconds = float("inf")
     batch = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = llama_14m_folder(Path(tmp))
@@ -189,17 +190,23 @@ def main(argv: list[str] | None = None) -> int:
             first = {name: step() for name, step in steps.items()}  # warm-up; the same weights give the same loss
             print(f"  {precision}: first-step loss lmcraft {first['lmcraft']:.6f}, "
                   f"transformers {first['transformers']:.6f}", file=sys.stderr, flush=True)
-            best = best_times(steps, args.repeats, clock)
+            matmuls = {f"matmul{i}": matmul for i in range(6)}
+            best = best_times({**steps, **matmuls}, args.repeats, clock)
+            peak_seconds = min([peak_seconds, *(best.pop(name) for name in matmuls)])
             tps = {name: tokens / seconds for name, seconds in best.items()}
-            mfu = {name: 6 * params * tps[name] / (peak * 1e9) for name in tps}
-            row = [precision, fmt(tps["lmcraft"]), fmt(tps["transformers"]), ratio(tps["lmcraft"], tps["transformers"]),
-                   f"{mfu['lmcraft']:.0%}", f"{mfu['transformers']:.0%}"]
+            memory = []
             if not args.skip_memory:
                 mem = {name: peak_memory_mb(name, folder, args, precision) for name in BUILDERS}
-                row += [fmt(mem["lmcraft"], 0), fmt(mem["transformers"], 0),
-                        f"{mem['lmcraft'] / mem['transformers']:.2f}x"]
-            table.add(row)
+                memory = [fmt(mem["lmcraft"], 0), fmt(mem["transformers"], 0),
+                          f"{mem['lmcraft'] / mem['transformers']:.2f}x"]
+            measured.append((precision, tps, params, memory))
             del steps
+    peak = matmul_flops / peak_seconds / 1e9
+    print(f"# fp32 matmul peak ({args.matmul_size}^2, best of the interleaved rounds): {peak:.1f} GFLOP/s", flush=True)
+    for precision, tps, params, memory in measured:
+        mfu = {name: 6 * params * tps[name] / (peak * 1e9) for name in tps}
+        table.add([precision, fmt(tps["lmcraft"]), fmt(tps["transformers"]), ratio(tps["lmcraft"], tps["transformers"]),
+                   f"{mfu['lmcraft']:.0%}", f"{mfu['transformers']:.0%}", *memory])
     table.print()
     print("ratio > 1: lmcraft faster; memory ratio < 1: lmcraft uses less. MFU = 6 N tok/s / measured fp32 peak.")
     return 0
