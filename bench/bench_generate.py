@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Table, compare, fmt, machine, ratio, set_threads
+from bench.common import Table, compare, fmt, llama_14m_folder, machine, ratio, set_threads, smollm2_folder
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
           "movable metal type with an oil-based ink and a wooden screw press. Within a few decades")
@@ -102,17 +102,6 @@ def bench_model(name: str, folder: Path, table: Table, new_tokens: int, repeats:
               file=sys.stderr, flush=True)
 
 
-def llama_14m_folder(root: Path) -> Path:
-    from lmcraft.hub import save_model
-    from lmcraft.models import LanguageModel, preset
-
-    folder = root / "llama-14m"
-    if not (folder / "config.json").is_file():
-        torch.manual_seed(0)
-        save_model(LanguageModel(preset("llama-14m")), folder)
-    return folder
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -133,18 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                    "bandwidth ceiling tok/s"])
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args.new_tokens, args.repeats, bandwidth)
-    if not args.skip_smollm:
-        try:
-            from lmcraft.assets import resolve_model
-            from lmcraft.tokenizer.load import load_tokenizer
+    folder = None if args.skip_smollm else smollm2_folder()
+    if folder is not None:
+        from lmcraft.tokenizer.load import load_tokenizer
 
-            folder = resolve_model("smollm2-135m-instruct")
-            tokenizer = load_tokenizer(folder)
-        except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
-            print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
-        else:
-            bench_model("smollm2-135m", folder, table, args.new_tokens, max(2, args.repeats // 2), bandwidth,
-                        tokenizer)
+        bench_model("smollm2-135m", folder, table, args.new_tokens, max(2, args.repeats // 2), bandwidth,
+                    load_tokenizer(folder))
     table.print()
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Table, compare, machine, set_threads
+from bench.common import Table, compare, llama_14m_folder, machine, set_threads, smollm2_folder
 
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 
@@ -118,19 +118,11 @@ def main(argv: list[str] | None = None) -> int:
           f"transformers {transformers.__version__}", flush=True)
     table = Table(["model", "batch", "LoRA / full params", "lmcraft full s", "lmcraft LoRA s", "LoRA plain-loss s",
                    "QLoRA s", "peft+transformers s", "LoRA vs full (>=1.4)", "LoRA vs peft (>=1.3)"])
-    from bench.bench_generate import llama_14m_folder
-
     with tempfile.TemporaryDirectory(prefix="bench-peft-") as tmp:
         bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args.batch, args.seq, args.repeats)
-    if not args.skip_smollm:
-        try:
-            from lmcraft.assets import resolve_model
-
-            folder = resolve_model("smollm2-135m-instruct")
-        except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
-            print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
-        else:
-            bench_model("smollm2-135m", folder, table, args.batch, args.seq, args.repeats)
+    folder = None if args.skip_smollm else smollm2_folder()
+    if folder is not None:
+        bench_model("smollm2-135m", folder, table, args.batch, args.seq, args.repeats)
     table.print()
     return 0
 

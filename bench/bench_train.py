@@ -27,7 +27,6 @@ The first step's losses of both sides are printed: same weights and batch give t
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -38,23 +37,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Table, fmt, machine, ratio, set_threads
+from bench.common import Table, compare, fmt, llama_14m_folder, machine, ratio, set_threads
 
 LR = 1e-4
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def best_times(candidates: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
-               ) -> dict[str, float]:
-    """Best time of each candidate over `repeats` interleaved runs (A B A B ...), measured with `clock`."""
-    best = {name: float("inf") for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            gc.collect()
-            start = clock()
-            fn()
-            best[name] = min(best[name], clock() - start)
-    return best
 
 
 def matmul_candidate(size: int) -> tuple[Callable[[], object], float]:
@@ -62,16 +48,6 @@ def matmul_candidate(size: int) -> tuple[Callable[[], object], float]:
     the peak is measured under the same machine conditions as they are (on a shared VM it drifts by +-20%)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     return (lambda: a @ b), 2 * size**3
-
-
-def llama_14m_folder(root: Path) -> Path:
-    from lmcraft.hub import save_model
-    from lmcraft.models import LanguageModel, preset
-
-    folder = root / "llama-14m"
-    torch.manual_seed(0)
-    save_model(LanguageModel(preset("llama-14m")), folder)
-    return folder
 
 
 def lmcraft_step(folder: Path, batch: torch.Tensor, precision: str) -> tuple[Callable[[], float], int]:
@@ -191,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {precision}: first-step loss lmcraft {first['lmcraft']:.6f}, "
                   f"transformers {first['transformers']:.6f}", file=sys.stderr, flush=True)
             matmuls = {f"matmul{i}": matmul for i in range(6)}
-            best = best_times({**steps, **matmuls}, args.repeats, clock)
+            best = compare({**steps, **matmuls}, args.repeats, warmup=0, clock=clock)  # the steps were warmed up
             peak_seconds = min([peak_seconds, *(best.pop(name) for name in matmuls)])
             tps = {name: tokens / seconds for name, seconds in best.items()}
             memory = []

@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -28,23 +29,49 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
-def time_once(fn: Callable[[], object]) -> float:
+def time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
     gc.collect()
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def compare(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Best wall time (seconds) of each candidate over `repeats` interleaved runs, after `warmup` runs each."""
+def compare(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best time (seconds, by `clock`: wall time by default) of each candidate over `repeats` interleaved runs,
+    after `warmup` runs each."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     best = {name: float("inf") for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            best[name] = min(best[name], time_once(fn))
+            best[name] = min(best[name], time_once(fn, clock))
     return best
+
+
+def llama_14m_folder(root: Path) -> Path:
+    """The `llama-14m` preset with seed-0 random weights, saved once under `root` in Hugging Face layout, so that
+    lmcraft and transformers load the same weights."""
+    from lmcraft.hub import save_model
+    from lmcraft.models import LanguageModel, preset
+
+    folder = root / "llama-14m"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        save_model(LanguageModel(preset("llama-14m")), folder)
+    return folder
+
+
+def smollm2_folder() -> Path | None:
+    """The `smollm2-135m-instruct` asset's folder, or None (with a message) when it cannot be fetched."""
+    try:
+        from lmcraft.assets import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
+    except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
+        print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
+        return None
 
 
 def ratio(ours: float, theirs: float) -> str:
