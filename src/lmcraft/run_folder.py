@@ -1,0 +1,167 @@
+"""Output folders are lmcraft's or refused: a marker file, one writer at a time, and a safe `--overwrite`.
+
+Every stage that writes a folder claims it first with `claim_output(folder, stage, config, overwrite)`:
+
+- a folder that does not exist, or is empty, is created and marked;
+- a folder that holds files but no marker is refused (it is the user's: nothing in it is touched);
+- a folder whose marker names another stage or another config hash is refused, unless `overwrite`, which
+  then deletes only the entries the marker lists as written by lmcraft;
+- a folder marked by the same stage and config is taken as it is (the stage resumes);
+- while the claim is held, an advisory lock (`flock`, released by the kernel when the holder dies) keeps any
+  second writer out; it fails at once naming the holder's pid and start time.
+
+The marker `.lmcraft-run.json` records the stage, the config hash and the top-level entries lmcraft wrote;
+what a user adds to the folder later is never listed, so never removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcraft.errors import LmcraftError
+from lmcraft.io import clean_staging, read_json, write_json
+
+__all__ = ["MARKER", "LOCK", "OutputFolderError", "RunFolder", "claim_output", "config_hash", "folder_lock"]
+
+MARKER = ".lmcraft-run.json"
+LOCK = ".lmcraft.lock"
+_OURS = {MARKER, LOCK}
+
+
+class OutputFolderError(LmcraftError):
+    """An output folder that lmcraft may not write into (the user's files, another run, a running writer)."""
+
+
+def config_hash(stage: str, config: Any) -> str:
+    """Hash of a stage name and its config (a pydantic model or a plain mapping), stable across runs."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    blob = json.dumps({"stage": stage, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunFolder:
+    """A claimed output folder; `entries()` is what its marker lists as written by lmcraft."""
+
+    path: Path
+    stage: str
+    config_hash: str
+    before: frozenset[str]  # entries of the user's that were there at claim time (none: such folders are refused)
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name not in _OURS and p.name not in self.before)
+
+    def write_marker(self, status: str) -> None:
+        write_json(
+            self.path / MARKER,
+            {"stage": self.stage, "config_hash": self.config_hash, "status": status, "written": self.entries(),
+             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    marker = read_json(path, "run marker")
+    if not isinstance(marker, dict) or not {"stage", "config_hash"} <= marker.keys():
+        raise OutputFolderError(f"{path} is not an lmcraft run marker; move the folder aside or choose another one")
+    return marker
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder/.lmcraft.lock` (an advisory `flock`) for the block; a second holder fails at once."""
+    path = Path(folder) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise OutputFolderError(
+                f"{folder} is in use by {holder}: one run writes a folder at a time. Wait for it to finish, "
+                "or choose another output folder."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race a waiting writer)
+
+
+def _check_claim(folder: Path, stage: str, digest: str, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse a folder that is not ours to write; return its marker (None for a new or empty folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"{folder} exists and is not a folder; choose another output path")
+    if not folder.exists():
+        return None
+    marker = read_marker(folder)
+    if marker is None:
+        names = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
+        if names:
+            raise OutputFolderError(
+                f"{folder} already holds files that lmcraft did not write ({_listing(names)}). Nothing was "
+                "changed; choose a new output folder (lmcraft creates it)."
+            )
+        return None
+    if (marker["stage"], marker["config_hash"]) != (stage, digest) and not overwrite:
+        what = "another stage's" if marker["stage"] != stage else "a run with a different config's"
+        raise OutputFolderError(
+            f"{folder} holds {what} output ({marker['stage']}, config {marker['config_hash']}; this is {stage}, "
+            f"config {digest}). Choose a new folder, or pass --overwrite to replace the files lmcraft wrote there "
+            "(other files are kept)."
+        )
+    return marker
+
+
+def _remove_written(folder: Path, marker: Mapping[str, Any]) -> None:
+    for name in marker.get("written", []):
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _OURS:
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+@contextmanager
+def claim_output(folder: Path | str, stage: str, config: Any, overwrite: bool = False) -> Iterator[RunFolder]:
+    """Claim `folder` for one run of `stage` with `config` (see the module doc); yields the `RunFolder`.
+
+    With `overwrite`, the entries an earlier run listed are removed (other files are kept) before the block
+    runs, so the stage starts afresh. On a clean exit the marker is marked complete; on an error it stays
+    "running", which a rerun of the same config resumes."""
+    folder = Path(folder)
+    digest = config_hash(stage, config)
+    _check_claim(folder, stage, digest, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):
+        marker = _check_claim(folder, stage, digest, overwrite)  # again, now that no one else writes
+        listed = set(marker.get("written", [])) if marker else set()
+        if marker and overwrite:
+            _remove_written(folder, marker)
+            listed = set()
+        clean_staging(folder)
+        before = frozenset(p.name for p in folder.iterdir()) - listed - _OURS
+        run = RunFolder(folder, stage, digest, before)
+        run.write_marker("running")
+        yield run
+        run.write_marker("complete")
