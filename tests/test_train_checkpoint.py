@@ -74,23 +74,30 @@ def test_rng_round_trip(tmp_path: Path) -> None:
 def test_folders_rotation_and_stale_cleanup(tmp_path: Path) -> None:
     for step in (3, 10, 6):
         (tmp_path / f"step-{step}").mkdir()
-    (tmp_path / ".tmp-step-12").mkdir()
+    (tmp_path / ".lmcraft-tmp-step-12").mkdir()
+    (tmp_path / ".lmcraft-trash-step-1.1234").mkdir()  # a rotation killed while deleting
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-10"
     ckpt.prune_checkpoints(tmp_path, keep_last=2)
     assert [s for s, _ in ckpt.step_dirs(tmp_path)] == [6, 10]
 
-    # a run killed while swapping best/: the previous best waits in .trash-best and comes back
-    (tmp_path / ".trash-best").mkdir()
-    (tmp_path / ".trash-best" / "x").write_text("old")
+    # a run killed while swapping best/: the previous best waits in .lmcraft-old-best and comes back
+    (tmp_path / ".lmcraft-old-best").mkdir()
+    (tmp_path / ".lmcraft-old-best" / "x").write_text("old")
+    # names that merely look temporary are the user's: never touched
+    (tmp_path / ".tmp-notes.txt").write_text("mine")
+    (tmp_path / ".trash-photos").mkdir()
     ckpt.remove_stale(tmp_path)
-    assert not (tmp_path / ".tmp-step-12").exists() and (tmp_path / "best" / "x").read_text() == "old"
+    assert not (tmp_path / ".lmcraft-tmp-step-12").exists() and (tmp_path / "best" / "x").read_text() == "old"
+    assert (tmp_path / ".tmp-notes.txt").read_text() == "mine" and (tmp_path / ".trash-photos").is_dir()
+    (tmp_path / ".tmp-notes.txt").unlink()
+    (tmp_path / ".trash-photos").rmdir()
 
-    new = tmp_path / ".tmp-best"
+    new = tmp_path / ".lmcraft-tmp-best"
     new.mkdir()
     (new / "x").write_text("new")
     ckpt.replace_dir(new, tmp_path / "best")
     assert (tmp_path / "best" / "x").read_text() == "new" and not new.exists()
-    assert not (tmp_path / ".trash-best").exists()
+    assert not (tmp_path / ".lmcraft-old-best").exists()
 
     ckpt.atomic_write_json(tmp_path / "latest.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest.json", "step-10", "step-6"]

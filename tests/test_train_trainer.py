@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from dist_train_script import VOCAB, TinyLM, clm_loss, make_data
 from lmcraft.config import validate_config
-from lmcraft.errors import ConfigError
+from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.train import Callback, LossOutput, NonFiniteLossError, Trainer, TrainerConfig, WeightsFormat, set_seed
 
 QUIET = {"progress": False, "tensorboard": False, "plot": False, "device": "cpu"}
@@ -264,3 +265,32 @@ def test_on_optimizer_step_sees_gradients(tmp_path) -> None:
     cfg = TrainerConfig(max_steps=3, micro_batch_size=4, progress=False, tensorboard=False, plot=False)
     Trainer(model, loss_fn, data, config=cfg, output_dir=tmp_path, callbacks=[Probe()]).train()
     assert seen == [(0, True), (1, True), (2, True)]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog) -> None:
+    cfg = _cfg(max_steps=6, save_every=2, keep_last=3, log_every=1)
+    Trainer(_model(), clm_loss, make_data(), config=cfg, output_dir=tmp_path / "full").train()
+    run = tmp_path / "run"
+    Trainer(_model(), clm_loss, make_data(), config=cfg, output_dir=run).train()
+    shutil.rmtree(run / "step-6")  # as if killed after step 4 was saved ...
+    (run / "step-4" / "model.safetensors").write_bytes(b"\0garbage")  # ... and step 4 then broke on disk
+    with caplog.at_level("WARNING", logger="lmcraft.train"):
+        Trainer(_model(), clm_loss, make_data(), config=cfg, output_dir=run).train()
+    assert "step-4 cannot be read" in caplog.text
+    a, b = (load_file(tmp_path / d / "step-6" / "model.safetensors") for d in ("full", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    for step in (2, 4, 6):
+        (run / f"step-{step}" / "trainer_state" / "state.json").write_text("{")
+    with pytest.raises(LmcraftError, match="no checkpoint in .* can be read"):
+        Trainer(_model(), clm_loss, make_data(), config=cfg, output_dir=run).train()
+
+
+def test_non_finite_weights_stop_the_run_before_any_save(tmp_path: Path) -> None:
+    trainer = Trainer(_model(), clm_loss, make_data(), config=_cfg(max_steps=3, save_every=1),
+                      output_dir=tmp_path / "run")
+    trainer.optimizer.param_groups[0]["lr"] = math.inf  # what a schedule of an infinite lr would do
+    trainer.scheduler.base_lrs = [math.inf for _ in trainer.scheduler.base_lrs]
+    with pytest.raises(NonFiniteLossError, match="after optimizer step 1 .* NaN/Inf"):
+        trainer.train()
+    assert not list((tmp_path / "run").glob("step-*"))

@@ -10,16 +10,15 @@ Layout of `output_dir`:
                                    optimizer.pt, scheduler.pt, rng_rank{R}.pt
   best/                           weights + config + tokenizer of the best evaluation so far
   latest                          text file naming the newest step-N folder
-A checkpoint is written into `.tmp-step-N/` and renamed to `step-N/` only once complete
-(`os.replace` is atomic), then `latest` is rewritten atomically (temp file + `os.replace`), so a
-process killed at any moment leaves every `step-*` folder complete. Resuming picks the highest
-`step-N`. Loading uses safetensors and `torch.load(weights_only=True)` only.
+A checkpoint is written into a `.lmcraft-tmp-step-N.*` folder and renamed to `step-N/` only once
+complete (`os.replace` is atomic), then `latest` is rewritten atomically, and rotation renames an old
+`step-N` away before deleting it (`lmcraft.io.remove_dir`), so a process killed at any moment leaves
+every `step-*` folder complete. Resuming picks the highest `step-N` that loads. Loading uses safetensors
+and `torch.load(weights_only=True)` only.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import shutil
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from lmcraft import io
 
 __all__ = [
     "WeightsFormat",
@@ -82,25 +83,14 @@ class WeightsFormat:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    io.write_text(path, text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    io.write_json(path, obj, indent=1, sort_keys=True)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder `src` to `dst`, replacing any existing `dst`."""
-    if dst.exists():
-        trash = dst.with_name(f".trash-{dst.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash)
-    else:
-        os.replace(src, dst)
+replace_dir = io.replace_dir
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
@@ -142,7 +132,7 @@ def save_model_files(
     save_file(_for_safetensors(fmt.select(model, state)), str(directory / fmt.filename), metadata={"format": "pt"})
     cfg = model_config_dict(model)
     if cfg is not None:
-        (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        io.write_json(directory / "config.json", cfg, sort_keys=True)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
@@ -181,7 +171,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    with io.atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def load_torch(path: Path) -> Any:
@@ -202,16 +193,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints; each older one is renamed away before it is deleted."""
     for _, path in step_dirs(output_dir)[:-keep_last]:
-        shutil.rmtree(path)
+        io.remove_dir(path)
 
 
 def remove_stale(output_dir: Path) -> None:
-    """Delete half-written folders left by a killed run (`.tmp-*`), restoring a swapped-out `best/`."""
-    if not output_dir.is_dir():
-        return
-    for p in output_dir.iterdir():
-        if p.name.startswith(".trash-") and not (output_dir / p.name[len(".trash-"):]).exists():
-            os.replace(p, output_dir / p.name[len(".trash-"):])
-        elif p.name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    """Finish what a killed run left: half-written `.lmcraft-tmp-*` folders and half-deleted old checkpoints
+    go, a swapped-out `best/` whose replacement never arrived comes back (see `lmcraft.io.clean_staging`).
+    Other names, `.tmp-*` included, are the user's and stay."""
+    io.clean_staging(output_dir)

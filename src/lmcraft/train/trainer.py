@@ -35,7 +35,6 @@ reproduces the uninterrupted run bit for bit on CPU (same weights, same logged l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -51,6 +50,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from lmcraft import io
 from lmcraft.config import Section
 from lmcraft.errors import LmcraftError
 from lmcraft.train import checkpoint as ckpt
@@ -314,10 +314,12 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale(self.output_dir)
         barrier()
-        path = ckpt.latest_checkpoint(self.output_dir) if resume_from == "auto" else resume_from
-        if path is not None:
-            self.load_checkpoint(Path(path))
-        else:
+        path = None if resume_from is None else Path(resume_from)
+        if resume_from == "auto":
+            path = self._resume_newest_good()
+        elif path is not None:
+            self.load_checkpoint(path)
+        if path is None:
             set_seed(self.config.seed + self.ctx.rank)
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
@@ -378,6 +380,7 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            _check_finite_parameters(self.model, self.state.step + 1, lr)
             self.callbacks.on_optimizer_step(self, self.state.step)
             self.state.bad_steps = 0
         else:
@@ -495,16 +498,16 @@ class Trainer:
     def _save_best(self, metric: str, value: float) -> None:
         state = full_model_state(self.wrapped)
         if self.is_main:
-            tmp = self.output_dir / ".tmp-best"
-            ckpt.save_model_files(tmp, self.model, state, self.weights, self.tokenizer_dir)
-            ckpt.atomic_write_json(tmp / "best.json", {"step": self.state.step, "metric": metric, "value": value})
-            ckpt.replace_dir(tmp, self.output_dir / "best")
+            with io.staged_dir(self.output_dir / "best") as tmp:
+                ckpt.save_model_files(tmp, self.model, state, self.weights, self.tokenizer_dir)
+                io.write_json(tmp / "best.json", {"step": self.state.step, "metric": metric, "value": value})
         barrier()
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/step-N` atomically (all ranks must call it); returns its path."""
         step, out = self.state.step, self.output_dir
-        final, tmp = out / f"step-{step}", out / f".tmp-step-{step}"
+        final = out / f"step-{step}"
+        tmp = out / f"{io.TMP_PREFIX}{final.name}"  # one name every rank knows; the newest run cleans it up
         model_state = full_model_state(self.wrapped)
         optim_state = full_optimizer_state(self.wrapped, self.optimizer)
         if self.is_main:
@@ -515,24 +518,40 @@ class Trainer:
             ckpt.save_torch(self.user_callbacks.state_dict(), tmp / "trainer_state" / "callbacks.pt")
             meta = {"state": asdict(self.state), "loader": self.loader.state_dict(), "world_size": self.ctx.world_size,
                     "config": self.config.model_dump(mode="json")}
-            (tmp / "trainer_state" / "state.json").write_text(json.dumps(meta, indent=1))
+            io.write_json(tmp / "trainer_state" / "state.json", meta, indent=1)
         barrier()
         ckpt.save_torch(ckpt.capture_rng_state(), tmp / "trainer_state" / f"rng_rank{self.ctx.rank}.pt")
         barrier()
         if self.is_main:
-            ckpt.replace_dir(tmp, final)
-            ckpt.atomic_write_text(out / "latest", final.name + "\n")
+            io.replace_dir(tmp, final)
+            io.write_text(out / "latest", final.name + "\n")
             ckpt.prune_checkpoints(out, self.config.keep_last)
         barrier()
         self.callbacks.on_save(self, final)
         return final
+
+    def _resume_newest_good(self) -> Path | None:
+        """Load the newest checkpoint in output_dir that reads back whole; a corrupt or unreadable newer one is
+        skipped with a warning. Returns the loaded folder (None when there is none); all are bad: an error."""
+        reasons = []
+        for _, path in reversed(ckpt.step_dirs(self.output_dir)):
+            try:
+                self.load_checkpoint(path)
+                return path
+            except Exception as err:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+                reasons.append(f"{path.name}: {type(err).__name__}: {io.excerpt(str(err), 200)}")
+                log.warning("checkpoint %s cannot be read (%s); trying the previous one", path, reasons[-1])
+        if reasons:
+            raise LmcraftError(f"no checkpoint in {self.output_dir} can be read ({'; '.join(reasons)}); "
+                               "pass --overwrite to start afresh")
+        return None
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, data position, counters and RNG from `path`."""
         state_dir = path / "trainer_state"
         if not (state_dir / "state.json").is_file():
             raise LmcraftError(f"{path} is not a trainer checkpoint: {state_dir / 'state.json'} is missing")
-        meta = json.loads((state_dir / "state.json").read_text())
+        meta = io.read_json(state_dir / "state.json", "checkpoint state")
         if meta["world_size"] != self.ctx.world_size:
             raise LmcraftError(f"checkpoint {path} was written by {meta['world_size']} processes but this run has "
                                f"{self.ctx.world_size}; exact resume needs the same number of processes")
@@ -546,6 +565,16 @@ class Trainer:
         ckpt.restore_rng_state(ckpt.load_torch(state_dir / f"rng_rank{self.ctx.rank}.pt"))
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.state.step)
+
+
+def _check_finite_parameters(model: nn.Module, step: int, lr: float) -> None:
+    """Stop before a non-finite weight can be saved: one fused norm per parameter list, NaN/Inf propagate."""
+    params = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in model.parameters() if p.requires_grad]
+    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        raise NonFiniteLossError(
+            f"training diverged: after optimizer step {step} (lr {lr:.3g}) some weights are NaN/Inf, so nothing "
+            "of this step is saved. Lower trainer.lr, add warmup_steps or set max_grad_norm."
+        )
 
 
 def _default_groups(model: nn.Module, cfg: TrainerConfig) -> list[dict[str, Any]]:
