@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lmcraft.errors import ModelLoadError
+from lmcraft.io import excerpt, staged_dir, write_json
 
 __all__ = [
     "GGUFImportError",
@@ -224,6 +223,30 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+_MIN_TENSOR_INFO = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
+_MIN_KV = 8 + 1 + 4 + 1  # key length, 1-byte key, value type, 1-byte value
+
+
+def _check_header(path: Path) -> None:
+    """Validate the fixed GGUF header (magic, version, counts) against the file size before any allocation:
+    a header declaring 2^40 tensors must fail here, not in the reader's arrays."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise GGUFImportError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF').")
+    if len(head) < 24:
+        raise GGUFImportError(f"{path}: truncated GGUF header ({size} bytes; the header alone has 24).")
+    version = int.from_bytes(head[4:8], "little")
+    n_tensors, n_kv = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+    if version not in (2, 3):
+        raise GGUFImportError(f"{path}, byte 4: GGUF version {version} is not supported (2 or 3 expected).")
+    if n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size - 24:
+        raise GGUFImportError(
+            f"{path}, byte 8: the header declares {n_tensors:,} tensors and {n_kv:,} metadata entries, more than "
+            f"a {size:,}-byte file can hold: the file is corrupt or truncated.")
+
+
 def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     """`(metadata, tensors)` of a GGUF file: metadata as plain Python values, tensors as gguf ReaderTensors."""
     import gguf
@@ -231,14 +254,12 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFImportError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF').")
+    _check_header(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise GGUFImportError(f"{path}: not a readable GGUF file ({err}).") from err
+    except (ValueError, OSError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
+        reason = f"{type(err).__name__}: {excerpt(str(err))}"
+        raise GGUFImportError(f"{path}: not a readable GGUF file ({reason}).") from None
     metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     return metadata, list(reader.tensors)
 
@@ -538,10 +559,6 @@ def _write_safetensors(
             f.write(np.ascontiguousarray(_cast(tensor, dtype)).tobytes())
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _layer_key(name: str) -> tuple[int, str]:
     parts = name.split(".")
     return (int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1, name)
@@ -579,9 +596,9 @@ def write_hf_model(
             yield x
 
     _write_safetensors(out / "model.safetensors", specs, arrays(), dtype)
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", _generation_config(metadata))
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(metadata, config))
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", _generation_config(metadata))
+    write_json(out / "tokenizer_config.json", _tokenizer_config(metadata, config))
     tokenizer.save(str(out / "tokenizer.json"))
     return out
 
@@ -602,18 +619,6 @@ def convert_gguf(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise GGUFImportError(f"{out} already exists and is not empty; choose another folder or pass overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()  # unlike mkdtemp, honours the umask, so the renamed folder gets normal permissions
-    try:
+    with staged_dir(out) as tmp:
         write_hf_model(gguf_path, tmp, dtype=dtype, progress=progress)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -10,12 +10,14 @@ window, labels) are handled by small functions below. HF keys we do not interpre
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import LmcraftError, ModelLoadError
+from lmcraft.io import excerpt
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import HEADS
 from lmcraft.models.rope import SUPPORTED_ROPE_TYPES
@@ -276,10 +278,37 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     fields["num_labels"] = len(labels) if labels else int(hf.get("num_labels", 2))
     used = {key for _, key, _ in spec.renames} | NOT_KEPT
     fields["extra"] = {k: v for k, v in hf.items() if k not in used}
+    _check_values(fields, source)
     try:
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{source}: inconsistent model config: {e}.") from None
+
+
+_POSITIVE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
+             "head_dim", "max_position_embeddings", "norm_eps", "rope_theta", "num_labels")
+_FRACTIONS = ("dropout", "attention_dropout", "classifier_dropout")
+
+
+def _check_values(fields: dict[str, Any], source: str) -> None:
+    """Check every value read from config.json against ModelConfig's field types (pydantic, lax: "12" is 12)
+    and ranges, so that `rms_norm_eps: "abc"` or `vocab_size: -1` fails here naming the key, not later."""
+    from pydantic import TypeAdapter, ValidationError
+
+    renamed = {ours: key for ours, key, _ in FAMILIES[fields["model_type"]].renames}
+    hints = typing.get_type_hints(ModelConfig)
+    for name, value in fields.items():
+        key = renamed.get(name, name)
+        try:
+            checked = TypeAdapter(hints[name]).validate_python(value)  # the value itself is kept as written
+        except ValidationError as err:
+            raise ModelLoadError(f"{source}: key {key!r} = {excerpt(repr(value))}: "
+                                 f"{err.errors()[0]['msg']}.") from None
+        bad = (name in _POSITIVE and checked is not None and not checked > 0) or (
+            name in _FRACTIONS and checked is not None and not 0 <= checked < 1)
+        if bad:
+            wanted = "a number above 0" if name in _POSITIVE else "a fraction in [0, 1)"
+            raise ModelLoadError(f"{source}: key {key!r} = {value!r}: expected {wanted}.")
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -133,7 +133,10 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
         for file, file_entries in by_file.items():
             with open_tensors(file, device) as f:
                 for e in file_entries:
-                    state.update(e.to_ours(f.get_tensor(original[sources[e]]).to(dtype), shapes))
+                    # a copy of its own: safetensors may hand out views into one file buffer, whose unaligned
+                    # addresses make matmuls slower and their sums differ in the last bit from a fresh tensor's
+                    tensor = f.get_tensor(original[sources[e]]).to(dtype, copy=True)
+                    state.update(e.to_ours(tensor, shapes))
                     bar.update()
     if fresh:
         state.update(_fresh_head(model, fresh, dtype, device))
