@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcraft.io import write_json, write_jsonl
 from lmcraft.metrics import classification_report
 from lmcraft.prompting.answers import normalize_text
 from lmcraft.prompting.lm import LM
@@ -47,7 +46,6 @@ __all__ = [
     "score_predictions",
     "token_f1",
     "wilson_interval",
-    "write_json",
     "write_results",
 ]
 
@@ -215,16 +213,6 @@ def evaluate_task(
     return result
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")
 
@@ -236,12 +224,7 @@ def write_results(results: Sequence[TaskResult], out_dir: Path) -> Path:
         entries = []
         for sr in tr.strategies:
             sample_path = out_dir / "samples" / f"{_slug(tr.task)}__{_slug(sr.strategy)}.jsonl"
-            sample_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=sample_path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for p in sr.predictions:
-                    fh.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
-            os.replace(tmp, sample_path)
+            write_jsonl(sample_path, (asdict(p) for p in sr.predictions))
             entries.append(
                 {
                     "strategy": sr.strategy,

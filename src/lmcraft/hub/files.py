@@ -6,11 +6,9 @@ holding only that is refused with instructions to convert it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmcraft.errors import ModelLoadError
+from lmcraft.io import read_json, temp_path, write_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -44,12 +43,16 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / SINGLE]
     index = folder / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{index}: not a safetensors index (expected JSON with a 'weight_map' object: "
-                                 f"{e}).") from None
+        data = read_json(index, "safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index}: not a safetensors index (expected a 'weight_map' object of tensor name "
+                                 "-> shard file name).")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        outside = [str(f.relative_to(folder)) for f in files if f.resolve().parent != folder.resolve()]
+        if outside:
+            raise ModelLoadError(f"{index}: weight_map names file(s) outside the model folder ({', '.join(outside)}); "
+                                 "shards must sit in the folder itself.")
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise ModelLoadError(f"{index} lists shard(s) missing from the folder: {', '.join(absent)}.")
@@ -134,8 +137,7 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int)
         save_file(shard, str(folder / name), metadata={"format": "pt"})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
-                                encoding="utf-8")
+    write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return [*names, INDEX]
 
 
@@ -155,7 +157,8 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelLoadError(f"{out_dir} exists and is not a folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    stage = temp_path(out_dir)
+    stage.mkdir()
     try:
         yield stage
         if not out_dir.exists():

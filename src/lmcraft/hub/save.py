@@ -7,7 +7,6 @@ as transformers expects; GPT-2's q/k/v are fused back into `c_attn`.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from lmcraft.errors import LmcraftError, ModelLoadError
 from lmcraft.hub.files import parse_size, staged_folder, write_shards
 from lmcraft.hub.hf_config import to_hf_config
 from lmcraft.hub.names import NAME_TABLES, plan
+from lmcraft.io import write_json
 from lmcraft.models.model import LanguageModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -38,10 +38,6 @@ def hf_state_dict(model: LanguageModel) -> dict[str, torch.Tensor]:
         out[e.hf] = e.to_hf(params).cpu()
         out.update({alias: out[e.hf].clone() for alias in e.aliases})  # separate storage: safetensors needs it
     return out
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
@@ -71,8 +67,8 @@ def save_model(model: LanguageModel, out_dir: str | Path, tokenizer_dir: str | P
     with staged_folder(out_dir) as stage:
         write_shards(tensors, stage, parse_size(max_shard_size))
         if generation_config is not None:
-            _write_json(stage / "generation_config.json", generation_config)
+            write_json(stage / "generation_config.json", generation_config, sort_keys=True)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), stage)
-        _write_json(stage / "config.json", config)
+        write_json(stage / "config.json", config, sort_keys=True)
     return out_dir

@@ -309,7 +309,7 @@ def _row(cfg: Any, name: str, run_cfg: Any, summary: dict[str, Any], probe: dict
 
 def scaling(cfg: Any, progress: bool = True) -> dict[str, Any]:
     """Run the sweep, fit, plot and report (see the module docstring); returns the content of scaling.json."""
-    from lmcraft.evaluate import write_json
+    from lmcraft.io import write_json
     from lmcraft.stages.pretrain import pretrain
 
     out = Path(cfg.output_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import LmcraftError
+from lmcraft.io import read_json, write_json, write_text
 from lmcraft.tokenizer.chat import apply_chat_template, resolve_template
 
 __all__ = [
@@ -245,8 +246,8 @@ class Tokenizer:
         }
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config = {k: v for k, v in config.items() if v is not None}
-        _atomic_write(out / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        write_json(out / "tokenizer_config.json", config)
         return out
 
 
@@ -285,12 +286,6 @@ class StreamDecoder:
         return now[len(before) :]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def bpe_from_vocab_merges(vocab_path: str | os.PathLike[str], merges_path: str | os.PathLike[str]) -> Any:
     """A GPT-2 byte-level BPE `tokenizers.Tokenizer` from `vocab.json` + `merges.txt` (GPT-2's own rules)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -323,10 +318,7 @@ def bpe_from_vocab_merges(vocab_path: str | os.PathLike[str], merges_path: str |
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TokenizerLoadError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
+    data = read_json(path)
     if not isinstance(data, dict):
         raise TokenizerLoadError(f"{path}: expected a JSON object.")
     return data
