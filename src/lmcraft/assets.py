@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from lmcraft.errors import LmcraftError
+from lmcraft.io import replace_dir, temp_path
 
 __all__ = [
     "AssetError",
@@ -259,6 +259,18 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lmcraft"
 
 
+def _make_writable(root: Path) -> None:
+    """Create the cache folder, or say which folder cannot be used and how to choose another."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(root / "probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise AssetError(f"the asset cache {root} cannot be written ({err.strerror or err}); set LMCRAFT_CACHE "
+                         "to a writable folder") from None
+
+
 def list_assets() -> list[AssetInfo]:
     return list(REGISTRY.values())
 
@@ -375,7 +387,7 @@ def _archive(info: AssetInfo, root: Path, progress: bool) -> Path:
     key = _download_key(info)
     done = root / ".downloads" / key
     if not done.is_dir() or not any(done.iterdir()):
-        tmp = done.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = temp_path(done)
         tmp.mkdir(parents=True)
         try:
             if progress:
@@ -496,10 +508,7 @@ def _install(staging: Path, final: Path, info: AssetInfo) -> None:
     if final.exists():
         if _manifest_ok(final, info):  # another process finished first
             return
-        old = final.with_name(f".{final.name}.{os.getpid()}.old")
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(staging, final)
+    replace_dir(staging, final)
 
 
 def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
@@ -516,8 +525,8 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: 
     final = root / name
     if _manifest_ok(final, info):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    _make_writable(root)
+    staging = temp_path(final)
     staging.mkdir()
     try:
         archive = _archive(info, root, progress)
