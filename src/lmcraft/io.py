@@ -41,6 +41,9 @@ __all__ = [
     "replace_dir",
     "remove_dir",
     "clean_staging",
+    "decode_text",
+    "check_text",
+    "read_text",
     "read_json",
     "read_yaml",
     "parse_yaml",
@@ -190,20 +193,38 @@ def excerpt(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
-def _read_text(path: Path, what: str) -> str:
+def decode_text(data: bytes, source: object, encoding: str = "utf-8") -> str:
+    """`data` as text; bytes that are not `encoding` raise `InputFileError` naming the source and byte offset."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        hint = " (pass the file's encoding, e.g. --encoding latin-1)" if encoding.lower() in ("utf-8", "utf8") else ""
+        raise InputFileError(source, f"byte {err.start}", f"{encoding} text{hint}") from None
+    except LookupError:
+        raise InputFileError(source, "encoding", f"a known text encoding, not {encoding!r}") from None
+
+
+def check_text(text: str, source: object) -> str:
+    """`text` unchanged if it is valid Unicode; a string built from undecodable bytes (a command-line
+    argument that is not UTF-8 arrives with surrogate escapes) raises `InputFileError` naming the offset."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputFileError(source, f"character {err.start}", "UTF-8 text") from None
+    return text
+
+
+def read_text(path: Path, what: str = "file", encoding: str = "utf-8") -> str:
+    """A text file; a missing file names `what`, undecodable bytes name the byte offset."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputFileError(path, f"byte {err.start}", f"{what} must be UTF-8 text") from None
+    return decode_text(path.read_bytes(), path, encoding)
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
     """Parse a JSON file; an error names the file, line and column and what the parser expected."""
-    text = _read_text(path, what)
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -254,4 +275,4 @@ def parse_yaml(text: str, source: str = "<text>") -> Any:
 
 def read_yaml(path: Path, what: str = "YAML file") -> Any:
     """Parse a YAML file with `parse_yaml`; errors name the file, line and column."""
-    return parse_yaml(_read_text(path, what), str(path))
+    return parse_yaml(read_text(path, what), str(path))

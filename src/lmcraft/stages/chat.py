@@ -12,9 +12,11 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from lmcraft.io import check_text, decode_text
 from lmcraft.stages.generate import (
     add_decoding_arguments,
     add_model_arguments,
+    check_length,
     generation_config,
     load_for_generation,
 )
@@ -27,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser, default_max_new=512)
 
 
-def user_lines(interactive: bool) -> Iterator[str]:
-    """User messages: from `input()` with line editing on a terminal, else one per stdin line."""
+def user_lines(interactive: bool, encoding: str = "utf-8") -> Iterator[str]:
+    """User messages: from `input()` with line editing on a terminal, else one per stdin line (decoded as
+    `encoding`; bytes that are not are an error naming the line)."""
     if interactive:
         try:
             import readline  # noqa: F401 - importing it gives input() history and line editing
@@ -36,13 +39,13 @@ def user_lines(interactive: bool) -> Iterator[str]:
             pass
         while True:
             try:
-                yield input(PROMPT)
+                yield check_text(input(PROMPT), "input")
             except EOFError:
                 print(file=sys.stderr)
                 return
     else:
-        for line in sys.stdin:
-            yield line.rstrip("\n")
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            yield decode_text(raw, f"standard input, line {number}", encoding).rstrip("\r\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = generation_config(args)
     model, tokenizer, template = load_model_and_template(args)
+    check_length(config.max_new_tokens, model)
     interactive = sys.stdin.isatty()
     if interactive:
         print("[chat: /reset clears the conversation, /exit quits]", file=sys.stderr)
     messages: list[dict[str, str]] = []
-    for line in user_lines(interactive):
+    for line in user_lines(interactive, args.encoding):
         text = line.strip()
         if not text:
             continue

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.io import check_text, read_text
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
 
@@ -25,6 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system message (implies --chat)")
     parser.add_argument("--template", help="chat template: a built-in name (chatml, llama3, zephyr, alpaca) or a "
                                            ".jinja file; default: the one in the model's tokenizer_config.json")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="text encoding of prompt files and piped input (default: utf-8)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, default_max_new: int = 128) -> None:
@@ -78,16 +81,16 @@ def load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, str | None]
     tokenizer = load_tokenizer(folder)
     template = args.template
     if template is not None and template.endswith(".jinja"):
-        template = Path(template).read_text(encoding="utf-8")
+        template = read_text(Path(template), "chat template")
     params = model.num_parameters() / 1e6
     print(f"[{folder.name}: {params:.1f}M parameters, {args.dtype}, {torch.get_num_threads()} threads]",
           file=sys.stderr)
     return model, tokenizer, template
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path, encoding: str = "utf-8") -> list[str]:
     """Prompts of a batch file: JSONL records with a string "prompt", or else one prompt per non-empty line."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "prompt file", encoding).splitlines()
     jsonl = path.suffix == ".jsonl" or next((ln for ln in lines if ln.strip()), "").lstrip().startswith("{")
     prompts = []
     for number, line in enumerate(lines, 1):
@@ -108,6 +111,14 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def check_length(max_new_tokens: int, model: Any) -> None:
+    """`--max-new-tokens` must be at least 1 and fit the model's context (positions it was built for)."""
+    context = model.config.max_position_embeddings
+    if not 1 <= max_new_tokens <= context:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: expected 1 to {context:,}, the model's context "
+                          "length (max_position_embeddings).")
+
+
 def _report(result: Any) -> str:
     return (f"[{result.num_new_tokens} tokens in {result.elapsed_s:.2f}s: {result.tokens_per_second:.1f} tok/s, "
             f"prefill {result.prefill_s * 1000:.0f} ms, finish: {', '.join(sorted(set(result.finish_reasons)))}]")
@@ -119,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     config = generation_config(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.batch_file)
+    prompts = [check_text(args.prompt, "--prompt")] if args.prompt is not None else read_prompts(
+        args.batch_file, args.encoding)
     model, tokenizer, template = load_for_generation(args)
+    check_length(config.max_new_tokens, model)
     options = dict(chat=args.chat or args.system is not None, system=args.system, template=template)
     if args.prompt is not None:
         streamer = TextStreamer(tokenizer, stop_strings=config.stop_strings)
