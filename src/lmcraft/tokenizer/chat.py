@@ -7,13 +7,20 @@ every value they see is rebuilt from plain JSON types first. The environment mat
 `{% generation %}` block, `tojson` without HTML escaping, `raise_exception`, `strftime_now`),
 so a template renders here byte for byte as it does there.
 
+A template also renders under a budget: at most `MAX_RENDER_SECONDS` of wall time (checked at every
+loop step over `range` and every piece of output) and `MAX_RENDER_CHARS` of output or of any string or
+list it builds with `*`, so a hostile template fails with a clear error instead of hanging or exhausting
+memory.
+
 For tokenizers that carry no template, `BUILTIN_TEMPLATES` offers a few standard ones by name.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -25,6 +32,42 @@ __all__ = ["BUILTIN_TEMPLATES", "ChatTemplateError", "apply_chat_template", "res
 
 class ChatTemplateError(LmcraftError):
     """A chat template does not compile, raises while rendering, or the messages are malformed."""
+
+
+MAX_RENDER_SECONDS = 5.0
+MAX_RENDER_CHARS = 10_000_000
+_DEADLINE: ContextVar[float] = ContextVar("chat_template_deadline", default=float("inf"))
+
+
+def _within_budget() -> None:
+    if time.monotonic() > _DEADLINE.get():
+        raise ChatTemplateError(f"chat template ran longer than its {MAX_RENDER_SECONDS:g} s budget (a loop that "
+                                "does not end?); check the template.")
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_RENDER_CHARS:
+        raise ChatTemplateError(f"chat template builds {what} of {n:,} items, over its budget of "
+                                f"{MAX_RENDER_CHARS:,}; check the template.")
+
+
+class _BudgetRange:
+    """`range()` for templates: the sandbox's length limit, plus the time budget checked at every step."""
+
+    def __init__(self, *args: int) -> None:
+        self._range = range(*args)
+        _check_size(len(self._range), "a range")
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self._range:
+            _within_budget()
+            yield i
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._range[index]
 
 
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -133,13 +176,26 @@ def _compile(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
+    class BudgetEnvironment(ImmutableSandboxedEnvironment):
+        """Checks `*` on strings/lists and `**` before computing them (`'x' * 10**12` must not run)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, str | list | tuple) and isinstance(times, int):
+                        _check_size(len(seq) * times, "a string or list")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                _check_size(max(right, 0) * abs(left).bit_length(), "a number of bits")
+            return super().call_binop(context, operator, left, right)
+
+    env = BudgetEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
-    env.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=SafeNamespace
-    )
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=SafeNamespace, range=_BudgetRange)
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as err:
@@ -203,16 +259,22 @@ def apply_chat_template(
         final = chat[-1]["content"]
         chat[-1]["content"] = final + _CONTINUE_TAG
     compiled = _compile(resolve_template(template))
+    token = _DEADLINE.set(time.monotonic() + MAX_RENDER_SECONDS)
     try:
-        text = compiled.render(
-            messages=chat,
-            tools=_plain(tools),
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-            **_plain(kwargs),
-        )
+        pieces, size = [], 0
+        for piece in compiled.generate(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                                       add_generation_prompt=add_generation_prompt, **_plain(kwargs)):
+            size += len(piece)
+            _check_size(size, "an output")
+            _within_budget()
+            pieces.append(piece)
+        text = "".join(pieces)
     except jinja2.exceptions.TemplateError as err:
         raise ChatTemplateError(f"chat template failed: {err}") from err
+    except (TypeError, ValueError, OverflowError, MemoryError) as err:  # a filter given the wrong kind of value
+        raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
+    finally:
+        _DEADLINE.reset(token)
     if final is not None:
         tag = _CONTINUE_TAG.strip()
         if final.strip() not in text or tag not in text:
