@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from lmcraft.errors import ConfigError
+from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.io import excerpt, parse_yaml, read_yaml
 
 __all__ = [
     "StageConfig",
@@ -66,7 +66,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.lr=3e-4)")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = parse_yaml(raw, f"override {key.strip()}=") if raw.strip() else ""
+        except InputFileError as err:
+            raise ConfigError(f"override {excerpt(item)}: {err.expected}") from None
     return out
 
 
@@ -122,7 +125,7 @@ def _format_validation_error(
             lines.append(f"missing required key {key!r}.")
         else:
             given = e.get("input")
-            given_txt = f" (given: {given!r})" if not isinstance(given, dict | list) else ""
+            given_txt = f" (given: {excerpt(repr(given))})" if not isinstance(given, dict | list) else ""
             lines.append(f"key {key!r}: {e['msg']}{given_txt}.")
     return f"invalid config {source}: " + " ".join(lines) if lines else ""
 
@@ -161,11 +164,9 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config {p}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+            loaded = read_yaml(p, "config")
+        except InputFileError as err:
+            raise ConfigError(f"config {p}, {err.where}: {err.expected}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
