@@ -1,0 +1,175 @@
+"""The bad-input corpus: hostile and careless input, each run through the CLI as a user would.
+
+Every case must end with exit code 2 and one message that names the place (file, line, key, byte or
+flag): never "internal error", never a traceback. Cases that need a model use a tiny random model folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcraft.cli import main
+from lmcraft.hub import save_model
+from lmcraft.models import LanguageModel, ModelConfig
+from lmcraft.tokenizer.load import Tokenizer
+
+Case = Callable[[Path, Path], tuple[list[str], bytes | None]]  # (tmp, model folder) -> (argv, stdin bytes)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello there, how are you?"] * 5, trainer)
+    root = tmp_path_factory.mktemp("bad-input")
+    Tokenizer(backend, eos_token="<eos>", chat_template="chatml").save(root / "tok")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), hidden_size=16, num_layers=1, num_heads=2,
+                      intermediate_size=32, max_position_embeddings=1024, eos_token_id=0)
+    return save_model(LanguageModel(cfg), root / "model", tokenizer_dir=root / "tok")
+
+
+def _copy_model(model_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def _edit_config(model_dir: Path, tmp: Path, **changes: object) -> Path:
+    folder = _copy_model(model_dir, tmp / "edited")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return folder
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _gen(folder: Path, *extra: str) -> list[str]:
+    return ["generate", str(folder), *extra]
+
+
+_BOMB = "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9 if p else ['x'] * 9)}]\n"
+                for p, c in zip(["", "a", "b", "c", "d", "e"], "abcdef", strict=True))
+_NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def _gguf_header(tensors: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, 0) + b"\0" * 64
+
+
+def _sharded(model_dir: Path, tmp: Path, target: str) -> Path:
+    folder = _copy_model(model_dir, tmp / "sharded")
+    (folder / "model.safetensors").rename(tmp / "elsewhere.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": target}}))
+    return folder
+
+
+def _pickles(model_dir: Path, tmp: Path) -> Path:
+    folder = _copy_model(model_dir, tmp / "pickled")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return folder
+
+
+def _truncated(model_dir: Path, tmp: Path) -> Path:
+    folder = _copy_model(model_dir, tmp / "cut")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+CASES: dict[str, tuple[Case, str]] = {
+    # configs
+    "yaml alias bomb": (lambda t, m: (["tokenizer", str(_write(t / "c.yaml", _BOMB))], None),
+                        r"c\.yaml.*expands to [\d,]+ values through aliases"),
+    "yaml python tag": (lambda t, m: (["tokenizer", str(_write(t / "c.yaml", "x: !!python/object/apply:os.system "
+                                                                "['true']\n"))], None),
+                        r"c\.yaml, line 1, column 4: not valid YAML.*python/object"),
+    "python tag in an override": (lambda t, m: (["tokenizer", str(_write(t / "c.yaml", "{}\n")),
+                                                 "inputs=!!python/object/apply:os.system ['true']"], None),
+                                  r"override inputs=.*not valid YAML"),
+    "yaml syntax error": (lambda t, m: (["tokenizer", str(_write(t / "c.yaml", "a: [1, 2\n"))], None),
+                          r"c\.yaml, line \d+, column \d+: not valid YAML"),
+    # prompts and input text
+    "non-UTF-8 --prompt": (lambda t, m: (_gen(m, "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")), None),
+                           r"--prompt, character 3: UTF-8 text"),
+    "Latin-1 batch file": (lambda t, m: (_gen(m, "--batch-file", str(_write(t / "p.txt", b"caf\xe9\n"))), None),
+                           r"p\.txt, byte 3: utf-8 text \(pass the file's encoding"),
+    "binary batch file": (lambda t, m: (_gen(m, "--batch-file", str(_write(t / "p.bin", b"\x89PNG\r\n\x1a\n\xff"))),
+                                        None),
+                          r"p\.bin, byte 0: utf-8 text"),
+    "unknown --encoding": (lambda t, m: (_gen(m, "--encoding", "klingon", "--batch-file",
+                                              str(_write(t / "p.txt", "hi\n"))), None),
+                           r"p\.txt, encoding: a known text encoding"),
+    "binary input to chat": (lambda t, m: (["chat", str(m)], b"hello\n\xff\xfe\x00binary\n"),
+                             r"standard input, line 2, byte 0: utf-8 text"),
+    "max-new-tokens past the context": (lambda t, m: (_gen(m, "--prompt", "hi", "--max-new-tokens", "1000000000"),
+                                                      None),
+                                        r"--max-new-tokens 1000000000: expected 1 to 1,024"),
+    # chat templates (untrusted code)
+    "template with nested loops": (lambda t, m: (_gen(m, "--chat", "--template", str(_write(t / "t.jinja",
+                                                                                            _NESTED_LOOPS)),
+                                                      "--prompt", "hi"), None),
+                                   r"chat template ran longer than its .* budget"),
+    "template building a huge string": (lambda t, m: (_gen(m, "--chat", "--template",
+                                                           str(_write(t / "t.jinja", "{{ 'x' * 10**12 }}")),
+                                                           "--prompt", "hi"), None),
+                                        r"chat template builds a string or list of 1,000,000,000,000 items"),
+    "template escape": (lambda t, m: (_gen(m, "--chat", "--template", str(_write(
+        t / "t.jinja", "{{ ''.__class__.__mro__[1].__subclasses__() }}")), "--prompt", "hi"), None),
+                        r"chat template failed: .*unsafe"),
+    "tojson with a bad argument": (lambda t, m: (_gen(m, "--chat", "--template", str(_write(
+        t / "t.jinja", "{{ messages | tojson(separators=5) }}")), "--prompt", "hi"), None),
+                                   r"chat template failed: TypeError"),
+    # model folders
+    "config value of the wrong type": (lambda t, m: (_gen(_edit_config(m, t, rms_norm_eps="abc"), "--prompt", "hi"),
+                                                     None),
+                                       r"config\.json: key 'rms_norm_eps' = 'abc': Input should be a valid number"),
+    "negative vocab size": (lambda t, m: (_gen(_edit_config(m, t, vocab_size=-1), "--prompt", "hi"), None),
+                            r"config\.json: key 'vocab_size' = -1: expected a number above 0"),
+    "shard index pointing outside the folder": (lambda t, m: (_gen(_sharded(m, t, "../elsewhere.safetensors"),
+                                                                   "--prompt", "hi"), None),
+                                                r"index\.json: weight_map names file\(s\) outside the model folder"),
+    "truncated weights": (lambda t, m: (_gen(_truncated(m, t), "--prompt", "hi"), None),
+                          r"model\.safetensors: corrupt or truncated safetensors file"),
+    "pickle weights only": (lambda t, m: (_gen(_pickles(m, t), "--prompt", "hi"), None), r"holds only pickle weights"),
+    "GGUF header declaring 2^40 tensors": (lambda t, m: (["convert", str(_write(t / "m.gguf", _gguf_header(2**40))),
+                                                          str(t / "out")], None),
+                                           r"m\.gguf, byte 8: the header declares 1,099,511,627,776 tensors"),
+    "GGUF of an unknown version": (lambda t, m: (["convert", str(_write(t / "m.gguf", b"GGUF" + struct.pack(
+        "<IQQ", 99, 0, 0))), str(t / "out")], None), r"m\.gguf, byte 4: GGUF version 99 is not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_a_clear_error(name: str, tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    make, needle = CASES[name]
+    argv, stdin = make(tmp_path, model_dir)
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err
+    assert re.search(needle, " ".join(err.split())), err
+    assert len(err) < 2000  # one bounded message, whatever the input's size
