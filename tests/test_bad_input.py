@@ -164,6 +164,7 @@ CASES: dict[str, tuple[Case, str]] = {
 def test_bad_input_is_a_clear_error(name: str, tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     make, needle = CASES[name]
+    monkeypatch.setattr("lmcraft.tokenizer.chat.MAX_RENDER_SECONDS", 0.5)  # the looping template fails sooner
     argv, stdin = make(tmp_path, model_dir)
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
