@@ -10,8 +10,12 @@ Every stage that writes a folder claims it first with `claim_output(folder, stag
 - while the claim is held, an advisory lock (`flock`, released by the kernel when the holder dies) keeps any
   second writer out; it fails at once naming the holder's pid and start time.
 
-The marker `.lmcraft-run.json` records the stage, the config hash and the top-level entries lmcraft wrote;
-what a user adds to the folder later is never listed, so never removed.
+The marker `.lmcraft-run.json` records the stage, the config hash, the run's status and two lists of top-level
+entries: `written` (lmcraft's) and `foreign` (what a user had added to the folder when the run started). A run
+killed before it could update `written` is recognised by its "running" status: then everything but `foreign` is
+lmcraft's. So what a user adds to the folder is never listed as written, and never removed. A run that fails
+before writing anything leaves no marker (and removes the folder it created), so a corrected rerun is not
+refused as "another config".
 """
 
 from __future__ import annotations
@@ -52,21 +56,21 @@ def config_hash(stage: str, config: Any) -> str:
 
 @dataclass
 class RunFolder:
-    """A claimed output folder; `entries()` is what its marker lists as written by lmcraft."""
+    """A claimed output folder; `entries()` is what lmcraft wrote there (all but `foreign` and its own files)."""
 
     path: Path
     stage: str
     config_hash: str
-    before: frozenset[str]  # entries of the user's that were there at claim time (none: such folders are refused)
+    foreign: frozenset[str]  # entries a user added to the folder before this run started
 
     def entries(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if p.name not in _OURS and p.name not in self.before)
+        return sorted(p.name for p in self.path.iterdir() if p.name not in _OURS and p.name not in self.foreign)
 
     def write_marker(self, status: str) -> None:
         write_json(
             self.path / MARKER,
             {"stage": self.stage, "config_hash": self.config_hash, "status": status, "written": self.entries(),
-             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+             "foreign": sorted(self.foreign), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         )
 
 
@@ -131,8 +135,18 @@ def _check_claim(folder: Path, stage: str, digest: str, overwrite: bool) -> dict
     return marker
 
 
-def _remove_written(folder: Path, marker: Mapping[str, Any]) -> None:
-    for name in marker.get("written", []):
+def _written(folder: Path, marker: Mapping[str, Any] | None) -> set[str]:
+    """lmcraft's entries in a marked folder: those listed, or for a run that died while "running", all that
+    is not foreign."""
+    if marker is None:
+        return set()
+    if marker.get("status") == "running":
+        return {p.name for p in folder.iterdir()} - set(marker.get("foreign", [])) - _OURS
+    return set(marker.get("written", []))
+
+
+def _remove(folder: Path, names: set[str]) -> None:
+    for name in names:
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _OURS:
             continue
         path = folder / name
@@ -146,22 +160,31 @@ def _remove_written(folder: Path, marker: Mapping[str, Any]) -> None:
 def claim_output(folder: Path | str, stage: str, config: Any, overwrite: bool = False) -> Iterator[RunFolder]:
     """Claim `folder` for one run of `stage` with `config` (see the module doc); yields the `RunFolder`.
 
-    With `overwrite`, the entries an earlier run listed are removed (other files are kept) before the block
-    runs, so the stage starts afresh. On a clean exit the marker is marked complete; on an error it stays
-    "running", which a rerun of the same config resumes."""
+    With `overwrite`, the entries earlier runs wrote are removed (other files are kept) before the block runs,
+    so the stage starts afresh. On a clean exit the marker says "complete"; on an error "failed" (a rerun of
+    the same config resumes), unless nothing was written, in which case the claim leaves no trace."""
     folder = Path(folder)
     digest = config_hash(stage, config)
     _check_claim(folder, stage, digest, overwrite)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         marker = _check_claim(folder, stage, digest, overwrite)  # again, now that no one else writes
-        listed = set(marker.get("written", [])) if marker else set()
-        if marker and overwrite:
-            _remove_written(folder, marker)
-            listed = set()
+        ours = _written(folder, marker)
+        if overwrite:
+            _remove(folder, ours)
+            ours = set()
         clean_staging(folder)
-        before = frozenset(p.name for p in folder.iterdir()) - listed - _OURS
-        run = RunFolder(folder, stage, digest, before)
+        run = RunFolder(folder, stage, digest, frozenset(p.name for p in folder.iterdir()) - ours - _OURS)
         run.write_marker("running")
-        yield run
+        try:
+            yield run
+        except BaseException:
+            if run.entries():
+                run.write_marker("failed")
+            else:
+                (folder / MARKER).unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
         run.write_marker("complete")
