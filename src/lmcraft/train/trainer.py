@@ -321,6 +321,10 @@ class Trainer:
             self.load_checkpoint(path)
         if path is None:
             set_seed(self.config.seed + self.ctx.rank)
+        elif self.state.step >= self.total_steps and self.is_main:
+            log.warning("%s is at step %d, at or past the %d steps this run asks for: nothing left to train. Raise "
+                        "max_steps to train on, or pass --overwrite to start afresh.", path, self.state.step,
+                        self.total_steps)
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
         while self.state.step < self.total_steps and self.state.stopped is None:
