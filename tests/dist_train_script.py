@@ -80,7 +80,7 @@ class KillWhileSaving(WeightsFormat):
         self.step = step
 
     def write_extra(self, model: nn.Module, directory: Path) -> None:
-        if directory.name == f".tmp-step-{self.step}":
+        if directory.name == f".lmcraft-tmp-step-{self.step}":
             os.kill(os.getpid(), signal.SIGKILL)
 
 

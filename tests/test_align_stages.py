@@ -35,6 +35,16 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    """The in-process reference run uses one thread, as the killed child (ENV) does: with two, a CPU without
+    AVX-512 splits the reductions differently and the runs differ in the last bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -200,7 +210,7 @@ def records(out: Path) -> list[dict[str, Any]]:
     ("ppo", {"method": "lora", "r": 2}, 6),             # 4 steps per rollout: killed inside the second rollout
 ])
 def test_stage_resumes_exactly_after_sigkill(task: Path, tmp_path: Path, stage: str, peft: dict | None,
-                                             kill_at: int) -> None:
+                                             kill_at: int, one_thread: None) -> None:
     def config(out: Path) -> dict[str, Any]:
         cfg = stage_config(stage, task, out, peft=peft, max_steps=8, save_every=4, eval_every=4)
         if stage == "sft":

@@ -75,6 +75,10 @@ def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def _config(corpus: Path, out: Path, tokenizer: Path | None, **extra) -> PrepareConfig:
+    return PrepareConfig.model_validate(_config_data(corpus, out, tokenizer, **extra))
+
+
+def _config_data(corpus: Path, out: Path, tokenizer: Path | None, **extra) -> dict:
     data = {
         "inputs": [
             str(corpus / "a.jsonl"),
@@ -99,7 +103,7 @@ def _config(corpus: Path, out: Path, tokenizer: Path | None, **extra) -> Prepare
     }
     if tokenizer is not None:
         data["pack"] = {"tokenizer": str(tokenizer), "val_fraction": 0.1, "shard_tokens": 2000}
-    return PrepareConfig.model_validate(data)
+    return data
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -107,7 +111,7 @@ def _digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "report.png"
+        if p.is_file() and p.name != "report.png" and not p.name.startswith(".lmcraft")  # run marker and lock
     }
 
 
@@ -162,7 +166,7 @@ def test_resume_after_interruption_gives_identical_output(corpus: Path, tokenize
     parts = tmp_path / "resumed" / "parts"
     # a chunk that was being written when the process died: files without the .json marker
     (parts / "part-00003.jsonl.zst").write_bytes(b"partial")
-    (parts / "part-00003.tokens.npz.tmp").write_bytes(b"partial")
+    (parts / ".lmcraft-tmp-part-00003.tokens.npz.123.abcdef01").write_bytes(b"partial")
     prepare(cfg, workers=1, progress=False)
     assert _digest(tmp_path / "full") == _digest(tmp_path / "resumed")
     again = prepare(cfg, progress=False)  # a finished run only re-packs and re-reports
@@ -170,12 +174,18 @@ def test_resume_after_interruption_gives_identical_output(corpus: Path, tokenize
     assert again["docs_written"] > 0
 
 
-def test_changed_config_needs_overwrite(corpus: Path, tmp_path: Path) -> None:
-    prepare(_config(corpus, tmp_path / "o", None), progress=False)
+def test_changed_config_needs_overwrite(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first, config = tmp_path / "first.yaml", tmp_path / "changed.yaml"
+    first.write_text(yaml.safe_dump(_config_data(corpus, tmp_path / "o", None)))
+    assert main(["prepare", str(first), "--no-progress"]) == 0
     changed = _config(corpus, tmp_path / "o", None, chunk_docs=7)
     with pytest.raises(ConfigError, match="--overwrite"):
         prepare(changed, progress=False)
-    assert prepare(changed, progress=False, overwrite=True)["docs_written"] > 0
+    config.write_text(yaml.safe_dump(_config_data(corpus, tmp_path / "o", None, chunk_docs=7)))
+    assert main(["prepare", str(config), "--no-progress"]) == 2  # the folder holds another config's run
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["prepare", str(config), "--no-progress", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "o" / "stats.json").read_text())["docs_written"] > 0
 
 
 def test_shards_partition_the_input(corpus: Path, tmp_path: Path) -> None:

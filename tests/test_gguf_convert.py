@@ -260,7 +260,7 @@ def test_errors_are_clear(tmp_path: Path, tokenizer) -> None:
         convert_gguf(tmp_path / "m.gguf", tmp_path / "busy", progress=False)
     assert (tmp_path / "busy" / "keep.txt").exists()
     convert_gguf(tmp_path / "m.gguf", tmp_path / "busy", overwrite=True, progress=False)
-    assert not (tmp_path / "busy" / "keep.txt").exists() and (tmp_path / "busy" / "config.json").exists()
+    assert (tmp_path / "busy" / "keep.txt").exists() and (tmp_path / "busy" / "config.json").exists()  # never deleted
 
     (tmp_path / "x.gguf").write_bytes(b"not a gguf")
     with pytest.raises(GGUFImportError, match="not a GGUF file"):
@@ -291,8 +291,12 @@ def test_cli_convert(tmp_path: Path, tokenizer, capsys) -> None:
     write_gguf(tmp_path / "m.gguf", hf_weights(tokenizer.get_vocab_size(), tied=True), tokenizer)
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--quiet"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--quiet"]) == 0  # same run: redone
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "mine"), "--quiet", "--overwrite"]) == 2
+    assert "already holds files that lmcraft did not write (notes.txt)" in " ".join(capsys.readouterr().err.split())
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_qwen2_keeps_qk_order_and_biases(tmp_path: Path, tokenizer) -> None:

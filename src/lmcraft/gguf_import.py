@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from lmcraft.errors import ModelLoadError
-from lmcraft.io import excerpt, staged_dir, write_json
+from lmcraft.io import excerpt, write_json
 
 __all__ = [
     "GGUFImportError",
@@ -612,13 +612,17 @@ def convert_gguf(
 ) -> Path:
     """Convert a llama-family GGUF file into a Hugging Face-layout folder at `out_dir`; return it.
 
-    The folder is written under a temporary name next to `out_dir` and renamed when complete,
-    so an interrupted conversion never leaves a half-written model behind. An existing non-empty
-    `out_dir` is replaced only with `overwrite=True`.
+    The files are written into a staging folder next to `out_dir` and moved in when complete
+    (`hub.files.staged_folder`), so an interrupted conversion never leaves a half-written model behind.
+    Into an existing non-empty `out_dir` only with `overwrite=True`, which replaces the model's files and
+    keeps any other file there.
     """
+    from lmcraft.hub.files import staged_folder
+
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise GGUFImportError(f"{out} already exists and is not empty; choose another folder or pass overwrite.")
-    with staged_dir(out) as tmp:
+        raise GGUFImportError(f"{out} already exists and is not empty; choose another folder (or pass --overwrite "
+                              "to lmcraft convert).")
+    with staged_folder(out) as tmp:
         write_hf_model(gguf_path, tmp, dtype=dtype, progress=progress)
     return out

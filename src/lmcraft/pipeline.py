@@ -216,10 +216,10 @@ class Pipeline:
         return html
 
     def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
-        folder.mkdir(parents=True, exist_ok=True)
+        flags = _prepare_folder(spec, folder, config)
         config_path = folder / "config.yaml"
         write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        cmd = [self.python, "-m", "lmcraft", spec.stage, str(config_path)]
+        cmd = [self.python, "-m", "lmcraft", spec.stage, str(config_path), *flags]
         t0 = time.perf_counter()
         with open(folder / "log.txt", "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -247,6 +247,28 @@ class Pipeline:
         md, html = self.run_dir / "report.md", self.run_dir / "report.html"
         report.write(md, html)
         return html
+
+
+def _prepare_folder(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
+    """Create the stage's folder, marked for the stage's own run (so its claim accepts the config and log the
+    pipeline puts there); returns `["--overwrite"]` when the folder holds a run of an earlier config."""
+    from lmcraft.cli import STAGES
+    from lmcraft.config import validate_config
+    from lmcraft.run_folder import config_hash, mark_pending, read_marker
+
+    folder.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(STAGES[spec.stage][0])
+    if spec.output_key is None or not hasattr(module, "config_class"):
+        return []
+    try:
+        digest = config_hash(spec.stage, validate_config(module.config_class(), config), spec.output_key)
+    except LmcraftError:
+        return []  # the stage itself reports the bad config, in its log
+    marker = read_marker(folder)
+    if marker is None:
+        mark_pending(folder, spec.stage, digest)
+        return []
+    return ["--overwrite"] if (marker["stage"], marker["config_hash"]) != (spec.stage, digest) else []
 
 
 def _die_with_parent() -> None:

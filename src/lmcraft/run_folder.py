@@ -35,7 +35,8 @@ from typing import Any
 from lmcraft.errors import LmcraftError
 from lmcraft.io import clean_staging, read_json, write_json
 
-__all__ = ["MARKER", "LOCK", "OutputFolderError", "RunFolder", "claim_output", "config_hash", "folder_lock"]
+__all__ = ["MARKER", "LOCK", "OutputFolderError", "RunFolder", "claim_output", "claim_output_file", "config_hash",
+           "folder_lock", "mark_pending", "read_marker"]
 
 MARKER = ".lmcraft-run.json"
 LOCK = ".lmcraft.lock"
@@ -46,11 +47,27 @@ class OutputFolderError(LmcraftError):
     """An output folder that lmcraft may not write into (the user's files, another run, a running writer)."""
 
 
-def config_hash(stage: str, config: Any) -> str:
-    """Hash of a stage name and its config (a pydantic model or a plain mapping), stable across runs."""
+_NOT_HASHED = frozenset({"progress"})  # keys that change how a run looks, not what it computes
+_RESUMABLE = frozenset({"trainer"})  # top-level sections a run may change when it resumes
+
+
+def _hashed(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _hashed(v) for k, v in value.items() if k not in _NOT_HASHED}
+    if isinstance(value, list | tuple):
+        return [_hashed(v) for v in value]
+    return value
+
+
+def config_hash(stage: str, config: Any, output_key: str | None = None) -> str:
+    """Hash of a stage name and its config (a pydantic model or a plain mapping), stable across runs. The
+    output folder's own key (`output_key`), display-only keys (`progress`) and the `trainer` section do not
+    count: the same run moved to another folder, rerun with --no-progress, or resumed with other trainer
+    settings (more steps, another learning rate: the trainer's checkpoints allow it) is still the same run."""
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json")
-    blob = json.dumps({"stage": stage, "config": config}, sort_keys=True, default=str)
+    config = {k: v for k, v in config.items() if k != output_key and k not in _RESUMABLE}
+    blob = json.dumps({"stage": stage, "config": _hashed(config)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -74,8 +91,14 @@ class RunFolder:
         )
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / MARKER
+def mark_pending(folder: Path, stage: str, digest: str) -> None:
+    """Mark a folder that a pipeline prepares for a stage (its config and log go there first): the stage's
+    claim then takes it as its own run's folder, and the pipeline's files as foreign."""
+    RunFolder(Path(folder), stage, digest, frozenset(p.name for p in Path(folder).iterdir())).write_marker("pending")
+
+
+def read_marker(folder: Path, name: str = MARKER) -> dict[str, Any] | None:
+    path = Path(folder) / name
     if not path.is_file():
         return None
     marker = read_json(path, "run marker")
@@ -90,9 +113,9 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold `folder/.lmcraft.lock` (an advisory `flock`) for the block; a second holder fails at once."""
-    path = Path(folder) / LOCK
+def folder_lock(folder: Path, name: str = LOCK) -> Iterator[None]:
+    """Hold `folder/<name>` (an advisory `flock`) for the block; a second holder fails at once."""
+    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -157,14 +180,15 @@ def _remove(folder: Path, names: set[str]) -> None:
 
 
 @contextmanager
-def claim_output(folder: Path | str, stage: str, config: Any, overwrite: bool = False) -> Iterator[RunFolder]:
+def claim_output(folder: Path | str, stage: str, config: Any, overwrite: bool = False,
+                 output_key: str | None = None) -> Iterator[RunFolder]:
     """Claim `folder` for one run of `stage` with `config` (see the module doc); yields the `RunFolder`.
 
     With `overwrite`, the entries earlier runs wrote are removed (other files are kept) before the block runs,
     so the stage starts afresh. On a clean exit the marker says "complete"; on an error "failed" (a rerun of
     the same config resumes), unless nothing was written, in which case the claim leaves no trace."""
     folder = Path(folder)
-    digest = config_hash(stage, config)
+    digest = config_hash(stage, config, output_key)
     _check_claim(folder, stage, digest, overwrite)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,3 +212,27 @@ def claim_output(folder: Path | str, stage: str, config: Any, overwrite: bool = 
                     shutil.rmtree(folder, ignore_errors=True)
             raise
         run.write_marker("complete")
+
+
+@contextmanager
+def claim_output_file(path: Path | str, stage: str, config: Any, overwrite: bool = False,
+                      output_key: str | None = None) -> Iterator[None]:
+    """`claim_output` for a stage whose output is one file: the marker sits beside it (`.<name>.lmcraft-run.json`).
+    An existing file without that marker is the user's and refused; one of another run needs `overwrite`."""
+    path = Path(path)
+    sidecar = path.with_name(f".{path.name}{MARKER}")
+    digest = config_hash(stage, config, output_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent, f".{path.name}{LOCK}"):
+        if path.exists():
+            marker = read_marker(path.parent, sidecar.name)
+            if marker is None:
+                raise OutputFolderError(f"{path} exists and lmcraft did not write it. Nothing was changed; choose "
+                                        "another output file.")
+            if (marker["stage"], marker["config_hash"]) != (stage, digest) and not overwrite:
+                raise OutputFolderError(f"{path} was written by another {marker['stage']} run (config "
+                                        f"{marker['config_hash']}; this is {digest}). Choose another output file, "
+                                        "or pass --overwrite to replace it.")
+        yield
+        write_json(sidecar, {"stage": stage, "config_hash": digest, "status": "complete",
+                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

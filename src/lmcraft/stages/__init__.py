@@ -2,13 +2,18 @@
 
 Config-driven stages use `add_config_arguments` / `load_stage_config` so that every one of them
 reads `CONFIG.yaml key=value ...` the same way; stages that train (a `trainer:` section) use
-`add_training_arguments` / `load_training_config`, which add `--no-progress`.
+`add_training_arguments` / `load_training_config`, which add `--no-progress`. A stage that writes a folder
+wraps its work in `claim(args, stage, folder, config)` (see `lmcraft.run_folder`): the folder must be new,
+empty or an earlier run's of the same config, one writer at a time, and `--overwrite` replaces only what
+lmcraft wrote there.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TypeVar
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -25,6 +30,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="override config keys, e.g. trainer.lr=3e-4"
     )
+    add_overwrite_argument(parser)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output folder an earlier lmcraft run wrote (only its files are "
+                             "replaced; other files are kept)")
+
+
+def claim(args: argparse.Namespace, stage: str, folder: Path, config: Any,
+          output_key: str | None = "output_dir") -> AbstractContextManager[Any]:
+    """Claim the stage's output folder for this run (`lmcraft.run_folder.claim_output`), with `--overwrite`."""
+    from lmcraft.run_folder import claim_output
+
+    return claim_output(folder, stage, config, overwrite=getattr(args, "overwrite", False), output_key=output_key)
 
 
 def load_stage_config(cls: type[C], args: argparse.Namespace) -> C:

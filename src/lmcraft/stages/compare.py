@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_stage_config(CompareConfig, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    rows = run_compare(cfg, methods, rerun=args.rerun)
+    with claim(args, "compare", cfg.output_dir, cfg):
+        rows = run_compare(cfg, methods, rerun=args.rerun)
     return 0 if all(r["error"] is None for r in rows) else 1
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from lmcraft.stages import add_overwrite_argument, claim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,15 +16,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored weight type"
     )
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    add_overwrite_argument(parser)
+    parser.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # the old name of --overwrite
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from lmcraft.gguf_import import convert_gguf
 
+    if args.force:
+        print("note: --force is deprecated; it is now called --overwrite", file=sys.stderr)
+        args.overwrite = True
     start = time.perf_counter()
-    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.force, progress=not args.quiet)
+    with claim(args, "convert", Path(args.out_dir), {"gguf": str(Path(args.gguf).resolve()), "dtype": args.dtype}):
+        out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=True, progress=not args.quiet)
     if not args.quiet:
         print(f"converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(out)

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import load_training_config
+from lmcraft.stages import claim, load_training_config
 
 __all__ = ["DPOSection", "add_arguments", "config_class", "run", "run_dpo"]
 
@@ -59,7 +59,9 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dpo(load_training_config(config_class(), args))
+    cfg = load_training_config(config_class(), args)
+    with claim(args, "dpo", cfg.output_dir, cfg):
+        run_dpo(cfg)
     return 0
 
 

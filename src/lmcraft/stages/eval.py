@@ -21,7 +21,7 @@ from pydantic import Field
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.prompting.strategies import Strategy
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 
 class ModelSection(Section):
@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
         write_results([*results, partial], out)
         build_report([*results, partial], out, cfg.title).write(out / "report.md", out / "report.html")
 
-    for task, limit in tasks:
-        results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit, on_result=save))
+    with claim(args, "eval", out, cfg):
+        for task, limit in tasks:
+            results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit,
+                                         on_result=save))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
 

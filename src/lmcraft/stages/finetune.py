@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from lmcraft.finetune.runner import run_finetune
 
     cfg = load_stage_config(FinetuneConfig, args)
-    results = run_finetune(cfg)
+    with claim(args, "finetune", cfg.output_dir, cfg):
+        results = run_finetune(cfg)
     shown = {k: results[k] for k in ("method", "metric", "metric_value", "trainable_params", "total_params",
                                      "peak_memory_mb", "step_seconds", "tokens_per_second", "final")}
     print(json.dumps(shown, indent=1, default=str))

@@ -79,7 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_labelling(load_stage_config(LabelConfig, args), progress=not args.no_progress)
+    from lmcraft.run_folder import claim_output_file
+
+    cfg = load_stage_config(LabelConfig, args)
+    with claim_output_file(cfg.output, "label-preferences", cfg, args.overwrite, "output"):
+        run_labelling(cfg, progress=not args.no_progress)
     return 0
 
 

@@ -10,6 +10,9 @@ bottleneck adapters and UniPELT cannot be merged (their function is not a weight
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from lmcraft.stages import add_overwrite_argument, claim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model folder / asset (default: the one the adapter names)")
     parser.add_argument("--head", choices=["lm", "cls", "token_cls"], help="head of the base (default: adapter's)")
     parser.add_argument("--num-labels", type=int, help="classes of a cls/token_cls head (default: adapter's)")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmcraft.finetune.merge import merge_adapter_folder
 
-    out = merge_adapter_folder(args.adapter, args.out, base=args.base, head=args.head, num_labels=args.num_labels)
+    sources = {"adapter": args.adapter, "base": args.base, "head": args.head, "num_labels": args.num_labels}
+    with claim(args, "merge", Path(args.out), sources):
+        out = merge_adapter_folder(args.adapter, args.out, **{k: v for k, v in sources.items() if k != "adapter"})
     print(f"merged model written to {out}")
     return 0

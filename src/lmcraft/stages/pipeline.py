@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +21,11 @@ def config_class() -> type:
 def run(args: argparse.Namespace) -> int:
     from lmcraft.pipeline import Pipeline, PipelineConfig
 
-    pipeline = Pipeline(load_stage_config(PipelineConfig, args))
+    cfg = load_stage_config(PipelineConfig, args)
+    pipeline = Pipeline(cfg)
     pipeline.check()
     print(pipeline.describe())
     if not args.dry_run:
-        pipeline.run()
+        with claim(args, "pipeline", cfg.run_dir, {}):  # any pipeline may go on in a pipeline's folder
+            pipeline.run()
     return 0

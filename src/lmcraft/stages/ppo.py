@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import load_training_config
+from lmcraft.stages import claim, load_training_config
 
 __all__ = ["PPOSection", "PromptsSection", "add_arguments", "config_class", "run", "run_ppo"]
 
@@ -107,7 +107,9 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_ppo(load_training_config(config_class(), args))
+    cfg = load_training_config(config_class(), args)
+    with claim(args, "ppo", cfg.output_dir, cfg):
+        run_ppo(cfg)
     return 0
 
 

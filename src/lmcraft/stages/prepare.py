@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -36,8 +35,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmcraft.config import ExistingPath, Section, StageConfig
-from lmcraft.errors import ConfigError
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.io import clean_staging, save_npz, staged_dir, write_bytes, write_text
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 __all__ = ["PackConfig", "PrepareConfig", "add_arguments", "run"]
 
@@ -96,7 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="worker processes for per-document steps (default 1)")
     parser.add_argument("--shard", default="0/1", metavar="i/N", help="process shard i of N (default 0/1: all)")
-    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in the output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -123,27 +122,6 @@ def _fingerprint(cfg: PrepareConfig, shard: tuple[int, int]) -> str:
         "shard": list(shard),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
-    import numpy as np
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -262,7 +240,7 @@ def _write_part(
             n_bytes += len(text.encode("utf-8"))
             n_docs += 1
     payload = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
-    _atomic_write_bytes(parts / f"part-{k:05d}.jsonl.zst", zstandard.ZstdCompressor(level=3).compress(payload))
+    write_bytes(parts / f"part-{k:05d}.jsonl.zst", zstandard.ZstdCompressor(level=3).compress(payload))
     if cfg.pack is not None:
         ids, doc_lens, sent_counts, sent_lens, val = [], [], [], [], []
         for doc in kept:
@@ -272,7 +250,7 @@ def _write_part(
                 sent_counts.append(len(lens))
                 sent_lens.append(lens)
                 val.append(is_validation(out_id, cfg.pack.val_fraction, cfg.seed))
-        _save_npz(
+        save_npz(
             parts / f"part-{k:05d}.tokens.npz",
             {
                 "ids": np.concatenate(ids) if ids else np.empty(0, np.uint32),
@@ -283,14 +261,14 @@ def _write_part(
             },
         )
     if decider.indexes:
-        _save_npz(parts / f"part-{k:05d}.dedup.npz", decider.state(added))
+        save_npz(parts / f"part-{k:05d}.dedup.npz", decider.state(added))
     record = {
         **meta,
         "docs_written": n_docs,
         "bytes_written": n_bytes,
         "steps": [s.to_dict() for s in stats],
     }
-    _atomic_write_text(parts / f"part-{k:05d}.json", json.dumps(record) + "\n")
+    write_text(parts / f"part-{k:05d}.json", json.dumps(record) + "\n")
     return record
 
 
@@ -299,31 +277,40 @@ def _pack(cfg: PrepareConfig, parts: Path, n_parts: int, tok: Any, out: Path) ->
 
     from lmcraft.data.pack import ShardWriter
 
-    packed = out / "packed"
-    if packed.exists():
-        shutil.rmtree(packed)
     assert cfg.pack is not None
-    writer = ShardWriter(
-        packed,
-        vocab_size=tok.vocab_size,
-        eos_id=_eos_id(cfg.pack, tok),
-        shard_tokens=cfg.pack.shard_tokens,
-        tokenizer=str(Path(cfg.pack.tokenizer).resolve()),
-    )
-    for k in range(n_parts):
-        with np.load(parts / f"part-{k:05d}.tokens.npz") as z:
-            ids, doc_lens, sent_counts, sent_lens, val = (
-                z[n] for n in ("ids", "doc_lens", "sent_counts", "sent_lens", "val")
-            )
-        starts = np.concatenate([[0], np.cumsum(doc_lens)])
-        sstarts = np.concatenate([[0], np.cumsum(sent_counts)])
-        for d in range(len(doc_lens)):
-            writer.add(
-                "validation" if val[d] else "train",
-                ids[starts[d] : starts[d + 1]],
-                sent_lens[sstarts[d] : sstarts[d + 1]],
-            )
-    return writer.close()
+    with staged_dir(out / "packed") as stage:  # a finished packed/ stays whole until the new one is complete
+        writer = ShardWriter(
+            stage,
+            vocab_size=tok.vocab_size,
+            eos_id=_eos_id(cfg.pack, tok),
+            shard_tokens=cfg.pack.shard_tokens,
+            tokenizer=str(Path(cfg.pack.tokenizer).resolve()),
+        )
+        for k in range(n_parts):
+            ids, doc_lens, sent_counts, sent_lens, val = _read_part(parts / f"part-{k:05d}.tokens.npz")
+            starts = np.concatenate([[0], np.cumsum(doc_lens)])
+            sstarts = np.concatenate([[0], np.cumsum(sent_counts)])
+            for d in range(len(doc_lens)):
+                writer.add(
+                    "validation" if val[d] else "train",
+                    ids[starts[d] : starts[d + 1]],
+                    sent_lens[sstarts[d] : sstarts[d + 1]],
+                )
+        return writer.close()
+
+
+def _read_part(path: Path) -> tuple[Any, ...]:
+    """The arrays of one tokenized part file; a damaged file is named, with the way to rebuild it."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return tuple(z[n] for n in ("ids", "doc_lens", "sent_counts", "sent_lens", "val"))
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as err:
+        raise InputFileError(path, "whole file", f"a complete part file of an earlier run ({type(err).__name__}: "
+                             f"{err}); delete it (and its .json) and rerun to rebuild it") from None
 
 
 def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, int]) -> dict[str, Any]:
@@ -355,7 +342,10 @@ def run(args: argparse.Namespace) -> int:
     shard = _parse_shard(args.shard)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    result = prepare(cfg, workers=args.workers, shard=shard, overwrite=args.overwrite, progress=not args.no_progress)
+    folder = Path(cfg.output) / (f"shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
+    identity = cfg if shard == (0, 1) else {**cfg.model_dump(mode="json"), "shard": list(shard)}
+    with claim(args, "prepare", folder, identity, "output"):
+        result = prepare(cfg, workers=args.workers, shard=shard, progress=not args.no_progress)
     print(f"wrote {result['docs_written']:,} documents to {result['output']}; report: {result['report']}")
     if result.get("packed"):
         for name, sp in result["packed"]["splits"].items():
@@ -367,7 +357,6 @@ def prepare(
     cfg: PrepareConfig,
     workers: int = 1,
     shard: tuple[int, int] = (0, 1),
-    overwrite: bool = False,
     progress: bool = True,
     stop_after_chunks: int | None = None,
 ) -> dict[str, Any]:
@@ -385,17 +374,16 @@ def prepare(
     parts = out / "parts"
     fingerprint = _fingerprint(cfg, shard)
     run_file = out / "run.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     if run_file.is_file():
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint")
         if previous != fingerprint:
             raise ConfigError(
-                f"{out} holds a run with a different config (or shard); pass --overwrite to replace it, "
+                f"{out} holds a run with a different config (or shard); rerun with --overwrite to replace it, "
                 "or choose another output folder"
             )
     parts.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "shard": list(shard)}) + "\n")
+    clean_staging(parts)  # files of a chunk that was being written when the last run died
+    write_text(run_file, json.dumps({"fingerprint": fingerprint, "shard": list(shard)}) + "\n")
 
     files = expand_inputs(cfg.inputs)
     n_files = len(files)
@@ -479,7 +467,7 @@ def prepare(
     if cfg.pack is not None:
         assert tok is not None
         stats["packed"] = _pack(cfg, parts, len(records), tok, out)
-    _atomic_write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     from lmcraft.data.report import write_report
 
     report = write_report(stats, out, cfg.title)

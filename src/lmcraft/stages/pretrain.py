@@ -45,7 +45,7 @@ from pydantic import ConfigDict, Field, model_validator
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import ConfigError, InputFileError, ModelLoadError
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import load_training_config
+from lmcraft.stages import claim, load_training_config
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +250,9 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = pretrain(load_training_config(config_class(), args), progress=not args.no_progress)
+    cfg = load_training_config(config_class(), args)
+    with claim(args, "pretrain", cfg.output_dir, cfg):
+        summary = pretrain(cfg, progress=not args.no_progress)
     if summary["is_main"]:
         print(format_summary(summary))
     return 0
@@ -602,6 +604,8 @@ def pretrain(cfg: Any, progress: bool = True, callbacks: Iterable[Callback] = ()
     out = Path(cfg.output_dir)
     ctx = init_distributed(cfg.trainer.device)
     if ctx.is_main:
+        if cfg.data.inputs is not None:  # every input file exists: checked before anything is written
+            _file_specs(data_inputs(cfg.data)[0])
         _check_run_folder(cfg, out)
         packed = _packed_folder(cfg.data.packed) if cfg.data.packed is not None else None
         tokenizer_path = _resolve_tokenizer(cfg, out, packed, progress)

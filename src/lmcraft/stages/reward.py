@@ -21,7 +21,7 @@ from typing import Any
 
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import load_training_config
+from lmcraft.stages import claim, load_training_config
 
 __all__ = ["add_arguments", "config_class", "load_pairs", "run", "run_reward"]
 
@@ -41,7 +41,9 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_reward(load_training_config(config_class(), args))
+    cfg = load_training_config(config_class(), args)
+    with claim(args, "reward", cfg.output_dir, cfg):
+        run_reward(cfg)
     return 0
 
 

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from lmcraft.config import Section, StageConfig, validate_config
 from lmcraft.errors import ConfigError
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import load_training_config
+from lmcraft.stages import claim, load_training_config
 
 if TYPE_CHECKING:
     from lmcraft.report import Report
@@ -172,7 +172,9 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = scaling(load_training_config(config_class(), args), progress=not args.no_progress)
+    cfg = load_training_config(config_class(), args)
+    with claim(args, "scaling", cfg.output_dir, cfg):
+        result = scaling(cfg, progress=not args.no_progress)
     print(_format_result(result))
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmcraft.config import StageConfig
-from lmcraft.stages import add_training_arguments, load_training_config
+from lmcraft.stages import add_training_arguments, claim, load_training_config
 
 __all__ = ["add_arguments", "config_class", "run", "run_sft"]
 
@@ -55,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     color = sys.stdout.isatty() and not args.no_color
-    run_sft(load_training_config(config_class(), args), preview=args.preview, color=color)
+    cfg = load_training_config(config_class(), args)
+    if args.preview:  # nothing is written
+        run_sft(cfg, preview=args.preview, color=color)
+        return 0
+    with claim(args, "sft", cfg.output_dir, cfg):
+        run_sft(cfg)
     return 0
 
 

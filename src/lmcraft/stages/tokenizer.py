@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmcraft.config import StageConfig
-from lmcraft.stages import add_config_arguments, load_stage_config
+from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 __all__ = ["TokenizerConfig", "add_arguments", "config_class", "run", "train"]
 
@@ -96,7 +96,8 @@ def train(cfg: TokenizerConfig, progress: bool = True) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(TokenizerConfig, args)
-    report = train(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    with claim(args, "tokenizer", cfg.output, cfg, "output"):
+        report = train(cfg, progress=not args.no_progress and sys.stderr.isatty())
     print(
         f"{report['kind']} tokenizer, vocabulary {report['vocab_size']:,}, saved to {report['output']}; "
         f"held-out: {report['bytes_per_token']:.3f} bytes/token ({report['held_out_bytes']:,} bytes)"
