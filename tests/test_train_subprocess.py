@@ -42,9 +42,10 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
     assert [p.name for p in sorted(killed.glob("step-*"))] == ["step-3"]
     second = _run(killed, "--kill-while-saving", 9)
     assert second.returncode == -signal.SIGKILL, second.stderr
-    assert (killed / ".tmp-step-9" / "model.safetensors").exists() and (killed / "latest").read_text() == "step-6\n"
+    assert (killed / ".lmcraft-tmp-step-9" / "model.safetensors").exists()
+    assert (killed / "latest").read_text() == "step-6\n"
     assert _run(killed).returncode == 0
-    assert not list(killed.glob(".tmp-*"))
+    assert not list(killed.glob(".lmcraft-tmp-*"))
     a, b = _weights(full), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(full) == _losses(killed) and len(_losses(full)) == 10 + 3  # 10 train + evals at 4, 8, 10

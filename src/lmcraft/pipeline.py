@@ -250,25 +250,20 @@ class Pipeline:
 
 
 def _prepare_folder(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
-    """Create the stage's folder, marked for the stage's own run (so its claim accepts the config and log the
-    pipeline puts there); returns `["--overwrite"]` when the folder holds a run of an earlier config."""
+    """The stage's folder, prepared for its claim (`run_folder.prepare_stage_folder`); returns extra flags."""
     from lmcraft.cli import STAGES
     from lmcraft.config import validate_config
-    from lmcraft.run_folder import config_hash, mark_pending, read_marker
+    from lmcraft.run_folder import prepare_stage_folder
 
     folder.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(STAGES[spec.stage][0])
     if spec.output_key is None or not hasattr(module, "config_class"):
         return []
     try:
-        digest = config_hash(spec.stage, validate_config(module.config_class(), config), spec.output_key)
+        validated = validate_config(module.config_class(), config)
     except LmcraftError:
         return []  # the stage itself reports the bad config, in its log
-    marker = read_marker(folder)
-    if marker is None:
-        mark_pending(folder, spec.stage, digest)
-        return []
-    return ["--overwrite"] if (marker["stage"], marker["config_hash"]) != (spec.stage, digest) else []
+    return prepare_stage_folder(folder, spec.stage, validated, spec.output_key)
 
 
 def _die_with_parent() -> None:

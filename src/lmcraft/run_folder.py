@@ -36,7 +36,7 @@ from lmcraft.errors import LmcraftError
 from lmcraft.io import clean_staging, read_json, write_json
 
 __all__ = ["MARKER", "LOCK", "OutputFolderError", "RunFolder", "claim_output", "claim_output_file", "config_hash",
-           "folder_lock", "mark_pending", "read_marker"]
+           "folder_lock", "prepare_stage_folder", "read_marker"]
 
 MARKER = ".lmcraft-run.json"
 LOCK = ".lmcraft.lock"
@@ -91,10 +91,18 @@ class RunFolder:
         )
 
 
-def mark_pending(folder: Path, stage: str, digest: str) -> None:
-    """Mark a folder that a pipeline prepares for a stage (its config and log go there first): the stage's
-    claim then takes it as its own run's folder, and the pipeline's files as foreign."""
-    RunFolder(Path(folder), stage, digest, frozenset(p.name for p in Path(folder).iterdir())).write_marker("pending")
+def prepare_stage_folder(folder: Path, stage: str, config: Any, output_key: str | None) -> list[str]:
+    """Create and mark the folder of a stage that a pipeline or sweep runs as a child process (its config and
+    log go there first): the child's claim then takes the folder as its own run's, and those files as foreign.
+    Returns the child's extra flags: `["--overwrite"]` when the folder holds a run of another config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(stage, config, output_key)
+    marker = read_marker(folder)
+    if marker is None:
+        RunFolder(folder, stage, digest, frozenset(p.name for p in folder.iterdir())).write_marker("pending")
+        return []
+    return ["--overwrite"] if (marker["stage"], marker["config_hash"]) != (stage, digest) else []
 
 
 def read_marker(folder: Path, name: str = MARKER) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from lmcraft.config import validate_config
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import CompareConfig, FinetuneConfig
 from lmcraft.report import Report, write_text
+from lmcraft.run_folder import prepare_stage_folder
 
 __all__ = ["MethodRun", "plan_runs", "plot_comparison", "run_compare"]
 
@@ -82,11 +83,12 @@ def _execute(run: MethodRun, rerun: bool, log: Callable[[str], None]) -> None:
         log(f"{run.name}: reusing {results_path}")
         return
     results_path.unlink(missing_ok=True)
+    flags = prepare_stage_folder(out, "finetune", run.config, "output_dir")
     write_text(cfg_path, text)
     log(f"{run.name}: running (log: {log_path})")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w", encoding="utf-8") as fh:
-        code = subprocess.call([sys.executable, "-m", "lmcraft", "finetune", str(cfg_path)], stdout=fh,
+        code = subprocess.call([sys.executable, "-m", "lmcraft", "finetune", str(cfg_path), *flags], stdout=fh,
                                stderr=subprocess.STDOUT, env=env)
     if code == 0 and results_path.is_file():
         run.results = json.loads(results_path.read_text())

@@ -11,7 +11,8 @@ lmcraft wrote there.
 from __future__ import annotations
 
 import argparse
-from contextlib import AbstractContextManager
+import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,9 +42,12 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 
 def claim(args: argparse.Namespace, stage: str, folder: Path, config: Any,
           output_key: str | None = "output_dir") -> AbstractContextManager[Any]:
-    """Claim the stage's output folder for this run (`lmcraft.run_folder.claim_output`), with `--overwrite`."""
+    """Claim the stage's output folder for this run (`lmcraft.run_folder.claim_output`), with `--overwrite`.
+    Under `torchrun` the rank-0 process holds the claim for all ranks."""
     from lmcraft.run_folder import claim_output
 
+    if os.environ.get("RANK", "0") != "0":
+        return nullcontext()
     return claim_output(folder, stage, config, overwrite=getattr(args, "overwrite", False), output_key=output_key)
 
 
