@@ -22,6 +22,7 @@ from lmcraft.hub import save_model
 from lmcraft.models import LanguageModel, ModelConfig
 from lmcraft.tokenizer.load import Tokenizer
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 Case = Callable[[Path, Path], tuple[list[str], bytes | None]]  # (tmp, model folder) -> (argv, stdin bytes)
 
 
@@ -109,6 +110,12 @@ CASES: dict[str, tuple[Case, str]] = {
                                   r"override inputs=.*not valid YAML"),
     "yaml syntax error": (lambda t, m: (["tokenizer", str(_write(t / "c.yaml", "a: [1, 2\n"))], None),
                           r"c\.yaml, line \d+, column \d+: not valid YAML"),
+    "infinite learning rate": (lambda t, m: (["pretrain", str(RECIPES / "pretrain-gpt-tiny.yaml"), "trainer.lr=.inf",
+                                              f"output_dir={t / 'run'}"], None),
+                               r"key 'trainer\.lr': Input should be a finite number \(given: inf\)"),
+    "NaN learning rate": (lambda t, m: (["pretrain", str(RECIPES / "pretrain-gpt-tiny.yaml"), "trainer.lr=.nan",
+                                         f"output_dir={t / 'run'}"], None),
+                          r"key 'trainer\.lr': Input should be a finite number"),
     # prompts and input text
     "non-UTF-8 --prompt": (lambda t, m: (_gen(m, "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")), None),
                            r"--prompt, character 3: UTF-8 text"),
@@ -174,3 +181,64 @@ def test_bad_input_is_a_clear_error(name: str, tmp_path: Path, model_dir: Path, 
     assert "internal error" not in err and "Traceback" not in err
     assert re.search(needle, " ".join(err.split())), err
     assert len(err) < 2000  # one bounded message, whatever the input's size
+
+
+# ---- output folders: a folder of the user's files is refused by every writing stage, byte for byte intact ----------
+RECIPE_STAGES = {  # stage -> (recipe, the config key of its output folder)
+    "pretrain": ("pretrain-gpt-tiny.yaml", "output_dir"), "finetune": ("finetune-minilm-spam.yaml", "output_dir"),
+    "compare": ("compare-minilm-spam.yaml", "output_dir"), "sft": ("sft-toy.yaml", "output_dir"),
+    "reward": ("reward-toy.yaml", "output_dir"), "dpo": ("dpo-toy.yaml", "output_dir"),
+    "ppo": ("ppo-toy.yaml", "output_dir"), "eval": ("eval-smollm2-quick.yaml", "output_dir"),
+    "scaling": ("scaling-shakespeare.yaml", "output_dir"), "pipeline": ("demo.yaml", "run_dir"),
+    "tokenizer": ("tokenizer-shakespeare.yaml", "output"),
+}
+
+
+def _project_folder(root: Path) -> Path:
+    """What a user's project folder looks like: code, a git folder, notes, names that look temporary."""
+    (root / ".git").mkdir(parents=True)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "final").mkdir()
+    (root / "final" / "model-old.safetensors").write_bytes(b"\0weights")
+    (root / ".tmp-important-notes.txt").write_text("notes")
+    (root / ".trash-photos").mkdir()
+    (root / ".trash-photos" / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+    (root / "train.py").write_text("print('mine')\n")
+    return root
+
+
+def _folder_argv(stage: str, folder: Path, tmp: Path, model_dir: Path) -> list[str]:
+    if stage in RECIPE_STAGES:
+        recipe, key = RECIPE_STAGES[stage]
+        return [stage, str(RECIPES / recipe), f"{key}={folder}"]
+    corpus = _write(tmp / "corpus.txt", "some words of text\n" * 20)
+    if stage == "prepare":
+        return ["prepare", str(_write(tmp / "p.yaml", f"inputs: [{corpus}]\noutput: {folder}\nsteps: []\n"))]
+    if stage == "merge":
+        return ["merge", str(model_dir), "--out", str(folder)]
+    return ["convert", str(_write(tmp / "m.gguf", _gguf_header(0))), str(folder)]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "--overwrite"])
+@pytest.mark.parametrize("stage", [*RECIPE_STAGES, "prepare", "merge", "convert"])
+def test_a_folder_of_user_files_is_refused_by_every_writing_stage(
+        stage: str, overwrite: bool, tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _project_folder(tmp_path / "project")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    code = main(_folder_argv(stage, folder, tmp_path, model_dir) + (["--overwrite"] if overwrite else []))
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "already holds files that lmcraft did not write" in err, err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in folder.iterdir()) == [".git", ".tmp-important-notes.txt", ".trash-photos", "final",
+                                                        "train.py"]
+
+
+def test_prepare_output_dot_overwrite_in_a_project_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _project_folder(tmp_path / "project")
+    config = _write(folder / "cfg.yaml", f"inputs: [{_write(tmp_path / 'c.txt', 'words ' * 50)}]\nsteps: []\n")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.chdir(folder)
+    assert main(["prepare", "cfg.yaml", "output=.", "--overwrite"]) == 2
+    assert "already holds files that lmcraft did not write" in " ".join(capsys.readouterr().err.split())
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before and config.is_file()

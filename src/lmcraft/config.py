@@ -33,9 +33,10 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """A nested block of a config: unknown keys are errors, values are checked on assignment."""
+    """A nested block of a config: unknown keys are errors, values are checked on assignment, and no number may be
+    infinite or NaN (`trainer.lr=.inf` would train an all-NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class StageConfig(Section):

@@ -69,14 +69,22 @@ def _task_ref(ref: TaskRef, config_path: Path | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(EvalConfig, args)
+    with claim(args, "eval", cfg.output_dir, cfg):
+        _evaluate(cfg, Path(args.config) if args.config else None)
+    out = cfg.output_dir
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
+def _evaluate(cfg: EvalConfig, config_path: Path | None) -> None:
+    """Every task with its strategies on the model; the outputs are rewritten after each strategy."""
     import torch
 
     from lmcraft.evaluate import build_report, evaluate_task, write_results
     from lmcraft.prompting.model_lm import ModelLM
     from lmcraft.prompting.tasks import load_task
 
-    cfg = load_stage_config(EvalConfig, args)
-    config_path = Path(args.config) if args.config else None
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     tasks = []
@@ -110,12 +118,8 @@ def run(args: argparse.Namespace) -> int:
         write_results([*results, partial], out)
         build_report([*results, partial], out, cfg.title).write(out / "report.md", out / "report.html")
 
-    with claim(args, "eval", out, cfg):
-        for task, limit in tasks:
-            results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit,
-                                         on_result=save))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'}")
-    return 0
+    for task, limit in tasks:
+        results.append(evaluate_task(lm, task, model_name=cfg.model.path, chat=chat, limit=limit, on_result=save))
 
 
 def config_class() -> type:
