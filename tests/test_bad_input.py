@@ -73,6 +73,11 @@ _BOMB = "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9 if p else ['x'] * 9)}]\n"
 _NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 
+def _data_config(tmp: Path, name: str, data: str | bytes, extra: str = "steps: []\n") -> str:
+    """A data-stage config reading one input file into tmp/out."""
+    return str(_write(tmp / "stage.yaml", f"inputs: [{_write(tmp / name, data)}]\noutput: {tmp / 'out'}\n{extra}"))
+
+
 def _gguf_header(tensors: int) -> bytes:
     return b"GGUF" + struct.pack("<IQQ", 3, tensors, 0) + b"\0" * 64
 
@@ -116,6 +121,18 @@ CASES: dict[str, tuple[Case, str]] = {
     "NaN learning rate": (lambda t, m: (["pretrain", str(RECIPES / "pretrain-gpt-tiny.yaml"), "trainer.lr=.nan",
                                          f"output_dir={t / 'run'}"], None),
                           r"key 'trainer\.lr': Input should be a finite number"),
+    # data stages that would read nothing usable
+    "prepare on a Latin-1 file": (lambda t, m: (["prepare", _data_config(t, "l.txt", b"caf\xe9 au lait")], None),
+                                  r"l\.txt, every record: at least one usable document"),
+    "prepare on a CSV without its text column": (lambda t, m: (["prepare", _data_config(t, "d.csv", "title,x\na,b\n")],
+                                                               None),
+                                                 r"d\.csv, every record: at least one usable document"),
+    "tokenizer on zero documents": (lambda t, m: (["tokenizer", _data_config(t, "b.txt", bytes(range(256)),
+                                                                             "vocab_size: 300\n")], None),
+                                    r"b\.txt, every record: at least one training document"),
+    "tokenizer with a chat template that does not compile": (lambda t, m: (["tokenizer", _data_config(
+        t, "c.txt", "words " * 40, "vocab_size: 300\nchat_template: '{% for m in messages %}'\n")], None),
+                                                             r"chat template does not compile"),
     # prompts and input text
     "non-UTF-8 --prompt": (lambda t, m: (_gen(m, "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")), None),
                            r"--prompt, character 3: UTF-8 text"),

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 
 from lmcraft.config import ExistingPath, Section, StageConfig
 from lmcraft.errors import ConfigError, InputFileError
-from lmcraft.io import clean_staging, save_npz, staged_dir, write_bytes, write_text
+from lmcraft.io import clean_staging, excerpt, save_npz, staged_dir, write_bytes, write_text
 from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 __all__ = ["PackConfig", "PrepareConfig", "add_arguments", "run"]
@@ -346,11 +346,25 @@ def run(args: argparse.Namespace) -> int:
     identity = cfg if shard == (0, 1) else {**cfg.model_dump(mode="json"), "shard": list(shard)}
     with claim(args, "prepare", folder, identity, "output"):
         result = prepare(cfg, workers=args.workers, shard=shard, progress=not args.no_progress)
+        _report_skipped(cfg, result)
     print(f"wrote {result['docs_written']:,} documents to {result['output']}; report: {result['report']}")
     if result.get("packed"):
         for name, sp in result["packed"]["splits"].items():
             print(f"  {name}: {sp['tokens']:,} tokens in {sp['documents']:,} documents")
     return 0
+
+
+def _report_skipped(cfg: PrepareConfig, result: dict[str, Any]) -> None:
+    """Say on the console what bad input was skipped; a run that kept no document is an error (exit 2)."""
+    errors = result.get("errors") or {}
+    if errors.get("counts"):
+        counts = ", ".join(f"{n:,} {kind}" for kind, n in errors["counts"].items())
+        first = "; ".join(" ".join(map(str, e)) for e in errors["examples"][:3])
+        print(f"skipped bad input: {counts}; first: {first}", file=sys.stderr)
+    if result["docs_written"] == 0:
+        inputs = excerpt(", ".join(str(spec.path) for spec in cfg.inputs), 200)
+        raise InputFileError(inputs, "every record", f"at least one usable document: {result['docs_read']:,} read, "
+                             f"none kept (see {result['report']})")
 
 
 def prepare(

@@ -10,7 +10,6 @@ and tokenizer_report.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +56,9 @@ def train(cfg: TokenizerConfig, progress: bool = True) -> dict[str, Any]:
 
     from lmcraft.data.pipeline import is_validation
     from lmcraft.data.readers import ErrorLog, read_documents
+    from lmcraft.errors import InputFileError
+    from lmcraft.io import excerpt, write_json
+    from lmcraft.tokenizer.chat import apply_chat_template
     from lmcraft.tokenizer.train import (
         CHATML_TEMPLATE,
         DEFAULT_SPECIAL_TOKENS,
@@ -66,16 +68,27 @@ def train(cfg: TokenizerConfig, progress: bool = True) -> dict[str, Any]:
     )
 
     errors = ErrorLog()
+    template = CHATML_TEMPLATE if cfg.chat_template == "chatml" else cfg.chat_template
+    if template is not None:  # a template that does not render fails now, not in every later stage
+        apply_chat_template([{"role": "user", "content": "hi"}], template, add_generation_prompt=True)
+    trained_on = 0
 
     def docs(held_out: bool) -> Any:
+        nonlocal trained_on
         stream = islice(read_documents(cfg.inputs, errors, cfg.on_error), cfg.max_docs)
-        return (d.text for d in stream if is_validation(d.id, cfg.held_out_fraction, cfg.seed) == held_out)
+        for d in stream:
+            if is_validation(d.id, cfg.held_out_fraction, cfg.seed) == held_out:
+                trained_on += not held_out
+                yield d.text
 
     specials = cfg.special_tokens or DEFAULT_SPECIAL_TOKENS[cfg.kind]
     tok = train_tokenizer(
         docs(False), cfg.kind, cfg.vocab_size, specials, cfg.min_frequency, cfg.lowercase, show_progress=progress
     )
-    template = CHATML_TEMPLATE if cfg.chat_template == "chatml" else cfg.chat_template
+    if trained_on == 0:
+        skipped = ", ".join(f"{n:,} {kind}" for kind, n in errors.to_dict().get("counts", {}).items()) or "none"
+        raise InputFileError(excerpt(", ".join(str(spec.path) for spec in cfg.inputs), 200), "every record",
+                             f"at least one training document (skipped as bad input: {skipped})")
     out = save_tokenizer(tok, cfg.output, specials, template, cfg.model_max_length)
     train_errors = errors.to_dict()
     bpt, n_bytes, n_tokens = bytes_per_token(tok, docs(True))
@@ -88,9 +101,7 @@ def train(cfg: TokenizerConfig, progress: bool = True) -> dict[str, Any]:
         "bytes_per_token": round(bpt, 4),
         "input_errors": train_errors,
     }
-    tmp = out / "tokenizer_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "tokenizer_report.json")
+    write_json(out / "tokenizer_report.json", report)
     return {**report, "output": str(out)}
 
 
