@@ -259,3 +259,20 @@ def test_prepare_output_dot_overwrite_in_a_project_folder(tmp_path: Path, monkey
     assert main(["prepare", "cfg.yaml", "output=.", "--overwrite"]) == 2
     assert "already holds files that lmcraft did not write" in " ".join(capsys.readouterr().err.split())
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before and config.is_file()
+
+
+def test_a_full_disk_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import lmcraft.io
+
+    def full(path: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lmcraft.io, "atomic_file", full)
+    argv = ["tokenizer", _data_config(tmp_path, "c.txt", "words " * 40, "vocab_size: 300\n")]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: the disk is full while writing" in err and "Files already written are intact" in err
+    assert "internal error" not in err

@@ -12,6 +12,7 @@ User errors (`LmcraftError`, missing files) print as one paragraph with exit cod
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import textwrap
@@ -119,14 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if _is_user_error(err) else 1
 
 
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                errno.EDQUOT: "the disk quota is exhausted"}
+
+
 def _is_user_error(err: BaseException) -> bool:
     from lmcraft.errors import LmcraftError
 
-    return isinstance(err, LmcraftError | FileNotFoundError | NotADirectoryError | PermissionError)
+    return isinstance(err, LmcraftError | FileNotFoundError | NotADirectoryError | PermissionError) or (
+        isinstance(err, OSError) and err.errno in _DISK_ERRORS)
 
 
 def _explain(err: BaseException) -> str:
-    if _is_user_error(err):
+    if isinstance(err, OSError) and err.errno in _DISK_ERRORS:
+        where = f" while writing {err.filename}" if err.filename else ""
+        text = (f"error: {_DISK_ERRORS[err.errno]}{where}. Files already written are intact (lmcraft writes to a "
+                "temporary name and renames); free space or choose another folder, then rerun to resume.")
+    elif _is_user_error(err):
         text = f"error: {err}"
     else:
         text = f"internal error ({type(err).__name__}): {err}. Re-run with --debug for the traceback."

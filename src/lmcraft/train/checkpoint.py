@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmcraft import io
+from lmcraft.errors import LmcraftError
 
 __all__ = [
     "WeightsFormat",
@@ -176,7 +177,14 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Tensors and plain values only (`weights_only=True`); a file holding other Python objects is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LmcraftError(f"{path}: holds Python objects besides tensors, which loading could run as code; "
+                           "lmcraft loads tensors and plain values only") from None
 
 
 def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
