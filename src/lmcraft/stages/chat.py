@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmcraft.io import check_text, decode_text
-from lmcraft.stages.generate import (
+from lmcraft.stages._decoding import (
     add_decoding_arguments,
     add_model_arguments,
     check_length,
