@@ -48,6 +48,7 @@ __all__ = [
     "read_yaml",
     "parse_yaml",
     "excerpt",
+    "listing",
 ]
 
 TMP_PREFIX = ".lmcraft-tmp-"  # a file or folder being written
@@ -186,6 +187,13 @@ def clean_staging(folder: Path) -> list[str]:
             continue
         handled.append(name)
     return handled
+
+
+def listing(names: Iterable[str], limit: int = 10) -> str:
+    """`a, b, c (and 7 more)`: a bounded list of names for a message."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return f"{shown} (and {len(names) - limit} more)" if len(names) > limit else shown
 
 
 def excerpt(text: str, limit: int = 80) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import LmcraftError
-from lmcraft.io import clean_staging, read_json, write_json
+from lmcraft.io import clean_staging, listing, read_json, write_json
 
 __all__ = ["MARKER", "LOCK", "OutputFolderError", "RunFolder", "claim_output", "claim_output_file", "config_hash",
            "folder_lock", "prepare_stage_folder", "read_marker"]
@@ -115,11 +115,6 @@ def read_marker(folder: Path, name: str = MARKER) -> dict[str, Any] | None:
     return marker
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 @contextmanager
 def folder_lock(folder: Path, name: str = LOCK) -> Iterator[None]:
     """Hold `folder/<name>` (an advisory `flock`) for the block; a second holder fails at once."""
@@ -152,7 +147,7 @@ def _check_claim(folder: Path, stage: str, digest: str, overwrite: bool) -> dict
         names = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
         if names:
             raise OutputFolderError(
-                f"{folder} already holds files that lmcraft did not write ({_listing(names)}). Nothing was "
+                f"{folder} already holds files that lmcraft did not write ({listing(names, 5)}). Nothing was "
                 "changed; choose a new output folder (lmcraft creates it)."
             )
         return None

@@ -22,6 +22,7 @@ from lmcraft.errors import ModelLoadError
 from lmcraft.hub.files import TensorInfo, common_float_dtype, index_tensors, open_tensors
 from lmcraft.hub.hf_config import config_from_hf, default_head, head_from_config, read_config_json
 from lmcraft.hub.names import NAME_TABLES, Entry, plan
+from lmcraft.io import listing
 from lmcraft.models.heads import make_head
 from lmcraft.models.model import LanguageModel
 
@@ -52,11 +53,6 @@ class _ParametersOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _listing(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown} (and {len(names) - limit} more)" if len(names) > limit else shown
-
-
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -83,7 +79,7 @@ def _check_shapes(sources: dict[Entry, str], found: dict[str, TensorInfo], shape
         if tuple(found[key].shape) != e.hf_shape(shapes):
             wrong.append(f"{key} is {list(found[key].shape)}, config.json implies {list(e.hf_shape(shapes))}")
     if wrong:
-        raise ModelLoadError(f"{folder}: {len(wrong)} tensor(s) do not match config.json: {_listing(wrong, 5)}.")
+        raise ModelLoadError(f"{folder}: {len(wrong)} tensor(s) do not match config.json: {listing(wrong, 5)}.")
 
 
 def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | str | None = None,
@@ -120,7 +116,7 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
     if missing:
         raise ModelLoadError(
             f"{folder}: the checkpoint lacks {len(missing)} tensor(s) that its {cfg.model_type} config.json "
-            f"needs with a {head!r} head: {_listing(missing)}. The weights may be truncated or belong to "
+            f"needs with a {head!r} head: {listing(missing)}. The weights may be truncated or belong to "
             "another architecture.")
     _check_shapes(sources, found, shapes, folder)
 
@@ -140,7 +136,7 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
                     bar.update()
     if fresh:
         state.update(_fresh_head(model, fresh, dtype, device))
-        warnings.warn(f"{folder}: newly initialised (not in the checkpoint): {_listing(fresh)}; train them before "
+        warnings.warn(f"{folder}: newly initialised (not in the checkpoint): {listing(fresh)}; train them before "
                       "use.", HubWarning, stacklevel=2)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -154,5 +150,5 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
     unexpected = [original[k] for k in found if k not in used and k != tied_key and not table.is_ignored(k)]
     if unexpected:
         warnings.warn(f"{folder}: {len(unexpected)} checkpoint tensor(s) unused by the {head!r} model: "
-                      f"{_listing(sorted(unexpected))}.", HubWarning, stacklevel=2)
+                      f"{listing(sorted(unexpected))}.", HubWarning, stacklevel=2)
     return model.eval()
