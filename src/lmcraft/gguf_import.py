@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from lmcraft.errors import ModelLoadError
-from lmcraft.io import excerpt, write_json
+from lmcraft.io import atomic_file, excerpt, write_json
 
 __all__ = [
     "GGUFImportError",
@@ -550,7 +550,7 @@ def _write_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with atomic_file(path) as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for (name, shape), tensor in zip(specs, tensors, strict=True):
