@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from lmcraft import peft
-from lmcraft.align.dpo import DPOLoss, Reference, dpo_loss, sequence_logps
+from lmcraft.align.config import PPOSection
+from lmcraft.align.dpo import DPOLoss, dpo_loss
 from lmcraft.align.ppo import (
     AdaptiveKLController,
     PolicyWithValue,
-    PPOHyper,
     PPOLoss,
     RolloutEngine,
     RolloutLoader,
@@ -24,6 +25,8 @@ from lmcraft.align.ppo import (
 )
 from lmcraft.align.reward import bradley_terry_loss
 from lmcraft.models import LanguageModel, ModelConfig
+from lmcraft.objectives.lm_head import sequence_logprobs as sequence_logps
+from lmcraft.peft.training import ReferencePolicy, reference_policy
 
 
 def softplus(x: float) -> float:
@@ -72,7 +75,7 @@ def test_sequence_logps_and_dpo_loss_on_a_model() -> None:
         torch.testing.assert_close(out.loss_sum, expected.sum())
         assert out.num_targets == 2
     # a reference equal to the policy gives h = 0: loss log 2 per pair, zero rewards
-    same = DPOLoss(beta=0.2, reference=Reference.frozen_copy(model))(model, {k: batch[k] for k in
+    same = DPOLoss(beta=0.2, reference=ReferencePolicy(copy.deepcopy(model)))(model, {k: batch[k] for k in
                                                                             ("input_ids", "attention_mask", "labels")})
     torch.testing.assert_close(same.loss_sum, torch.tensor(2 * math.log(2.0)))
     assert same.metrics["reward_margin"].item() == 0.0
@@ -134,10 +137,11 @@ def _policy() -> LanguageModel:
     return LanguageModel(cfg)
 
 
-def _engine(policy, reference, hyper: PPOHyper) -> RolloutEngine:
+def _engine(policy, reference, max_new_tokens: int) -> RolloutEngine:
     score = lambda prompts, answers: torch.tensor([float(len(a)) for a in answers])  # noqa: E731
-    return RolloutEngine(PolicyWithValue(policy), reference, score, _Tok(), hyper, AdaptiveKLController(0.2), [1], 0,
-                         forward_batch_size=3)
+    settings = PPOSection(max_new_tokens=max_new_tokens, forward_batch_size=3)
+    return RolloutEngine(PolicyWithValue(policy), reference, score, _Tok(), settings, AdaptiveKLController(0.2), [1],
+                         0)
 
 
 PROMPTS = [{"messages": [{"role": "user", "content": str(i)}], "ids": list(range(2, 3 + i % 4))} for i in range(8)]
@@ -147,14 +151,13 @@ PROMPTS = [{"messages": [{"role": "user", "content": str(i)}], "ids": list(range
 def test_kl_is_zero_when_policy_equals_reference(mode: str) -> None:
     policy = _policy()
     if mode == "lora":
-        policy, reference = peft.apply(policy, {"method": "lora", "r": 2}), None  # adapters disabled = reference
-    else:
-        reference = RolloutEngine.frozen_copy(policy)
-    engine = _engine(policy, reference, PPOHyper(max_new_tokens=6))
+        policy = peft.apply(policy, {"method": "lora", "r": 2})  # adapters disabled = reference
+    reference = reference_policy(policy)
+    engine = _engine(policy, reference, 6)
     rollout = engine.make(PROMPTS, seed=3)
     assert rollout.stats["kl"] == 0.0 and rollout.stats["non_score_reward"] == 0.0
     # the first PPO step's ratio is 1: no clipping, no approximate KL
-    out = PPOLoss(engine.hyper)(engine.model, rollout.select(range(8)))
+    out = PPOLoss(engine.settings)(engine.model, rollout.select(range(8)))
     assert out.metrics["clip_fraction"].item() == 0.0 and out.metrics["approx_kl"].item() < 1e-10
     if mode == "lora":  # a trained adapter moves the policy away from the reference
         with torch.no_grad():
@@ -165,8 +168,8 @@ def test_kl_is_zero_when_policy_equals_reference(mode: str) -> None:
 
 
 def test_rollout_loader_plan_and_state() -> None:
-    engine = _engine(_policy(), None, PPOHyper(max_new_tokens=4))
-    engine.reference = RolloutEngine.frozen_copy(engine.model.policy)
+    policy = _policy()
+    engine = _engine(policy, reference_policy(policy), 4)
     loader = RolloutLoader(PROMPTS, engine, rollout_batch_size=4, minibatch_size=2, micro_batch_size=1, ppo_epochs=2,
                            seed=5)
     assert loader.steps_per_rollout == 4 and loader.micro_batches_per_rollout == 8 and len(loader) == 16

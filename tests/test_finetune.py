@@ -353,7 +353,7 @@ def test_toy_classification_learns(tmp_path) -> None:
 
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_chunked_lm_loss_matches_full_logits(train_weight: bool) -> None:
-    from lmcraft.finetune.lm_loss import chunked_lm_loss
+    from lmcraft.objectives.lm_head import chunked_lm_loss
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)

@@ -51,8 +51,8 @@ def base_config(tmp_path: Path, assets: dict, task: str = "cls", arch: str = "be
 
 def test_lora_classification_then_merge_gives_the_same_logits(tmp_path, assets, capsys) -> None:
     from lmcraft import peft
-    from lmcraft.finetune.heads import fit_head
     from lmcraft.hub import load_model
+    from lmcraft.peft.training import fit_head
 
     cfg = base_config(tmp_path, assets, peft={"method": "lora", "r": 4, "target_modules": "all-linear",
                                               "init_lora_weights": False})

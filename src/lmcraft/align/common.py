@@ -1,4 +1,4 @@
-"""Run plumbing the alignment stages share: start model + tokenizer, samples, held-out scores, summary.
+"""Pieces of the alignment run template (align/run.py): start model + tokenizer, samples, held-out scores, summary.
 
 Every stage run writes into `output_dir`: `tokenizer/` (with the chat template in use, copied into each
 checkpoint), `step-N/` checkpoints, `metrics.jsonl`, `curves.png`, `final/`, `samples.json` and `summary.json`.
@@ -9,21 +9,14 @@ first run.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcraft.align.modeling import (
-    base_source_of,
-    checkpoint_format,
-    load_stage_tokenizer,
-    load_start_model,
-    peft_callbacks,
-    save_final,
-    with_regularization,
-)
-from lmcraft.train.checkpoint import atomic_write_json, latest_checkpoint
+from lmcraft.align.modeling import load_stage_tokenizer, load_start_model
+from lmcraft.io import read_json, write_json
+from lmcraft.train.checkpoint import latest_checkpoint
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,8 +25,8 @@ if TYPE_CHECKING:
     from lmcraft.tokenizer.load import Tokenizer
     from lmcraft.train import Callback, Trainer
 
-__all__ = ["ScoreEvaluator", "StartPoint", "generate_samples", "open_start", "record_samples", "save_stage_final",
-           "score_eval_callback", "stage_trainer", "start_evaluation", "write_summary"]
+__all__ = ["ScoreEvaluator", "StartPoint", "generate_samples", "open_start", "record_samples", "score_eval_callback",
+           "start_evaluation", "write_summary"]
 
 
 @dataclass
@@ -69,24 +62,6 @@ def open_start(source: ModelSource, template: str | None, out: Path, seed: int, 
     return StartPoint(model, tokenizer, out / "tokenizer", latest_checkpoint(out) is not None)
 
 
-def stage_trainer(cfg: Any, start: StartPoint, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any],
-                  train: Any, evaluation: Any, out: Path, **options: Any) -> Trainer:
-    """The Trainer of an alignment stage with a `trainer` section: `loss_fn` plus the PEFT method's regulariser,
-    the method's callbacks, batches from `train.collate`, checkpoints in the model's format (adapter or full weights)
-    carrying OUT/tokenizer. `options` go on to the Trainer (e.g. `eval_fn`)."""
-    from lmcraft.train import Trainer
-
-    return Trainer(model, with_regularization(loss_fn, model), train, evaluation, cfg.trainer, out,
-                   collate_fn=train.collate, callbacks=peft_callbacks(model), weights=checkpoint_format(model),
-                   tokenizer_dir=start.tokenizer_dir, **options)
-
-
-def save_stage_final(cfg: Any, start: StartPoint, model: nn.Module, out: Path) -> dict[str, str]:
-    """`save_final` for a stage config with `model` and `save` sections: OUT/final (the model, or its adapter naming
-    `model.from` as its base) with the run's tokenizer, and OUT/merged when `save.merge`. Returns the paths."""
-    return save_final(model, out, start.tokenizer, base_source_of(cfg.model.from_), cfg.save.merge)
-
-
 def generate_samples(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int
                      ) -> list[str]:
     """Greedy chat replies to `prompts` (one batch)."""
@@ -103,12 +78,12 @@ def record_samples(out: Path, key: str, model: nn.Module, tokenizer: Tokenizer, 
     """Generate the samples and store them as `key` ("before"/"after") in OUT/samples.json, keeping other keys.
     "before" is generated once: a resumed run keeps the first run's."""
     path = out / "samples.json"
-    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    data: dict[str, Any] = read_json(path) if path.is_file() else {}
     if not samples.prompts or (key == "before" and key in data):
         return
     data["prompts"] = samples.prompts
     data[key] = generate_samples(model, tokenizer, samples.prompts, samples.max_new_tokens)
-    atomic_write_json(path, data)
+    write_json(path, data)
 
 
 def start_evaluation(trainer: Trainer, out: Path) -> dict[str, float]:
@@ -116,15 +91,15 @@ def start_evaluation(trainer: Trainer, out: Path) -> dict[str, float]:
     OUT/start_eval.json; it uses no random numbers, so a fresh run stays identical to one without it."""
     path = out / "start_eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     metrics = trainer.evaluate()
     if trainer.is_main:
-        atomic_write_json(path, metrics)
+        write_json(path, metrics)
     return metrics
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=1, default=str))
 
 
@@ -140,8 +115,8 @@ class ScoreEvaluator:
         self.scorer = build_scorer(spec.scorer)
 
     def __call__(self, model: nn.Module) -> float:
-        from lmcraft.align.modeling import unwrap
         from lmcraft.align.scoring import mean_sampled_score
+        from lmcraft.peft.training import unwrap
 
         s = self.spec
         return mean_sampled_score(unwrap(model), self.tokenizer, self.prompts, self.scorer, s.max_new_tokens,
@@ -151,9 +126,9 @@ class ScoreEvaluator:
         """The start model's score, computed once per run folder (OUT/start_score.json) so resumes keep it."""
         path = out / "start_score.json"
         if path.is_file():
-            return float(json.loads(path.read_text())["score"])
+            return float(read_json(path)["score"])
         value = self(model)
-        atomic_write_json(path, {"score": value})
+        write_json(path, {"score": value})
         return value
 
 

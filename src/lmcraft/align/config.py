@@ -21,9 +21,10 @@ from pydantic import ConfigDict, Field, model_validator
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import ConfigError
+from lmcraft.generation_settings import GenerationSettings
 
-__all__ = ["AlignmentConfig", "DataSection", "ModelSource", "PairsData", "SamplesSection", "SaveSection",
-           "ScoreEval", "split_eval"]
+__all__ = ["AlignmentConfig", "DPOSection", "DataSection", "ModelSource", "PPOSection", "PairsData", "PromptsSection",
+           "SamplesSection", "SaveSection", "ScoreEval", "split_eval"]
 
 
 class ModelSource(Section):
@@ -114,3 +115,55 @@ class ScoreEval(Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
     seed: int = 0
+
+
+class PromptsSection(Section):
+    train: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=1, description="prompts longer than this (tokens) are skipped")
+
+
+class PPOSection(GenerationSettings):
+    """Rollout and update settings (see lmcraft.align.ppo for the symbols); rollouts sample with the generation
+    settings (temperature also divides the logits of the log-probs)."""
+
+    rollouts: int = Field(20, ge=1)
+    rollout_batch_size: int = Field(16, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0, description="adaptive beta when set (Ziegler et al.)")
+    kl_horizon: float = Field(10000.0, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    max_new_tokens: int = Field(32, ge=1)
+    missing_eos_penalty: float | None = None
+    forward_batch_size: int = Field(8, ge=1, description="rows per no-grad forward while scoring a rollout")
+    save_every: int | None = Field(None, ge=1, description="rollouts between checkpoints (always at the end)")
+    eval_every: int | None = Field(None, ge=1, description="rollouts between score_eval evaluations")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> PPOSection:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size "
+                             f"({self.minibatch_size})")
+        return self
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference: Literal["precompute", "on_the_fly"] = "precompute"
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DPOSection:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to loss: sigmoid only")
+        return self

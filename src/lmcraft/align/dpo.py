@@ -12,40 +12,33 @@ r_r = beta (log pi(y_r|x) - log ref(y_r|x)):
 
 The reference log-probs are either computed once before training (`reference: precompute`; cached in the run
 folder) or on the fly in every step; the reference is the model with its adapters disabled for PEFT runs (no second
-copy), else a frozen copy of the start model. Metrics per pair: reward accuracy [r_c > r_r], margin r_c - r_r, and
-the mean implicit rewards.
+copy), else a frozen copy of the start model (`lmcraft.peft.training.reference_policy`). Metrics per pair: reward
+accuracy [r_c > r_r], margin r_c - r_r, and the mean implicit rewards.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lmcraft.align.reward import PairData, TokenizedPair, collate_pairs
+from lmcraft.align.instruct import ChatFormatter
+from lmcraft.align.reward import PairData, TokenizedPair, collate_pairs, load_pairs
+from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
+from lmcraft.io import read_json, write_json
+from lmcraft.objectives.lm_head import scored_batches, sequence_logprobs
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lmcraft.align.config import DPOSection
+    from lmcraft.peft.training import ReferencePolicy
     from lmcraft.train import LossOutput
 
-__all__ = ["DPOLoss", "Reference", "WithReference", "dpo_loss", "precompute_reference", "sequence_logps"]
+__all__ = ["DPO", "DPOLoss", "WithReference", "dpo_loss", "precompute_reference", "reference_logps"]
 
 LossType = Literal["sigmoid", "ipo"]
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: sum_t log softmax(logits[t-1] / T)[labels[t]] over labelled t (labels != -100), and the count."""
-    import torch
-
-    logits, labels = logits[:, :-1].float() / temperature, labels[:, 1:]
-    keep = labels != -100
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * keep).sum(-1), keep.sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -66,42 +59,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-class Reference:
-    """Answer log-probs under the reference policy, without gradients and without dropout.
-
-    `copy`: a frozen module (full fine-tuning). Otherwise the policy itself is called with its adapters disabled.
-    """
-
-    def __init__(self, copy: nn.Module | None = None) -> None:
-        if copy is not None:
-            copy.eval().requires_grad_(False)
-        self.copy = copy
-
-    @classmethod
-    def frozen_copy(cls, model: nn.Module) -> Reference:
-        """A reference that is a frozen deep copy of `model` as it is now."""
-        import copy
-
-        return cls(copy.deepcopy(model))
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        from lmcraft.align.modeling import unwrap
-
-        net = self.copy if self.copy is not None else unwrap(model)
-        context = nullcontext() if self.copy is not None else net.disable_adapters()
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad(), context:
-                logits = net(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                return sequence_logps(logits, batch["labels"])
-        finally:
-            net.train(was_training)
+def reference_logps(reference: ReferencePolicy, policy: nn.Module, batch: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer log-probs, answer token counts) per row of `batch` under the reference policy."""
+    with reference.active(policy) as net:
+        logits = net(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logprobs(logits, batch["labels"])
 
 
-def precompute_reference(model: nn.Module, reference: Reference, data: PairData, batch_size: int,
+def precompute_reference(model: nn.Module, reference: ReferencePolicy, data: PairData, batch_size: int,
                          cache: Path | None = None, progress: bool = True) -> list[tuple[float, float]]:
     """(log ref(y_c|x), log ref(y_r|x)) per pair, computed once; stored in / read from the JSON file `cache`.
 
@@ -111,21 +77,24 @@ def precompute_reference(model: nn.Module, reference: Reference, data: PairData,
     from tqdm.auto import tqdm
 
     if cache is not None and cache.is_file():
-        stored = json.loads(cache.read_text())
+        stored = read_json(cache)
         if stored.get("num_pairs") == len(data):
             return [tuple(v) for v in stored["logps"]]
     device = next(model.parameters()).device
-    values: list[tuple[float, float]] = []
-    for lo in tqdm(range(0, len(data), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                 for k, v in data.collate(data.items[lo: lo + batch_size]).items()}
-        logps, _ = reference(model, batch)
-        b = logps.shape[0] // 2
-        values.extend(zip(logps[:b].tolist(), logps[b:].tolist(), strict=True))
-    if cache is not None:
-        from lmcraft.train.checkpoint import atomic_write_json
+    bar = tqdm(total=-(-len(data) // batch_size), desc="reference log-probs", unit="batch", disable=not progress)
 
-        atomic_write_json(cache, {"num_pairs": len(data), "logps": [list(v) for v in values]})
+    def pair_logps(rows: slice) -> list[tuple[float, float]]:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in data.collate(data.items[rows]).items()}
+        logps, _ = reference_logps(reference, model, batch)
+        bar.update()
+        b = logps.shape[0] // 2
+        return list(zip(logps[:b].tolist(), logps[b:].tolist(), strict=True))
+
+    values = [v for part in scored_batches(model, len(data), batch_size, pair_logps) for v in part]
+    bar.close()
+    if cache is not None:
+        write_json(cache, {"num_pairs": len(data), "logps": [list(v) for v in values]})
     return values
 
 
@@ -157,7 +126,7 @@ class DPOLoss:
     """The trainer's loss_fn: summed DPO loss over the pairs of a micro-batch (see the module docstring)."""
 
     def __init__(self, beta: float = 0.1, loss_type: LossType = "sigmoid", label_smoothing: float = 0.0,
-                 reference: Reference | None = None) -> None:
+                 reference: ReferencePolicy | None = None) -> None:
         if loss_type == "ipo" and label_smoothing:
             raise ValueError("label_smoothing applies to the sigmoid loss only")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
@@ -169,14 +138,14 @@ class DPOLoss:
         from lmcraft.train import LossOutput
 
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, counts = sequence_logps(logits, batch["labels"])
+        logps, counts = sequence_logprobs(logits, batch["labels"])
         b = logps.shape[0] // 2
         if "ref_chosen" in batch:
             ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(logps)
         elif self.reference is not None:
-            ref, _ = self.reference(model, batch)
+            ref, _ = reference_logps(self.reference, model, batch)
         else:
-            raise ValueError("DPOLoss needs a Reference, or batches with precomputed ref_chosen / ref_rejected")
+            raise ValueError("DPOLoss needs a ReferencePolicy, or batches with precomputed ref_chosen / ref_rejected")
         if self.loss_type == "ipo":
             logps, ref = logps / counts, ref / counts
         losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta, self.loss_type,
@@ -186,3 +155,44 @@ class DPOLoss:
                    "logp_chosen": logps[:b].detach().mean(), "logp_rejected": logps[b:].detach().mean()}
         return LossOutput(losses.sum(), b, metrics, num_tokens=batch.get("num_tokens"))
 
+
+class DPO(AlignmentMethod):
+    """DPO in the run template: preference pairs, the reference policy (its log-probs precomputed once, or on the
+    fly), `DPOLoss`, the held-out score as an evaluation; OUT/dpo_curves.png and the held-out numbers."""
+
+    name = "dpo"
+
+    def __init__(self, settings: DPOSection) -> None:
+        self.settings = settings
+
+    def data(self, run: Run) -> tuple[PairData, PairData | None]:
+        return load_pairs(run.cfg.data, ChatFormatter(run.start.tokenizer, train_on="last"))
+
+    def plan(self, run: Run) -> TrainPlan:
+        from lmcraft.peft.training import reference_policy
+
+        d, t, model = self.settings, run.cfg.trainer, run.training.model
+        reference: ReferencePolicy | None = reference_policy(model)
+        train, evaluation = run.train, run.evaluation
+        if d.reference == "precompute":
+            batch = t.eval_batch_size or t.micro_batch_size
+            train = WithReference(train, precompute_reference(model, reference, train, batch,
+                                                              run.out / "reference_train.json", t.progress))
+            if evaluation is not None:
+                evaluation = WithReference(evaluation, precompute_reference(
+                    model, reference, evaluation, batch, run.out / "reference_eval.json", t.progress))
+            reference = None  # the copy (if any) is no longer needed
+        scorer = run.scorer
+        eval_fn = (lambda trainer: {"score": scorer(trainer.model)}) if scorer is not None else None
+        return TrainPlan(DPOLoss(d.beta, d.loss, d.label_smoothing, reference), train, evaluation, eval_fn=eval_fn)
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        from lmcraft.align.plots import plot_dpo
+
+        history = run.trainer.state.history
+        if run.cfg.trainer.plot:
+            plot_dpo(history, run.start_score, run.out / "dpo_curves.png")
+        evals = [r for r in history if r["split"] == "eval"]
+        last = evals[-1] if evals else {}
+        return {"pairs": len(run.train), "start_score": run.start_score, "eval_score": last.get("eval_score"),
+                "eval_reward_accuracy": last.get("eval_reward_accuracy"), "eval_loss": last.get("eval_loss")}

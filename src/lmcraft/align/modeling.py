@@ -1,4 +1,4 @@
-"""Model wiring shared by the alignment stages: load a starting model, add a PEFT method, checkpoint, save.
+"""Start models of the alignment stages: load a starting model (asset, folder, .gguf, adapter chain), its tokenizer.
 
 Where a stage starts (`model.from`): a Hugging Face folder, a model asset name, a .gguf file, or the output of an
 earlier lmcraft stage. An adapter folder (adapter_config.json, e.g. `runs/sft/final` after LoRA SFT) is loaded onto
@@ -9,17 +9,14 @@ stages need no merged copies on disk; `save.merge: true` writes a standalone mer
 whose adapters cannot be merged (prefix/prompt tuning, bottleneck adapters) cannot be continued this way; the error
 says so.
 
-Checkpoints of PEFT runs hold only the trainable tensors (adapters, value/reward heads) in
-adapter_model.safetensors, loaded onto the same frozen base on resume. The final model is a Hugging Face folder
-(full fine-tuning) or a PEFT adapter folder, with the tokenizer files and the chat template either way.
+PEFT wiring, checkpoint format and the final save are lmcraft.peft.training's.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lmcraft.errors import ConfigError, LmcraftError
 
@@ -27,34 +24,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lmcraft.tokenizer.load import Tokenizer
-    from lmcraft.train import Callback, LossOutput, TrainerConfig, WeightsFormat
+    from lmcraft.train import TrainerConfig
 
-__all__ = [
-    "add_peft",
-    "base_source_of",
-    "checkpoint_format",
-    "is_peft",
-    "load_start_model",
-    "load_stage_tokenizer",
-    "peft_callbacks",
-    "planned_steps",
-    "reward_head",
-    "tokenizer_folder",
-    "save_final",
-    "unwrap",
-    "with_regularization",
-]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP/FSDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def is_peft(model: nn.Module) -> bool:
-    from lmcraft.peft import PeftModel
-
-    return isinstance(unwrap(model), PeftModel)
+__all__ = ["base_source_of", "load_start_model", "load_stage_tokenizer", "planned_steps", "reward_head",
+           "tokenizer_folder"]
 
 
 def _adapter_base(folder: Path) -> str:
@@ -125,7 +98,7 @@ def load_start_model(source: str | Path, head: str | None = None, dtype: str | N
     folder = resolve_model(source)
     model = load_model(folder, head=head, dtype=dtype, device=device)
     if num_labels is not None and model.head_kind == "cls":
-        from lmcraft.finetune.heads import fit_head
+        from lmcraft.peft.training import fit_head
 
         fit_head(model, num_labels)
     return model, folder
@@ -156,88 +129,6 @@ def planned_steps(trainer: TrainerConfig, num_examples: int) -> int:
         return trainer.max_steps
     batches = num_examples // trainer.micro_batch_size
     return -(-trainer.epochs * batches // trainer.grad_accum)
-
-
-def add_peft(model: nn.Module, peft_cfg: dict[str, Any] | None, total_steps: int) -> nn.Module:
-    """Apply the PEFT method of `peft_cfg` (None = full fine-tuning: everything trains).
-
-    As in `lmcraft finetune` (`finetune.adapters.method_config`): a head other than the LM head (the new reward
-    head) trains as a full copy next to the adapter, and AdaLoRA's `total_step` defaults to the run's steps.
-    """
-    if peft_cfg is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from lmcraft import peft
-    from lmcraft.finetune.adapters import method_config
-
-    return peft.apply(model, method_config(peft_cfg, getattr(model, "head_kind", "lm"), total_steps))
-
-
-def checkpoint_format(model: nn.Module) -> WeightsFormat:
-    """Whole state dict when everything trains (full fine-tuning); else only the trainable tensors (adapters, new
-    heads, PPO's value head) in adapter_model.safetensors, which load back onto the same frozen base."""
-    from lmcraft.finetune.adapters import AdapterWeights
-    from lmcraft.train import WeightsFormat
-
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    return WeightsFormat() if len(trainable) == len(list(model.parameters())) else AdapterWeights(trainable)
-
-
-def with_regularization(loss_fn: Callable[[nn.Module, Any], LossOutput], peft_model: nn.Module
-                        ) -> Callable[[nn.Module, Any], LossOutput]:
-    """Add the PEFT method's regularizer R (AdaLoRA's orthogonality penalty) to a summed loss: the micro-batch adds
-    R * num_targets, so that the trainer's division by the targets adds exactly R to the mean loss."""
-    from lmcraft import peft
-
-    if peft.regularization_loss(peft_model) is None:
-        return loss_fn
-
-    def wrapped(model: nn.Module, batch: Any) -> LossOutput:
-        out = loss_fn(model, batch)
-        reg = peft.regularization_loss(peft_model)
-        out.loss_sum = out.loss_sum + reg * out.num_targets
-        out.metrics = {**out.metrics, "peft_reg": reg.detach()}
-        return out
-
-    return wrapped
-
-
-def peft_callbacks(model: nn.Module) -> list[Callback]:
-    """AdaLoRA's rank allocator (`finetune.adapters.AdaLoraAllocator`) when `model` carries an AdaLoRA adapter."""
-    from lmcraft import peft
-    from lmcraft.finetune.adapters import AdaLoraAllocator
-
-    m = unwrap(model)
-    if isinstance(m, peft.PeftModel) and isinstance(m.peft_configs.get(m.active_adapter), peft.AdaLoraConfig):
-        return [AdaLoraAllocator(m)]
-    return []
-
-
-def save_final(model: nn.Module, out_dir: Path, tokenizer: Tokenizer, base_source: str | None,
-               merge: bool = False) -> dict[str, str]:
-    """Write the trained model to `out_dir/final` (HF folder, or PEFT adapter folder) with the tokenizer and chat
-    template; with `merge` and a mergeable adapter also `out_dir/merged` (a full HF folder). Returns the paths."""
-    from lmcraft import hub, peft
-
-    final = out_dir / "final"
-    paths = {"final": str(final)}
-    m = unwrap(model)
-    if isinstance(m, peft.PeftModel):
-        peft.save_adapter(m, final, base_model_name_or_path=base_source)
-        tokenizer.save(final)
-        if merge:
-            merged = peft.merge(m)
-            if isinstance(merged, peft.PeftModel):
-                raise LmcraftError(f"save.merge: a {m.peft_configs[m.active_adapter].method} adapter cannot be merged "
-                                   "into the base weights; the adapter is in " + str(final))
-            hub.save_model(merged, out_dir / "merged")
-            tokenizer.save(out_dir / "merged")
-            paths["merged"] = str(out_dir / "merged")
-    else:
-        hub.save_model(m, final)
-        tokenizer.save(final)
-    return paths
 
 
 def base_source_of(source: str | Path) -> str:

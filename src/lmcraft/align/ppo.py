@@ -32,9 +32,7 @@ policy exactly as the uninterrupted run did; beta is saved with the data positio
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,24 +40,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcraft.errors import LmcraftError
+from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
+from lmcraft.errors import ConfigError, LmcraftError
+from lmcraft.objectives.lm_head import scored_batches, token_logprobs
 from lmcraft.train.loader import ResumableLoader
 
 if TYPE_CHECKING:
+    from lmcraft.align.config import PPOSection, PromptsSection
+    from lmcraft.align.instruct import ChatFormatter
+    from lmcraft.peft.training import ReferencePolicy
     from lmcraft.train import LossOutput
 
 __all__ = [
+    "PPO",
     "AdaptiveKLController",
-    "PPOHyper",
     "PPOLoss",
     "PolicyWithValue",
     "Rollout",
     "RolloutEngine",
     "RolloutLoader",
     "gae",
+    "load_ppo_prompts",
     "masked_mean",
     "policy_loss",
-    "token_logprobs",
     "token_rewards",
     "value_loss",
     "whiten",
@@ -162,37 +165,12 @@ class PolicyWithValue(nn.Module):
         return out.logits, self.value_head(h).squeeze(-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T) at `tokens`; logits (B, n, V) already aligned with tokens (B, n)."""
-    logp = (logits.float() / temperature).log_softmax(-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logp = (logits.float() / temperature).log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 # ---- rollouts ----------------------------------------------------------------------------------------------------
-@dataclass
-class PPOHyper:
-    """PPO settings; see the module docstring for the symbols."""
-
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    missing_eos_penalty: float | None = None
-
-
 @dataclass
 class Rollout:
     """B sequences = left-padded prompt (width P) + right-padded answer (width n), and per-answer-token tensors."""
@@ -233,35 +211,21 @@ def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, width: int
 class RolloutEngine:
     """Generates rollouts and computes their advantages (everything above the update in the module docstring).
 
-    model: the `PolicyWithValue` being trained; reference: a frozen copy of the start policy, or None to use the
-    policy with its adapters disabled; score_fn(prompts, answers) -> scores (B,) for prompt messages and answer texts.
+    model: the `PolicyWithValue` being trained; reference: the reference policy (`peft.training.reference_policy` of
+    the policy); score_fn(prompts, answers) -> scores (B,) for prompt messages and answer texts.
     """
 
-    def __init__(self, model: PolicyWithValue, reference: nn.Module | None,
+    def __init__(self, model: PolicyWithValue, reference: ReferencePolicy,
                  score_fn: Callable[[list[list[dict[str, Any]]], list[str]], torch.Tensor], tokenizer: Any,
-                 hyper: PPOHyper, kl: AdaptiveKLController, eos_token_ids: Sequence[int], pad_id: int,
-                 forward_batch_size: int = 8) -> None:
+                 settings: PPOSection, kl: AdaptiveKLController, eos_token_ids: Sequence[int], pad_id: int) -> None:
         self.model, self.reference, self.score_fn, self.tokenizer = model, reference, score_fn, tokenizer
-        self.hyper, self.kl, self.eos, self.pad_id = hyper, kl, list(eos_token_ids), pad_id
-        self.forward_batch_size = forward_batch_size
-        if reference is not None:
-            reference.eval().requires_grad_(False)
-
-    @classmethod
-    def frozen_copy(cls, policy: nn.Module) -> nn.Module:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-
-    def _reference_context(self) -> Any:
-        return nullcontext() if self.reference is not None else self.model.policy.disable_adapters()
+        self.settings, self.kl, self.eos, self.pad_id = settings, kl, list(eos_token_ids), pad_id
 
     @torch.no_grad()
     def _generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
-        from lmcraft.generate import GenerationConfig, generate
+        from lmcraft.generate import generate
 
-        h = self.hyper
-        config = GenerationConfig(max_new_tokens=h.max_new_tokens, do_sample=True, temperature=h.temperature,
-                                  top_k=h.top_k, top_p=h.top_p, eos_token_ids=self.eos, pad_token_id=self.pad_id,
-                                  seed=seed)
+        config = self.settings.generation_config(eos_token_ids=self.eos, pad_token_id=self.pad_id, seed=seed)
         return generate(self.model.policy, prompt_ids, config).tokens
 
     def _layout(self, prompt_ids: list[list[int]], answers: list[list[int]]
@@ -276,29 +240,20 @@ class RolloutEngine:
         answer_ids = ids[:, width:]
         return ids, mask, answer_ids, mask[:, width:].float()
 
-    @torch.no_grad()
     def _score_old(self, ids: torch.Tensor, mask: torch.Tensor, width: int, answer_ids: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logp, values, ref_logp, entropy) per answer token, in chunks of forward_batch_size rows."""
-        temp, n = self.hyper.temperature, answer_ids.shape[1]
-        parts: list[list[torch.Tensor]] = [[], [], [], []]
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            for lo in range(0, ids.shape[0], self.forward_batch_size):
-                sl = slice(lo, lo + self.forward_batch_size)
-                logits, values = _forward(model, ids[sl], mask[sl], width, n)
-                parts[0].append(token_logprobs(logits, answer_ids[sl], temp))
-                parts[1].append(values.float())
-                parts[3].append(_entropy(logits, temp))
-                with self._reference_context():
-                    ref_model = self.reference if self.reference is not None else model.policy
-                    ref_logits, _ = _forward(ref_model, ids[sl], mask[sl], width, n)
-                parts[2].append(token_logprobs(ref_logits, answer_ids[sl], temp))
-        finally:
-            model.train(was_training)
-        return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]
+        """(logp, values, ref_logp, entropy) per answer token, in batches of `forward_batch_size` rows."""
+        temp, n = self.settings.temperature, answer_ids.shape[1]
+
+        def score(rows: slice) -> tuple[torch.Tensor, ...]:
+            logits, values = _forward(self.model, ids[rows], mask[rows], width, n)
+            with self.reference.active(self.model.policy) as reference:
+                ref_logits, _ = _forward(reference, ids[rows], mask[rows], width, n)
+            return (token_logprobs(logits, answer_ids[rows], temp), values.float(),
+                    token_logprobs(ref_logits, answer_ids[rows], temp), _entropy(logits, temp))
+
+        parts = scored_batches(self.model, ids.shape[0], self.settings.forward_batch_size, score)
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def make(self, prompts: Sequence[dict[str, Any]], seed: int) -> Rollout:
         """One rollout for `prompts` (dicts with `messages` and `ids`)."""
@@ -313,14 +268,14 @@ class RolloutEngine:
                  for i, a in enumerate(answers)]
         scores = self.score_fn([p["messages"] for p in prompts], texts).to(device).float()
         raw_scores = scores.clone()
-        if self.hyper.missing_eos_penalty is not None:
-            scores = scores - self.hyper.missing_eos_penalty * (~ended).float()
+        if self.settings.missing_eos_penalty is not None:
+            scores = scores - self.settings.missing_eos_penalty * (~ended).float()
         beta = self.kl.beta
         rewards, kl = token_rewards(logp, ref_logp, scores, answer_mask, beta)
-        if self.hyper.whiten_rewards:
+        if self.settings.whiten_rewards:
             rewards = whiten(rewards, answer_mask, shift_mean=False)
-        advantages, returns = gae(rewards, values, answer_mask, self.hyper.gamma, self.hyper.lam)
-        if self.hyper.whiten_advantages:
+        advantages, returns = gae(rewards, values, answer_mask, self.settings.gamma, self.settings.lam)
+        if self.settings.whiten_advantages:
             advantages = whiten(advantages, answer_mask)
         seq_kl = kl.sum(-1)
         stats = {"score": float(raw_scores.mean()), "kl": float(seq_kl.mean()), "beta": beta,
@@ -336,13 +291,13 @@ class RolloutEngine:
 class PPOLoss:
     """The trainer's loss_fn on one micro-batch of a rollout: summed per-token PPO loss over answer tokens."""
 
-    def __init__(self, hyper: PPOHyper) -> None:
-        self.hyper = hyper
+    def __init__(self, settings: PPOSection) -> None:
+        self.settings = settings
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         from lmcraft.train import LossOutput
 
-        h, mask = self.hyper, batch["answer_mask"]
+        h, mask = self.settings, batch["answer_mask"]
         width, n = batch["prompt_width"], mask.shape[1]
         logits, values = _forward(model, batch["input_ids"], batch["attention_mask"], width, n)
         tokens = batch["input_ids"][:, width: width + n]
@@ -445,3 +400,86 @@ class RolloutLoader(ResumableLoader):
         self.history = list(state["history"])
         self.rollout, self.position = None, 0
 
+
+def load_ppo_prompts(section: PromptsSection, formatter: ChatFormatter, rollout_batch_size: int
+                     ) -> tuple[list[dict[str, Any]], int]:
+    """(prompts as {"messages", "ids", "source"}, number skipped for being over `section.max_length` tokens)."""
+    from lmcraft.align.data import load_prompts
+
+    items, skipped = [], 0
+    for messages, source in load_prompts(section.train, section.limit):
+        ids = formatter.prompt_ids(messages)
+        if len(ids) > section.max_length:
+            skipped += 1
+            continue
+        items.append({"messages": messages, "ids": ids, "source": source})
+    if len(items) < rollout_batch_size:
+        raise ConfigError(f"{len(items)} usable prompts ({skipped} longer than prompts.max_length), fewer than "
+                          f"ppo.rollout_batch_size={rollout_batch_size}")
+    return items, skipped
+
+
+class PPO(AlignmentMethod):
+    """PPO in the run template: prompts, a value head on the policy, rollouts against the reference policy and the
+    `reward` scorer served by `RolloutLoader`, `PPOLoss`; the trainer's steps and checkpoints follow the ppo
+    section (one step per minibatch, checkpoints on rollout boundaries). Writes OUT/rollouts.jsonl and curves.png."""
+
+    name = "ppo"
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.loader: RolloutLoader | None = None
+
+    @staticmethod
+    def steps_per_rollout(p: PPOSection) -> int:
+        return p.ppo_epochs * p.rollout_batch_size // p.minibatch_size
+
+    def data(self, run: Run) -> tuple[list[dict[str, Any]], None]:
+        from lmcraft.align.instruct import ChatFormatter
+
+        prompts, self.skipped = load_ppo_prompts(run.cfg.prompts, ChatFormatter(run.start.tokenizer),
+                                                 run.cfg.ppo.rollout_batch_size)
+        return prompts, None
+
+    def total_steps(self, run: Run) -> int:
+        return run.cfg.ppo.rollouts * self.steps_per_rollout(run.cfg.ppo)
+
+    def plan(self, run: Run) -> TrainPlan:
+        from lmcraft.align.common import score_eval_callback
+        from lmcraft.align.scoring import build_scorer
+        from lmcraft.generate import stop_token_ids
+        from lmcraft.peft.training import reference_policy
+
+        cfg, p, tokenizer = run.cfg, run.cfg.ppo, run.start.tokenizer
+        micro, per_rollout = cfg.trainer.micro_batch_size, self.steps_per_rollout(p)
+        trainer_cfg = cfg.trainer.model_copy(update={
+            "max_steps": self.total_steps(run), "grad_accum": p.minibatch_size // micro, "plot": False,
+            "save_every": None if p.save_every is None else p.save_every * per_rollout})
+        policy = run.training.model
+        reference = reference_policy(policy)
+        model = PolicyWithValue(policy)
+        engine = RolloutEngine(model, reference, build_scorer(cfg.reward), tokenizer, p,
+                               AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon),
+                               stop_token_ids(policy, tokenizer), tokenizer.pad_token_id or 0)
+        self.loader = RolloutLoader(run.train, engine, p.rollout_batch_size, p.minibatch_size, micro, p.ppo_epochs,
+                                    cfg.trainer.seed, cfg.trainer.shuffle)
+        callbacks = [] if run.scorer is None else \
+            [score_eval_callback(run.scorer, (p.eval_every or p.rollouts) * per_rollout, policy)]
+        return TrainPlan(PPOLoss(p), self.loader, model=model, trainer_config=trainer_cfg, collate=False,
+                         callbacks=callbacks)
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        from lmcraft.align.plots import plot_ppo
+        from lmcraft.io import write_jsonl
+
+        history, rollouts = run.trainer.state.history, self.loader.history
+        write_jsonl(run.out / "rollouts.jsonl", rollouts)
+        if run.cfg.trainer.plot:
+            plot_ppo(rollouts, history, self.steps_per_rollout(run.cfg.ppo), run.out / "curves.png",
+                     start_score=run.start_score)
+        evals = [r for r in history if r["split"] == "eval"]
+        first, last = rollouts[0], rollouts[-1]
+        return {"prompts": len(run.train), "skipped_prompts": self.skipped, "rollouts": len(rollouts),
+                "first_rollout_score": first["score"], "last_rollout_score": last["score"], "last_kl": last["kl"],
+                "last_beta": last["beta"], "start_score": run.start_score,
+                "eval_score": evals[-1]["eval_score"] if evals else None}

@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from lmcraft.align.data import PreferencePair
 from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, truncate
+from lmcraft.align.run import AlignmentMethod, Run, StageConfig, TrainPlan
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lmcraft.align.config import PairsData
     from lmcraft.train import LossOutput
 
-__all__ = ["PairData", "TokenizedPair", "bradley_terry_loss", "build_pair_data", "collate_pairs", "reward_loss"]
+__all__ = ["PairData", "RewardModeling", "TokenizedPair", "bradley_terry_loss", "build_pair_data", "collate_pairs",
+           "load_pairs", "reward_loss"]
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
@@ -105,3 +108,42 @@ def reward_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
     metrics = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean(), "reward_chosen": chosen.detach().mean(),
                "reward_rejected": rejected.detach().mean()}
     return LossOutput(losses.sum(), b, metrics, num_tokens=batch.get("num_tokens"))
+
+
+def load_pairs(data: PairsData, formatter: ChatFormatter) -> tuple[PairData, PairData | None]:
+    """(train, held-out or None) pairs of a preference `data` section (reward, dpo)."""
+    from lmcraft.align.config import split_eval
+    from lmcraft.align.data import load_preferences
+
+    pairs = load_preferences(data.train, data.format, data.limit)
+    evals = load_preferences(data.eval, data.format) if data.eval else []
+    if not evals:
+        pairs, evals = split_eval(pairs, data.val_size, data.seed)
+    train = build_pair_data(pairs, formatter, data.max_length, data.truncation)
+    evaluation = build_pair_data(evals, formatter, data.max_length, data.truncation) if evals else None
+    return train, evaluation
+
+
+class RewardModeling(AlignmentMethod):
+    """Reward modelling in the run template: a scalar head on the start model, preference pairs, `reward_loss`, the
+    start model evaluated first; pairwise accuracy and margin in the summary."""
+
+    name = "reward"
+
+    def head(self, cfg: StageConfig) -> tuple[str | None, int | None]:
+        from lmcraft.align.modeling import reward_head
+
+        return reward_head(cfg.model.from_)
+
+    def data(self, run: Run) -> tuple[PairData, PairData | None]:
+        return load_pairs(run.cfg.data, ChatFormatter(run.start.tokenizer, train_on="last"))
+
+    def plan(self, run: Run) -> TrainPlan:
+        return TrainPlan(reward_loss, run.train, run.evaluation, start_evaluation=True)
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        evals = [r for r in run.trainer.state.history if r["split"] == "eval"]
+        return {"pairs": len(run.train), "dropped": run.train.dropped,
+                "start_eval_accuracy": run.start_eval.get("eval_accuracy"),
+                "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+                "eval_margin": evals[-1].get("eval_margin") if evals else None}

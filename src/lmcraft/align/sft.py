@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from lmcraft.align.data import Conversation
 from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, collate_packed, collate_padded, pack, truncate
+from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lmcraft.align.config import DataSection
     from lmcraft.train import LossOutput
 
-__all__ = ["SFTData", "build_sft_data", "sft_loss"]
+__all__ = ["SFT", "SFTData", "build_sft_data", "load_sft_conversations", "sft_loss"]
 
 
 @dataclass
@@ -79,3 +81,50 @@ def sft_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
     total, count = causal_lm_loss(out.logits, batch["labels"])
     return LossOutput(total, count, {}, num_tokens=batch.get("num_tokens"))
+
+
+def load_sft_conversations(data: DataSection) -> tuple[list[Conversation], list[Conversation]]:
+    """(training, held-out) conversations of an SFT `data` section: `eval` files, else `val_size` held out."""
+    from lmcraft.align.config import split_eval
+    from lmcraft.align.data import load_conversations
+
+    convs = load_conversations(data.train, data.format, data.limit)
+    evals = load_conversations(data.eval, data.format) if data.eval else []
+    if not evals:
+        convs, evals = split_eval(convs, data.val_size, data.seed)
+    return convs, evals
+
+
+class SFT(AlignmentMethod):
+    """SFT in the run template: chat data with assistant-token masks, `sft_loss`, the start model evaluated first;
+    OUT/sft_curves.png and the data's numbers, train and held-out losses in the summary."""
+
+    name = "sft"
+
+    def data(self, run: Run) -> tuple[SFTData, SFTData | None]:
+        d = run.cfg.data
+        convs, evals = load_sft_conversations(d)
+        formatter = ChatFormatter(run.start.tokenizer, train_on=d.train_on)
+        train = build_sft_data(convs, formatter, d.max_length, d.truncation, d.packing)
+        evaluation = build_sft_data(evals, formatter, d.max_length, d.truncation, d.packing) if evals else None
+        return train, evaluation
+
+    def plan(self, run: Run) -> TrainPlan:
+        from lmcraft.errors import ConfigError
+
+        if run.cfg.data.packing and getattr(run.training.model, "providers", None):
+            raise ConfigError("data.packing cannot be combined with prefix/prompt-style PEFT methods (their virtual "
+                              "tokens would be shared by every packed example); set data.packing=false")
+        return TrainPlan(sft_loss, run.train, run.evaluation, start_evaluation=True)
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        from lmcraft.align.plots import plot_training
+
+        history = run.trainer.state.history
+        start_loss = run.start_eval.get("eval_loss")
+        if run.cfg.trainer.plot:
+            plot_training(history, run.out / "sft_curves.png", "SFT", start_loss)
+        last = next((r for r in reversed(history) if r["split"] == "train"), {})
+        last_eval = next((r for r in reversed(history) if r["split"] == "eval"), {})
+        return {"data": run.train.stats, "train_loss": last.get("loss"), "start_eval_loss": start_loss,
+                "eval_loss": last_eval.get("eval_loss")}

@@ -1,9 +1,4 @@
-"""Fit a loaded model's head to the task (number of labels, label names) and set its dropout rates.
-
-`fit_head` replaces the classifier's output layer when the checkpoint's has another number of outputs
-(freshly initialised with the model's init: N(0, initializer_range), zero bias); an encoder's pooler is kept.
-Label names go into the config's `id2label`/`label2id`, so a saved model carries them in its config.json.
-"""
+"""Set a loaded model's dropout rates (sizing its head to the labels is `lmcraft.peft.training.fit_head`)."""
 
 from __future__ import annotations
 
@@ -13,25 +8,7 @@ from lmcraft.models.heads import SequenceClassificationHead, TokenClassification
 from lmcraft.models.layers import Attention
 from lmcraft.models.model import LanguageModel
 
-__all__ = ["fit_head", "set_dropout"]
-
-
-def fit_head(model: LanguageModel, num_labels: int, labels: list[str] | None = None) -> None:
-    """Give a cls/token_cls head `num_labels` outputs; record `labels` (names in id order) in the config."""
-    head = model.head
-    if not isinstance(head, SequenceClassificationHead | TokenClassificationHead):
-        raise ValueError(f"fit_head needs a cls or token_cls head, the model has {model.head_kind!r}")
-    cfg = model.config
-    old = head.classifier
-    if old.out_features != num_labels:
-        new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None, device=old.weight.device,
-                        dtype=old.weight.dtype)
-        model._init_weights(new)
-        head.classifier = new
-    cfg.num_labels = num_labels
-    names = labels if labels else [f"LABEL_{i}" for i in range(num_labels)]
-    cfg.extra["id2label"] = {str(i): name for i, name in enumerate(names)}
-    cfg.extra["label2id"] = {name: i for i, name in enumerate(names)}
+__all__ = ["set_dropout"]
 
 
 def set_dropout(model: LanguageModel, hidden: float | None = None, attention: float | None = None,

@@ -37,10 +37,10 @@ def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str
     """Load base + adapter, merge, save to `out_dir` (atomically) with the base's tokenizer; returns `out_dir`."""
     from lmcraft import peft
     from lmcraft.assets import resolve_model
-    from lmcraft.finetune.heads import fit_head
     from lmcraft.finetune.runner import FINETUNE_INFO
     from lmcraft.hub import HubWarning, load_model, save_model
     from lmcraft.peft.base import CONFIG_NAME
+    from lmcraft.peft.training import fit_head
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_NAME).is_file():

@@ -23,16 +23,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lmcraft.finetune.adapters import AdaLoraAllocator, AdapterWeights, method_config
 from lmcraft.finetune.config import FinetuneConfig
 from lmcraft.finetune.data import Collator, TaskData, build_task_data
 from lmcraft.finetune.evaluation import TaskEvaluator
-from lmcraft.finetune.heads import fit_head, set_dropout
+from lmcraft.finetune.heads import set_dropout
 from lmcraft.finetune.layers import GradualUnfreezing, freeze_parameters, param_groups
 from lmcraft.finetune.profiling import RunProfiler
 from lmcraft.finetune.tasks import Task, make_task
+from lmcraft.io import write_json
+from lmcraft.peft.training import PeftTraining, fit_head, prepare_for_training, save_final
+from lmcraft.tokenizer.load import Tokenizer, load_tokenizer
 from lmcraft.train import EarlyStopping, Trainer, TrainerConfig, WeightsFormat, set_seed
-from lmcraft.train.checkpoint import atomic_write_json
 from lmcraft.train.distributed import resolve_device
 
 __all__ = ["FINETUNE_INFO", "headline_metric", "run_finetune"]
@@ -108,19 +109,15 @@ def _restore_best(trainer: Trainer, model: torch.nn.Module, fmt: WeightsFormat) 
     return evals[-1]
 
 
-def _save_final(cfg: FinetuneConfig, model: torch.nn.Module, folder: Path, task: Task, data: TaskData) -> Path:
+def _save_final(cfg: FinetuneConfig, training: PeftTraining, folder: Path, tokenizer: Tokenizer, task: Task,
+                data: TaskData) -> Path:
+    """OUT/final (the model, or the adapter naming `folder` as its base); an adapter also gets finetune.json."""
     final = cfg.output_dir / "final"
-    if cfg.peft is None:
-        from lmcraft.hub import save_model
-
-        save_model(model, final, tokenizer_dir=folder)
-        return final
-    from lmcraft import peft
-
-    peft.save_adapter(model, final, base_model_name_or_path=str(folder))
-    info = {"task": task.name, "head": task.head, "num_labels": data.num_labels, "labels": data.labels,
-            "base_model": str(folder), "method": cfg.peft["method"]}
-    atomic_write_json(final / FINETUNE_INFO, info)
+    save_final(training.model, final, str(folder), tokenizer)
+    if training.method != "full":
+        info = {"task": task.name, "head": task.head, "num_labels": data.num_labels, "labels": data.labels,
+                "base_model": str(folder), "method": training.method}
+        write_json(final / FINETUNE_INFO, info)
     return final
 
 
@@ -128,8 +125,6 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     """Run the fine-tuning `cfg` describes; returns (and writes to results.json) the run's summary."""
     from lmcraft import peft
     from lmcraft.assets import resolve, resolve_model
-    from lmcraft.tokenizer.load import load_tokenizer
-
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -147,10 +142,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     device = resolve_device(cfg.trainer.device)
     model = _load_model(cfg, folder, task, data, device)
     num_layers = model.config.num_layers
-    method = "full"
-    if cfg.peft is not None:
-        method = cfg.peft["method"]
-        model = peft.apply(model, method_config(cfg.peft, task.head, total_steps))
+    training = prepare_for_training(model, cfg.peft, task.head, total_steps)
+    model, method = training.model, training.method
     frozen = freeze_parameters(model, cfg.freeze.embeddings, cfg.freeze.bottom_layers)
     if frozen:
         log(f"frozen: {len(frozen)} parameter tensors (embeddings={cfg.freeze.embeddings}, "
@@ -158,7 +151,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     print(f"{method}: ", end="", flush=True)
     peft.print_trainable_parameters(model)
     trainable, total = peft.count_parameters(model)
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = training.weights()
 
     profiler = RunProfiler()
     callbacks: list[Any] = [profiler]
@@ -166,20 +159,18 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
         g = cfg.gradual_unfreezing
         every = g.every * (steps_per_epoch if g.unit == "epochs" else 1)
         callbacks.append(GradualUnfreezing(model, num_layers, every, log))
-    if method == "adalora":
-        callbacks.append(AdaLoraAllocator(model))
-    weights = WeightsFormat() if cfg.peft is None else AdapterWeights(trainable_names)
-    evaluator = TaskEvaluator(task, model if cfg.peft is not None else None)
+    callbacks += training.callbacks()
+    evaluator = TaskEvaluator(task)
     tc = _trainer_config(cfg, metric, mode)
     trainer = Trainer(
-        model, evaluator.loss_fn, data.train, data.validation, tc, cfg.output_dir,
+        model, training.loss(evaluator.loss_fn), data.train, data.validation, tc, cfg.output_dir,
         collate_fn=Collator(cfg.task, data.pad_token_id), callbacks=callbacks,
         param_groups=lambda m: param_groups(m, tc.lr, tc.weight_decay, num_layers, cfg.layer_lr_decay, cfg.head_lr),
         weights=weights, tokenizer_dir=folder, eval_fn=evaluator.eval_fn,
     )
     outcome = trainer.train(resume_from="auto" if cfg.resume else None)
     best = _restore_best(trainer, model, weights)
-    final = _save_final(cfg, model, folder, task, data) if trainer.is_main else None
+    final = _save_final(cfg, training, folder, tokenizer, task, data) if trainer.is_main else None
     validation = {k.removeprefix("eval_"): v for k, v in (best or {}).items() if k.startswith("eval_")}
     if task.name != "clm":
         validation.pop("ppl", None)  # exp(loss) means nothing for a classifier's loss
@@ -193,5 +184,5 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
         "final": str(final) if final else None, **profiler.summary(),
     }
     if trainer.is_main:
-        atomic_write_json(cfg.output_dir / "results.json", json.loads(json.dumps(results, default=str)))
+        write_json(cfg.output_dir / "results.json", json.loads(json.dumps(results, default=str)))
     return results

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.finetune.data import IGNORE_INDEX
-from lmcraft.finetune.lm_loss import chunked_lm_loss, lm_head_weight
 from lmcraft.metrics import classification_report, entity_f1
 from lmcraft.objectives.base import token_cross_entropy
 from lmcraft.objectives.clm import causal_lm_loss
+from lmcraft.objectives.lm_head import chunked_lm_loss, lm_head_weight
 from lmcraft.train import LossOutput
 
 __all__ = ["CausalLMTask", "ClassificationTask", "RegressionTask", "Task", "TokenClassificationTask", "make_task",
@@ -183,7 +183,7 @@ class CausalLMTask(Task):
         if weight is None:
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, count = causal_lm_loss(logits, batch["labels"])
-        else:  # the same loss through the LM head in chunks (lmcraft.finetune.lm_loss)
+        else:  # the same loss through the LM head in chunks (lmcraft.objectives.lm_head)
             out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
             loss, count = chunked_lm_loss(out.hidden_states, weight, batch["labels"])
             logits = out.logits

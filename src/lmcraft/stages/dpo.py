@@ -17,28 +17,14 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from lmcraft.config import Section, StageConfig
+from lmcraft.align.config import DPOSection
+from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
 
 __all__ = ["DPOSection", "add_arguments", "config_class", "run", "run_dpo"]
-
-
-class DPOSection(Section):
-    beta: float = Field(0.1, gt=0)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["precompute", "on_the_fly"] = "precompute"
-
-    @model_validator(mode="after")
-    def _smoothing(self) -> DPOSection:
-        if self.loss == "ipo" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to loss: sigmoid only")
-        return self
 
 
 @functools.cache
@@ -65,70 +51,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(history: list[dict[str, Any]], start_score: float | None, path: Path) -> None:
-    """Train loss and implicit-reward margin, held-out reward accuracy, and the held-out score (from the start)."""
-    from lmcraft.align.plots import plot_metrics
-
-    train = [r for r in history if r["split"] == "train"]
-    evals = [r for r in history if r["split"] == "eval"]
-    series = {"DPO loss (train)": ([r["step"] for r in train], [r["loss"] for r in train]),
-              "reward margin (train)": ([r["step"] for r in train], [r["reward_margin"] for r in train]),
-              "reward accuracy (held-out pairs)": ([r["step"] for r in evals],
-                                                   [r["eval_reward_accuracy"] for r in evals])}
-    scored = [(r["step"], r["eval_score"]) for r in evals if "eval_score" in r]
-    if scored:
-        scored.insert(0, (0, start_score))
-        series["held-out score (sampled answers)"] = ([s for s, _ in scored], [v for _, v in scored])
-    plot_metrics(series, path, "DPO")
-
-
-def run_dpo(cfg: Any) -> dict[str, Any]:
+def run_dpo(cfg: StageConfig) -> dict[str, Any]:
     """Run the stage for a validated `DPOConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.common import (
-        ScoreEvaluator,
-        open_start,
-        record_samples,
-        save_stage_final,
-        stage_trainer,
-        write_summary,
-    )
-    from lmcraft.align.dpo import DPOLoss, Reference, WithReference, precompute_reference
-    from lmcraft.align.instruct import ChatFormatter
-    from lmcraft.align.modeling import add_peft, is_peft, planned_steps
-    from lmcraft.stages.reward import load_pairs
+    from lmcraft.align.dpo import DPO
+    from lmcraft.align.run import run_alignment
 
-    out, d = Path(cfg.output_dir), cfg.dpo
-    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
-    train, evaluation = load_pairs(cfg.data, ChatFormatter(start.tokenizer, train_on="last"))
-    scorer = ScoreEvaluator(cfg.score_eval, start.tokenizer) if cfg.score_eval is not None else None
-    start_score = scorer.baseline(out, start.model) if scorer is not None else None
-    if not start.resuming:
-        record_samples(out, "before", start.model, start.tokenizer, cfg.samples)
-    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
-    reference = Reference() if is_peft(model) else Reference.frozen_copy(model)
-    if d.reference == "precompute":
-        batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
-        progress = cfg.trainer.progress
-        train = WithReference(train, precompute_reference(model, reference, train, batch, out / "reference_train.json",
-                                                          progress))
-        if evaluation is not None:
-            evaluation = WithReference(evaluation, precompute_reference(model, reference, evaluation, batch,
-                                                                        out / "reference_eval.json", progress))
-        reference = None  # the copy (if any) is no longer needed
-    loss = DPOLoss(d.beta, d.loss, d.label_smoothing, reference)
-    eval_fn = (lambda tr: {"score": scorer(tr.model)}) if scorer is not None else None
-    trainer = stage_trainer(cfg, start, model, loss, train, evaluation, out, eval_fn=eval_fn)
-    result = trainer.train()
-    if not trainer.is_main:
-        return result
-    paths = save_stage_final(cfg, start, model, out)
-    record_samples(out, "after", model, start.tokenizer, cfg.samples)
-    if cfg.trainer.plot:
-        _plot(trainer.state.history, start_score, out / "dpo_curves.png")
-    evals = [r for r in trainer.state.history if r["split"] == "eval"]
-    last = evals[-1] if evals else {}
-    summary = {"stage": "dpo", **result, **paths, "pairs": len(train), "start_score": start_score,
-               "eval_score": last.get("eval_score"), "eval_reward_accuracy": last.get("eval_reward_accuracy"),
-               "eval_loss": last.get("eval_loss")}
-    write_summary(out, summary)
-    return summary
+    return run_alignment(cfg, DPO(cfg.dpo))

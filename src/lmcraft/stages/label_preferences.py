@@ -26,16 +26,13 @@ from pydantic import Field, model_validator
 from lmcraft.align.config import ModelSource
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import Section, StageConfig
+from lmcraft.generation_settings import GenerationSettings
 from lmcraft.stages import add_config_arguments, load_stage_config
 
 __all__ = ["ConstitutionSection", "GenerationSection", "LabelConfig", "add_arguments", "run", "run_labelling"]
 
 
-class GenerationSection(Section):
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+class GenerationSection(GenerationSettings):
     seed: int = 0
 
 
@@ -92,12 +89,8 @@ def _part(cfg: LabelConfig, index: int, prompts: list[tuple[Any, str]], policy: 
     import numpy as np
 
     from lmcraft.align.rlaif import DEFAULT_PRINCIPLES, Principle, critique_and_revise, rank_samples, sample_answers
-    from lmcraft.generate import GenerationConfig
-
-    g = cfg.generation
-    seed = int(np.random.SeedSequence([g.seed, index]).generate_state(1)[0])
-    config = GenerationConfig(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature,
-                              top_k=g.top_k, top_p=g.top_p, seed=seed)
+    seed = int(np.random.SeedSequence([cfg.generation.seed, index]).generate_state(1)[0])
+    config = cfg.generation.generation_config(seed=seed)
     if cfg.constitution is None:
         k = cfg.samples_per_prompt
         answers = sample_answers(policy, tokenizer, [p for p, _ in prompts for _ in range(k)], config, cfg.batch_size)
@@ -117,14 +110,12 @@ def _part(cfg: LabelConfig, index: int, prompts: list[tuple[Any, str]], policy: 
 
 def run_labelling(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns (and prints) a summary."""
-    import shutil
-
     from tqdm.auto import tqdm
 
     from lmcraft.align.data import load_prompts
     from lmcraft.align.modeling import load_stage_tokenizer, load_start_model
     from lmcraft.align.scoring import build_scorer
-    from lmcraft.train.checkpoint import atomic_write_json, atomic_write_text
+    from lmcraft.io import read_json, remove_dir, write_json, write_jsonl
 
     policy, tok_dir = load_start_model(cfg.policy.from_, dtype=cfg.policy.dtype)
     tokenizer = load_stage_tokenizer(tok_dir, cfg.template)
@@ -144,11 +135,10 @@ def run_labelling(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
     for index, lo in enumerate(tqdm(chunks, desc="labelling", unit="part", disable=not progress)):
         path = parts / f"part-{index:05d}.json"
         if not path.is_file():
-            atomic_write_json(path, _part(cfg, index, prompts[lo: lo + cfg.part_size], policy, tokenizer, judge,
-                                          critic))
-        records.extend(json.loads(path.read_text()))
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    shutil.rmtree(parts)
+            write_json(path, _part(cfg, index, prompts[lo: lo + cfg.part_size], policy, tokenizer, judge, critic))
+        records.extend(read_json(path))
+    write_jsonl(out, records)
+    remove_dir(parts)
     summary: dict[str, Any] = {"stage": "label-preferences", "prompts": len(prompts), "pairs": len(records),
                                "output": str(out)}
     if records and "scores" in records[0]:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments, claim, load_training_config
 
-__all__ = ["add_arguments", "config_class", "run", "run_sft"]
+__all__ = ["add_arguments", "config_class", "preview_sft", "run", "run_sft"]
 
 
 @functools.cache
@@ -57,66 +57,34 @@ def run(args: argparse.Namespace) -> int:
     color = sys.stdout.isatty() and not args.no_color
     cfg = load_training_config(config_class(), args)
     if args.preview:  # nothing is written
-        run_sft(cfg, preview=args.preview, color=color)
+        preview_sft(cfg, args.preview, color=color)
         return 0
     with claim(args, "sft", cfg.output_dir, cfg):
         run_sft(cfg)
     return 0
 
 
-def run_sft(cfg: Any, preview: int | None = None, color: bool = False) -> dict[str, Any]:
+def run_sft(cfg: StageConfig) -> dict[str, Any]:
     """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
-    from lmcraft.align.common import (
-        open_start,
-        record_samples,
-        save_stage_final,
-        stage_trainer,
-        start_evaluation,
-        write_summary,
-    )
-    from lmcraft.align.config import split_eval
-    from lmcraft.align.data import load_conversations
-    from lmcraft.align.instruct import ChatFormatter, highlight
-    from lmcraft.align.modeling import add_peft, load_stage_tokenizer, planned_steps, tokenizer_folder
-    from lmcraft.align.plots import plot_training
-    from lmcraft.align.sft import build_sft_data, sft_loss
-    from lmcraft.errors import ConfigError
+    from lmcraft.align.run import run_alignment
+    from lmcraft.align.sft import SFT
 
-    out, d = Path(cfg.output_dir), cfg.data
-    convs = load_conversations(d.train, d.format, d.limit)
-    evals = load_conversations(d.eval, d.format) if d.eval else []
-    if not evals:
-        convs, evals = split_eval(convs, d.val_size, d.seed)
-    if preview:  # the tokenizer is enough: no model is loaded, nothing is written
-        tokenizer = load_stage_tokenizer(tokenizer_folder(cfg.model.from_), cfg.template)
-        train = build_sft_data(convs, ChatFormatter(tokenizer, train_on=d.train_on), d.max_length, d.truncation)
-        for ex in train.examples[:preview]:
-            print(f"── {ex.source}: {len(ex.input_ids)} tokens, {ex.num_trained} trained")
-            print(highlight(ex, color=color))
-        print(f"{train.stats['examples']} examples ({train.dropped} dropped by truncation / no trained tokens)")
-        return train.stats
-    start = open_start(cfg.model, cfg.template, out, cfg.trainer.seed)
-    formatter = ChatFormatter(start.tokenizer, train_on=d.train_on)
-    train = build_sft_data(convs, formatter, d.max_length, d.truncation, d.packing)
-    evaluation = build_sft_data(evals, formatter, d.max_length, d.truncation, d.packing) if evals else None
-    if not start.resuming:
-        record_samples(out, "before", start.model, start.tokenizer, cfg.samples)
-    model = add_peft(start.model, cfg.peft, planned_steps(cfg.trainer, len(train)))
-    if d.packing and getattr(model, "providers", None):
-        raise ConfigError("data.packing cannot be combined with prefix/prompt-style PEFT methods (their virtual tokens "
-                          "would be shared by every packed example); set data.packing=false")
-    trainer = stage_trainer(cfg, start, model, sft_loss, train, evaluation, out)
-    start_eval = start_evaluation(trainer, out) if evaluation is not None else {}
-    result = trainer.train()
-    if not trainer.is_main:
-        return result
-    paths = save_stage_final(cfg, start, model, out)
-    record_samples(out, "after", model, start.tokenizer, cfg.samples)
-    if cfg.trainer.plot:
-        plot_training(trainer.state.history, out / "sft_curves.png", "SFT", start_eval.get("eval_loss"))
-    last = next((r for r in reversed(trainer.state.history) if r["split"] == "train"), {})
-    last_eval = next((r for r in reversed(trainer.state.history) if r["split"] == "eval"), {})
-    summary = {"stage": "sft", **result, **paths, "data": train.stats, "train_loss": last.get("loss"),
-               "start_eval_loss": start_eval.get("eval_loss"), "eval_loss": last_eval.get("eval_loss")}
-    write_summary(out, summary)
-    return summary
+    return run_alignment(cfg, SFT())
+
+
+def preview_sft(cfg: StageConfig, count: int, color: bool = False) -> dict[str, float]:
+    """Print the first `count` rendered training examples with the trained tokens highlighted; returns the data's
+    numbers. The tokenizer is enough: no model is loaded, nothing is written."""
+    from lmcraft.align.instruct import ChatFormatter, highlight
+    from lmcraft.align.modeling import load_stage_tokenizer, tokenizer_folder
+    from lmcraft.align.sft import build_sft_data, load_sft_conversations
+
+    d = cfg.data
+    convs, _ = load_sft_conversations(d)
+    tokenizer = load_stage_tokenizer(tokenizer_folder(cfg.model.from_), cfg.template)
+    train = build_sft_data(convs, ChatFormatter(tokenizer, train_on=d.train_on), d.max_length, d.truncation)
+    for ex in train.examples[:count]:
+        print(f"── {ex.source}: {len(ex.input_ids)} tokens, {ex.num_trained} trained")
+        print(highlight(ex, color=color))
+    print(f"{train.stats['examples']} examples ({train.dropped} dropped by truncation / no trained tokens)")
+    return train.stats

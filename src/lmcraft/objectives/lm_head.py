@@ -1,6 +1,11 @@
-"""Causal-LM loss through the output layer in chunks, without materialising the (B, T, V) logits.
+"""What an LM head's logits give per token: log-probabilities, and the summed cross-entropy in chunks.
 
-For final hidden states h (N, H) (N = B * T positions), the LM head W (V, H) and next-token targets y
+`token_logprobs(logits, tokens, T)` = log softmax(logits / T)[tokens], the one gather every scorer uses (DPO's answer
+log-probs, PPO's rollout and update log-probs); `sequence_logprobs` sums it over labelled tokens (labels != -100)
+of next-token logits. The summed cross-entropy itself is `objectives.base.token_cross_entropy`.
+
+The chunked LM-head loss computes the causal-LM loss through the output layer without materialising the (B, T, V)
+logits. For final hidden states h (N, H) (N = B * T positions), the LM head W (V, H) and next-token targets y
 (-100 = ignored), the summed loss and its gradients are
 
     z_i = W h_i,   L = sum_{i: y_i != -100} (logsumexp(z_i) - z_i[y_i])
@@ -16,16 +21,55 @@ for large vocabularies. dL/dW is computed only when W requires a gradient (full 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmcraft.finetune.data import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
+from lmcraft.objectives.base import IGNORE_INDEX
 
-__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight"]
+__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "scoring", "scored_batches",
+           "sequence_logprobs", "token_logprobs"]
+
+T = TypeVar("T")
+
+
+@contextmanager
+def scoring(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) under no-grad; its training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def scored_batches(model: nn.Module, num_rows: int, batch_size: int, score: Callable[[slice], T]) -> list[T]:
+    """[score(rows) for consecutive slices of `batch_size` rows out of `num_rows`], all under `scoring(model)`: the
+    one batched no-grad loop of every scorer (reward models, judges, reference log-probs, PPO's rollout pass)."""
+    with scoring(model):
+        return [score(slice(lo, lo + batch_size)) for lo in range(0, num_rows, batch_size)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[tokens] in fp32; logits (B, n, V) already aligned with tokens (B, n)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: sum_t log softmax(logits[t-1] / T)[labels[t]] over labelled t (labels != -100), and the count."""
+    labels = labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    picked = token_logprobs(logits[:, :-1], labels.clamp_min(0), temperature)
+    return (picked * keep).sum(-1), keep.sum(-1)
 
 
 def default_rows(vocab_size: int, budget: int = 2**23) -> int:
