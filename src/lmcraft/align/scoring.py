@@ -120,19 +120,20 @@ class RewardModelScorer:
         import torch
 
         from lmcraft.align.instruct import collate_padded, truncate
+        from lmcraft.objectives.lm_head import scored_batches
 
         examples = []
         for prompt, answer in zip(prompts, answers, strict=True):
             ex = self.formatter.tokenize_pair(prompt, [{"role": "assistant", "content": answer}])
             examples.append(truncate(ex, self.max_length, "right", keep_answer=True) or ex)
         device = next(self.model.parameters()).device
-        scores = []
-        with torch.no_grad():
-            for lo in range(0, len(examples), self.batch_size):
-                batch = collate_padded(examples[lo: lo + self.batch_size], self.formatter.tokenizer.pad_token_id or 0)
-                out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                scores.append(out.logits.float().reshape(-1).cpu())
-        return torch.cat(scores)
+
+        def score(rows: slice) -> torch.Tensor:
+            batch = collate_padded(examples[rows], self.formatter.tokenizer.pad_token_id or 0)
+            out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            return out.logits.float().reshape(-1).cpu()
+
+        return torch.cat(scored_batches(self.model, len(examples), self.batch_size, score))
 
 
 class JudgeScorer:
@@ -156,20 +157,21 @@ class JudgeScorer:
         import torch
 
         from lmcraft.generate.core import left_pad
+        from lmcraft.objectives.lm_head import scored_batches
 
         requests = [self.tokenizer.encode(self.request(p, a), add_special_tokens=False)
                     for p, a in zip(prompts, answers, strict=True)]
         device = next(self.model.parameters()).device
         digits = torch.tensor(self.digit_ids, device=device)
         values = torch.arange(1, self.scale + 1, dtype=torch.float32, device=device)
-        scores = []
-        with torch.no_grad():
-            for lo in range(0, len(requests), self.batch_size):
-                ids, mask = left_pad(requests[lo: lo + self.batch_size], self.tokenizer.pad_token_id or 0)
-                logits = self.model(ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
-                probs = logits[:, digits].softmax(-1)
-                scores.append((probs * values).sum(-1).cpu())
-        return torch.cat(scores)
+
+        def score(rows: slice) -> torch.Tensor:
+            ids, mask = left_pad(requests[rows], self.tokenizer.pad_token_id or 0)
+            logits = self.model(ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
+            probs = logits[:, digits].softmax(-1)
+            return (probs * values).sum(-1).cpu()
+
+        return torch.cat(scored_batches(self.model, len(requests), self.batch_size, score))
 
 
 def build_scorer(spec: ScorerSpec, device: str | None = None) -> Any:

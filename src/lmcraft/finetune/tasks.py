@@ -26,8 +26,7 @@ from torch import nn
 from lmcraft.finetune.data import IGNORE_INDEX
 from lmcraft.metrics import classification_report, entity_f1
 from lmcraft.objectives.base import token_cross_entropy
-from lmcraft.objectives.clm import causal_lm_loss
-from lmcraft.objectives.lm_head import chunked_lm_loss, lm_head_weight
+from lmcraft.objectives.lm_head import next_token_loss
 from lmcraft.train import LossOutput
 
 __all__ = ["CausalLMTask", "ClassificationTask", "RegressionTask", "Task", "TokenClassificationTask", "make_task",
@@ -179,14 +178,8 @@ class CausalLMTask(Task):
         return "ppl", "min"
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        weight = lm_head_weight(model) if self.fused else None
-        if weight is None:
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, count = causal_lm_loss(logits, batch["labels"])
-        else:  # the same loss through the LM head in chunks (lmcraft.objectives.lm_head)
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
-            loss, count = chunked_lm_loss(out.hidden_states, weight, batch["labels"])
-            logits = out.logits
+        loss, count, logits = next_token_loss(model, batch["labels"], self.fused, input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"])
         return LossOutput(loss, count, {}, batch["attention_mask"].sum()), logits
 
 

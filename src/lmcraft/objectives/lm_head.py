@@ -32,8 +32,8 @@ from torch import nn
 from lmcraft.models.heads import LMHead
 from lmcraft.objectives.base import IGNORE_INDEX
 
-__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "scoring", "scored_batches",
-           "sequence_logprobs", "token_logprobs"]
+__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "next_token_loss", "scoring",
+           "scored_batches", "sequence_logprobs", "token_logprobs"]
 
 T = TypeVar("T")
 
@@ -142,3 +142,21 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if count == 0:
         return hidden.sum() * 0.0, 0
     return ChunkedLMLoss.apply(h, weight, y, rows or default_rows(weight.shape[0])), count
+
+
+def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool = True, **inputs: Any
+                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(summed next-token loss, targets, logits) of `model` on `inputs` against `labels` (-100 = ignored).
+
+    With `fused` and a plain LM head (`lm_head_weight`), the loss goes through the head in chunks and the model
+    computes the logits of the last position only; otherwise it is `causal_lm_loss` of the full logits."""
+    from lmcraft.objectives.clm import causal_lm_loss
+
+    weight = lm_head_weight(model) if fused else None
+    if weight is None:
+        logits = model(**inputs).logits
+        loss, count = causal_lm_loss(logits, labels)
+        return loss, count, logits
+    out = model(**inputs, logits_to_keep=1)
+    loss, count = chunked_lm_loss(out.hidden_states, weight, labels)
+    return loss, count, out.logits
