@@ -14,11 +14,11 @@ PEFT wiring, checkpoint format and the final save are lmcraft.peft.training's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmcraft.errors import ConfigError, LmcraftError
+from lmcraft.io import read_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,7 +31,7 @@ __all__ = ["base_source_of", "load_start_model", "load_stage_tokenizer", "planne
 
 
 def _adapter_base(folder: Path) -> str:
-    data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    data = read_json(folder / "adapter_config.json")
     base = data.get("base_model_name_or_path")
     if not base:
         raise LmcraftError(f"{folder / 'adapter_config.json'}: base_model_name_or_path is empty, so the base model of "
@@ -84,7 +84,7 @@ def load_start_model(source: str | Path, head: str | None = None, dtype: str | N
         from lmcraft.hub import HubWarning
 
         with warnings.catch_warnings():
-            if json.loads((path / "adapter_config.json").read_text()).get("modules_to_save"):
+            if read_json(path / "adapter_config.json").get("modules_to_save"):
                 # the adapter carries the trained head: the base's fresh head is replaced below
                 warnings.filterwarnings("ignore", message=".*newly initialised", category=HubWarning)
             base, _ = load_start_model(_adapter_base(path), head, dtype, device, num_labels)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metrics", "plot_ppo", "plot_training"]
+from lmcraft.io import save_figure
+
+__all__ = ["plot_dpo", "plot_metrics", "plot_ppo", "plot_training"]
 
 
 def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
 
 
 def _figure(panels: int, columns: int = 3) -> tuple[Any, list[Any]]:

@@ -18,10 +18,11 @@ Used by the tests, the toy recipes (recipes/*-toy.yaml) and the result runs in d
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
+
+from lmcraft.io import write_jsonl
 
 __all__ = ["CATEGORIES", "TARGET_WORD", "build", "conversation", "prompt_text"]
 
@@ -71,10 +72,6 @@ def _tokenizer(corpus: list[str]) -> Any:
                      chat_template=BUILTIN_TEMPLATES["chatml"])
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 def build(folder: str | Path, num_sft: int = 2000, num_prompts: int = 512, num_eval: int = 64,
           thanks_rate: float = 0.15, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     """Write the toy task into `folder` (see the module docstring); returns `folder`."""
@@ -98,9 +95,9 @@ def build(folder: str | Path, num_sft: int = 2000, num_prompts: int = 512, num_e
                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     save_model(LanguageModel(cfg), folder / "base", tokenizer_dir=folder / "base")
-    _write_jsonl(folder / "sft.jsonl", [{"messages": m} for m in sft])
-    _write_jsonl(folder / "prompts.jsonl", [{"prompt": prompt_text(rng)[0]} for _ in range(num_prompts)])
-    _write_jsonl(folder / "eval_prompts.jsonl", [{"prompt": prompt_text(rng)[0]} for _ in range(num_eval)])
+    write_jsonl(folder / "sft.jsonl", [{"messages": m} for m in sft])
+    write_jsonl(folder / "prompts.jsonl", [{"prompt": prompt_text(rng)[0]} for _ in range(num_prompts)])
+    write_jsonl(folder / "eval_prompts.jsonl", [{"prompt": prompt_text(rng)[0]} for _ in range(num_eval)])
     return folder
 
 

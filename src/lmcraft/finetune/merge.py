@@ -9,7 +9,6 @@ non-linear modules, so they cannot become plain weights: those raise `PeftError`
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from lmcraft.errors import LmcraftError
+from lmcraft.io import read_json
 
 __all__ = ["merge_adapter_folder"]
 
@@ -26,10 +26,7 @@ _TASK_TYPE_HEADS = {"CAUSAL_LM": "lm", "SEQ_CLS": "cls", "TOKEN_CLS": "token_cls
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise LmcraftError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    return read_json(path)
 
 
 def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
