@@ -1,11 +1,12 @@
-"""The one generation-settings section of the stages that sample answers (ppo rollouts, label-preferences).
+"""The one generation-settings section of the stages that generate answers.
 
-    max_new_tokens: 64     # answer length limit (tokens)
-    temperature: 1.0       # logits / T before sampling (> 0: these stages sample)
+    max_new_tokens: 64     # answer length limit (tokens); alone: greedy answers (sft/dpo/ppo `samples`)
+    temperature: 1.0       # SamplingSettings (ppo rollouts, label-preferences): logits / T before sampling (> 0)
     top_k: 0               # keep the k most likely tokens (0 = off)
     top_p: 1.0             # keep the smallest set with probability >= p (1 = off)
 
-No torch here (stage configs import it); `generation_config` builds `lmcraft.generate.GenerationConfig` lazily.
+A stage section subclasses one of them to add its own keys or a different default. No torch here (stage configs
+import it); `generation_config` builds `lmcraft.generate.GenerationConfig` lazily.
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ from lmcraft.config import Section
 if TYPE_CHECKING:
     from lmcraft.generate import GenerationConfig
 
-__all__ = ["GenerationSettings"]
+__all__ = ["GenerationSettings", "SamplingSettings"]
 
 
 class GenerationSettings(Section):
-    """Sampling settings; a stage section subclasses it to add its own keys (or a different default)."""
+    """Greedy answers of at most `max_new_tokens` tokens."""
 
     max_new_tokens: int = Field(64, ge=1)
+
+    def generation_config(self, **fixed: Any) -> GenerationConfig:
+        """The `GenerationConfig` of these settings; `fixed` adds the caller's (seed, eos/pad ids)."""
+        from lmcraft.generate import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, **fixed)
+
+
+class SamplingSettings(GenerationSettings):
+    """Sampled answers: temperature, then top-k, then top-p."""
+
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
 
     def generation_config(self, **fixed: Any) -> GenerationConfig:
-        """A sampling `GenerationConfig` with these settings; `fixed` adds the caller's (seed, eos/pad ids)."""
         from lmcraft.generate import GenerationConfig
 
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lmcraft.align.config import ModelSource, SamplesSection, ScoreEval
+    from lmcraft.generate import GenerationConfig
     from lmcraft.tokenizer.load import Tokenizer
     from lmcraft.train import Callback, Trainer
 
@@ -62,16 +63,14 @@ def open_start(source: ModelSource, template: str | None, out: Path, seed: int, 
     return StartPoint(model, tokenizer, out / "tokenizer", latest_checkpoint(out) is not None)
 
 
-def generate_samples(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int
+def generate_samples(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], config: GenerationConfig
                      ) -> list[str]:
-    """Greedy chat replies to `prompts` (one batch)."""
-    from lmcraft.generate import GenerationConfig, generate_text
+    """Chat replies to `prompts` (one batch)."""
+    from lmcraft.generate import generate_text
 
     if not prompts:
         return []
-    result = generate_text(model, tokenizer, list(prompts), GenerationConfig(max_new_tokens=max_new_tokens),
-                           chat=True)
-    return list(result.texts or [])
+    return list(generate_text(model, tokenizer, list(prompts), config, chat=True).texts or [])
 
 
 def record_samples(out: Path, key: str, model: nn.Module, tokenizer: Tokenizer, samples: SamplesSection) -> None:
@@ -82,7 +81,7 @@ def record_samples(out: Path, key: str, model: nn.Module, tokenizer: Tokenizer, 
     if not samples.prompts or (key == "before" and key in data):
         return
     data["prompts"] = samples.prompts
-    data[key] = generate_samples(model, tokenizer, samples.prompts, samples.max_new_tokens)
+    data[key] = generate_samples(model, tokenizer, samples.prompts, samples.generation_config())
     write_json(path, data)
 
 

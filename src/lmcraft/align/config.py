@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field, model_validator
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import ConfigError
-from lmcraft.generation_settings import GenerationSettings
+from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 
 __all__ = ["AlignmentConfig", "DPOSection", "DataSection", "ModelSource", "PPOSection", "PairsData", "PromptsSection",
            "SamplesSection", "SaveSection", "ScoreEval", "split_eval"]
@@ -66,11 +66,10 @@ class PairsData(DataSection):
     format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
 
 
-class SamplesSection(Section):
+class SamplesSection(GenerationSettings):
     """Greedy replies to these prompts (chat) before and after training, written to OUT/samples.json."""
 
     prompts: list[str] = []
-    max_new_tokens: int = Field(64, ge=1)
 
 
 class SaveSection(Section):
@@ -123,7 +122,7 @@ class PromptsSection(Section):
     max_length: int = Field(512, ge=1, description="prompts longer than this (tokens) are skipped")
 
 
-class PPOSection(GenerationSettings):
+class PPOSection(SamplingSettings):
     """Rollout and update settings (see lmcraft.align.ppo for the symbols); rollouts sample with the generation
     settings (temperature also divides the logits of the log-probs)."""
 

@@ -9,5 +9,6 @@ Modules: config (the stage configs), records + emails + data (reading and tokeni
 (losses, predictions, metrics), evaluation (the trainer's loss_fn/eval_fn), layers (parameter depth, LLRD,
 freezing, gradual unfreezing), heads (dropout), profiling (memory and speed), runner (one run), merge
 (adapter -> full model), compare (many methods, one table and plot). PEFT wiring and the final save are
-lmcraft.peft.training's; the chunked LM-head loss is lmcraft.objectives.lm_head's. The stages `lmcraft finetune`, `lmcraft merge` and `lmcraft compare` are thin wrappers around them.
+lmcraft.peft.training's; the chunked LM-head loss is lmcraft.objectives.lm_head's. The stages `lmcraft finetune`,
+`lmcraft merge` and `lmcraft compare` are thin wrappers around them.
 """

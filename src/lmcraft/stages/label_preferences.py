@@ -26,13 +26,13 @@ from pydantic import Field, model_validator
 from lmcraft.align.config import ModelSource
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import Section, StageConfig
-from lmcraft.generation_settings import GenerationSettings
+from lmcraft.generation_settings import SamplingSettings
 from lmcraft.stages import add_config_arguments, load_stage_config
 
 __all__ = ["ConstitutionSection", "GenerationSection", "LabelConfig", "add_arguments", "run", "run_labelling"]
 
 
-class GenerationSection(GenerationSettings):
+class GenerationSection(SamplingSettings):
     seed: int = 0
 
 
