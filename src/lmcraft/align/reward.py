@@ -12,6 +12,7 @@ at least about m. Reported per pair: accuracy [r_c > r_r] and margin r_c - r_r (
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,17 +67,27 @@ class PairData:
 
 def build_pair_data(pairs: Sequence[PreferencePair], formatter: ChatFormatter, max_length: int,
                     truncation: Truncation = "right") -> PairData:
-    """Render prompt + chosen and prompt + rejected; the answer is kept when truncating (prompt cut from the left)."""
-    items, dropped = [], 0
+    """Render prompt + chosen and prompt + rejected; the answer is kept when truncating (prompt cut from the left).
+    The whole sequences are checked first (`align.data_checks`): a label-mask bug stops the run, example shown."""
+    from lmcraft.align.data_checks import check_chat_examples
+    from lmcraft.align.instruct import collate_padded
+
+    items, dropped, conversations, whole = [], 0, [], []
     for pair in pairs:
-        sides = [truncate(formatter.tokenize_pair(pair.prompt, answer, pair.source), max_length, truncation,
-                          keep_answer=True) for answer in (pair.chosen, pair.rejected)]
+        full = [formatter.tokenize_pair(pair.prompt, answer, pair.source) for answer in (pair.chosen, pair.rejected)]
+        conversations += [[*pair.prompt, *answer] for answer in (pair.chosen, pair.rejected)]
+        whole += full
+        sides = [truncate(side, max_length, truncation, keep_answer=True) for side in full]
         if sides[0] is None or sides[1] is None:
             dropped += 1
             continue
         items.append(TokenizedPair(sides[0], sides[1], pair.margin))
     pad = formatter.tokenizer.pad_token_id
-    return PairData(items, 0 if pad is None else pad, dropped)
+    pad = 0 if pad is None else pad
+    checks = check_chat_examples(conversations, whole, formatter.tokenizer.eos_token_ids,
+                                 lambda exs: collate_padded(exs, pad))
+    print(checks.line(), file=sys.stderr)
+    return PairData(items, pad, dropped)
 
 
 def collate_pairs(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ into rows with per-example attention (see instruct.py).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,21 +57,29 @@ class SFTData:
 
 def build_sft_data(conversations: Sequence[Conversation], formatter: ChatFormatter, max_length: int,
                    truncation: Truncation = "right", packing: bool = False) -> SFTData:
-    """Tokenize, mask and truncate every conversation; pack them into rows of `max_length` tokens if asked."""
+    """Tokenize, mask and truncate every conversation; pack them into rows of `max_length` tokens if asked. The
+    whole examples are checked first (`align.data_checks`): a label-mask bug stops the run here, example shown."""
+    from lmcraft.align.data_checks import check_chat_examples
+
+    whole = [formatter.tokenize(conv.messages, source=conv.source) for conv in conversations]
     examples, dropped = [], 0
-    for conv in conversations:
-        ex = truncate(formatter.tokenize(conv.messages, source=conv.source), max_length, truncation)
+    for full in whole:
+        ex = truncate(full, max_length, truncation)
         if ex is None:
             dropped += 1
         else:
             examples.append(ex)
     pad = formatter.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    collate = (lambda exs: collate_packed([exs], pad)) if packing else (lambda exs: collate_padded(exs, pad))
+    checks = check_chat_examples([c.messages for c in conversations], whole, formatter.tokenizer.eos_token_ids, collate)
     items: list[Any] = pack(examples, max_length) if packing else list(examples)
     tokens = sum(len(e.input_ids) for e in examples)
     stats = {"examples": len(examples), "dropped": dropped, "tokens": tokens,
              "trained_tokens": sum(e.num_trained for e in examples), "rows": len(items),
              "fill": tokens / (len(items) * max_length) if packing and items else 0.0}
-    return SFTData(items, examples, 0 if pad is None else pad, packing, dropped, stats)
+    print(checks.line(), file=sys.stderr)
+    return SFTData(items, examples, pad, packing, dropped, stats)
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
