@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from lmcraft.errors import LmcraftError
-from lmcraft.models.backbone import Prefix, default_position_ids
-from lmcraft.models.model import ModelOutput
+from lmcraft.models.model import ModelOutput, Prefix, default_position_ids
 
 if TYPE_CHECKING:
     from lmcraft.peft.base import MethodConfig

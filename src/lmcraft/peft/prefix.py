@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcraft.models.backbone import Prefix
+from lmcraft.models.model import Prefix
 from lmcraft.peft.base import (
     PromptLearningConfig,
     modules_to_save_from_peft,
