@@ -40,7 +40,7 @@ def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str
     from lmcraft.finetune.heads import fit_head
     from lmcraft.finetune.runner import FINETUNE_INFO
     from lmcraft.hub import HubWarning, load_model, save_model
-    from lmcraft.peft.base import CONFIG_NAME
+    from lmcraft.peft.io import CONFIG_NAME
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_NAME).is_file():
