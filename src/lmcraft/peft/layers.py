@@ -198,8 +198,8 @@ def wrap_targets(root: nn.Module, targets: str | list[str] | tuple[str, ...], ac
                  wrapper: type[AdapterLayer], what: str) -> list[tuple[AdapterLayer, str]]:
     """Wrap every matching module in `wrapper` (reusing an existing one); returns (wrapper, clean path) pairs."""
     found = find_modules(root, targets, (*accept, AdapterLayer))
-    for _, _, module, cpath in found:
-        if isinstance(module, AdapterLayer) and not isinstance(module, (wrapper, *accept)):
+    for _, _, module, cpath in found:  # exact types: a LoRA variant's wrapper takes adapters of that variant only
+        if isinstance(module, AdapterLayer) and type(module) is not wrapper and not isinstance(module, accept):
             raise PeftError(f"{what}: {cpath} already carries a {type(module).__name__} adapter of another method; "
                             f"methods that wrap the same module cannot be stacked.")
     if not found:
@@ -212,7 +212,7 @@ def wrap_targets(root: nn.Module, targets: str | list[str] | tuple[str, ...], ac
                         f"{', '.join(hf) or '(none)'} (Hugging Face names).")
     out = []
     for parent, attr, module, cpath in found:
-        if not isinstance(module, wrapper):
+        if type(module) is not wrapper:
             module = wrapper(module)
             setattr(parent, attr, module)
         out.append((module, cpath))

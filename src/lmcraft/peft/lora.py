@@ -11,10 +11,10 @@ For a frozen linear layer y = W0 x + b (W0: out x in), adapter `a` adds a rank-r
 
 Merging: W = W0 + s B A, and for DoRA W = m / ||W0 + s B A||_row * (W0 + s B A).
 
-One wrapper class per variant: `LoRALinear`, `DoRALinear` and `GatedLoRALinear` (the last two extend the first and
-compute plain LoRA for an adapter added without their extra parameters). Several named adapters can live on one
-layer; `PeftModel.set_adapter` picks the active one, and `PeftModel.disable_adapters()` gives back the base model
-(the reference model of DPO). A layer wrapped by one variant cannot take an adapter of another.
+One wrapper class per variant: `LoRALinear`, and `DoRALinear` and `GatedLoRALinear`, which extend it with their own
+parameters (`add_variant`), forward and merge. Several named adapters of one variant can live on one layer;
+`PeftModel.set_adapter` picks the active one, and `PeftModel.disable_adapters()` gives back the base model (the
+reference model of DPO). A layer wrapped by one variant cannot take an adapter of another.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class LoRALinear(AdapterLayer):
             nn.init.zeros_(self.lora_B[adapter].weight)
         self.lora_dropout[adapter] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[adapter] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.add_variant(adapter)
+
+    def add_variant(self, adapter: str) -> None:
+        """Add the parameters a LoRA variant has beyond A and B (none for plain LoRA)."""
 
     def _factory(self) -> dict[str, Any]:
         """Device and dtype of new adapter weights: the base weight's (float32 for a quantised base)."""
@@ -114,18 +118,16 @@ class DoRALinear(LoRALinear):
         super().__init__(base_layer)
         self.lora_magnitude_vector = nn.ParameterDict()
 
-    def add(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-            zero_init_b: bool = True) -> None:
-        """LoRA's A and B, and m = ||W0 + s B A||_row (so the layer starts as the base)."""
-        super().add(adapter, r, alpha, dropout, use_rslora, zero_init_b)
+    def add_variant(self, adapter: str) -> None:
+        """m = ||W0 + s B A||_row, so the layer starts as the base."""
         with torch.no_grad():
             self.lora_magnitude_vector[adapter] = nn.Parameter(self.combined_weight(adapter).norm(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.active
-        if a is None or a not in self.lora_magnitude_vector:
-            return super().forward(x)
         result = self.base_layer(x)
+        a = self.active
+        if a is None or a not in self.lora_A:
+            return result
         dx = self.lora_dropout[a](x)
         delta = self.update(a, dx).to(result.dtype)
         weight = dense_weight(self.base_layer)
@@ -139,8 +141,6 @@ class DoRALinear(LoRALinear):
         return result + (scale - 1) * base_out + scale * delta
 
     def merge_adapter(self, adapter: str) -> nn.Module:
-        if adapter not in self.lora_magnitude_vector:
-            return super().merge_adapter(adapter)
         with torch.no_grad():
             weight = self.combined_weight(adapter)
             return self._linear((self.lora_magnitude_vector[adapter] / weight.norm(dim=1))[:, None] * weight)
@@ -155,26 +155,22 @@ class GatedLoRALinear(LoRALinear):
         super().__init__(base_layer)
         self.lora_gate = nn.ModuleDict()
 
-    def add(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-            zero_init_b: bool = True) -> None:
-        """LoRA's A and B, and the gate (g, c): in -> 1."""
-        super().add(adapter, r, alpha, dropout, use_rslora, zero_init_b)
+    def add_variant(self, adapter: str) -> None:
+        """The gate (g, c): in -> 1."""
         self.lora_gate[adapter] = nn.Linear(self.in_features, 1, **self._factory())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.active
-        if a is None or a not in self.lora_gate:
-            return super().forward(x)
         result = self.base_layer(x)
+        a = self.active
+        if a is None or a not in self.lora_A:
+            return result
         gate = self.lora_gate[a]
         delta = self.update(a, self.lora_dropout[a](x)) * torch.sigmoid(gate(x.to(gate.weight.dtype)))
         return result + delta.to(result.dtype)
 
     def merge_adapter(self, adapter: str) -> nn.Module:
-        if adapter in self.lora_gate:
-            raise PeftError("a gated LoRA update (UniPELT) depends on the input through its gate and cannot be "
-                            "merged into the weight.")
-        return super().merge_adapter(adapter)
+        raise PeftError("a gated LoRA update (UniPELT) depends on the input through its gate and cannot be "
+                        "merged into the weight.")
 
 
 def attach_lora(model: PeftModel, adapter: str, cfg: LoraConfig, gated: bool = False) -> None:
