@@ -31,6 +31,8 @@ from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
 from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
+from lmcraft.models.config import ModelConfig
+from lmcraft.models.model import Prefix
 
 
 class GenerationError(LmcraftError):
@@ -139,7 +141,7 @@ class Generation:
         *,
         attention_mask: torch.Tensor | None = None,
         tokenizer: Any = None,
-        prefix: Any = None,
+        prefix: Prefix | None = None,
         fuse: bool = True,
     ) -> None:
         self.model = model
@@ -194,7 +196,7 @@ class Generation:
             mask = None  # no padding: the model's fast unmasked attention paths apply
         return ids.to(device), None if mask is None else mask.to(device).long()
 
-    def _check_length(self, cfg: Any) -> None:
+    def _check_length(self, cfg: ModelConfig | None) -> None:
         total = self.input_ids.shape[1] + self.config.max_new_tokens
         if cfg is not None and getattr(cfg, "position", "rope") == "learned" and total > cfg.max_position_embeddings:
             raise GenerationError(
@@ -308,7 +310,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     tokenizer: Any = None,
     streamer: Streamer | None = None,
-    prefix: Any = None,
+    prefix: Prefix | None = None,
     fuse: bool = True,
 ) -> GenerationResult:
     """Generate new tokens for a batch of prompts.

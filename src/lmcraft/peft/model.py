@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lmcraft.models.layers import KVCache
 from lmcraft.models.model import ModelOutput, Prefix, default_position_ids
 from lmcraft.peft.layers import (
     AdapterLayer,
@@ -139,7 +140,7 @@ class PeftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        past_key_values: KVCache | None = None,
         prefix: Prefix | None = None,
         use_cache: bool = False,
         token_type_ids: torch.Tensor | None = None,
@@ -201,7 +202,7 @@ class PeftModel(nn.Module):
             logits = logits[:, logits.shape[1] - t:]
         return ModelOutput(logits, out.hidden_states[:, p:], out.past_key_values)
 
-    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> Any:
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache with room for the virtual tokens of a prompt-style adapter as well."""
         provider = self.providers[self.active_adapter] if self.active_adapter in self.providers else None
         extra = provider.num_virtual_tokens if isinstance(provider, PromptProvider) else 0
