@@ -91,6 +91,10 @@ class LoRALinear(AdapterLayer):
         a = self.active
         if a is None or a not in self.lora_A:
             return result
+        return self.adapted(a, x, result)
+
+    def adapted(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer's output with adapter `a` active, given x and the base output `result` = W0 x + b."""
         return result + self.update(a, self.lora_dropout[a](x)).to(result.dtype)
 
     def merge_adapter(self, adapter: str) -> nn.Module:
@@ -123,11 +127,7 @@ class DoRALinear(LoRALinear):
         with torch.no_grad():
             self.lora_magnitude_vector[adapter] = nn.Parameter(self.combined_weight(adapter).norm(dim=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        a = self.active
-        if a is None or a not in self.lora_A:
-            return result
+    def adapted(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         dx = self.lora_dropout[a](x)
         delta = self.update(a, dx).to(result.dtype)
         weight = dense_weight(self.base_layer)
@@ -159,11 +159,7 @@ class GatedLoRALinear(LoRALinear):
         """The gate (g, c): in -> 1."""
         self.lora_gate[adapter] = nn.Linear(self.in_features, 1, **self._factory())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        a = self.active
-        if a is None or a not in self.lora_A:
-            return result
+    def adapted(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         gate = self.lora_gate[a]
         delta = self.update(a, self.lora_dropout[a](x)) * torch.sigmoid(gate(x.to(gate.weight.dtype)))
         return result + delta.to(result.dtype)
