@@ -12,13 +12,14 @@ from lmcraft.generate import (
     GenerationError,
     TokenChooser,
     apply_repetition_penalty,
-    fused_projections,
+    fast_decoding,
     generate,
     min_p_filter,
     top_k_filter,
     top_p_filter,
 )
 from lmcraft.models import LanguageModel, ModelConfig, preset
+from lmcraft.models.layers import MLP, Attention
 
 NEG = float("-inf")
 
@@ -64,18 +65,18 @@ def test_left_padded_batch_equals_each_prompt_alone() -> None:
 
 @pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "num_kv_heads": 4},
                                        {"mlp": "plain", "activation": "gelu"}])
-def test_fused_projections_give_the_same_logits(overrides: dict) -> None:
+def test_fast_decoding_gives_the_same_logits(overrides: dict) -> None:
     model = tiny(**overrides)
     ids = torch.tensor([[3, 9, 27, 81], [5, 25, 1, 2]])
     with torch.inference_mode():
         cache = model.new_cache(2, 8)
         expected = [model(ids, past_key_values=cache).logits, model(ids[:, :1], past_key_values=cache).logits]
-        with fused_projections(model):
+        with fast_decoding(model):
             cache = model.new_cache(2, 8)
             got = [model(ids, past_key_values=cache).logits, model(ids[:, :1], past_key_values=cache).logits]
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
-    assert all(layer.self_attn.fused is None and layer.mlp.fused is None for layer in model.model.layers)
+    assert all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in model.model.layers)
 
 
 def test_prefix_reaches_every_decoding_step() -> None:

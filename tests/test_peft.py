@@ -400,3 +400,6 @@ def test_stacking_different_wrappers_on_one_module_is_refused() -> None:
     model = peft.apply(tiny(), {"method": "ia3"}, adapter_name="a")
     with pytest.raises(peft.PeftError, match="cannot be stacked"):
         peft.apply(model, {"method": "lora", "target_modules": ["k_proj"]}, adapter_name="b")
+    model = peft.apply(tiny(), {"method": "lora"}, adapter_name="a")
+    with pytest.raises(peft.PeftError, match="LoRALinear adapter of another method"):
+        peft.apply(model, {"method": "dora"}, adapter_name="b")

@@ -36,7 +36,7 @@ def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str
     from lmcraft.assets import resolve_model
     from lmcraft.finetune.runner import FINETUNE_INFO
     from lmcraft.hub import HubWarning, load_model, save_model
-    from lmcraft.peft.base import CONFIG_NAME
+    from lmcraft.peft.io import CONFIG_NAME
     from lmcraft.peft.training import fit_head
 
     adapter_dir = Path(adapter_dir)

@@ -10,10 +10,10 @@ from lmcraft.generate.core import (
     GenerationConfig,
     GenerationError,
     GenerationResult,
-    fused_projections,
     generate,
     left_pad,
 )
+from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import (
     TokenChooser,
     apply_repetition_penalty,
@@ -38,7 +38,7 @@ __all__ = [
     "decode_continuation",
     "encode_prompts",
     "encode_text",
-    "fused_projections",
+    "fast_decoding",
     "generate",
     "generate_text",
     "left_pad",

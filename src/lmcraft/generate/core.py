@@ -12,16 +12,15 @@ would alone. A row finishes at an end-of-sequence token, a stop string (needs th
 `max_new_tokens`; generation ends when every row has finished.
 
 The cache holds `P + max_new_tokens` positions from the start (no reallocation), the prefill computes
-logits for one position only, and each decode step runs one forward and one `tolist()`. During a run
-the q/k/v and gate/up weights of plain linear layers are also held stacked (`fused_projections`), one
-matrix product each instead of three and two; pass `fuse=False` to save that memory.
+logits for one position only, and each decode step runs one forward and one `tolist()`. During a run the
+decode fast path of `fast_decode.py` is installed (single-token attention; q/k/v and gate/up weights of plain
+linear layers held stacked, one matrix product each instead of three and two; `fuse=False` saves that memory).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +28,11 @@ import torch
 from torch import nn
 
 from lmcraft.errors import ConfigError, LmcraftError
+from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
 from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
+from lmcraft.models.config import ModelConfig
+from lmcraft.models.model import Prefix
 
 
 class GenerationError(LmcraftError):
@@ -125,20 +127,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@contextmanager
-def fused_projections(model: nn.Module) -> Iterator[None]:
-    """Let layers that can (`fuse_projections()`) compute q/k/v and gate/up with one matrix product each
-    for the duration of a generation; the stacked weight copies are dropped afterwards."""
-    layers = [m for m in model.modules() if hasattr(m, "fuse_projections")]
-    try:
-        for layer in layers:
-            layer.fuse_projections()
-        yield
-    finally:
-        for layer in layers:
-            layer.unfuse_projections()
-
-
 class Generation:
     """One generation run. Iterate it to stream: each step yields one entry per row (the new token id,
     or None for a row that had already finished); `result()` afterwards returns the `GenerationResult`.
@@ -153,7 +141,7 @@ class Generation:
         *,
         attention_mask: torch.Tensor | None = None,
         tokenizer: Any = None,
-        prefix: Any = None,
+        prefix: Prefix | None = None,
         fuse: bool = True,
     ) -> None:
         self.model = model
@@ -208,7 +196,7 @@ class Generation:
             mask = None  # no padding: the model's fast unmasked attention paths apply
         return ids.to(device), None if mask is None else mask.to(device).long()
 
-    def _check_length(self, cfg: Any) -> None:
+    def _check_length(self, cfg: ModelConfig | None) -> None:
         total = self.input_ids.shape[1] + self.config.max_new_tokens
         if cfg is not None and getattr(cfg, "position", "rope") == "learned" and total > cfg.max_position_embeddings:
             raise GenerationError(
@@ -257,10 +245,7 @@ class Generation:
         model.eval()
         start = time.perf_counter()
         try:
-            if self.fuse:
-                with fused_projections(model):
-                    yield from self._decode()
-            else:
+            with fast_decoding(model, fuse=self.fuse):
                 yield from self._decode()
         finally:
             self.elapsed_s = time.perf_counter() - start
@@ -325,7 +310,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     tokenizer: Any = None,
     streamer: Streamer | None = None,
-    prefix: Any = None,
+    prefix: Prefix | None = None,
     fuse: bool = True,
 ) -> GenerationResult:
     """Generate new tokens for a batch of prompts.

@@ -111,6 +111,20 @@ class NameTable:
     def is_ignored(self, hf_key: str) -> bool:
         return any(re.fullmatch(p, hf_key) for p in self.ignored)
 
+    def hf_module(self, module: str, head: str) -> str | None:
+        """Our module path -> the path of the HF module holding its parameters (None when the layout has none).
+
+        `model.layers.0.attn_norm` -> `model.layers.0.input_layernorm` (Llama), `head` -> `lm_head`;
+        a module packed into a larger HF one maps to that one (GPT-2's q/k/v projections -> `...attn.c_attn`).
+        """
+        rules = self.backbone + self.heads.get(head, ())
+        for param in ("weight", "bias"):
+            for r in rules:
+                groups = r.match(f"{module}.{param}")
+                if groups is not None:
+                    return r.hf.format(**groups).rpartition(".")[0]
+        return None
+
 
 def plan(table: NameTable, head: str, names: Iterable[str], family: str) -> list[Entry]:
     """The HF tensors for a model whose (deduplicated) parameter names are `names`, in model order."""
@@ -226,5 +240,6 @@ BERT = NameTable(
     legacy=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
 )
 
+# model_type -> its table (the rope-family table also stands for models of an unknown type)
 NAME_TABLES: dict[str, NameTable] = {"llama": ROPE_FAMILY, "mistral": ROPE_FAMILY, "qwen2": ROPE_FAMILY,
                                      "gpt2": GPT2, "bert": BERT}

@@ -12,8 +12,6 @@ a `KVCache` (generation) and per-layer `prefix` key/values (prefix tuning), both
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.models.config import ModelConfig
-from lmcraft.models.rope import apply_rope, rotate_half
+from lmcraft.models.rope import RoPE, apply_rope
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -149,57 +147,16 @@ def build_attention_mask(
     return AttentionMask(allowed, False)
 
 
-class Rotation:
-    """The RoPE tables of one forward pass: cos, sin (B or 1, 1, T, D); unpacks as `cos, sin = rotation`.
-
-    For single-token steps the rotation is also one matrix per row, built on first use and shared by all
-    layers: rope(x) = x * cos + rotate_half(x) * sin = x @ M with M = diag(cos) + P diag(sin), where P is
-    the signed permutation with x @ P = rotate_half(x). Every query and key head of a layer then rotates in
-    one batched matrix product instead of six elementwise operations.
-    """
-
-    __slots__ = ("cos", "sin", "_matrix")
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos, self.sin = cos, sin
-        self._matrix: torch.Tensor | None = None
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter((self.cos, self.sin))
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return (self.cos, self.sin)[index]
-
-    def __len__(self) -> int:
-        return 2
-
-    def matrix(self) -> torch.Tensor:
-        """M (B or 1, D, D) for T = 1."""
-        if self._matrix is None:
-            cos, sin = self.cos[:, 0, 0], self.sin[:, 0, 0]  # (B, D)
-            self._matrix = torch.diag_embed(cos) + _half_rotation(cos.shape[-1], cos.dtype, cos.device) * sin[:, None]
-        return self._matrix
-
-
-@functools.cache
-def _half_rotation(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """P (D, D) with x @ P = rotate_half(x) = [-x2, x1]."""
-    half = dim // 2
-    p = torch.zeros(dim, dim, dtype=dtype, device=device)
-    idx = torch.arange(half, device=device)
-    p[idx + half, idx] = -1.0
-    p[idx, idx + half] = 1.0
-    return p
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys.
 
-    Decoding (one new token per row, with a cache, in eval mode) takes `_decode`: q and k are rotated
-    together, and the `groups` query heads sharing one key/value head become `groups` query rows of that
-    head, so the cached keys/values are read in place instead of being repeated per query head.
-    `fuse_projections()` (used by generation) stacks the q/k/v weights so that one matrix product yields
-    all three; the stacked copy is used only while gradients are off and is dropped by `unfuse_projections()`.
+        q, k, v = W_q x, W_k x, W_v x           (B, heads, T, D); k, v have kv_heads <= heads heads
+        q, k    = rope(q), rope(k)               (RoPE models; `rope` = (cos, sin))
+        k, v    = [prefix | cache | k, v]        (keys/values seen by the new queries)
+        out     = W_o softmax(q k^T / sqrt(D) + mask) v
+
+    Query head h reads key/value head h // (heads / kv_heads). Generation swaps in a faster equivalent for
+    single-token steps (`lmcraft.generate.fast_decode`); this is the one reference path.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -211,28 +168,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.dropout = cfg.attention_dropout
-        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def fuse_projections(self) -> bool:
-        """Stack q/k/v weights (and biases) for generation; False (nothing done) unless all three are plain
-        `nn.Linear` (an adapter-wrapped projection keeps its own forward)."""
-        self.fused = _stack_linears(self.q_proj, self.k_proj, self.v_proj)
-        return self.fused is not None
-
-    def unfuse_projections(self) -> None:
-        self.fused = None
 
     def forward(
         self,
         x: torch.Tensor,
         mask: AttentionMask,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: RoPE | None = None,
         cache: KVCache | None = None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        if t == 1 and cache is not None and not self.training:
-            return self._decode(x, mask, rope, cache, prefix)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -241,45 +186,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if prefix is not None:
-            k, v = _with_prefix(k, v, prefix)
+            k, v = with_prefix(k, v, prefix)
         out = F.scaled_dot_product_attention(  # enable_gqa: query head h reads kv head h // groups, uncopied
             q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def _decode(
-        self,
-        x: torch.Tensor,
-        mask: AttentionMask,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache,
-        prefix: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """Attention for one new token per row (x: (B, 1, H)); the mask is (B or 1, 1, 1, S) or None."""
-        b = x.shape[0]
-        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.fused is not None and not torch.is_grad_enabled():
-            qkv = F.linear(x, *self.fused).view(b, h + 2 * kv, 1, d)  # T = 1: heads need no transpose
-            qk, v = qkv.split((h + kv, kv), dim=1)
-        else:
-            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(b, h + kv, 1, d)
-            v = self.v_proj(x).view(b, kv, 1, d)
-        if isinstance(rope, Rotation):
-            qk = torch.bmm(qk.view(b, h + kv, d), rope.matrix().expand(b, d, d)).view(b, h + kv, 1, d)
-        elif rope is not None:
-            cos, sin = rope
-            qk = qk * cos + rotate_half(qk) * sin
-        q, k = qk.split((h, kv), dim=1)
-        k, v = cache.update(self.layer_idx, k, v)
-        if prefix is not None:
-            k, v = _with_prefix(k, v, prefix)
-        q = q.reshape(b, kv, h // kv, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
-        return self.o_proj(out.reshape(b, 1, h * d))
 
-
-def _with_prefix(
+def with_prefix(
     k: torch.Tensor, v: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepend per-layer prefix keys/values (1 or B, kv_heads, P, D) to k, v (B, kv_heads, S, D)."""
@@ -290,24 +205,8 @@ def _with_prefix(
     return k, v
 
 
-def _stack_linears(*layers: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weights stacked along the output dim, biases likewise or None); None unless all are plain nn.Linear."""
-    if not all(type(layer) is nn.Linear for layer in layers):
-        return None
-    with torch.no_grad():
-        weight = torch.cat([layer.weight for layer in layers])
-        has_bias = [layer.bias is not None for layer in layers]
-        if any(has_bias) and not all(has_bias):
-            return None
-        bias = torch.cat([layer.bias for layer in layers]) if all(has_bias) else None
-    return weight, bias
-
-
 class MLP(nn.Module):
-    """Gated: down(act(gate x) * up x).  Plain: down(act(up x)).
-
-    `fuse_projections()` stacks gate and up (generation; used only while gradients are off).
-    """
+    """Gated: down(act(gate x) * up x).  Plain: down(act(up x))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -317,19 +216,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.activation]
-        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def fuse_projections(self) -> bool:
-        self.fused = _stack_linears(self.gate_proj, self.up_proj) if self.gated else None
-        return self.fused is not None
-
-    def unfuse_projections(self) -> None:
-        self.fused = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
 
@@ -346,7 +234,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, rope=None, cache=None, prefix=None) -> torch.Tensor:  # noqa: ANN001
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: RoPE | None = None,
+        cache: KVCache | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         drop = self.dropout if self.training else _identity  # eval: skip the no-op module call
         if self.pre_norm:
             x = x + drop(self.self_attn(self.attn_norm(x), mask, rope, cache, prefix))

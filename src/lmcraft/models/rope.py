@@ -23,6 +23,8 @@ from lmcraft.models.config import ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
+RoPE = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of one forward pass, each (B or 1, 1, T, D)
+
 
 def rope_frequencies(
     dim: int, theta: float, scaling: dict[str, Any] | None, seq_len: int, max_pos: int
@@ -55,15 +57,21 @@ def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any], factor:
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] along the last dim."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope(x) = x * cos + rotate_half(x) * sin, for x (B, heads, T, D) and cos/sin (B or 1, 1, T, D)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries and keys (B, heads, T, D) by per-position cos/sin (B, 1, T, D)."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -95,7 +103,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RoPE:
         """cos, sin of shape (B, 1, T, D) for position ids (B, T)."""
         needed = int(position_ids.max()) + 1
         if self.dynamic and needed > self.max_pos:

@@ -22,12 +22,9 @@ from torch import nn
 
 from lmcraft.models.layers import Block
 from lmcraft.models.model import LanguageModel, ModelOutput
-from lmcraft.models.rope import rotate_half
+from lmcraft.models.rope import RoPE, rotate
 
 __all__ = ["TwoStreamModel", "permutation_masks", "two_stream_layer"]
-
-Rope = tuple[torch.Tensor, torch.Tensor] | None
-
 
 def permutation_masks(rank: torch.Tensor, target_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Content mask (B, 1, T, T): r_j <= r_i; query mask (B, 1, K, T): r_j < r_{target_k}. True = may attend."""
@@ -41,8 +38,8 @@ def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], n, d).transpose(1, 2)
 
 
-def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    return x if rope is None else x * rope[0] + rotate_half(x) * rope[1]
+def _rotate(x: torch.Tensor, rope: RoPE | None) -> torch.Tensor:
+    return x if rope is None else rotate(x, *rope)
 
 
 def _residual_and_mlp(block: Block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -55,7 +52,7 @@ def _residual_and_mlp(block: Block, x: torch.Tensor, attn_out: torch.Tensor) -> 
 
 
 def two_stream_layer(block: Block, h: torch.Tensor, g: torch.Tensor, content_mask: torch.Tensor,
-                     query_mask: torch.Tensor, rope_h: Rope = None, rope_g: Rope = None
+                     query_mask: torch.Tensor, rope_h: RoPE | None = None, rope_g: RoPE | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer on both streams: h (B, T, H) and g (B, K, H); keys/values come from h only."""
     attn = block.self_attn

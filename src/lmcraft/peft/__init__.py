@@ -7,36 +7,33 @@ prefix tuning, prompt tuning, P-tuning v1/v2, BitFit, (IA)^3 and UniPELT.
     peft.save_adapter(model, "adapter/")                       # Hugging Face PEFT layout where PEFT has the method
     merged = peft.merge(model)
 
-See base.py for the registry and file layouts, model.py for `PeftModel`, and one module per method.
+Modules: `registry.py` (method configs by name), `layers.py` (wrapper layers, providers, target matching),
+`model.py` (`PeftModel`, adapter state dicts), `api.py` (apply, merge, parameter counts), `hf_format.py` (Hugging
+Face PEFT's config keys and tensor names), `io.py` (adapter folders), and one module per method with its math.
 """
 
 from lmcraft.peft import adalora, adapter, bitfit, ia3, lora, prefix, prompt, ptuning, qlora, unipelt
 from lmcraft.peft.adalora import AdaLoraConfig, update_and_allocate
 from lmcraft.peft.adapter import AdapterConfig
-from lmcraft.peft.base import (
-    REGISTRY,
-    MethodConfig,
-    adapter_state_dict,
+from lmcraft.peft.api import (
     apply,
-    config_from_dict,
     count_parameters,
-    load_adapter,
-    load_adapter_state_dict,
     merge,
     print_trainable_parameters,
-    read_adapter_config,
     regularization_loss,
-    save_adapter,
     trainable_parameters,
 )
 from lmcraft.peft.bitfit import BitFitConfig
 from lmcraft.peft.ia3 import IA3Config
+from lmcraft.peft.io import load_adapter, read_adapter_config, save_adapter
+from lmcraft.peft.layers import PeftError
 from lmcraft.peft.lora import DoraConfig, LoraConfig
-from lmcraft.peft.model import PeftError, PeftModel
+from lmcraft.peft.model import PeftModel, adapter_state_dict, load_adapter_state_dict
 from lmcraft.peft.prefix import PrefixConfig
 from lmcraft.peft.prompt import PromptConfig
 from lmcraft.peft.ptuning import PTuningConfig, PTuningV2Config
 from lmcraft.peft.qlora import QLoraConfig, quantize_model
+from lmcraft.peft.registry import REGISTRY, MethodConfig, config_from_dict
 from lmcraft.peft.unipelt import UniPELTConfig
 
 __all__ = [

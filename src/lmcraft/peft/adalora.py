@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcraft.peft.base import PEFT_PREFIX, MethodConfig, register, reject_unsupported
-from lmcraft.peft.lora import LORA_UNSUPPORTED, peft_lora_dict
-from lmcraft.peft.model import AdapterLayer, PeftError, PeftModel, clean_path, wrap_targets
+from lmcraft.peft.layers import AdapterLayer, PeftError, clean_path, wrap_targets
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import MethodConfig, register
 
 
 class SVDLinear(AdapterLayer):
@@ -98,11 +98,11 @@ class SVDLinear(AdapterLayer):
         return merged.requires_grad_(False)
 
 
-def _svd_layers(model: PeftModel, adapter: str) -> list[tuple[str, SVDLinear]]:
+def svd_layers(model: PeftModel, adapter: str) -> list[tuple[str, SVDLinear]]:
     return [(p, m) for p, m in model.adapter_layers() if isinstance(m, SVDLinear) and adapter in m.lora_A]
 
 
-def _key(path: str) -> str:
+def triplet_key(path: str) -> str:
     """PEFT's rank_pattern key of a layer: `model.layers.0.self_attn.q_proj.lora_E`."""
     return f"{clean_path(path)}.lora_E"
 
@@ -112,7 +112,7 @@ class RankAllocator:
 
     def __init__(self, cfg: AdaLoraConfig, model: PeftModel, adapter: str) -> None:
         self.cfg, self.adapter = cfg, adapter
-        layers = _svd_layers(model, adapter)
+        layers = svd_layers(model, adapter)
         self.init_budget = sum(m.lora_E[adapter].shape[0] for _, m in layers)
         self.target_budget = cfg.target_r * len(layers)
         self.reset()
@@ -172,8 +172,8 @@ class RankAllocator:
 def apply_rank_pattern(model: PeftModel, adapter: str, pattern: dict[str, list[bool]]) -> None:
     """Zero lambda_i of every pruned triplet."""
     with torch.no_grad():
-        for path, layer in _svd_layers(model, adapter):
-            keep = pattern.get(_key(path))
+        for path, layer in svd_layers(model, adapter):
+            keep = pattern.get(triplet_key(path))
             e = layer.lora_E[adapter]
             if keep is not None and len(keep) == e.shape[0]:
                 e.masked_fill_(~torch.tensor(keep, device=e.device)[:, None], 0.0)
@@ -189,7 +189,7 @@ def update_and_allocate(model: PeftModel, step: int) -> int:
     if not isinstance(cfg, AdaLoraConfig):
         raise PeftError(f"update_and_allocate needs an active AdaLoRA adapter; active: {adapter!r}")
     alloc: RankAllocator = model.method_state[adapter]
-    layers = _svd_layers(model, adapter)
+    layers = svd_layers(model, adapter)
     last = cfg.total_step - cfg.tfinal
     if step > last:
         apply_rank_pattern(model, adapter, cfg.rank_pattern or {})
@@ -202,7 +202,7 @@ def update_and_allocate(model: PeftModel, step: int) -> int:
         alloc.update_importance(params)
     budget, prune = alloc.budget(step)
     if (prune or step == last) and budget < alloc.init_budget:
-        scores = {_key(path): alloc.triplet_scores(m) for path, m in layers}
+        scores = {triplet_key(path): alloc.triplet_scores(m) for path, m in layers}
         threshold = torch.kthvalue(torch.cat(list(scores.values())), alloc.init_budget - budget).values
         cfg.rank_pattern = {k: (s > threshold).tolist() for k, s in scores.items()}
         apply_rank_pattern(model, adapter, cfg.rank_pattern)
@@ -214,7 +214,7 @@ def update_and_allocate(model: PeftModel, step: int) -> int:
 def orthogonal_regularizer(model: PeftModel, adapter: str) -> torch.Tensor:
     """R = mean over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2."""
     terms = []
-    for _, m in _svd_layers(model, adapter):
+    for _, m in svd_layers(model, adapter):
         p, q = m.lora_B[adapter], m.lora_A[adapter]
         eye = torch.eye(q.shape[0], device=q.device, dtype=q.dtype)
         terms.append((p.T @ p - eye).pow(2).sum() + (q @ q.T - eye).pow(2).sum())
@@ -227,7 +227,6 @@ class AdaLoraConfig(MethodConfig):
     """AdaLoRA; `total_step` (the number of optimizer steps) is required for the budget schedule."""
 
     method = "adalora"
-    peft_type = "ADALORA"
     init_r: int = 12
     target_r: int = 8
     tinit: int = 0
@@ -261,40 +260,3 @@ class AdaLoraConfig(MethodConfig):
 
     def regularization(self, model: PeftModel, adapter: str) -> torch.Tensor:
         return self.orth_reg_weight * orthogonal_regularizer(model, adapter)
-
-    def to_peft(self, model: PeftModel, adapter: str) -> dict[str, Any]:
-        return peft_lora_dict(
-            model, self, 8, beta1=self.beta1, beta2=self.beta2, deltaT=self.deltaT, init_r=self.init_r,
-            orth_reg_weight=self.orth_reg_weight, rank_pattern=self.rank_pattern, target_r=self.target_r,
-            tfinal=self.tfinal, tinit=self.tinit, total_step=self.total_step,
-        )
-
-    @classmethod
-    def from_peft(cls, data: dict[str, Any]) -> AdaLoraConfig:
-        reject_unsupported(data, {k: v for k, v in LORA_UNSUPPORTED.items() if k != "rank_pattern"},
-                           "AdaLoRA adapter")
-        names = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
-                 "total_step", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern")
-        kwargs = {k: data[k] for k in names if data.get(k) is not None}
-        return cls(**kwargs)
-
-    def peft_tensors(self, model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
-        """Surviving triplets only (rows of A and E, columns of B), as PEFT saves them."""
-        out = {}
-        for path, m in _svd_layers(model, adapter):
-            key = _key(path)[: -len(".lora_E")]
-            a, b, e = m.lora_A[adapter], m.lora_B[adapter], m.lora_E[adapter]
-            keep = (self.rank_pattern or {}).get(_key(path))
-            if keep is not None and len(keep) == e.shape[0]:
-                k = torch.tensor(keep, device=e.device)
-                a, b, e = a[k], b[:, k], e[k]
-            out.update({f"{PEFT_PREFIX}{key}.lora_A": a, f"{PEFT_PREFIX}{key}.lora_B": b,
-                        f"{PEFT_PREFIX}{key}.lora_E": e})
-        return out
-
-    def load_peft_tensors(self, model: PeftModel, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        for path, m in _svd_layers(model, adapter):
-            keep = (self.rank_pattern or {}).get(_key(path))
-            if keep is not None and sum(keep) != len(keep):
-                m.resize(adapter, torch.tensor(keep))
-        super().load_peft_tensors(model, adapter, tensors)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from lmcraft.models.layers import ACTIVATIONS
-from lmcraft.peft.base import MethodConfig, register
-from lmcraft.peft.model import AdapterLayer, PeftModel, wrap_targets
+from lmcraft.peft.layers import AdapterLayer, wrap_targets
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import MethodConfig, register
 
 STYLE_TARGETS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"]}
 

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcraft.peft.base import MethodConfig, register
-from lmcraft.peft.model import AdapterLayer, PeftError, PeftModel, find_modules
+from lmcraft.peft.layers import AdapterLayer, PeftError, find_modules
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import MethodConfig, register
 
 
 class BiasDelta(AdapterLayer):

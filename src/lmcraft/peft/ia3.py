@@ -10,20 +10,13 @@ output scaling W' = diag(l) W, b' = l * b;  input scaling W' = W diag(l).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from lmcraft.peft.base import (
-    MethodConfig,
-    modules_to_save_from_peft,
-    peft_modules_to_save,
-    peft_task_type,
-    register,
-    reject_unsupported,
-)
-from lmcraft.peft.model import AdapterLayer, PeftError, PeftModel, wrap_targets
+from lmcraft.peft.layers import AdapterLayer, find_modules, wrap_targets
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import MethodConfig, register
 
 
 class IA3Linear(AdapterLayer):
@@ -79,7 +72,6 @@ class IA3Config(MethodConfig):
     """
 
     method = "ia3"
-    peft_type = "IA3"
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
     init_ia3_weights: bool = True
@@ -90,28 +82,8 @@ class IA3Config(MethodConfig):
             raise ValueError(f"feedforward_modules {extra} must also be listed in target_modules")
 
     def inject(self, model: PeftModel, adapter: str) -> None:
+        feedforward = {path for *_, path in find_modules(model.base_model, self.feedforward_modules,
+                                                           (nn.Linear, IA3Linear))}
         for layer, path in wrap_targets(model.base_model, self.target_modules, (nn.Linear,), IA3Linear,
                                         f"IA3 ({adapter})"):
-            ff = any(path == t or path.endswith("." + t) for t in self.feedforward_modules)
-            layer.add(adapter, ff, self.init_ia3_weights)
-
-    def to_peft(self, model: PeftModel, adapter: str) -> dict[str, Any]:
-        return {
-            "auto_mapping": None, "exclude_modules": None, "fan_in_fan_out": False,
-            "feedforward_modules": list(self.feedforward_modules), "inference_mode": True,
-            "init_ia3_weights": self.init_ia3_weights,
-            "modules_to_save": peft_modules_to_save(model, self.modules_to_save), "peft_type": "IA3",
-            "revision": None, "target_modules": list(self.target_modules), "task_type": peft_task_type(model),
-        }
-
-    @classmethod
-    def from_peft(cls, data: dict[str, Any]) -> IA3Config:
-        reject_unsupported(data, {"exclude_modules": None, "fan_in_fan_out": False}, "IA3 adapter")
-        targets, ff = data.get("target_modules"), data.get("feedforward_modules")
-        if isinstance(targets, str) or isinstance(ff, str):
-            raise PeftError("IA3 adapter: regular-expression target_modules/feedforward_modules are not supported; "
-                            "list the module names instead.")
-        return cls(target_modules=sorted(targets or ["k_proj", "v_proj", "down_proj"]),
-                   feedforward_modules=sorted(ff or []),
-                   init_ia3_weights=data.get("init_ia3_weights", True) is not False,
-                   modules_to_save=modules_to_save_from_peft(data))
+            layer.add(adapter, path in feedforward, self.init_ia3_weights)

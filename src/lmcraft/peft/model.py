@@ -1,212 +1,34 @@
-"""The building blocks every PEFT method shares: wrapper layers, prefix/prompt providers and `PeftModel`.
+"""`PeftModel`: a base model plus named adapters, with the model's forward contract; its adapter state dicts.
 
-Two ways a method changes a model, and nothing else (no monkey patching):
-
-- **Wrapper layers** (`AdapterLayer`): a module of the base model (a projection, a whole attention or MLP sub-layer,
-  the head) is swapped for a wrapper that holds it as `base_layer` and adds its own parameters. Every adapter
-  parameter lives in a container keyed by the adapter's name (`lora_A["default"]`), so one model can carry several
-  named adapters and switch between them.
-- **Providers**: prefix tuning and prompt tuning leave the modules alone and feed the model through its own
-  contract: per-layer `prefix` key/values, or `inputs_embeds` with virtual tokens in front. `PeftModel.forward`
-  (same signature as `LanguageModel.forward`) asks the active adapter's provider for them.
-
-Names. An adapter tensor is named by the module path in the base model, without the `base_layer` hops of wrappers
-and without the adapter name: `model.layers.0.self_attn.q_proj.lora_A.weight`. Those are Hugging Face PEFT's names
-after its `base_model.model.` prefix, for the Llama family whose module names we share.
+Prefix-style adapters feed per-layer key/values through the model's `prefix` argument, prompt-style adapters put
+virtual-token embeddings in front through `inputs_embeds`; wrapper layers (`layers.py`) need nothing here.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lmcraft.errors import LmcraftError
-from lmcraft.models.backbone import Prefix, default_position_ids
-from lmcraft.models.model import ModelOutput
+from lmcraft.models.layers import KVCache
+from lmcraft.models.model import ModelOutput, Prefix, default_position_ids
+from lmcraft.peft.layers import (
+    AdapterLayer,
+    ModulesToSave,
+    PeftError,
+    PrefixProvider,
+    PromptProvider,
+    clean_path,
+    wrap_targets,
+)
 
 if TYPE_CHECKING:
-    from lmcraft.peft.base import MethodConfig
+    from lmcraft.peft.registry import MethodConfig
 
 PER_TOKEN_HEADS = frozenset({"lm", "mlm", "token_cls", "value"})
-
-
-class PeftError(LmcraftError):
-    """A PEFT configuration or adapter folder does not fit the model, or an operation is not possible."""
-
-
-def clean_path(path: str) -> str:
-    """A module path without the `base_layer` hops that wrappers insert."""
-    return ".".join(p for p in path.split(".") if p != "base_layer")
-
-
-class AdapterLayer(nn.Module):
-    """A module wrapping `base_layer`; subclasses keep per-adapter parameters in `adapter_containers`.
-
-    Each container is an `nn.ModuleDict` or `nn.ParameterDict` keyed by adapter name. `active` names the adapter
-    used in forward (None = behave exactly like `base_layer`).
-    """
-
-    adapter_containers: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.active: str | None = None
-
-    def has_adapter(self, adapter: str) -> bool:
-        return any(adapter in getattr(self, c) for c in self.adapter_containers)
-
-    def adapter_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name without the adapter key, parameter) for one adapter: `lora_A.weight`, `ia3_l`, ..."""
-        for cname in self.adapter_containers:
-            container = getattr(self, cname)
-            if adapter not in container:
-                continue
-            item = container[adapter]
-            if isinstance(item, nn.Parameter):
-                yield cname, item
-            else:
-                for n, p in item.named_parameters():
-                    yield f"{cname}.{n}", p
-
-    def delete_adapter(self, adapter: str) -> None:
-        for cname in self.adapter_containers:
-            container = getattr(self, cname)
-            if adapter in container:
-                del container[adapter]
-
-    def merged(self, adapter: str) -> nn.Module:
-        """The module that replaces this wrapper once `adapter` is folded into the base weights."""
-        if not self.has_adapter(adapter):
-            return self.base_layer
-        return self.merge_adapter(adapter)
-
-    def merge_adapter(self, adapter: str) -> nn.Module:
-        raise PeftError(f"{type(self).__name__} cannot be merged into the base weights: the adapter's function "
-                        f"is not linear in the layer input; keep the adapter as a separate module instead.")
-
-
-class ModulesToSave(AdapterLayer):
-    """A trainable copy of a whole module (e.g. a task head) per adapter; the original stays frozen.
-
-    Merging replaces the original with the adapter's copy.
-    """
-
-    adapter_containers = ("modules_to_save",)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.modules_to_save = nn.ModuleDict()
-
-    def add(self, adapter: str) -> None:
-        self.modules_to_save[adapter] = copy.deepcopy(self.base_layer)
-
-    def adapter_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
-        if adapter in self.modules_to_save:
-            yield from self.modules_to_save[adapter].named_parameters()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.modules_to_save[self.active] if self.active in self.modules_to_save else self.base_layer
-        return module(*args, **kwargs)
-
-    def merge_adapter(self, adapter: str) -> nn.Module:
-        return self.modules_to_save[adapter]
-
-
-class PrefixProvider(nn.Module):
-    """Provides per-layer key/value prefixes: a list of L pairs (1, kv_heads, P, head_dim)."""
-
-    num_virtual_tokens: int
-
-    def prefix(self) -> Prefix:
-        raise NotImplementedError
-
-    def table(self) -> torch.Tensor:
-        """The prefix as one tensor (P, L * 2 * kv_heads * head_dim): PEFT's `prompt_embeddings` layout."""
-        raise NotImplementedError
-
-    def load_table(self, table: torch.Tensor) -> None:
-        """Replace the provider by a plain trainable table (drops any reparameterisation)."""
-        raise NotImplementedError
-
-    def fold(self) -> None:
-        """Fold any reparameterisation into a plain table (same outputs)."""
-        self.load_table(self.table().detach())
-
-
-class PromptProvider(nn.Module):
-    """Provides P virtual-token embeddings (P, hidden) placed in front of the input embeddings."""
-
-    num_virtual_tokens: int
-
-    def embeddings(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def table(self) -> torch.Tensor:
-        return self.embeddings()
-
-    def load_table(self, table: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def fold(self) -> None:
-        self.load_table(self.table().detach())
-
-
-def base_modules(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) over the base model's modules, wrappers included, but not the adapters' own internals."""
-    yield path, module
-    children = [("base_layer", module.base_layer)] if isinstance(module, AdapterLayer) else module.named_children()
-    for name, child in children:
-        yield from base_modules(child, f"{path}.{name}" if path else name)
-
-
-def find_modules(root: nn.Module, targets: str | list[str] | tuple[str, ...],
-                 accept: tuple[type, ...]) -> list[tuple[nn.Module, str, nn.Module, str]]:
-    """Outermost modules of a type in `accept` whose clean path matches `targets`.
-
-    `targets` is a list of names (a path matches when it equals one or ends with "." + one) or one regular
-    expression matched against the whole path (PEFT's convention). Returns (parent, attribute, module, clean path).
-    """
-    found = []
-    for path, module in base_modules(root):
-        if not path or path.split(".")[-1] == "base_layer" or not isinstance(module, accept):
-            continue
-        cpath = clean_path(path)
-        if isinstance(targets, str):
-            ok = re.fullmatch(targets, cpath) is not None
-        else:
-            ok = any(cpath == t or cpath.endswith("." + t) for t in targets)
-        if ok:
-            parent_path, _, attr = path.rpartition(".")
-            found.append((root.get_submodule(parent_path), attr, module, cpath))
-    return found
-
-
-def wrap_targets(root: nn.Module, targets: str | list[str] | tuple[str, ...], accept: tuple[type, ...],
-                 wrapper: type[AdapterLayer], what: str) -> list[tuple[AdapterLayer, str]]:
-    """Wrap every matching module in `wrapper` (reusing an existing one); returns (wrapper, clean path) pairs."""
-    found = find_modules(root, targets, (*accept, AdapterLayer))
-    for _, _, module, cpath in found:
-        if isinstance(module, AdapterLayer) and not isinstance(module, (wrapper, *accept)):
-            raise PeftError(f"{what}: {cpath} already carries a {type(module).__name__} adapter of another method; "
-                            f"methods that wrap the same module cannot be stacked.")
-    if not found:
-        names = sorted({clean_path(p).rsplit(".", 1)[-1] for p, m in base_modules(root) if p and isinstance(m, accept)})
-        raise PeftError(f"{what}: no module matches target_modules={targets!r}; modules of a suitable type here "
-                        f"are named: {', '.join(names) or '(none)'}.")
-    out = []
-    for parent, attr, module, cpath in found:
-        if not isinstance(module, wrapper):
-            module = wrapper(module)
-            setattr(parent, attr, module)
-        out.append((module, cpath))
-    return out
 
 
 class PeftModel(nn.Module):
@@ -318,7 +140,7 @@ class PeftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        past_key_values: KVCache | None = None,
         prefix: Prefix | None = None,
         use_cache: bool = False,
         token_type_ids: torch.Tensor | None = None,
@@ -380,8 +202,42 @@ class PeftModel(nn.Module):
             logits = logits[:, logits.shape[1] - t:]
         return ModelOutput(logits, out.hidden_states[:, p:], out.past_key_values)
 
-    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> Any:
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache with room for the virtual tokens of a prompt-style adapter as well."""
         provider = self.providers[self.active_adapter] if self.active_adapter in self.providers else None
         extra = provider.num_virtual_tokens if isinstance(provider, PromptProvider) else 0
         return self.base_model.new_cache(batch_size, capacity + extra, dtype)
+
+
+def require_adapter(model: nn.Module, adapter: str | None) -> str:
+    """The name of adapter `adapter` (default: the active one) of `model`, checked to exist."""
+    if not isinstance(model, PeftModel):
+        raise PeftError(f"expected a model returned by lmcraft.peft.apply, got {type(model).__name__}")
+    adapter = adapter or model.active_adapter
+    if adapter not in model.peft_configs:
+        raise PeftError(f"no adapter named {adapter!r}; adapters here: {', '.join(model.peft_configs) or '(none)'}")
+    return adapter
+
+
+def adapter_state_dict(model: PeftModel, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under clean names (`model.layers.0.self_attn.q_proj.lora_A.weight`, `provider.*`)."""
+    adapter = require_adapter(model, adapter)
+    return {n: p.detach() for n, p in model.named_adapter_parameters(adapter)}
+
+
+def load_adapter_state_dict(model: PeftModel, state: dict[str, torch.Tensor], adapter: str | None = None) -> None:
+    """Copy `state` (clean names) into the adapter's parameters; every name must match in both directions."""
+    adapter = require_adapter(model, adapter)
+    params = dict(model.named_adapter_parameters(adapter))
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise PeftError(f"adapter tensors do not fit adapter {adapter!r}: missing {missing[:5]}"
+                        f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                        f"{' ...' if len(unexpected) > 5 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = state[name]
+            if value.shape != p.shape:
+                raise PeftError(f"adapter tensor {name}: shape {tuple(value.shape)} in the file, "
+                                f"{tuple(p.shape)} in the model")
+            p.copy_(value.to(p.dtype))

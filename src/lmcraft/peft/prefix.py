@@ -18,22 +18,14 @@ model's `prefix` contract, so the gate is a per-layer learned constant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from lmcraft.models.backbone import Prefix
-from lmcraft.peft.base import (
-    PromptLearningConfig,
-    modules_to_save_from_peft,
-    peft_modules_to_save,
-    peft_task_type,
-    prompt_learning_dims,
-    register,
-    reject_unsupported,
-)
-from lmcraft.peft.model import PeftError, PeftModel, PrefixProvider
+from lmcraft.models.model import Prefix
+from lmcraft.peft.layers import PeftError, PrefixProvider
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import PromptLearningConfig, register
 
 
 class PrefixEncoder(PrefixProvider):
@@ -95,29 +87,11 @@ def attach_prefix(model: PeftModel, adapter: str, cfg: PrefixConfig, gated: bool
 @register
 @dataclass(kw_only=True)
 class PrefixConfig(PromptLearningConfig):
-    """Prefix tuning; `prefix_projection` trains through the MLP reparameterisation (fold it with `merge`).
-
-    Saved tables are folded, so the saved PEFT config says prefix_projection=false (what the file holds).
-    """
+    """Prefix tuning; `prefix_projection` trains through the MLP reparameterisation (fold it with `merge`)."""
 
     method = "prefix"
-    peft_type = "PREFIX_TUNING"
     prefix_projection: bool = True
     encoder_hidden_size: int = 512
 
     def inject(self, model: PeftModel, adapter: str) -> None:
         attach_prefix(model, adapter, self)
-
-    def to_peft(self, model: PeftModel, adapter: str) -> dict[str, Any]:
-        return {"auto_mapping": None, "encoder_hidden_size": self.encoder_hidden_size, "inference_mode": True,
-                "init_weights": None, "modules_to_save": peft_modules_to_save(model, self.modules_to_save),
-                "num_virtual_tokens": self.num_virtual_tokens,
-                "peft_type": "PREFIX_TUNING", "prefix_projection": False, "revision": None,
-                "task_type": peft_task_type(model), **prompt_learning_dims(model, per_kv_head=True)}
-
-    @classmethod
-    def from_peft(cls, data: dict[str, Any]) -> PrefixConfig:
-        reject_unsupported(data, {"num_transformer_submodules": 1, "init_weights": None}, "prefix-tuning adapter")
-        return cls(num_virtual_tokens=data["num_virtual_tokens"], prefix_projection=False,
-                   encoder_hidden_size=data.get("encoder_hidden_size") or 512,
-                   modules_to_save=modules_to_save_from_peft(data))

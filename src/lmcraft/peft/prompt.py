@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from lmcraft.peft.base import (
-    PromptLearningConfig,
-    modules_to_save_from_peft,
-    peft_modules_to_save,
-    peft_task_type,
-    prompt_learning_dims,
-    register,
-    reject_unsupported,
-)
-from lmcraft.peft.model import PeftError, PeftModel, PromptProvider
+from lmcraft.peft.layers import PeftError, PromptProvider
+from lmcraft.peft.model import PeftModel
+from lmcraft.peft.registry import PromptLearningConfig, register
 
 
 class SoftPrompt(PromptProvider):
@@ -92,7 +85,6 @@ class PromptConfig(PromptLearningConfig):
     """Prompt tuning. `tokenizer`: a tokenizer.json file or model folder, used with `init: text`."""
 
     method = "prompt"
-    peft_type = "PROMPT_TUNING"
     init: Literal["random", "vocab", "text"] = "random"
     init_text: str | None = None
     tokenizer: str | None = None
@@ -108,19 +100,3 @@ class PromptConfig(PromptLearningConfig):
 
     def inject(self, model: PeftModel, adapter: str) -> None:
         model.providers[adapter] = SoftPrompt(initial_prompt(model, self))
-
-    def to_peft(self, model: PeftModel, adapter: str) -> dict[str, Any]:
-        text = self.init == "text" and self.tokenizer is not None
-        init = "TEXT" if text else "SAMPLE_VOCAB" if self.init == "vocab" else "RANDOM"
-        return {"auto_mapping": None, "inference_mode": True,
-                "modules_to_save": peft_modules_to_save(model, self.modules_to_save),
-                "num_virtual_tokens": self.num_virtual_tokens, "peft_type": "PROMPT_TUNING",
-                "prompt_tuning_init": init, "prompt_tuning_init_text": self.init_text if text else None,
-                "revision": None, "task_type": peft_task_type(model), "tokenizer_kwargs": None,
-                "tokenizer_name_or_path": self.tokenizer if text else None,
-                **prompt_learning_dims(model, per_kv_head=False)}
-
-    @classmethod
-    def from_peft(cls, data: dict[str, Any]) -> PromptConfig:
-        reject_unsupported(data, {"num_transformer_submodules": 1}, "prompt-tuning adapter")
-        return cls(num_virtual_tokens=data["num_virtual_tokens"], modules_to_save=modules_to_save_from_peft(data))

@@ -17,24 +17,15 @@ PEFT has no separate v2 type, so v2 adapters use lmcraft's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from lmcraft.peft.base import (
-    MethodConfig,
-    PromptLearningConfig,
-    modules_to_save_from_peft,
-    peft_modules_to_save,
-    peft_task_type,
-    prompt_learning_dims,
-    register,
-    reject_unsupported,
-)
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.prefix import make_prefix_encoder
 from lmcraft.peft.prompt import SoftPrompt
+from lmcraft.peft.registry import PromptLearningConfig, register
 
 
 class LSTMPromptHead(nn.Module):
@@ -62,7 +53,6 @@ class PTuningConfig(PromptLearningConfig):
     """P-tuning v1 (prompt encoder: MLP or LSTM). `encoder_num_layers` is the LSTM depth."""
 
     method = "ptuning"
-    peft_type = "P_TUNING"
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
     encoder_hidden_size: int = 256
     encoder_num_layers: int = 2
@@ -84,36 +74,14 @@ class PTuningConfig(PromptLearningConfig):
         init = torch.randn(self.num_virtual_tokens, hidden)
         model.providers[adapter] = SoftPrompt(init, head).to(device=ref.device, dtype=ref.dtype)
 
-    def to_peft(self, model: PeftModel, adapter: str) -> dict[str, Any]:
-        return {"auto_mapping": None, "encoder_dropout": self.encoder_dropout,
-                "encoder_hidden_size": self.encoder_hidden_size, "encoder_num_layers": self.encoder_num_layers,
-                "encoder_reparameterization_type": self.encoder_reparameterization_type, "inference_mode": True,
-                "modules_to_save": peft_modules_to_save(model, self.modules_to_save),
-                "num_virtual_tokens": self.num_virtual_tokens, "peft_type": "P_TUNING", "revision": None,
-                "task_type": peft_task_type(model), **prompt_learning_dims(model, per_kv_head=False)}
-
-    @classmethod
-    def from_peft(cls, data: dict[str, Any]) -> PTuningConfig:
-        reject_unsupported(data, {"num_transformer_submodules": 1}, "P-tuning adapter")
-        return cls(num_virtual_tokens=data["num_virtual_tokens"],
-                   encoder_reparameterization_type=data.get("encoder_reparameterization_type", "MLP"),
-                   encoder_hidden_size=data.get("encoder_hidden_size") or 256,
-                   encoder_num_layers=data.get("encoder_num_layers", 2),
-                   encoder_dropout=data.get("encoder_dropout", 0.0), modules_to_save=modules_to_save_from_peft(data))
-
 
 @register
 @dataclass(kw_only=True)
-class PTuningV2Config(MethodConfig):
+class PTuningV2Config(PromptLearningConfig):
     """P-tuning v2: deep prompts at every layer (no reparameterisation) + a trainable task head."""
 
     method = "ptuning_v2"
-    num_virtual_tokens: int = 20
     modules_to_save: list[str] = field(default_factory=lambda: ["head"])
-
-    def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
 
     def inject(self, model: PeftModel, adapter: str) -> None:
         model.providers[adapter] = make_prefix_encoder(model, self.num_virtual_tokens, projection_hidden=None)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmcraft.peft.base import register
+from lmcraft.peft.layers import find_modules
 from lmcraft.peft.lora import LLAMA_LINEARS, LoraConfig, attach_lora
-from lmcraft.peft.model import PeftModel, find_modules
+from lmcraft.peft.model import PeftModel
 from lmcraft.peft.nf4 import NF4Linear
+from lmcraft.peft.registry import register
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,8 +39,6 @@ class QLoraConfig(LoraConfig):
     """LoRA on an NF4-quantised base. `quantize_modules`: which linear layers are stored in 4 bits."""
 
     method = "qlora"
-    peft_canonical = False
-    peft_lossless = False
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_LINEARS))
     quantize_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
     blocksize: int = 64

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmcraft.peft.adapter import AdapterConfig, attach_adapters
-from lmcraft.peft.base import MethodConfig, register
 from lmcraft.peft.lora import LoraConfig, attach_lora
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.prefix import PrefixConfig, attach_prefix
+from lmcraft.peft.registry import MethodConfig, register
 
 
 @register

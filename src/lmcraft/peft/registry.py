@@ -1,0 +1,91 @@
+"""PEFT methods by name: the `MethodConfig` base class, `register`, and `config_from_dict`.
+
+A method is a config dataclass (a `MethodConfig` subclass registered under its `method` name) whose `inject` adds
+wrapper layers and/or a prefix/prompt provider to a `PeftModel` under an adapter name:
+
+    @register
+    @dataclass(kw_only=True)
+    class LoraConfig(MethodConfig):
+        method = "lora"
+        r: int = 8
+        def inject(self, model, adapter): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from lmcraft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmcraft.peft.model import PeftModel
+
+REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make a method config available by its `method` name."""
+    REGISTRY[cls.method] = cls
+    return cls
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """Base of every method config. `modules_to_save` names base modules (e.g. "head") trained as full copies."""
+
+    method: ClassVar[str] = ""
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def inject(self, model: PeftModel, adapter: str) -> None:
+        """Add this method's layers/provider to `model` under the name `adapter`."""
+        raise NotImplementedError
+
+    def regularization(self, model: PeftModel, adapter: str) -> torch.Tensor | None:
+        """An extra loss term the method asks for (AdaLoRA's orthogonality penalty), or None."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict of lmcraft's layout and YAML configs: `method` plus every field."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"method"})
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"peft method {cls.method!r}: unknown key(s) {', '.join(unknown)}.{hint} "
+                              f"Allowed: {', '.join(sorted(names))}.")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "method"})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"peft method {cls.method!r}: {err}") from None
+
+
+@dataclass(kw_only=True)
+class PromptLearningConfig(MethodConfig):
+    """Methods with a prefix/prompt provider of `num_virtual_tokens` virtual tokens."""
+
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+
+
+def config_from_dict(data: dict[str, Any] | MethodConfig) -> MethodConfig:
+    """`{"method": "lora", "r": 8}` -> `LoraConfig(r=8)`; a config object passes through."""
+    if isinstance(data, MethodConfig):
+        return data
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a peft config needs a 'method' key; known methods: {', '.join(sorted(REGISTRY))}")
+    method = data["method"]
+    if method not in REGISTRY:
+        raise ConfigError(f"unknown peft method {method!r}; known methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[method].from_dict(data)
