@@ -44,16 +44,16 @@ argmax_k sum_t log p(option_k,t | context, option_k,<t) (log-likelihood of the w
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from lmcraft.io import save_figure
 
 __all__ = [
     "ClozeItem",
@@ -622,9 +622,5 @@ def plot_scaling(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=dpi)
     return path
