@@ -12,8 +12,8 @@ Config values may refer to other stages' folders: `${pretrain}` is `<run_dir>/pr
 `output_dir`) to the stage's folder.
 
 The same plan and the same rule of done serve the sweeps (`lmcraft compare`, `lmcraft scaling`): a sweep builds
-its list of `StageSpec`s, runs them with `Pipeline.run_stages` (`keep_going` records a failed stage and goes on)
-and reads each folder's summary with `read_summary`.
+its list of `StageSpec`s, runs them with `Pipeline.run_stages` (`keep_going` records a failed stage and goes on;
+`InProcessPipeline` runs the stages in this process) and reads each folder's summary with `read_summary`.
 
 Stages report to the pipeline through `summary.json` (older runs: `results.json`) in their folder: scalar entries (and
 those of one-level nested dicts such as `"eval": {...}`) become the metrics table, `samples` (a list of
@@ -42,7 +42,7 @@ from lmcraft.config import Section, StageConfig
 from lmcraft.errors import LmcraftError
 from lmcraft.io import read_yaml, write_json, write_text
 from lmcraft.report import Report
-from lmcraft.stage_table import STAGES, stage_config_class
+from lmcraft.stage_table import STAGES, stage_config_class, stage_module
 
 DONE_FILE = ".done.json"
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
@@ -158,10 +158,9 @@ class StageFailed(LmcraftError):
 class Pipeline:
     """Plans, runs (skipping complete stages) and reports a `PipelineConfig`."""
 
-    def __init__(self, cfg: PipelineConfig, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, python: str = sys.executable) -> None:
         self.cfg = cfg
         self.python = python
-        self.env = env or {}  # extra environment variables of the stage processes
         self.run_dir = cfg.run_dir
         self.folders = {"run_dir": self.run_dir, **{s.name: self.run_dir / s.name for s in cfg.stages}}
 
@@ -252,14 +251,12 @@ class Pipeline:
         return outcome
 
     def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
-        flags = _prepare_folder(spec, folder, config)
-        config_path = folder / "config.yaml"
-        write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        cmd = [self.python, "-m", "lmcraft", spec.stage, str(config_path), *flags]
+        argv = _stage_argv(spec, folder, config)
+        cmd = [self.python, "-m", "lmcraft", *argv]
         t0 = time.perf_counter()
         with open(folder / "log.txt", "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(self.env),
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(),
                                     preexec_fn=_die_with_parent)
             assert proc.stdout is not None
             while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -284,6 +281,38 @@ class Pipeline:
         md, html = self.run_dir / "report.md", self.run_dir / "report.html"
         report.write(md, html)
         return html
+
+
+class InProcessPipeline(Pipeline):
+    """A plan whose stages run in this process, each through its module's `run` with the stage's own argument
+    parser (`argv` are extra flags, e.g. `--no-progress`): for sweeps of many short stages, where starting a
+    process per stage costs more than the stage. A stage's error propagates as it is."""
+
+    def __init__(self, cfg: PipelineConfig, argv: list[str] | None = None) -> None:
+        super().__init__(cfg)
+        self.argv = argv or []
+
+    def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
+        import argparse
+
+        module = stage_module(spec.stage)
+        parser = argparse.ArgumentParser(prog=f"lmcraft {spec.stage}")
+        module.add_arguments(parser)
+        args = parser.parse_args([*_stage_argv(spec, folder, config)[1:], *self.argv])
+        t0 = time.perf_counter()
+        code = int(module.run(args) or 0)
+        if code != 0:
+            raise StageFailed(f"stage {spec.name!r} ({spec.stage}) ended with exit code {code}", code,
+                              folder / "log.txt")
+        return time.perf_counter() - t0
+
+
+def _stage_argv(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
+    """`STAGE FOLDER/config.yaml [--overwrite]`: the stage's config written to its prepared folder."""
+    flags = _prepare_folder(spec, folder, config)
+    config_path = folder / "config.yaml"
+    write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    return [spec.stage, str(config_path), *flags]
 
 
 def _prepare_folder(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
@@ -312,8 +341,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+def _child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
