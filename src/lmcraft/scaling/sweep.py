@@ -8,6 +8,7 @@ L(C) over the compute frontier (`pareto_frontier`) of every run's evaluation cur
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from lmcraft.scaling.laws import (
 from lmcraft.scaling.probe import ClozeItem, score_cloze, speaker_cloze
 from lmcraft.scaling.sections import FitSection, ProbeSection
 
-__all__ = ["fit_laws", "probe_items", "probe_runs", "read_curve", "run_probe", "run_row", "short_tokens",
+__all__ = ["FinishedRun", "fit_laws", "probe_items", "probe_runs", "read_curve", "run_probe", "run_row", "short_tokens",
            "sweep_result"]
 
 Fits = dict[str, PowerLawFit | JointFit | str]  # law key -> fit, or the reason it was not fitted
@@ -54,18 +55,28 @@ def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
-def run_row(name: str, run_dir: Path, summary: dict[str, Any], tokens_per_step: int, embeddings: bool,
-            probe: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass
+class FinishedRun:
+    """A finished pre-training run of the sweep: its name, folder, summary.json, and tokens per optimizer step."""
+
+    name: str
+    folder: Path
+    summary: dict[str, Any]
+    tokens_per_step: int
+
+
+def run_row(run: FinishedRun, embeddings: bool, probe: dict[str, Any] | None) -> dict[str, Any]:
     """One finished run: N (parameters, with or without embeddings), D = steps x tokens per step, C = 6ND, its
     losses and timings, its evaluation curve in (D, C, loss) points, and its probe score."""
     from lmcraft.hub import load_config
 
+    summary = run.summary
     mcfg = load_config(Path(summary["final"]))
     n = mcfg.num_parameters(include_embeddings=embeddings)
-    tokens = summary["steps"] * tokens_per_step
-    curve = [(step * tokens_per_step, loss) for step, loss in read_curve(run_dir) if step > 0]
+    tokens = summary["steps"] * run.tokens_per_step
+    curve = [(step * run.tokens_per_step, loss) for step, loss in read_curve(run.folder) if step > 0]
     return {
-        "name": name,
+        "name": run.name,
         "hidden_size": mcfg.hidden_size,
         "num_layers": mcfg.num_layers,
         "params": n,
@@ -79,7 +90,7 @@ def run_row(name: str, run_dir: Path, summary: dict[str, Any], tokens_per_step: 
         "tokens_per_s": summary["tokens_per_s"],
         "curve": [{"tokens": d, "flops": float(training_flops(n, d)), "eval_loss": loss} for d, loss in curve],
         "probe": probe,
-        "output_dir": str(run_dir),
+        "output_dir": str(run.folder),
     }
 
 
@@ -159,21 +170,20 @@ def run_probe(probe: ProbeSection, items: list[ClozeItem], model: Path | str, pr
             "low": low, "high": high, "chance": 1.0 / probe.options}
 
 
-def probe_runs(probe: ProbeSection, runs: list[tuple[Path, Path]], packed: Path, split: str, seq_len: int,
+def probe_runs(probe: ProbeSection, runs: list[FinishedRun], packed: Path, split: str, seq_len: int,
                out: Path, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Score every run's final model (`runs`: (run folder, final model folder); the first run's tokenizer and
-    `packed` data give the items)
+    """Score every run's final model (the first run's tokenizer and `packed` data give the items)
     and `probe.reference`; returns the per-run scores and the reference's. Items go to OUT/probe_items.json,
     scores to RUN/probe.json and OUT/probe_reference.json, and a rerun reads the scores already there."""
     from lmcraft.io import write_json
 
-    items = probe_items(probe, runs[0][1], packed, split)  # the final folder holds the tokenizer files
+    items = probe_items(probe, Path(runs[0].summary["final"]), packed, split)  # the final model has the tokenizer
     write_json(out / "probe_items.json", [vars(it) for it in items])
     scores = []
-    for folder, final in runs:
-        path = folder / "probe.json"
+    for run in runs:
+        path = run.folder / "probe.json"
         if not path.is_file():
-            write_json(path, run_probe(probe, items, final, progress, max_length=seq_len))
+            write_json(path, run_probe(probe, items, Path(run.summary["final"]), progress, max_length=seq_len))
         scores.append(read_json(path))
     if probe.reference is None:
         return scores, None

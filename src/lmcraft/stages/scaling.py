@@ -1,18 +1,11 @@
 """`lmcraft scaling CONFIG.yaml [key=value ...]`: a sweep of model sizes (and token budgets) with the pre-training
 stage, scaling-law fits with confidence intervals, plots, and a capability probe per model.
 
-1. runs: each size (`sizes`: model overrides per run, or `grid`: width x depth) at each token budget (`tokens`) is
-   one `lmcraft pretrain` stage in OUT/runs/NAME/ with `trainer.max_steps = tokens / (micro_batch_size *
-   grad_accum * seq_len)` and an evaluation every 1/`curve_points` of the run. The runs are a pipeline plan
-   (`lmcraft.pipeline`, run in this process): a rerun skips the runs done with the same config and resumes an
-   interrupted one;
-2. shared data: the first run tokenises and packs `data.inputs` (training a tokenizer with `tokenizer.train`) into
-   its OUT/runs/NAME/tokenizer and OUT/runs/NAME/data folders; every later run reads them. Given `data.packed`,
-   every run reads that;
-3. probe, fits and report (`lmcraft.scaling`): the next-speaker cloze on every run's final model (and on
-   `probe.reference`), L(N) / L(D) / L(N, D) over the final evaluation losses and L(C) over the compute frontier,
-   with C = 6 N D and N the non-embedding parameters (`fit.embeddings: true` counts embeddings too);
-   OUT/scaling.json, OUT/scaling.png, OUT/report.md + report.html, and with `report.publish_dir` NAME.md + NAME.png.
+Each size (`sizes`, or a width x depth `grid`) at each token budget (`tokens`) is one `lmcraft pretrain` stage in
+OUT/runs/NAME/ (`trainer.max_steps = tokens / (micro_batch_size * grad_accum * seq_len)`, `curve_points`
+evaluations). The runs are a pipeline plan run in this process: a rerun skips the runs done with the same config
+and resumes an interrupted one. The first run tokenises and packs `data.inputs` (and trains the tokenizer); later
+runs read its folders. Probe, fits and report: `lmcraft.scaling` (OUT/scaling.json, scaling.png, report.md/html).
 """
 
 from __future__ import annotations
@@ -138,7 +131,7 @@ def scaling(cfg: StageConfig, progress: bool = True) -> dict[str, Any]:
     from lmcraft.io import write_json
     from lmcraft.pipeline import InProcessPipeline, PipelineConfig, StageSpec, read_summary
     from lmcraft.scaling.report import SweepDescription, write_report
-    from lmcraft.scaling.sweep import fit_laws, probe_runs, run_row, sweep_result
+    from lmcraft.scaling.sweep import FinishedRun, fit_laws, probe_runs, run_row, sweep_result
 
     out = Path(cfg.output_dir)
     if cfg.threads:
@@ -150,18 +143,16 @@ def scaling(cfg: StageConfig, progress: bool = True) -> dict[str, Any]:
               for name, data in run_configs(cfg)]
     plan = InProcessPipeline(PipelineConfig(run_dir=out / "runs", stages=stages), [] if progress else ["--no-progress"])
     plan.run_stages(sys.stderr)
-    summaries = [read_summary(Path(run_cfg.output_dir)) for _, run_cfg in runs]
-    probes: list[dict[str, Any] | None] = [None] * len(runs)
+    finished = [FinishedRun(name, Path(rc.output_dir), read_summary(Path(rc.output_dir)),
+                            rc.trainer.micro_batch_size * rc.trainer.grad_accum * rc.data.seq_len) for name, rc in runs]
+    probes: list[dict[str, Any] | None] = [None] * len(finished)
     reference = None
     if cfg.probe is not None:
         first = runs[0][1]
-        packed = Path(first.data.packed) if first.data.packed is not None else Path(first.output_dir) / "data"
-        probes, reference = probe_runs(cfg.probe, [(Path(rc.output_dir), Path(s["final"])) for (_, rc), s in
-                                                   zip(runs, summaries, strict=True)],
-                                       packed, cfg.data.eval_split, cfg.data.seq_len, out, progress)
-    rows = [run_row(name, Path(rc.output_dir), summary, rc.trainer.micro_batch_size * rc.trainer.grad_accum
-                    * rc.data.seq_len, cfg.fit.embeddings, probe)
-            for (name, rc), summary, probe in zip(runs, summaries, probes, strict=True)]
+        packed = Path(first.data.packed or Path(first.output_dir) / "data")
+        probes, reference = probe_runs(cfg.probe, finished, packed, cfg.data.eval_split, cfg.data.seq_len, out,
+                                       progress)
+    rows = [run_row(run, cfg.fit.embeddings, probe) for run, probe in zip(finished, probes, strict=True)]
     fits = fit_laws(rows, cfg.fit)
     result = sweep_result(rows, fits, reference)
     write_json(out / "scaling.json", result)
