@@ -40,7 +40,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import LmcraftError
-from lmcraft.io import read_yaml, write_json, write_text
+from lmcraft.io import read_json, read_yaml, write_json, write_text
 from lmcraft.report import Report
 from lmcraft.stage_table import STAGES, stage_config_class, stage_module
 
@@ -402,9 +402,10 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON a stage left in its folder, or None when it is missing or unreadable (a report never fails)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except (OSError, LmcraftError):
         return None
 
 
