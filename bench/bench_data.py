@@ -58,7 +58,8 @@ def ours_minhash(texts: list[str]) -> list[bool]:
 
 
 def ours_pipeline(texts: list[str], workdir: Path, workers: int = 1) -> int:
-    from lmcraft.stages.prepare import PrepareConfig, prepare
+    from lmcraft.data.prepare import prepare
+    from lmcraft.stages.prepare import PrepareConfig
 
     src = workdir / "in.jsonl"
     if not src.exists():

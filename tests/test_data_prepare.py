@@ -18,8 +18,9 @@ import yaml
 from lmcraft.cli import main
 from lmcraft.config import load_config
 from lmcraft.data.datasets import CausalWindows, PackedCorpus
+from lmcraft.data.prepare import prepare
 from lmcraft.errors import ConfigError
-from lmcraft.stages.prepare import PrepareConfig, prepare
+from lmcraft.stages.prepare import PrepareConfig
 from lmcraft.stages.tokenizer import TokenizerConfig, train
 
 _ROOTS = (
@@ -302,3 +303,21 @@ def test_rerun_after_completion_writes_nothing_new(tmp_path: Path) -> None:
     parts = sorted(p.name for p in (tmp_path / "o" / "parts").iterdir())
     assert prepare(cfg, progress=False)["errors"]["counts"] == {"invalid_json": 2}
     assert sorted(p.name for p in (tmp_path / "o" / "parts").iterdir()) == parts
+
+
+def test_corrupt_part_is_named_and_the_finished_packed_folder_survives(
+    corpus: Path, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A rerun of a finished run re-packs into a staging folder: a damaged part file stops it with an error
+    naming the file, and the packed/ of the finished run is left whole."""
+    from lmcraft.errors import InputFileError
+
+    cfg = _config(corpus, tmp_path / "o", tokenizer_dir)
+    prepare(cfg, progress=False)
+    packed = _digest(tmp_path / "o" / "packed")
+    damaged = tmp_path / "o" / "parts" / "part-00001.tokens.npz"
+    damaged.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(InputFileError, match="part-00001.tokens.npz"):
+        prepare(cfg, progress=False)
+    assert _digest(tmp_path / "o" / "packed") == packed
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".lmcraft-tmp-packed")]

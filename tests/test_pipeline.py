@@ -124,7 +124,7 @@ def test_stage_configs_are_checked_before_any_work(tmp_path: Path) -> None:
 
 def test_report_reads_stage_summaries(tmp_path: Path) -> None:
     """Scalars (also one level down), parallel-list samples from samples.json, and PNGs reach the report."""
-    from lmcraft.pipeline import _metric_rows, _read_summary, _sample_rows
+    from lmcraft.pipeline import _metric_rows, _sample_rows, read_summary
 
     folder = tmp_path / "stage"
     folder.mkdir()
@@ -132,6 +132,6 @@ def test_report_reads_stage_summaries(tmp_path: Path) -> None:
     (folder / "results.json").write_text(json.dumps({"metric_value": 0.9}))
     (folder / "samples.json").write_text(json.dumps({"prompts": ["p1", "p2"], "before": ["b1", "b2"],
                                                      "after": ["a1", "a2"]}))
-    summary = _read_summary(folder)
+    summary = read_summary(folder)
     assert _metric_rows(summary) == [["metric_value", 0.9], ["eval.eval_loss", 1.5], ["steps", 3]]
     assert _sample_rows(summary["samples"]) == (["prompt", "before", "after"], [["p1", "b1", "a1"], ["p2", "b2", "a2"]])

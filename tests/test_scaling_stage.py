@@ -114,7 +114,7 @@ def test_rerun_skips_finished_runs(sweep: tuple[Path, Path, Path], monkeypatch: 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("lmcraft.stages.pretrain.pretrain", no_training)
+    monkeypatch.setattr("lmcraft.pipeline.InProcessPipeline._run_stage", no_training)
     after = scaling(load_config(config_class(), config), progress=False)
     assert [r["eval_loss"] for r in after["runs"]] == [r["eval_loss"] for r in before["runs"]]
     assert [r["probe"]["correct"] for r in after["runs"]] == [r["probe"]["correct"] for r in before["runs"]]

@@ -1,6 +1,6 @@
 """`lmcraft <stage> CONFIG.yaml [key=value ...]`: parse, validate, call a stage.
 
-The CLI is thin and lazy: the stage table below is plain data, so `lmcraft --help` imports
+The CLI is thin and lazy: the stage table (`lmcraft.stage_table`) is plain data, so `lmcraft --help` imports
 nothing heavy; a stage's module (and torch) is imported only when that stage runs. Each stage
 module provides `add_arguments(parser)` and `run(args) -> int | None`; a config-driven stage also has
 `config_class()` returning its config class, whose keys `lmcraft <stage> --help` lists.
@@ -13,32 +13,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import sys
 import textwrap
 
-# name -> (module, one-line summary). Keep in life-cycle order: this is what `--help` lists.
-STAGES: dict[str, tuple[str, str]] = {
-    "assets": ("lmcraft.stages.assets", "list / fetch the named offline models and data sets"),
-    "prepare": ("lmcraft.stages.prepare", "clean, filter, deduplicate and pack a text corpus into token shards"),
-    "tokenizer": ("lmcraft.stages.tokenizer", "train a BPE / WordPiece / Unigram tokenizer on a corpus"),
-    "pretrain": ("lmcraft.stages.pretrain", "pre-train or keep pre-training a model (clm, mlm, nsp, sop, rtd, plm)"),
-    "finetune": ("lmcraft.stages.finetune", "fine-tune on classification, NER, regression or text: full or PEFT"),
-    "merge": ("lmcraft.stages.merge", "fold a PEFT adapter into its base model; write a Hugging Face folder"),
-    "compare": ("lmcraft.stages.compare", "run one task with several fine-tuning methods; table + plot"),
-    "sft": ("lmcraft.stages.sft", "supervised instruction tuning on chat data (loss on assistant tokens)"),
-    "reward": ("lmcraft.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
-    "ppo": ("lmcraft.stages.ppo", "RLHF with PPO against a reward model or rule (KL to a reference policy)"),
-    "dpo": ("lmcraft.stages.dpo", "direct preference optimisation (DPO / IPO / label smoothing)"),
-    "label-preferences": ("lmcraft.stages.label_preferences", "RLAIF: sample answers, rank them with an AI judge, "
-                          "write preference pairs"),
-    "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
-    "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
-    "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
-    "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),
-    "pipeline": ("lmcraft.stages.pipeline", "run the whole life cycle (a list of stages) and write one report"),
-    "scaling": ("lmcraft.stages.scaling", "sweep model sizes / token budgets, fit scaling laws with CIs, plot"),
-}
+from lmcraft.stage_table import STAGES, stage_module
 
 EPILOG = """\
 examples:
@@ -48,10 +26,6 @@ examples:
 
 Each stage takes --help. Config keys are checked before any work: a typo is an error naming the key.
 """
-
-
-def _stage_module(name: str):  # noqa: ANN202 - a module object
-    return importlib.import_module(STAGES[name][0])
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
@@ -73,7 +47,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         )
         sp.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         if name == stage:  # only the chosen stage's module is imported
-            module = _stage_module(name)
+            module = stage_module(name)
             module.add_arguments(sp)
             if hasattr(module, "config_class"):  # list the stage's config keys under --help
                 from lmcraft.config import describe_config
@@ -108,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        result = _stage_module(args.stage).run(args)
+        result = stage_module(args.stage).run(args)
         return int(result or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -11,7 +11,11 @@ Config values may refer to other stages' folders: `${pretrain}` is `<run_dir>/pr
 `${run_dir}` is the run folder itself. The pipeline sets each stage's `output_key` (default
 `output_dir`) to the stage's folder.
 
-Stages report to the pipeline through `summary.json` / `results.json` in their folder: scalar entries (and
+The same plan and the same rule of done serve the sweeps (`lmcraft compare`, `lmcraft scaling`): a sweep builds
+its list of `StageSpec`s, runs them with `Pipeline.run_stages` (`keep_going` records a failed stage and goes on;
+`InProcessPipeline` runs the stages in this process) and reads each folder's summary with `read_summary`.
+
+Stages report to the pipeline through `summary.json` (older runs: `results.json`) in their folder: scalar entries (and
 those of one-level nested dicts such as `"eval": {...}`) become the metrics table, `samples` (a list of
 `{"prompt", "before", "after" | "completion"}` records, or parallel lists; also read from `samples.json`) the
 samples table, and every PNG in the folder an image.
@@ -20,7 +24,6 @@ samples table, and every PNG in the folder an image.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,9 @@ from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import LmcraftError
-from lmcraft.report import Report, write_text
+from lmcraft.io import read_json, read_yaml, write_json, write_text
+from lmcraft.report import Report
+from lmcraft.stage_table import STAGES, stage_config_class, stage_module
 
 DONE_FILE = ".done.json"
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
@@ -56,8 +62,6 @@ class StageSpec(Section):
     @field_validator("stage")
     @classmethod
     def _known_stage(cls, v: str) -> str:
-        from lmcraft.cli import STAGES
-
         if v == "pipeline" or v not in STAGES:
             allowed = ", ".join(s for s in STAGES if s != "pipeline")
             raise ValueError(f"unknown stage {v!r}; allowed: {allowed}")
@@ -110,7 +114,7 @@ def stage_config(spec: StageSpec, folder: Path, folders: dict[str, Path]) -> dic
     if spec.config_file is not None:
         if not spec.config_file.is_file():
             raise LmcraftError(f"stage {spec.name!r}: config_file {spec.config_file} does not exist")
-        data = yaml.safe_load(spec.config_file.read_text(encoding="utf-8")) or {}
+        data = read_yaml(spec.config_file, "stage config") or {}
     data = _deep_merge(data, spec.config)
     data = _substitute(data, folders)
     if spec.output_key:
@@ -126,15 +130,29 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_hash(stage: str, config: dict[str, Any]) -> str:
+    """The identity of a planned stage: sha256 of its name and full config (output folder included)."""
     blob = json.dumps({"stage": stage, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def read_done(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / DONE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    """The stage's `.done.json` record, or None when it has none (or an unreadable one)."""
+    data = _read_json(folder / DONE_FILE)
+    return data if isinstance(data, dict) else None
+
+
+def is_done(folder: Path, digest: str) -> bool:
+    """The one definition of done: the folder's `.done.json` records the same config hash."""
+    done = read_done(folder)
+    return done is not None and done.get("hash") == digest
+
+
+class StageFailed(LmcraftError):
+    """A stage's process ended with an error; `code` is its exit code and `log` its log file."""
+
+    def __init__(self, message: str, code: int, log: Path) -> None:
+        super().__init__(message)
+        self.code, self.log = code, log
 
 
 class Pipeline:
@@ -154,15 +172,13 @@ class Pipeline:
             config = stage_config(spec, folder, self.folders)
             digest = config_hash(spec.stage, config)
             done = read_done(folder)
-            complete = done is not None and done.get("hash") == digest
             minutes = done["seconds"] / 60 if done else spec.estimate_minutes
             rows.append({"spec": spec, "folder": folder, "config": config, "hash": digest,
-                         "status": "done" if complete else "pending", "minutes": minutes})
+                         "status": "done" if is_done(folder, digest) else "pending", "minutes": minutes})
         return rows
 
     def check(self) -> None:
         """Validate every pending stage's config before any work (outputs of earlier stages may not exist yet)."""
-        from lmcraft.cli import STAGES
         from lmcraft.config import precheck_config
 
         run_dir = str(self.run_dir.resolve())
@@ -170,9 +186,9 @@ class Pipeline:
             if row["status"] == "done":
                 continue
             spec = row["spec"]
-            module = importlib.import_module(STAGES[spec.stage][0])
-            if hasattr(module, "config_class"):
-                precheck_config(module.config_class(), row["config"], f"of pipeline stage {spec.name!r}",
+            config_class = stage_config_class(spec.stage)
+            if config_class is not None:
+                precheck_config(config_class, row["config"], f"of pipeline stage {spec.name!r}",
                                 lambda path: str(Path(path).resolve()).startswith(run_dir))
 
     def describe(self) -> str:
@@ -195,31 +211,48 @@ class Pipeline:
         """Run every pending stage in order; returns the report's HTML path."""
         stream = stream or sys.stderr
         self.check()
-        rows = self.plan()
         start = time.perf_counter()
-        for i, row in enumerate(rows, 1):
-            spec = row["spec"]
-            elapsed = time.perf_counter() - start
-            banner = f"[{i}/{len(rows)}] {spec.name} ({spec.stage})"
-            if row["status"] == "done":
-                print(f"== {banner}: complete, skipped", file=stream, flush=True)
-                continue
-            print(f"== {banner}: running  (pipeline elapsed {elapsed / 60:.1f} min)", file=stream, flush=True)
-            seconds = self._run_stage(spec, row["folder"], row["config"], stream)
-            done = {"hash": row["hash"], "seconds": seconds, "stage": spec.stage,
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_text(row["folder"] / DONE_FILE, json.dumps(done, indent=2))
-            print(f"== {banner}: done in {seconds / 60:.1f} min", file=stream, flush=True)
-            self.write_report()
+        self.run_stages(stream, after_each=self.write_report)
         html = self.write_report()
         print(f"== pipeline complete in {(time.perf_counter() - start) / 60:.1f} min; report: {html}", file=stream)
         return html
 
+    def run_stages(self, stream: Any = None, keep_going: bool = False, rerun: bool = False,
+                   after_each: Callable[[], Any] | None = None) -> dict[str, StageFailed | None]:
+        """Run the pending stages in order (every stage with `rerun`), marking each complete one done; returns
+        name -> None (complete) or its failure. A failure stops the run unless `keep_going`."""
+        stream = stream or sys.stderr
+        rows = self.plan()
+        start = time.perf_counter()
+        outcome: dict[str, StageFailed | None] = {}
+        for i, row in enumerate(rows, 1):
+            spec = row["spec"]
+            elapsed = time.perf_counter() - start
+            banner = f"[{i}/{len(rows)}] {spec.name} ({spec.stage})"
+            outcome[spec.name] = None
+            if row["status"] == "done" and not rerun:
+                print(f"== {banner}: complete, reusing its results", file=stream, flush=True)
+                continue
+            print(f"== {banner}: running  (pipeline elapsed {elapsed / 60:.1f} min)", file=stream, flush=True)
+            (row["folder"] / DONE_FILE).unlink(missing_ok=True)  # not done until this run says so
+            try:
+                seconds = self._run_stage(spec, row["folder"], row["config"], stream)
+            except StageFailed as err:
+                if not keep_going:
+                    raise
+                outcome[spec.name] = err
+                print(f"== {banner}: FAILED ({err})", file=stream, flush=True)
+                continue
+            write_json(row["folder"] / DONE_FILE, {"hash": row["hash"], "seconds": seconds, "stage": spec.stage,
+                                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            print(f"== {banner}: done in {seconds / 60:.1f} min", file=stream, flush=True)
+            if after_each is not None:
+                after_each()
+        return outcome
+
     def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
-        flags = _prepare_folder(spec, folder, config)
-        config_path = folder / "config.yaml"
-        write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        cmd = [self.python, "-m", "lmcraft", spec.stage, str(config_path), *flags]
+        argv = _stage_argv(spec, folder, config)
+        cmd = [self.python, "-m", "lmcraft", *argv]
         t0 = time.perf_counter()
         with open(folder / "log.txt", "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -236,9 +269,10 @@ class Pipeline:
                     stream.write(chunk.decode("utf-8", "replace"))
             code = proc.wait()
         if code != 0:
-            raise LmcraftError(
+            raise StageFailed(
                 f"stage {spec.name!r} ({spec.stage}) failed with exit code {code}; its log is {folder / 'log.txt'}. "
-                f"Fix the cause and rerun the same command: complete stages are skipped and this one resumes."
+                f"Fix the cause and rerun the same command: complete stages are skipped and this one resumes.",
+                code, folder / "log.txt",
             )
         return time.perf_counter() - t0
 
@@ -249,18 +283,49 @@ class Pipeline:
         return html
 
 
+class InProcessPipeline(Pipeline):
+    """A plan whose stages run in this process, each through its module's `run` with the stage's own argument
+    parser (`argv` are extra flags, e.g. `--no-progress`): for sweeps of many short stages, where starting a
+    process per stage costs more than the stage. A stage's error propagates as it is."""
+
+    def __init__(self, cfg: PipelineConfig, argv: list[str] | None = None) -> None:
+        super().__init__(cfg)
+        self.argv = argv or []
+
+    def _run_stage(self, spec: StageSpec, folder: Path, config: dict[str, Any], stream: Any) -> float:
+        import argparse
+
+        module = stage_module(spec.stage)
+        parser = argparse.ArgumentParser(prog=f"lmcraft {spec.stage}")
+        module.add_arguments(parser)
+        args = parser.parse_args([*_stage_argv(spec, folder, config)[1:], *self.argv])
+        t0 = time.perf_counter()
+        code = int(module.run(args) or 0)
+        if code != 0:
+            raise StageFailed(f"stage {spec.name!r} ({spec.stage}) ended with exit code {code}", code,
+                              folder / "log.txt")
+        return time.perf_counter() - t0
+
+
+def _stage_argv(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
+    """`STAGE FOLDER/config.yaml [--overwrite]`: the stage's config written to its prepared folder."""
+    flags = _prepare_folder(spec, folder, config)
+    config_path = folder / "config.yaml"
+    write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    return [spec.stage, str(config_path), *flags]
+
+
 def _prepare_folder(spec: StageSpec, folder: Path, config: dict[str, Any]) -> list[str]:
     """The stage's folder, prepared for its claim (`run_folder.prepare_stage_folder`); returns extra flags."""
-    from lmcraft.cli import STAGES
     from lmcraft.config import validate_config
     from lmcraft.run_folder import prepare_stage_folder
 
     folder.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(STAGES[spec.stage][0])
-    if spec.output_key is None or not hasattr(module, "config_class"):
+    config_class = stage_config_class(spec.stage)
+    if spec.output_key is None or config_class is None:
         return []
     try:
-        validated = validate_config(module.config_class(), config)
+        validated = validate_config(config_class, config)
     except LmcraftError:
         return []  # the stage itself reports the bad config, in its log
     return prepare_stage_folder(folder, spec.stage, validated, spec.output_key)
@@ -277,7 +342,7 @@ def _die_with_parent() -> None:
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -320,7 +385,7 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
     for r in rows:
         spec, folder = r["spec"], r["folder"]
         report.section(spec.title or f"{spec.name} ({spec.stage})")
-        summary = _read_summary(folder)
+        summary = read_summary(folder)
         metrics = _metric_rows(summary)
         if metrics:
             report.table(["metric", "value"], metrics)
@@ -337,13 +402,14 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON a stage left in its folder, or None when it is missing or unreadable (a report never fails)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except (OSError, LmcraftError):
         return None
 
 
-def _read_summary(folder: Path) -> dict[str, Any]:
+def read_summary(folder: Path) -> dict[str, Any]:
     """What a stage left for the report: `summary.json` merged over `results.json`, plus `samples.json`."""
     summary: dict[str, Any] = {}
     for name in ("results.json", "summary.json"):

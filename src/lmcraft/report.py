@@ -19,22 +19,14 @@ import base64
 import html
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Panel", "Report", "format_cell", "plot_panels", "write_text"]
+from lmcraft.io import save_figure, write_text
 
-
-def write_text(path: Path, text: str) -> None:
-    """Write text atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+__all__ = ["Panel", "Report", "format_cell", "plot_panels"]
 
 
 def format_cell(value: Any) -> str:
@@ -201,9 +193,5 @@ def plot_panels(path: str | Path, labels: Sequence[str], panels: Sequence[Panel]
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
     return path

@@ -18,13 +18,15 @@ pre-tokenizer already splits before the whitespace.
 from __future__ import annotations
 
 import json
-import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lmcraft.io import atomic_file, save_npy, write_text
 
 __all__ = ["DocTokenizer", "ShardWriter", "sentence_spans", "token_dtype"]
 
@@ -92,27 +94,21 @@ class DocTokenizer:
         return out
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
-
-
 @dataclass
 class _Split:
     shards: list[dict[str, Any]] = field(default_factory=list)
     docs: list[tuple[int, int, int]] = field(default_factory=list)
     sent_lens: list[np.ndarray] = field(default_factory=list)
     fh: Any = None
+    shard_file: ExitStack = field(default_factory=ExitStack)  # the open shard's atomic write
     shard_tokens: int = 0
 
 
 class ShardWriter:
     """Append documents (token ids + sentence lengths) per split; `close()` writes the index.
 
-    Shards are written to `*.tmp` and renamed when complete, the index last, so a reader never
-    sees a half-written folder as complete.
+    Shards are written atomically (a temporary file renamed when the shard is complete), the index last, so
+    a reader never sees a half-written folder as complete.
     """
 
     def __init__(
@@ -126,14 +122,12 @@ class ShardWriter:
 
     def _open_shard(self, name: str, sp: _Split) -> None:
         path = self.out / f"{name}-{len(sp.shards):05d}.bin"
-        sp.fh = open(path.with_name(path.name + ".tmp"), "wb")  # noqa: SIM115 - closed in _close_shard
+        sp.fh = sp.shard_file.enter_context(atomic_file(path, "wb"))  # renamed in place by _close_shard
         sp.shards.append({"file": path.name, "tokens": 0})
         sp.shard_tokens = 0
 
     def _close_shard(self, sp: _Split) -> None:
-        sp.fh.close()
-        final = self.out / sp.shards[-1]["file"]
-        os.replace(final.with_name(final.name + ".tmp"), final)
+        sp.shard_file.close()
         sp.shards[-1]["tokens"] = sp.shard_tokens
         sp.fh = None
 
@@ -169,9 +163,9 @@ class ShardWriter:
             counts = np.array([len(s) for s in sp.sent_lens], dtype=np.int64)
             ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             lens = np.concatenate(sp.sent_lens) if sp.sent_lens else np.empty(0, np.int32)
-            _atomic_save_npy(self.out / f"{name}.docs.npy", np.array(sp.docs, dtype=np.int64).reshape(-1, 3))
-            _atomic_save_npy(self.out / f"{name}.sent_ptr.npy", ptr)
-            _atomic_save_npy(self.out / f"{name}.sent_lens.npy", lens)
+            save_npy(self.out / f"{name}.docs.npy", np.array(sp.docs, dtype=np.int64).reshape(-1, 3))
+            save_npy(self.out / f"{name}.sent_ptr.npy", ptr)
+            save_npy(self.out / f"{name}.sent_lens.npy", lens)
             index["splits"][name] = {
                 "tokens": int(sum(s["tokens"] for s in sp.shards)),
                 "documents": len(sp.docs),
@@ -181,7 +175,5 @@ class ShardWriter:
                 "sent_ptr": f"{name}.sent_ptr.npy",
                 "sent_lens": f"{name}.sent_lens.npy",
             }
-        tmp = self.out / "index.json.tmp"
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "index.json")
+        write_text(self.out / "index.json", json.dumps(index, indent=2) + "\n")
         return index

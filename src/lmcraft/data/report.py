@@ -7,9 +7,10 @@ packed token counts.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from lmcraft.io import save_figure, write_text
 
 __all__ = ["render_markdown", "write_report"]
 
@@ -107,10 +108,7 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
         axes[2].text(0.5, 0.5, "nothing removed", ha="center", va="center")
         axes[2].set_axis_off()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def write_report(stats: dict[str, Any], out_dir: str | Path, title: str = "Data preparation report") -> Path:
@@ -118,7 +116,5 @@ def write_report(stats: dict[str, Any], out_dir: str | Path, title: str = "Data 
     out = Path(out_dir)
     _plot(stats, out / "report.png")
     md = out / "report.md"
-    tmp = out / "report.md.tmp"
-    tmp.write_text(render_markdown(stats, title, image="report.png"), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text(md, render_markdown(stats, title, image="report.png"))
     return md

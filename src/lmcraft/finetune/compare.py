@@ -6,32 +6,26 @@ written to `output_dir/`: compare.md + compare.html (table, plot, settings), com
 compare.png. Columns: trainable parameters (count and % of the total), peak training memory, median
 optimizer-step time, tokens/s, and the best validation value of the task's headline metric.
 
-A method whose folder already holds results.json made from the identical config is not run again (pass
-`rerun=True` to force); a method that fails is reported in the table with the end of its log.
+`lmcraft compare` runs the methods as a pipeline plan (`lmcraft.pipeline`): a method whose folder is done
+with the identical config (its `.done.json` records the config hash) is not run again (`--rerun` forces it);
+a method that fails is reported in the table with the end of its log, and the others still run.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmcraft.config import validate_config
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import CompareConfig, FinetuneConfig
-from lmcraft.report import Report, write_text
-from lmcraft.run_folder import prepare_stage_folder
+from lmcraft.io import save_figure, write_json, write_text
+from lmcraft.report import Report
 
-__all__ = ["MethodRun", "plan_runs", "plot_comparison", "run_compare"]
+__all__ = ["MethodRun", "plan_runs", "plot_comparison", "write_comparison"]
 
 
 @dataclass
@@ -67,38 +61,6 @@ def plan_runs(cfg: CompareConfig, methods: list[str] | None = None) -> list[Meth
         data = {**shared, "trainer": trainer, "peft": peft, "output_dir": str(cfg.output_dir / name), "resume": False}
         runs.append(MethodRun(name, validate_config(FinetuneConfig, data, f"compare run {name!r}")))
     return runs
-
-
-def _config_text(cfg: FinetuneConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=True)
-
-
-def _execute(run: MethodRun, rerun: bool, log: Callable[[str], None]) -> None:
-    out = run.config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    text = _config_text(run.config)
-    cfg_path, results_path, log_path = out / "config.yaml", out / "results.json", out / "log.txt"
-    if not rerun and results_path.is_file() and cfg_path.is_file() and cfg_path.read_text() == text:
-        run.results = json.loads(results_path.read_text())
-        log(f"{run.name}: reusing {results_path}")
-        return
-    results_path.unlink(missing_ok=True)
-    flags = prepare_stage_folder(out, "finetune", run.config, "output_dir")
-    write_text(cfg_path, text)
-    log(f"{run.name}: running (log: {log_path})")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w", encoding="utf-8") as fh:
-        code = subprocess.call([sys.executable, "-m", "lmcraft", "finetune", str(cfg_path), *flags], stdout=fh,
-                               stderr=subprocess.STDOUT, env=env)
-    if code == 0 and results_path.is_file():
-        run.results = json.loads(results_path.read_text())
-        r = run.results
-        log(f"{run.name}: {r['metric']}={r['metric_value']}, peak {r['peak_memory_mb']} MiB, "
-            f"step {r['step_seconds']} s")
-    else:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        run.error = f"exit code {code}: " + " / ".join(tail)
-        log(f"{run.name}: FAILED ({run.error})")
 
 
 def _row(run: MethodRun) -> dict[str, Any]:
@@ -140,11 +102,7 @@ def plot_comparison(rows: list[dict[str, Any]], metric: str, path: Path, title: 
         ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=6, padding=1)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
     return path
 
 
@@ -160,13 +118,8 @@ def _settings(cfg: CompareConfig, runs: list[MethodRun]) -> str:
             f"first. Metric: best validation value over the run's evaluations.")
 
 
-def run_compare(cfg: CompareConfig, methods: list[str] | None = None, rerun: bool = False,
-                log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run every method (one process each), write the table, plot and report; returns the table rows."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    runs = plan_runs(cfg, methods)
-    for run in runs:
-        _execute(run, rerun, log)
+def write_comparison(cfg: CompareConfig, runs: list[MethodRun]) -> list[dict[str, Any]]:
+    """The table of the finished runs (markdown + HTML with the plot, JSON, CSV) in `output_dir`; returns its rows."""
     rows = [_row(run) for run in runs]
     metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     out = cfg.output_dir
@@ -186,7 +139,7 @@ def run_compare(cfg: CompareConfig, methods: list[str] | None = None, rerun: boo
         for line in failed:
             report.text(line)
     report.write(out / "compare.md", out / "compare.html")
-    write_text(out / "compare.json", json.dumps(rows, indent=1) + "\n")
+    write_json(out / "compare.json", rows, indent=1)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()

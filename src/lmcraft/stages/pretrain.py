@@ -415,7 +415,8 @@ class DataSources:
 def _pack(inputs: list[dict[str, Any]], tokenizer_path: Path, folder: Path, val_fraction: float, seed: int,
           progress: bool) -> Path:
     """Tokenise and pack `inputs` into folder/packed with the prepare pipeline (once: a finished folder is reused)."""
-    from lmcraft.stages.prepare import PackConfig, PrepareConfig, prepare
+    from lmcraft.data.prepare import prepare
+    from lmcraft.stages.prepare import PackConfig, PrepareConfig
 
     if not ((folder / "stats.json").is_file() and (folder / "packed" / "index.json").is_file()):
         pcfg = PrepareConfig(inputs=inputs, output=folder, steps=[], seed=seed, title="Pre-training data",
