@@ -1,13 +1,18 @@
-"""What every pre-training objective provides, and the token cross-entropy they share.
+"""What every pre-training objective provides, the loss record it returns, and the token cross-entropy they share.
 
-An objective is a small object with three methods:
+An objective is a small object with four methods (and a class method):
 
+    Objective.with_token_ids(options, tokenizer, max_length) -> options   # fill in the ids it needs
     objective.build_model(cfg) -> nn.Module            # the model (or wrapper) this objective trains
+    objective.kept_model(model) -> LanguageModel       # the part kept after pre-training
     objective.transform(batch, generator) -> batch     # seeded batch transform (masking, permutation, pairs)
     objective.loss(model, batch) -> LossOutput         # summed loss + number of targets (+ metrics)
 
 `loss` only calls `model(...)` (never other methods), so it works on a DDP/FSDP-wrapped model, and it is
-the trainer's `loss_fn`. Metrics are detached tensors, each a mean over the micro-batch's targets.
+the trainer's `loss_fn`. Metrics are detached tensors, each a mean over the micro-batch's targets. Metrics
+that cost an arg-max over the vocabulary (masked-token accuracy) are computed only when the model is in
+eval mode, i.e. in `Trainer.evaluate`, whose target-weighted mean then gives the exact ratio over the whole
+evaluation set.
 
 `loss` returns a *summed* loss and the number of targets it was summed over, so gradient accumulation can
 divide the sum over all micro-batches by the total target count (see lmcraft.train). Objectives whose
@@ -18,25 +23,105 @@ micro-batch.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcraft.errors import ConfigError
 from lmcraft.models.config import ModelConfig
-from lmcraft.train import LossOutput
+
+if TYPE_CHECKING:
+    from lmcraft.models.model import LanguageModel
 
 Batch = dict[str, Any]
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "Batch", "LossOutput", "Objective", "token_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "LossOutput",
+    "Objective",
+    "TokenizerIds",
+    "declared_pad_id",
+    "end_of_document_id",
+    "masked_token_accuracy",
+    "required_token",
+    "token_cross_entropy",
+]
+
+
+@dataclass
+class LossOutput:
+    """What a loss_fn returns for one micro-batch (the trainer's contract; see lmcraft.train.trainer).
+
+    loss_sum:    scalar tensor, sum of per-target losses, attached to the graph
+    num_targets: number of targets summed in loss_sum (int or integer tensor)
+    metrics:     extra values, each a mean over this micro-batch's targets
+    num_tokens:  tokens processed, for throughput only (default: num_targets)
+    """
+
+    loss_sum: torch.Tensor
+    num_targets: int | torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    num_tokens: int | torch.Tensor | None = None
+
+
+class TokenizerIds(Protocol):
+    """The part of `lmcraft.tokenizer.load.Tokenizer` objectives read: vocabulary size and special ids."""
+
+    pad_token: str | None
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def pad_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def mask_token_id(self) -> int | None: ...
+    @property
+    def cls_token_id(self) -> int | None: ...
+    @property
+    def sep_token_id(self) -> int | None: ...
+    @property
+    def all_special_ids(self) -> Sequence[int]: ...
+
+
+def end_of_document_id(tokenizer: TokenizerIds) -> int | None:
+    """The id that ends a document: EOS, else [SEP] (BERT's document separator)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def declared_pad_id(tokenizer: TokenizerIds) -> int | None:
+    """The id of the tokenizer's own padding token (None without one: no fallback to EOS)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token is not None else None
+
+
+def required_token(value: int | None, what: str, objective: str) -> int:
+    """`value`, or a `ConfigError` explaining that the tokenizer lacks the `what` token `objective` needs."""
+    if value is None:
+        raise ConfigError(f"objective {objective!r} needs a {what} token, but the tokenizer defines none; train one "
+                          f"with tokenizer.train.special_tokens including it (e.g. kind: wordpiece has [MASK], "
+                          f"[CLS], [SEP]) or use another tokenizer")
+    return value
 
 
 class Objective(Protocol):
     name: str
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]: ...
+
     def build_model(self, cfg: ModelConfig) -> nn.Module: ...
+
+    def kept_model(self, model: nn.Module) -> LanguageModel: ...
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch: ...
 
@@ -61,3 +146,10 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"), count
     rows = keep.nonzero().squeeze(1)
     return F.cross_entropy(flat_logits.index_select(0, rows).float(), flat_labels[rows], reduction="sum"), count
+
+
+def masked_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(1/|M|) sum_{i in M} [argmax_v logits_{i,v} = labels_i] over the labelled positions M (0 when M is empty)."""
+    masked = labels != IGNORE_INDEX
+    hits = (logits[masked].argmax(-1) == labels[masked]).sum()
+    return hits.double() / max(int(masked.sum()), 1)

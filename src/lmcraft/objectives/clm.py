@@ -18,7 +18,7 @@ document on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,14 @@ from torch import nn
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.model import LanguageModel
-from lmcraft.objectives.base import IGNORE_INDEX, Batch, LossOutput, token_cross_entropy
+from lmcraft.objectives.base import (
+    IGNORE_INDEX,
+    Batch,
+    LossOutput,
+    TokenizerIds,
+    end_of_document_id,
+    token_cross_entropy,
+)
 
 __all__ = ["CausalLM", "causal_lm_loss", "document_attention"]
 
@@ -66,8 +73,18 @@ class CausalLM:
         if self.reset_at_eos and self.eos_token_id is None:
             raise ValueError("reset_at_eos=True needs eos_token_id")
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]:
+        """`eos_token_id` defaults to the tokenizer's end-of-document id (when it has one)."""
+        eos = end_of_document_id(tokenizer)
+        return {"eos_token_id": eos, **options} if eos is not None else dict(options)
+
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return LanguageModel(cfg, "lm")
+
+    def kept_model(self, model: nn.Module) -> LanguageModel:
+        return cast(LanguageModel, model)
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         """Add `labels` (inputs, -100 at padding); with `reset_at_eos`, a 4-D mask and restarted `position_ids`."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,8 @@ from torch import nn
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.model import LanguageModel
-from lmcraft.objectives.base import IGNORE_INDEX, Batch, LossOutput, token_cross_entropy
-from lmcraft.objectives.mlm import MaskingConfig, masked_batch
+from lmcraft.objectives.base import IGNORE_INDEX, Batch, LossOutput, TokenizerIds, token_cross_entropy
+from lmcraft.objectives.mlm import MaskingConfig, masked_batch, masking_with_token_ids
 
 __all__ = ["ElectraModel", "ElectraOutput", "ReplacedTokenDetection", "generator_config", "sample_inverse_cdf"]
 
@@ -111,8 +111,17 @@ class ReplacedTokenDetection:
     generator_width_fraction: float = 0.25
     name: ClassVar[str] = "rtd"
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]:
+        return masking_with_token_ids(options, tokenizer, cls.name)
+
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return ElectraModel(cfg, generator_config(cfg, self.generator_width_fraction))
+
+    def kept_model(self, model: nn.Module) -> LanguageModel:
+        """The discriminator (ELECTRA keeps it and drops the generator)."""
+        return model.discriminator
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         """MLM corruption for the generator plus `sample_uniform` (B, T): the U of inverse-CDF sampling."""

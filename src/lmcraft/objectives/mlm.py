@@ -20,14 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.model import LanguageModel
-from lmcraft.objectives.base import IGNORE_INDEX, Batch, LossOutput, token_cross_entropy
+from lmcraft.objectives.base import (
+    IGNORE_INDEX,
+    Batch,
+    LossOutput,
+    TokenizerIds,
+    masked_token_accuracy,
+    required_token,
+    token_cross_entropy,
+)
 
 __all__ = [
     "MaskedLM",
@@ -36,6 +44,7 @@ __all__ = [
     "eligible_tokens",
     "mask_tokens",
     "masked_batch",
+    "masking_with_token_ids",
     "select_spans",
     "select_tokens",
     "select_whole_words",
@@ -205,6 +214,17 @@ def masked_batch(batch: Batch, cfg: MaskingConfig, generator: torch.Generator | 
     return {**batch, "input_ids": inputs, "labels": labels}
 
 
+def masking_with_token_ids(options: dict[str, Any], tokenizer: TokenizerIds, objective: str) -> dict[str, Any]:
+    """`options` with its `masking` dict completed from the tokenizer: the vocabulary size, the [MASK] id
+    (required) and the special ids never selected, each where the options leave it out."""
+    masking = dict(options.get("masking") or {})
+    masking.setdefault("vocab_size", tokenizer.vocab_size)
+    if "mask_token_id" not in masking:
+        masking["mask_token_id"] = required_token(tokenizer.mask_token_id, "mask", objective)
+    masking.setdefault("special_token_ids", list(tokenizer.all_special_ids))
+    return {**options, "masking": masking}
+
+
 @dataclass
 class MaskedLM:
     """BERT-style masked LM on an encoder with the MLM head."""
@@ -212,8 +232,16 @@ class MaskedLM:
     masking: MaskingConfig
     name: ClassVar[str] = "mlm"
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]:
+        return masking_with_token_ids(options, tokenizer, cls.name)
+
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return LanguageModel(cfg, "mlm")
+
+    def kept_model(self, model: nn.Module) -> LanguageModel:
+        return cast(LanguageModel, model)
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         return masked_batch(batch, self.masking, generator)
@@ -224,4 +252,5 @@ class MaskedLM:
         total, count = token_cross_entropy(out.logits, batch["labels"])
         padding = batch.get("attention_mask")
         tokens = int(padding.sum()) if padding is not None else batch["input_ids"].numel()
-        return LossOutput(total, count, {}, tokens)
+        metrics = {} if model.training else {"masked_accuracy": masked_token_accuracy(out.logits, batch["labels"])}
+        return LossOutput(total, count, metrics, tokens)

@@ -14,7 +14,7 @@ be full (packed, no padding). `transform` adds `perm_rank` (B, T) (rank of each 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.model import LanguageModel
 from lmcraft.models.two_stream import TwoStreamModel, permutation_masks
-from lmcraft.objectives.base import Batch, LossOutput, token_cross_entropy
+from lmcraft.objectives.base import Batch, LossOutput, TokenizerIds, token_cross_entropy
 
 __all__ = ["PermutationLM", "sample_permutation"]
 
@@ -47,8 +47,17 @@ class PermutationLM:
         if self.partial_prediction_factor < 2:
             raise ValueError("partial_prediction_factor must be >= 2 (at least one token of context)")
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]:
+        return dict(options)  # permutations need no special token
+
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return TwoStreamModel(LanguageModel(cfg, "lm"))
+
+    def kept_model(self, model: nn.Module) -> LanguageModel:
+        """The language model inside the two-stream wrapper (its query stream is dropped)."""
+        return model.lm
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         input_ids = batch["input_ids"]

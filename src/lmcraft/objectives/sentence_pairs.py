@@ -32,8 +32,16 @@ from lmcraft.errors import LmcraftError
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import SequenceClassificationHead
 from lmcraft.models.model import LanguageModel, ModelOutput
-from lmcraft.objectives.base import Batch, LossOutput, token_cross_entropy
-from lmcraft.objectives.mlm import MaskingConfig, masked_batch
+from lmcraft.objectives.base import (
+    Batch,
+    LossOutput,
+    TokenizerIds,
+    declared_pad_id,
+    masked_token_accuracy,
+    required_token,
+    token_cross_entropy,
+)
+from lmcraft.objectives.mlm import MaskingConfig, masked_batch, masking_with_token_ids
 
 __all__ = [
     "PretrainingModel",
@@ -195,8 +203,27 @@ class SentencePairObjective:
     def name(self) -> str:
         return self.kind
 
+    @classmethod
+    def with_token_ids(cls, options: dict[str, Any], tokenizer: TokenizerIds,
+                       max_length: int | None = None) -> dict[str, Any]:
+        """The masking ids, [CLS], [SEP] and padding (all required) and `max_length`, where `options` lack them."""
+        kind = options["kind"]
+        options = masking_with_token_ids(options, tokenizer, kind)
+        for key, value, what in (("cls_token_id", tokenizer.cls_token_id, "[CLS]"),
+                                 ("sep_token_id", tokenizer.sep_token_id, "[SEP]"),
+                                 ("pad_token_id", declared_pad_id(tokenizer), "padding")):
+            if key not in options:
+                options[key] = required_token(value, what, kind)
+        if max_length is not None:
+            options.setdefault("max_length", max_length)
+        return options
+
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         return PretrainingModel(cfg)
+
+    def kept_model(self, model: nn.Module) -> LanguageModel:
+        """The encoder with its MLM head (the pair head is dropped)."""
+        return model.lm
 
     def transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         pairs = []
@@ -215,4 +242,6 @@ class SentencePairObjective:
         accuracy = (pair_logits.argmax(-1) == batch["pair_labels"]).float().mean()
         metrics = {"mlm_loss": mlm_sum.detach() / max(count, 1), f"{self.kind}_loss": pair_mean.detach(),
                    f"{self.kind}_accuracy": accuracy}
+        if not model.training:
+            metrics["masked_accuracy"] = masked_token_accuracy(out.logits, batch["labels"])
         return LossOutput(mlm_sum + pair_mean * count, count, metrics, int(batch["attention_mask"].sum()))

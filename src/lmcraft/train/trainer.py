@@ -53,6 +53,7 @@ from torch import nn
 from lmcraft import io
 from lmcraft.config import Section
 from lmcraft.errors import LmcraftError
+from lmcraft.objectives.base import LossOutput  # the loss contract lives with the losses (a lower floor)
 from lmcraft.train import checkpoint as ckpt
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
 from lmcraft.train.distributed import (
@@ -149,22 +150,6 @@ class TrainerConfig(Section):
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs eval_every (steps between evaluations)")
         return self
-
-
-@dataclass
-class LossOutput:
-    """What a loss_fn returns for one micro-batch (see the module docstring for the math).
-
-    loss_sum:    scalar tensor, sum of per-target losses, attached to the graph
-    num_targets: number of targets summed in loss_sum (int or integer tensor)
-    metrics:     extra values, each a mean over this micro-batch's targets
-    num_tokens:  tokens processed, for throughput only (default: num_targets)
-    """
-
-    loss_sum: torch.Tensor
-    num_targets: int | torch.Tensor
-    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    num_tokens: int | torch.Tensor | None = None
 
 
 LossFn = Callable[[nn.Module, Any], "LossOutput | tuple[torch.Tensor, dict[str, Any]]"]
