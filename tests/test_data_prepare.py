@@ -19,9 +19,9 @@ from lmcraft.cli import main
 from lmcraft.config import load_config
 from lmcraft.data.datasets import CausalWindows, PackedCorpus
 from lmcraft.data.prepare import prepare
+from lmcraft.data.tokenizer_training import TokenizerConfig, train_on_inputs
 from lmcraft.errors import ConfigError
 from lmcraft.stages.prepare import PrepareConfig
-from lmcraft.stages.tokenizer import TokenizerConfig, train
 
 _ROOTS = (
     "walk build mark stone light wood field water land hold stand turn keep read speak teach work play call talk "
@@ -70,7 +70,7 @@ def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     cfg = TokenizerConfig(
         inputs=[{"path": str(corpus / "b.txt"), "text_mode": "paragraph"}], output=out, vocab_size=400
     )
-    report = train(cfg, progress=False)
+    report = train_on_inputs(cfg, progress=False)
     assert report["bytes_per_token"] > 1.5 and report["held_out_tokens"] > 0
     return out
 

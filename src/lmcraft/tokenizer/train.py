@@ -16,15 +16,19 @@ on held-out text: UTF-8 bytes divided by tokens, higher is better.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
+from lmcraft.config import Section
+from lmcraft.io import write_json, write_text
+
 __all__ = [
     "CHATML_TEMPLATE",
     "DEFAULT_SPECIAL_TOKENS",
+    "TokenizerTraining",
     "bytes_per_token",
     "save_tokenizer",
     "train_tokenizer",
@@ -60,6 +64,18 @@ DEFAULT_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
         "im_end": "<|im_end|>",
     },
 }
+
+
+class TokenizerTraining(Section):
+    """How to train a tokenizer (the one declaration of these keys: the `tokenizer` stage's config extends it,
+    and `lmcraft pretrain` uses it as `tokenizer.train`)."""
+
+    kind: Kind = Field("bpe", description="byte-level BPE, WordPiece or Unigram")
+    vocab_size: int = Field(8192, ge=32)
+    min_frequency: int = Field(2, ge=1, description="minimum pair/word count to merge (BPE, WordPiece)")
+    lowercase: bool = False
+    special_tokens: dict[str, str] | None = Field(None, description="role -> token; default per kind")
+    max_docs: int | None = Field(None, ge=1, description="read at most this many documents")
 
 
 def _unique(tokens: Iterable[str]) -> list[str]:
@@ -139,12 +155,6 @@ def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_tokenizer(
     tok: Any,
     out_dir: str | Path,
@@ -156,7 +166,7 @@ def save_tokenizer(
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "tokenizer.json", tok.to_str(pretty=True))
+    write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     roles = {f"{role}_token": token for role, token in special_tokens.items() if role in _HF_ROLES}
     extra_specials = [t for role, t in special_tokens.items() if role not in _HF_ROLES]
     config: dict[str, Any] = {
@@ -169,9 +179,9 @@ def save_tokenizer(
     if chat_template:
         config["chat_template"] = chat_template
     config.update(extra or {})
-    _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "tokenizer_config.json", config)
     special_map = {**roles, "additional_special_tokens": _unique(extra_specials)}
-    _atomic_write(out / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "special_tokens_map.json", special_map)
     return out
 
 
