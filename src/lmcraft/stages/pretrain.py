@@ -28,23 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcraft.errors import ConfigError, InputFileError
-from lmcraft.pretrain.config import (
-    DataSection,
-    ModelSection,
-    ObjectiveSection,
-    PretrainConfig,
-    SamplesSection,
-    TokenizerSection,
-    TokenizerTraining,
-)
+from lmcraft.pretrain.config import PretrainConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
 
 if TYPE_CHECKING:
     from lmcraft.train import Callback
 
-__all__ = ["DataSection", "ModelSection", "ObjectiveSection", "PretrainConfig", "SamplesSection", "TokenizerSection",
-           "TokenizerTraining", "add_arguments", "config_class", "pretrain", "run"]
+__all__ = ["PretrainConfig", "add_arguments", "config_class", "pretrain", "run"]
 
 
 def config_class() -> type[PretrainConfig]:

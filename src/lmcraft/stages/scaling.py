@@ -30,7 +30,7 @@ __all__ = ["FitSection", "GridSection", "ProbeSection", "ReportSection", "SizeSp
 @functools.cache
 def config_class() -> type[StageConfig]:
     """The stage config; built on first use because the pre-training sections import torch."""
-    from lmcraft.stages.pretrain import DataSection, ModelSection, ObjectiveSection, SamplesSection, TokenizerSection
+    from lmcraft.pretrain import DataSection, ModelSection, ObjectiveSection, SamplesSection, TokenizerSection
     from lmcraft.train import TrainerConfig
 
     class ScalingConfig(StageConfig):
