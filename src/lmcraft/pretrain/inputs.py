@@ -49,6 +49,14 @@ class Resolved:
     def tokenizer_dir(self) -> Path:
         return self.tokenizer.parent if self.tokenizer.is_file() else self.tokenizer
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise `ConfigError` unless the training documents were packed with a `vocab_size`-token vocabulary."""
+        packed = self.sources.train[0]
+        corpus_vocab = read_json(packed / "index.json")["vocab_size"]
+        if corpus_vocab != vocab_size:
+            raise ConfigError(f"the packed data in {packed} was tokenised with a {corpus_vocab}-token vocabulary but "
+                              f"the tokenizer {self.tokenizer} has {vocab_size}; use the tokenizer it was packed with")
+
 
 def resolve_inputs(cfg: PretrainConfig, out: Path, progress: bool) -> Resolved:
     """Train the tokenizer and pack the documents where the config asks for it; record both in OUT/resolved.json."""

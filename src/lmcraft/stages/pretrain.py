@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.errors import InputFileError
 from lmcraft.pretrain.config import PretrainConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
@@ -59,7 +59,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, callbacks: Iterable[Cal
     to OUT/summary.json on rank 0; other ranks get {"is_main": False})."""
     from lmcraft.data.batches import BatchMaker, Indexed
     from lmcraft.hub.transfer import load_pretrained_weights
-    from lmcraft.io import read_json, write_json
+    from lmcraft.io import write_json
     from lmcraft.objectives import PAIR_OBJECTIVES, build_objective
     from lmcraft.pretrain.examples import split_examples
     from lmcraft.pretrain.inputs import check_input_files, load_resolved, resolve_inputs
@@ -82,11 +82,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, callbacks: Iterable[Cal
     sources, tokenizer_dir = resolved.sources, resolved.tokenizer_dir
     packed = sources.train[0]
     tokenizer = load_tokenizer(resolved.tokenizer)
-    corpus_vocab = read_json(packed / "index.json")["vocab_size"]
-    if corpus_vocab != tokenizer.vocab_size:
-        raise ConfigError(f"the packed data in {packed} was tokenised with a {corpus_vocab}-token vocabulary but the "
-                          f"tokenizer {resolved.tokenizer} has {tokenizer.vocab_size}; use the tokenizer it was packed "
-                          "with")
+    resolved.check_vocabulary(tokenizer.vocab_size)
 
     objective = build_objective(cfg.objective.name, tokenizer, seq_len, **cfg.objective.options)
     pairs = cfg.objective.name if cfg.objective.name in PAIR_OBJECTIVES else None
