@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -44,19 +45,10 @@ class ModelSection(Section):
         return self
 
 
-@dataclasses.dataclass(frozen=True)
-class _PlaceholderTokenizer:
-    """Token ids to build an objective with while validating its options (no tokenizer is known yet)."""
-
-    vocab_size: int = 8
-    pad_token: str | None = "<pad>"
-    pad_token_id: int | None = 0
-    eos_token_id: int | None = 1
-    bos_token_id: int | None = 1
-    mask_token_id: int | None = 2
-    cls_token_id: int | None = 3
-    sep_token_id: int | None = 1
-    all_special_ids: tuple[int, ...] = (0, 1, 2, 3)
+# token ids to build an objective with while validating its options (no tokenizer is known yet)
+_PLACEHOLDER_TOKENIZER = SimpleNamespace(vocab_size=8, pad_token="<pad>", pad_token_id=0, eos_token_id=1,
+                                         bos_token_id=1, mask_token_id=2, cls_token_id=3, sep_token_id=1,
+                                         all_special_ids=[0, 1, 2, 3])
 
 
 class ObjectiveSection(Section):
@@ -75,7 +67,7 @@ class ObjectiveSection(Section):
     def _buildable(self) -> ObjectiveSection:
         from lmcraft.objectives import build_objective
 
-        build_objective(self.name, _PlaceholderTokenizer(), **self.options)  # fails early on bad names and options
+        build_objective(self.name, _PLACEHOLDER_TOKENIZER, **self.options)  # fails early on bad names and options
         return self
 
 
