@@ -8,6 +8,10 @@
 - "unigram": SentencePiece-style Unigram LM (Kudo 2018) over NFKC text with "▁" marking spaces;
   the vocabulary is pruned from a large seed set by expected likelihood loss (EM).
 
+`TokenizerTraining` is the one declaration of these settings (kind, vocabulary size, ...): the `tokenizer` stage's
+config extends it (lmcraft.data.tokenizer_training, which reads the documents) and `lmcraft pretrain` has it as
+`tokenizer.train`.
+
 `save_tokenizer` writes `tokenizer.json` and `tokenizer_config.json` (and
 `special_tokens_map.json`) in the layout `transformers.AutoTokenizer.from_pretrained` loads as a
 `PreTrainedTokenizerFast`, including the chat template. `bytes_per_token` measures compression
