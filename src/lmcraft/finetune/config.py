@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
-from lmcraft.train.trainer import TrainerConfig
+from lmcraft.train.config import TrainerConfig
 
 TASKS = ("cls", "token_cls", "regression", "clm")
 Task = Literal["cls", "token_cls", "regression", "clm"]
