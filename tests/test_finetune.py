@@ -20,7 +20,7 @@ from lmcraft.finetune.layers import (
     freeze_parameters,
     is_head,
     layer_of,
-    param_groups,
+    transformer_param_groups,
     unfrozen_depths,
 )
 from lmcraft.finetune.records import read_records
@@ -67,7 +67,7 @@ def test_layer_of_and_is_head_cover_plain_and_peft_names() -> None:
 
 def test_llrd_learning_rates_by_hand() -> None:
     model = tiny_bert(num_layers=3)
-    groups = param_groups(model, lr=1.0, weight_decay=0.01, num_layers=3, layer_lr_decay=0.5, head_lr=7.0)
+    groups = transformer_param_groups(model, lr=1.0, weight_decay=0.01, num_layers=3, layer_lr_decay=0.5, head_lr=7.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
     # block i of L=3 trains at 0.5 ** (3 - 1 - i); embeddings at 0.5 ** 3; the head at head_lr
@@ -89,7 +89,7 @@ def test_llrd_applies_to_peft_adapter_parameters() -> None:
     from lmcraft import peft
 
     model = peft.apply(tiny_bert(num_layers=2), {"method": "lora", "r": 2, "modules_to_save": ["head"]})
-    groups = param_groups(model, lr=1.0, weight_decay=0.0, num_layers=2, layer_lr_decay=0.1, head_lr=3.0)
+    groups = transformer_param_groups(model, lr=1.0, weight_decay=0.0, num_layers=2, layer_lr_decay=0.1, head_lr=3.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     assert lr_of["base_model.model.layers.1.self_attn.q_proj.lora_A.default.weight"] == 1.0
     assert lr_of["base_model.model.layers.0.self_attn.v_proj.lora_B.default.weight"] == pytest.approx(0.1)

@@ -157,7 +157,7 @@ class Trainer:
                   `collate_fn`, or a ready `ResumableLoader`
     eval_data:    a map-style dataset for `evaluate()` (loss, perplexity, loss_fn metrics)
     param_groups: `fn(model) -> groups` building optimizer groups after wrapping (FSDP swaps the
-                  parameters), e.g. `lambda m: optim.param_groups(m, 0.01, 1e-4, layer_lr_decay=0.8,
+                  parameters), e.g. `lambda m: optim.param_groups(m, lr=1e-4, weight_decay=0.01, layer_lr_decay=0.8,
                   layer_of=...)`; default: decay/no-decay split at `config.lr`
     weights:      which tensors checkpoints hold (`WeightsFormat`; default all, model.safetensors)
     tokenizer_dir: folder whose tokenizer files are copied into every checkpoint
@@ -516,7 +516,7 @@ def _check_finite_parameters(model: nn.Module, step: int, lr: float) -> None:
 
 
 def _default_groups(model: nn.Module, cfg: TrainerConfig) -> list[dict[str, Any]]:
-    return param_groups(model, cfg.weight_decay, cfg.lr)
+    return param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
