@@ -13,7 +13,7 @@ from torch import nn
 from lmcraft.config import validate_config
 from lmcraft.errors import ConfigError, InputFileError
 from lmcraft.finetune.config import DataConfig, DataSource, FinetuneConfig
-from lmcraft.finetune.data import IGNORE_INDEX, Collator, build_task_data, split_records
+from lmcraft.finetune.data import IGNORE_INDEX, Collator, build_task_data, read_source, split_records
 from lmcraft.finetune.emails import email_text
 from lmcraft.finetune.layers import (
     GradualUnfreezing,
@@ -23,7 +23,6 @@ from lmcraft.finetune.layers import (
     transformer_param_groups,
     unfrozen_depths,
 )
-from lmcraft.finetune.records import read_records
 from lmcraft.finetune.tasks import (
     ClassificationTask,
     RegressionTask,
@@ -246,19 +245,19 @@ def test_task_metrics() -> None:
 # ------------------------------------------------------------------------------------------------ data
 def test_readers_and_errors_name_file_and_line(tmp_path) -> None:
     (tmp_path / "a.csv").write_text("text,label\nhello there,pos\n\"multi\nline\",neg\n")
-    recs = read_records(DataSource(path=str(tmp_path / "a.csv")))
+    recs = read_source(DataSource(path=str(tmp_path / "a.csv")))
     assert [r.fields["label"] for r in recs] == ["pos", "neg"] and recs[1].where == "line 4"
     (tmp_path / "b.jsonl").write_text('{"text": "x", "label": 1}\n\n{"text": "y"\n')
     with pytest.raises(InputFileError, match=r"b.jsonl, line 3"):
-        read_records(DataSource(path=str(tmp_path / "b.jsonl")))
+        read_source(DataSource(path=str(tmp_path / "b.jsonl")))
     (tmp_path / "c.conll").write_text("-DOCSTART- O\n\nAlice B-PER\nSmith I-PER\nran O\n\nBob B-PER\n")
-    recs = read_records(DataSource(path=str(tmp_path / "c.conll")))
+    recs = read_source(DataSource(path=str(tmp_path / "c.conll")))
     assert [r.fields["tags"] for r in recs] == [["B-PER", "I-PER", "O"], ["B-PER"]] and recs[0].where == "line 3"
     for label, texts in {"neg": ["bad", "awful"], "pos": ["good"]}.items():
         (tmp_path / "folder" / label).mkdir(parents=True)
         for i, t in enumerate(texts):
             (tmp_path / "folder" / label / f"{i}.txt").write_text(t)
-    recs = read_records(DataSource(path=str(tmp_path / "folder"), format="folder"))
+    recs = read_source(DataSource(path=str(tmp_path / "folder"), format="folder"))
     assert [(r.fields["text"], r.fields["label"]) for r in recs] == [("bad", "neg"), ("awful", "neg"), ("good", "pos")]
 
 
@@ -278,7 +277,7 @@ def test_classification_data_labels_split_and_errors(tmp_path) -> None:
     with pytest.raises(InputFileError, match=r"e.jsonl, line 5: expected a label among"):
         build_task_data(cfg.model_copy(update={"train": DataSource(path=str(bad), label_field="group"),
                                                "labels": ["bad", "good"]}), "cls", tok)
-    train, held = split_records(read_records(cfg.train), 0.5, seed=3)
+    train, held = split_records(read_source(cfg.train), 0.5, seed=3)
     assert len(train) == 2 and len(held) == 2 and {r.where for r in train} | {r.where for r in held} == {
         f"line {i}" for i in range(1, 5)}
 

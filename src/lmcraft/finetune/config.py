@@ -27,7 +27,7 @@ from lmcraft.train.config import TrainerConfig
 
 TASKS = ("cls", "token_cls", "regression", "clm")
 Task = Literal["cls", "token_cls", "regression", "clm"]
-SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "conll", "text", "folder"]
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll", "text", "folder"]
 
 
 class DataSource(Section):

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from lmcraft.data.records import Record, RecordLayout, read_records
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import DataConfig, DataSource
 from lmcraft.finetune.emails import email_text
-from lmcraft.finetune.records import Record, read_records
 
-__all__ = ["IGNORE_INDEX", "Collator", "TaskData", "build_task_data", "split_records"]
+__all__ = ["IGNORE_INDEX", "Collator", "TaskData", "build_task_data", "read_source", "split_records"]
 
 IGNORE_INDEX = -100
 Example = dict[str, Any]
@@ -47,6 +47,17 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return 1 if self.task == "regression" else len(self.labels)
+
+
+def read_source(source: DataSource) -> list[Record]:
+    """All records of `source` (through the one record reader); `ConfigError` if there are none."""
+    layout = RecordLayout(text_field=source.text_field, label_field=source.label_field,
+                          tokens_field=source.tokens_field, tags_field=source.tags_field,
+                          conll_tag_column=source.conll_tag_column, text_mode=source.text_mode)
+    records = list(read_records(source.path, source.format, layout))
+    if not records:
+        raise ConfigError(f"data path {source.path!r} holds no records")
+    return records
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -201,9 +212,9 @@ def _label_names(cfg: DataConfig, task: str, train: list[Record], source: DataSo
 
 def build_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
     """Read, split, subset, label and tokenise the data of `cfg` for `task`."""
-    train_records = read_records(cfg.train)
+    train_records = read_source(cfg.train)
     if cfg.validation is not None:
-        val_source, val_records = cfg.validation, read_records(cfg.validation)
+        val_source, val_records = cfg.validation, read_source(cfg.validation)
     else:
         train_records, val_records = split_records(train_records, cfg.validation_fraction, cfg.seed)
         val_source = cfg.train
