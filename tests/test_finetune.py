@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.config import validate_config
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.errors import ConfigError, InputFileError
 from lmcraft.finetune.config import DataConfig, DataSource, FinetuneConfig
-from lmcraft.finetune.data import IGNORE_INDEX, Collator, build_task_data, read_source, split_records
+from lmcraft.finetune.data import Collator, build_task_data, read_source, split_records
 from lmcraft.finetune.emails import email_text
 from lmcraft.finetune.layers import (
     GradualUnfreezing,

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from lmcraft.data.collate import IGNORE_INDEX, pad, pad_with_mask
 from lmcraft.data.records import Record, RecordLayout, read_records
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import DataConfig, DataSource
 from lmcraft.finetune.emails import email_text
 
-__all__ = ["IGNORE_INDEX", "Collator", "TaskData", "build_task_data", "read_source", "split_records"]
+__all__ = ["Collator", "TaskData", "build_task_data", "read_source", "split_records"]
 
-IGNORE_INDEX = -100
 Example = dict[str, Any]
 
 
@@ -249,16 +250,11 @@ class Collator:
         self.task, self.pad = task, pad_token_id
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(e["input_ids"]) for e in examples)
-
         def padded(key: str, fill: int) -> torch.Tensor:
-            return torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in examples], dtype=torch.long)
+            return pad([e[key] for e in examples], fill)
 
-        batch = {"input_ids": padded("input_ids", self.pad),
-                 "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
-                                                 for e in examples], dtype=torch.long)}
+        input_ids, mask = pad_with_mask([e["input_ids"] for e in examples], self.pad)
+        batch = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = padded("token_type_ids", 0)
         if self.task == "token_cls":

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.config import ModelConfig
 from lmcraft.train import LossOutput
 
 Batch = dict[str, Any]
-IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "Batch", "LossOutput", "Objective", "token_cross_entropy"]
 
