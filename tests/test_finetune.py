@@ -34,7 +34,7 @@ from lmcraft.finetune.tasks import (
 from lmcraft.models import LanguageModel, preset
 from lmcraft.tokenizer.load import load_tokenizer
 from lmcraft.train import Callback, Trainer, TrainerConfig
-from test_finetune_support import quick_trainer, sentiment_rows, tiny_model_folder, write_jsonl, write_tokenizer
+from test_finetune_support import quick_trainer, sentiment_rows, tiny_model_folder, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -262,8 +262,8 @@ def test_readers_and_errors_name_file_and_line(tmp_path) -> None:
     assert [(r.fields["text"], r.fields["label"]) for r in recs] == [("bad", "neg"), ("awful", "neg"), ("good", "pos")]
 
 
-def test_classification_data_labels_split_and_errors(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=True))
+def test_classification_data_labels_split_and_errors(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=True)
     rows = [{"text": "great movie", "group": "g1"}, {"text": "awful plot", "group": "b1"},
             {"text": "nice", "group": "g2"}, {"text": "sad sad sad sad sad sad sad sad", "group": "b1"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -305,8 +305,8 @@ def test_token_data_labels_only_the_first_subtoken(tmp_path) -> None:
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0] and batch["input_ids"][1, 3:].tolist() == [0, 0]
 
 
-def test_clm_data_packs_documents_with_eos_into_blocks(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=False))
+def test_clm_data_packs_documents_with_eos_into_blocks(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=False)
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "great movie"}, {"text": "the plot was nice"}] * 4)
     data = build_task_data(DataConfig(train=DataSource(path=str(path)), max_length=4, validation_fraction=0.25),
                            "clm", tok)
@@ -397,8 +397,8 @@ def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
         assert torch.allclose(g1[name], g2[name], atol=1e-5), name
 
 
-def test_clm_long_documents_are_packed_not_truncated(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=False))
+def test_clm_long_documents_are_packed_not_truncated(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=False)
     words = ("great movie the plot was nice and sad " * 10).split()
     (tmp_path / "a.txt").write_text(" ".join(words))
     (tmp_path / "b.txt").write_text(" ".join(words[:20]))
