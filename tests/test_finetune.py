@@ -31,7 +31,7 @@ from lmcraft.finetune.tasks import (
     make_task,
     spearman,
 )
-from lmcraft.models import LanguageModel, preset
+from lmcraft.models import ModelConfig, preset
 from lmcraft.tokenizer.load import load_tokenizer
 from lmcraft.train import Callback, Trainer, TrainerConfig
 from test_finetune_support import quick_trainer, sentiment_rows, tiny_model_folder, write_jsonl
@@ -45,11 +45,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_bert(num_layers: int = 3, head: str = "cls") -> LanguageModel:
-    torch.manual_seed(0)
-    return LanguageModel(preset("bert-tiny", vocab_size=50, hidden_size=16, num_layers=num_layers, num_heads=2,
-                                intermediate_size=32, max_position_embeddings=32, dropout=0.0,
-                                attention_dropout=0.0), head)
+def bert_config(num_layers: int = 3) -> ModelConfig:
+    return preset("bert-tiny", vocab_size=50, hidden_size=16, num_layers=num_layers, num_heads=2, intermediate_size=32,
+                  max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)
+
+
+LLAMA = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -65,8 +66,8 @@ def test_layer_of_and_is_head_cover_plain_and_peft_names() -> None:
     assert not is_head("model.layers.0.mlp.up_proj.weight")
 
 
-def test_llrd_learning_rates_by_hand() -> None:
-    model = tiny_bert(num_layers=3)
+def test_llrd_learning_rates_by_hand(tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=3), "cls")
     groups = transformer_param_groups(model, lr=1.0, weight_decay=0.01, num_layers=3, layer_lr_decay=0.5, head_lr=7.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
@@ -85,10 +86,11 @@ def test_llrd_learning_rates_by_hand() -> None:
     assert len(lr_of) == sum(1 for _ in model.parameters())
 
 
-def test_llrd_applies_to_peft_adapter_parameters() -> None:
+def test_llrd_applies_to_peft_adapter_parameters(tiny_model) -> None:
     from lmcraft import peft
 
-    model = peft.apply(tiny_bert(num_layers=2), {"method": "lora", "r": 2, "modules_to_save": ["head"]})
+    model = peft.apply(tiny_model(bert_config(num_layers=2), "cls"),
+                       {"method": "lora", "r": 2, "modules_to_save": ["head"]})
     groups = transformer_param_groups(model, lr=1.0, weight_decay=0.0, num_layers=2, layer_lr_decay=0.1, head_lr=3.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     assert lr_of["base_model.model.layers.1.self_attn.q_proj.lora_A.default.weight"] == 1.0
@@ -111,8 +113,8 @@ def _trainer(model: nn.Module, tmp_path, steps: int, callbacks=(), lr: float = 1
                    collate_fn=Collator("cls", 0), callbacks=callbacks)
 
 
-def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path) -> None:
-    model = tiny_bert(num_layers=3)
+def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path, tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=3), "cls")
     frozen = freeze_parameters(model, embeddings=True, bottom_layers=2)
     assert frozen and all(layer_of(n) in (0, 1, 2) for n in frozen)
     assert not any(layer_of(n) == 3 for n in frozen)
@@ -136,8 +138,8 @@ def test_unfrozen_depths_schedule() -> None:
     assert unfrozen_depths(9, 3) == {3, 2, 1, 0}
 
 
-def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path) -> None:
-    model = tiny_bert(num_layers=2)
+def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path, tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=2), "cls")
     freeze_parameters(model, embeddings=True)  # frozen for good: never unfrozen by the schedule
     history: list[dict[int | None, bool]] = []
 
@@ -169,12 +171,10 @@ def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path) -> None:
     assert torch.equal(snapshots[0]["model.embed_tokens.weight"], snapshots[-1]["model.embed_tokens.weight"])
 
 
-def test_gradual_unfreezing_starts_with_the_top_block_when_no_head_trains() -> None:
+def test_gradual_unfreezing_starts_with_the_top_block_when_no_head_trains(tiny_model) -> None:
     from lmcraft import peft
 
-    torch.manual_seed(0)
-    lm = LanguageModel(preset("llama-14m", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                              intermediate_size=32), "lm")
+    lm = tiny_model(preset("llama-14m", **LLAMA), "lm")
     model = peft.apply(lm, {"method": "lora", "r": 2})
     schedule = GradualUnfreezing(model, num_layers=2, every_steps=3)
     schedule.apply(0)
@@ -373,12 +373,10 @@ def test_chunked_lm_loss_matches_full_logits(train_weight: bool) -> None:
         assert torch.allclose(got[1], weight.grad, atol=1e-6)
 
 
-def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
+def test_causal_lm_task_fused_and_plain_agree_on_a_model(tiny_model) -> None:
     from lmcraft.finetune.tasks import CausalLMTask
 
-    torch.manual_seed(0)
-    model = LanguageModel(preset("llama-14m", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
-                                 num_kv_heads=1, intermediate_size=32), "lm")
+    model = tiny_model(preset("llama-14m", **LLAMA), "lm")
     ids = torch.randint(0, 50, (2, 9))
     mask = torch.ones_like(ids)
     labels = ids.clone()
