@@ -105,15 +105,15 @@ def _batch(n: int = 4, t: int = 6) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones(n, t, dtype=torch.long), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def _trainer(model: nn.Module, tmp_path, steps: int, callbacks=(), lr: float = 1e-2) -> Trainer:
+def _trainer(model: nn.Module, output_dir, steps: int, callbacks=(), lr: float = 1e-2) -> Trainer:
     task = ClassificationTask(labels=["a", "b"])
     data = [dict(input_ids=list(range(4, 10)), label=i % 2) for i in range(16)]
     cfg = TrainerConfig(**quick_trainer(max_steps=steps, micro_batch_size=4, lr=lr, max_grad_norm=None))
-    return Trainer(model, lambda m, b: task.forward(m, b)[0], data, config=cfg, output_dir=tmp_path / "run",
+    return Trainer(model, lambda m, b: task.forward(m, b)[0], data, config=cfg, output_dir=output_dir,
                    collate_fn=Collator("cls", 0), callbacks=callbacks)
 
 
-def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path, tiny_model) -> None:
+def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(run_folder, tiny_model) -> None:
     model = tiny_model(bert_config(num_layers=3), "cls")
     frozen = freeze_parameters(model, embeddings=True, bottom_layers=2)
     assert frozen and all(layer_of(n) in (0, 1, 2) for n in frozen)
@@ -124,7 +124,7 @@ def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path, 
     for name, p in model.named_parameters():
         assert (p.grad is None) == (name in frozen), name
     model.zero_grad(set_to_none=True)
-    _trainer(model, tmp_path, steps=3).train(resume_from=None)
+    _trainer(model, run_folder, steps=3).train(resume_from=None)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == (name in frozen), name
 
@@ -138,7 +138,7 @@ def test_unfrozen_depths_schedule() -> None:
     assert unfrozen_depths(9, 3) == {3, 2, 1, 0}
 
 
-def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path, tiny_model) -> None:
+def test_gradual_unfreezing_trains_top_down_every_k_steps(run_folder, tiny_model) -> None:
     model = tiny_model(bert_config(num_layers=2), "cls")
     freeze_parameters(model, embeddings=True)  # frozen for good: never unfrozen by the schedule
     history: list[dict[int | None, bool]] = []
@@ -158,7 +158,7 @@ def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path, tiny_model) 
             snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
     spy = Spy(model, num_layers=2, every_steps=2)
-    _trainer(model, tmp_path, steps=8, callbacks=[spy, Weights()]).train(resume_from=None)
+    _trainer(model, run_folder, steps=8, callbacks=[spy, Weights()]).train(resume_from=None)
     # steps 0-1: head only; 2-3: + block 1 (depth 2); 4-5: + block 0; 6-7: + embeddings, but those are frozen
     expected = [{None: True, 2: False, 1: False, 0: False}] * 2 + [{None: True, 2: True, 1: False, 0: False}] * 2 \
         + [{None: True, 2: True, 1: True, 0: False}] * 4
