@@ -58,7 +58,7 @@ def lmcraft_step(folder: Path, batch: torch.Tensor, precision: str) -> tuple[Cal
 
     model = load_model(folder, dtype=torch.float32).train()
     objective = CausalLM()
-    optimizer = build_optimizer(param_groups(model, 0.0, LR), LR, (0.9, 0.999), 1e-8)
+    optimizer = build_optimizer(param_groups(model, lr=LR, weight_decay=0.0), LR, (0.9, 0.999), 1e-8)
     data = objective.transform({"input_ids": batch})
 
     def step() -> float:

@@ -24,7 +24,6 @@ from lmcraft.align.ppo import (
     whiten,
 )
 from lmcraft.align.reward import bradley_terry_loss
-from lmcraft.models import LanguageModel, ModelConfig
 from lmcraft.objectives.lm_head import sequence_logprobs as sequence_logps
 from lmcraft.peft.training import ReferencePolicy, reference_policy
 
@@ -51,15 +50,14 @@ def test_dpo_variants_by_hand() -> None:
     torch.testing.assert_close(ipo, torch.tensor([1.0]))  # (2 - 1 / (2 * 0.5))^2
 
 
-def test_sequence_logps_and_dpo_loss_on_a_model() -> None:
+def test_sequence_logps_and_dpo_loss_on_a_model(tiny_model) -> None:
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
     labels = torch.tensor([[-100, 1, 2]])  # logits at t-1 predict label t
     total, count = sequence_logps(logits, labels)
     torch.testing.assert_close(total, torch.tensor([math.log(0.25) + math.log(0.1)]))
     assert count.tolist() == [2]
 
-    torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32))
+    model = tiny_model(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
     ids = torch.randint(0, 16, (4, 6))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -131,10 +129,7 @@ class _Tok:
         return " ".join(map(str, ids))
 
 
-def _policy() -> LanguageModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=24, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, eos_token_id=1)
-    return LanguageModel(cfg)
+POLICY = dict(vocab_size=24, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, eos_token_id=1)
 
 
 def _engine(policy, reference, max_new_tokens: int) -> RolloutEngine:
@@ -148,8 +143,8 @@ PROMPTS = [{"messages": [{"role": "user", "content": str(i)}], "ids": list(range
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_kl_is_zero_when_policy_equals_reference(mode: str) -> None:
-    policy = _policy()
+def test_kl_is_zero_when_policy_equals_reference(mode: str, tiny_model) -> None:
+    policy = tiny_model(**POLICY)
     if mode == "lora":
         policy = peft.apply(policy, {"method": "lora", "r": 2})  # adapters disabled = reference
     reference = reference_policy(policy)
@@ -167,8 +162,8 @@ def test_kl_is_zero_when_policy_equals_reference(mode: str) -> None:
         assert engine.make(PROMPTS, seed=3).stats["kl"] != 0.0
 
 
-def test_rollout_loader_plan_and_state() -> None:
-    policy = _policy()
+def test_rollout_loader_plan_and_state(tiny_model) -> None:
+    policy = tiny_model(**POLICY)
     engine = _engine(policy, reference_policy(policy), 4)
     loader = RolloutLoader(PROMPTS, engine, rollout_batch_size=4, minibatch_size=2, micro_batch_size=1, ppo_epochs=2,
                            seed=5)

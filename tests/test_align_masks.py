@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lmcraft.align.instruct import ChatFormatter, collate_packed, collate_padded, highlight, pack, truncate
-from lmcraft.models import LanguageModel, ModelConfig
 from lmcraft.tokenizer.load import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -137,16 +136,15 @@ def test_truncation_policies(tok: Tokenizer) -> None:
     assert kept.input_ids == pair.input_ids[-(pair.num_trained + 3):] and kept.num_trained == pair.num_trained
 
 
-def test_packing_equals_separate_examples(tok: Tokenizer) -> None:
+def test_packing_equals_separate_examples(tok: Tokenizer, tiny_model) -> None:
     fmt = ChatFormatter(tok, "chatml")
     examples = [fmt.tokenize(MULTI), fmt.tokenize(SINGLE), fmt.tokenize(MULTI[:3]), fmt.tokenize(SINGLE)]
     width = len(examples[0].input_ids) + len(examples[1].input_ids)
     rows = pack(examples, width)
     assert [len(r) for r in rows] == [2, 2]  # first fit, longest first: [MULTI, SINGLE], [MULTI[:3], SINGLE]
     assert all(sum(len(e.input_ids) for e in r) <= width for r in rows)
-    torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
-                                      num_kv_heads=2, intermediate_size=64)).eval()
+    model = tiny_model(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=64).eval()
     batch = collate_packed(rows, tok.pad_token_id)
     packed = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
     for r, row in enumerate(rows):

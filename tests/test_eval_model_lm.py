@@ -13,7 +13,6 @@ from lmcraft import peft
 from lmcraft.cli import main
 from lmcraft.evaluate import evaluate_task
 from lmcraft.hub import load_model, save_model
-from lmcraft.models import LanguageModel, ModelConfig
 from lmcraft.prompting.lm import GenSettings
 from lmcraft.prompting.model_lm import ModelLM
 from lmcraft.prompting.tasks import load_task
@@ -31,13 +30,13 @@ PROMPTS = ["the cat", "Question: how many apples are left? Answer:", "spam", "wh
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("tiny")
     specials = DEFAULT_SPECIAL_TOKENS["bpe"]
     backend = train_tokenizer(TEXTS, "bpe", vocab_size=320, special_tokens=specials, show_progress=False)
     save_tokenizer(backend, root / "tok", specials)
     tok = load_tokenizer(root / "tok")
-    cfg = ModelConfig(
+    model = tiny_model(
         vocab_size=backend.get_vocab_size(),
         hidden_size=48,
         num_layers=2,
@@ -50,8 +49,7 @@ def folder(tmp_path_factory):
         eos_token_id=tok.token_to_id("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(0)
-    save_model(LanguageModel(cfg), root / "model", tokenizer_dir=root / "tok")
+    save_model(model, root / "model", tokenizer_dir=root / "tok")
     return root / "model"
 
 

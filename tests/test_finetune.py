@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.config import validate_config
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.errors import ConfigError, InputFileError
 from lmcraft.finetune.config import DataConfig, DataSource, FinetuneConfig
-from lmcraft.finetune.data import IGNORE_INDEX, Collator, build_task_data, split_records
+from lmcraft.finetune.data import Collator, build_task_data, read_source, split_records
 from lmcraft.finetune.emails import email_text
 from lmcraft.finetune.layers import (
     GradualUnfreezing,
     freeze_parameters,
     is_head,
     layer_of,
-    param_groups,
+    transformer_param_groups,
     unfrozen_depths,
 )
-from lmcraft.finetune.records import read_records
 from lmcraft.finetune.tasks import (
     ClassificationTask,
     RegressionTask,
@@ -31,10 +31,10 @@ from lmcraft.finetune.tasks import (
     make_task,
     spearman,
 )
-from lmcraft.models import LanguageModel, preset
+from lmcraft.models import ModelConfig, preset
 from lmcraft.tokenizer.load import load_tokenizer
 from lmcraft.train import Callback, Trainer, TrainerConfig
-from test_finetune_support import quick_trainer, sentiment_rows, tiny_model_folder, write_jsonl, write_tokenizer
+from test_finetune_support import quick_trainer, sentiment_rows, tiny_model_folder, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +45,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_bert(num_layers: int = 3, head: str = "cls") -> LanguageModel:
-    torch.manual_seed(0)
-    return LanguageModel(preset("bert-tiny", vocab_size=50, hidden_size=16, num_layers=num_layers, num_heads=2,
-                                intermediate_size=32, max_position_embeddings=32, dropout=0.0,
-                                attention_dropout=0.0), head)
+def bert_config(num_layers: int = 3) -> ModelConfig:
+    return preset("bert-tiny", vocab_size=50, hidden_size=16, num_layers=num_layers, num_heads=2, intermediate_size=32,
+                  max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)
+
+
+LLAMA = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -65,9 +66,9 @@ def test_layer_of_and_is_head_cover_plain_and_peft_names() -> None:
     assert not is_head("model.layers.0.mlp.up_proj.weight")
 
 
-def test_llrd_learning_rates_by_hand() -> None:
-    model = tiny_bert(num_layers=3)
-    groups = param_groups(model, lr=1.0, weight_decay=0.01, num_layers=3, layer_lr_decay=0.5, head_lr=7.0)
+def test_llrd_learning_rates_by_hand(tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=3), "cls")
+    groups = transformer_param_groups(model, lr=1.0, weight_decay=0.01, num_layers=3, layer_lr_decay=0.5, head_lr=7.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
     # block i of L=3 trains at 0.5 ** (3 - 1 - i); embeddings at 0.5 ** 3; the head at head_lr
@@ -85,11 +86,12 @@ def test_llrd_learning_rates_by_hand() -> None:
     assert len(lr_of) == sum(1 for _ in model.parameters())
 
 
-def test_llrd_applies_to_peft_adapter_parameters() -> None:
+def test_llrd_applies_to_peft_adapter_parameters(tiny_model) -> None:
     from lmcraft import peft
 
-    model = peft.apply(tiny_bert(num_layers=2), {"method": "lora", "r": 2, "modules_to_save": ["head"]})
-    groups = param_groups(model, lr=1.0, weight_decay=0.0, num_layers=2, layer_lr_decay=0.1, head_lr=3.0)
+    model = peft.apply(tiny_model(bert_config(num_layers=2), "cls"),
+                       {"method": "lora", "r": 2, "modules_to_save": ["head"]})
+    groups = transformer_param_groups(model, lr=1.0, weight_decay=0.0, num_layers=2, layer_lr_decay=0.1, head_lr=3.0)
     lr_of = {n: g["lr"] for g in groups for n in g["names"]}
     assert lr_of["base_model.model.layers.1.self_attn.q_proj.lora_A.default.weight"] == 1.0
     assert lr_of["base_model.model.layers.0.self_attn.v_proj.lora_B.default.weight"] == pytest.approx(0.1)
@@ -103,16 +105,16 @@ def _batch(n: int = 4, t: int = 6) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones(n, t, dtype=torch.long), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def _trainer(model: nn.Module, tmp_path, steps: int, callbacks=(), lr: float = 1e-2) -> Trainer:
+def _trainer(model: nn.Module, output_dir, steps: int, callbacks=(), lr: float = 1e-2) -> Trainer:
     task = ClassificationTask(labels=["a", "b"])
     data = [dict(input_ids=list(range(4, 10)), label=i % 2) for i in range(16)]
     cfg = TrainerConfig(**quick_trainer(max_steps=steps, micro_batch_size=4, lr=lr, max_grad_norm=None))
-    return Trainer(model, lambda m, b: task.forward(m, b)[0], data, config=cfg, output_dir=tmp_path / "run",
+    return Trainer(model, lambda m, b: task.forward(m, b)[0], data, config=cfg, output_dir=output_dir,
                    collate_fn=Collator("cls", 0), callbacks=callbacks)
 
 
-def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path) -> None:
-    model = tiny_bert(num_layers=3)
+def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(run_folder, tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=3), "cls")
     frozen = freeze_parameters(model, embeddings=True, bottom_layers=2)
     assert frozen and all(layer_of(n) in (0, 1, 2) for n in frozen)
     assert not any(layer_of(n) == 3 for n in frozen)
@@ -122,7 +124,7 @@ def test_frozen_bottom_layers_get_no_gradients_and_keep_their_weights(tmp_path) 
     for name, p in model.named_parameters():
         assert (p.grad is None) == (name in frozen), name
     model.zero_grad(set_to_none=True)
-    _trainer(model, tmp_path, steps=3).train(resume_from=None)
+    _trainer(model, run_folder, steps=3).train(resume_from=None)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == (name in frozen), name
 
@@ -136,8 +138,8 @@ def test_unfrozen_depths_schedule() -> None:
     assert unfrozen_depths(9, 3) == {3, 2, 1, 0}
 
 
-def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path) -> None:
-    model = tiny_bert(num_layers=2)
+def test_gradual_unfreezing_trains_top_down_every_k_steps(run_folder, tiny_model) -> None:
+    model = tiny_model(bert_config(num_layers=2), "cls")
     freeze_parameters(model, embeddings=True)  # frozen for good: never unfrozen by the schedule
     history: list[dict[int | None, bool]] = []
 
@@ -156,7 +158,7 @@ def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path) -> None:
             snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
     spy = Spy(model, num_layers=2, every_steps=2)
-    _trainer(model, tmp_path, steps=8, callbacks=[spy, Weights()]).train(resume_from=None)
+    _trainer(model, run_folder, steps=8, callbacks=[spy, Weights()]).train(resume_from=None)
     # steps 0-1: head only; 2-3: + block 1 (depth 2); 4-5: + block 0; 6-7: + embeddings, but those are frozen
     expected = [{None: True, 2: False, 1: False, 0: False}] * 2 + [{None: True, 2: True, 1: False, 0: False}] * 2 \
         + [{None: True, 2: True, 1: True, 0: False}] * 4
@@ -169,12 +171,10 @@ def test_gradual_unfreezing_trains_top_down_every_k_steps(tmp_path) -> None:
     assert torch.equal(snapshots[0]["model.embed_tokens.weight"], snapshots[-1]["model.embed_tokens.weight"])
 
 
-def test_gradual_unfreezing_starts_with_the_top_block_when_no_head_trains() -> None:
+def test_gradual_unfreezing_starts_with_the_top_block_when_no_head_trains(tiny_model) -> None:
     from lmcraft import peft
 
-    torch.manual_seed(0)
-    lm = LanguageModel(preset("llama-14m", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                              intermediate_size=32), "lm")
+    lm = tiny_model(preset("llama-14m", **LLAMA), "lm")
     model = peft.apply(lm, {"method": "lora", "r": 2})
     schedule = GradualUnfreezing(model, num_layers=2, every_steps=3)
     schedule.apply(0)
@@ -246,24 +246,24 @@ def test_task_metrics() -> None:
 # ------------------------------------------------------------------------------------------------ data
 def test_readers_and_errors_name_file_and_line(tmp_path) -> None:
     (tmp_path / "a.csv").write_text("text,label\nhello there,pos\n\"multi\nline\",neg\n")
-    recs = read_records(DataSource(path=str(tmp_path / "a.csv")))
+    recs = read_source(DataSource(path=str(tmp_path / "a.csv")))
     assert [r.fields["label"] for r in recs] == ["pos", "neg"] and recs[1].where == "line 4"
     (tmp_path / "b.jsonl").write_text('{"text": "x", "label": 1}\n\n{"text": "y"\n')
     with pytest.raises(InputFileError, match=r"b.jsonl, line 3"):
-        read_records(DataSource(path=str(tmp_path / "b.jsonl")))
+        read_source(DataSource(path=str(tmp_path / "b.jsonl")))
     (tmp_path / "c.conll").write_text("-DOCSTART- O\n\nAlice B-PER\nSmith I-PER\nran O\n\nBob B-PER\n")
-    recs = read_records(DataSource(path=str(tmp_path / "c.conll")))
+    recs = read_source(DataSource(path=str(tmp_path / "c.conll")))
     assert [r.fields["tags"] for r in recs] == [["B-PER", "I-PER", "O"], ["B-PER"]] and recs[0].where == "line 3"
     for label, texts in {"neg": ["bad", "awful"], "pos": ["good"]}.items():
         (tmp_path / "folder" / label).mkdir(parents=True)
         for i, t in enumerate(texts):
             (tmp_path / "folder" / label / f"{i}.txt").write_text(t)
-    recs = read_records(DataSource(path=str(tmp_path / "folder"), format="folder"))
+    recs = read_source(DataSource(path=str(tmp_path / "folder"), format="folder"))
     assert [(r.fields["text"], r.fields["label"]) for r in recs] == [("bad", "neg"), ("awful", "neg"), ("good", "pos")]
 
 
-def test_classification_data_labels_split_and_errors(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=True))
+def test_classification_data_labels_split_and_errors(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=True)
     rows = [{"text": "great movie", "group": "g1"}, {"text": "awful plot", "group": "b1"},
             {"text": "nice", "group": "g2"}, {"text": "sad sad sad sad sad sad sad sad", "group": "b1"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -278,7 +278,7 @@ def test_classification_data_labels_split_and_errors(tmp_path) -> None:
     with pytest.raises(InputFileError, match=r"e.jsonl, line 5: expected a label among"):
         build_task_data(cfg.model_copy(update={"train": DataSource(path=str(bad), label_field="group"),
                                                "labels": ["bad", "good"]}), "cls", tok)
-    train, held = split_records(read_records(cfg.train), 0.5, seed=3)
+    train, held = split_records(read_source(cfg.train), 0.5, seed=3)
     assert len(train) == 2 and len(held) == 2 and {r.where for r in train} | {r.where for r in held} == {
         f"line {i}" for i in range(1, 5)}
 
@@ -305,8 +305,8 @@ def test_token_data_labels_only_the_first_subtoken(tmp_path) -> None:
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0] and batch["input_ids"][1, 3:].tolist() == [0, 0]
 
 
-def test_clm_data_packs_documents_with_eos_into_blocks(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=False))
+def test_clm_data_packs_documents_with_eos_into_blocks(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=False)
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "great movie"}, {"text": "the plot was nice"}] * 4)
     data = build_task_data(DataConfig(train=DataSource(path=str(path)), max_length=4, validation_fraction=0.25),
                            "clm", tok)
@@ -373,12 +373,10 @@ def test_chunked_lm_loss_matches_full_logits(train_weight: bool) -> None:
         assert torch.allclose(got[1], weight.grad, atol=1e-6)
 
 
-def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
+def test_causal_lm_task_fused_and_plain_agree_on_a_model(tiny_model) -> None:
     from lmcraft.finetune.tasks import CausalLMTask
 
-    torch.manual_seed(0)
-    model = LanguageModel(preset("llama-14m", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
-                                 num_kv_heads=1, intermediate_size=32), "lm")
+    model = tiny_model(preset("llama-14m", **LLAMA), "lm")
     ids = torch.randint(0, 50, (2, 9))
     mask = torch.ones_like(ids)
     labels = ids.clone()
@@ -397,8 +395,8 @@ def test_causal_lm_task_fused_and_plain_agree_on_a_model() -> None:
         assert torch.allclose(g1[name], g2[name], atol=1e-5), name
 
 
-def test_clm_long_documents_are_packed_not_truncated(tmp_path) -> None:
-    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=False))
+def test_clm_long_documents_are_packed_not_truncated(tmp_path, word_tokenizer) -> None:
+    tok = word_tokenizer(encoder=False)
     words = ("great movie the plot was nice and sad " * 10).split()
     (tmp_path / "a.txt").write_text(" ".join(words))
     (tmp_path / "b.txt").write_text(" ".join(words[:20]))

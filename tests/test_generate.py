@@ -18,17 +18,14 @@ from lmcraft.generate import (
     top_k_filter,
     top_p_filter,
 )
-from lmcraft.models import LanguageModel, ModelConfig, preset
+from lmcraft.models import LanguageModel, preset
 from lmcraft.models.layers import MLP, Attention
 
 NEG = float("-inf")
 
 
-def tiny(**overrides) -> LanguageModel:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-               tie_word_embeddings=False, initializer_range=0.2)
-    return LanguageModel(ModelConfig(**{**cfg, **overrides})).eval()
+TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+            tie_word_embeddings=False, initializer_range=0.2)
 
 
 def argmax_without_cache(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
@@ -40,8 +37,8 @@ def argmax_without_cache(model: LanguageModel, prompt: list[int], n: int) -> lis
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_greedy_with_cache_equals_full_recompute(family: str) -> None:
-    model = tiny() if family == "llama" else LanguageModel(preset(
+def test_greedy_with_cache_equals_full_recompute(family: str, tiny_model) -> None:
+    model = tiny_model(**TINY).eval() if family == "llama" else LanguageModel(preset(
         "gpt2-tiny", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
         initializer_range=0.2, tie_word_embeddings=False)).eval()
     prompt = [5, 17, 3, 88, 42]
@@ -53,8 +50,8 @@ def test_greedy_with_cache_equals_full_recompute(family: str) -> None:
     assert result.num_new_tokens == 12 and result.tokens_per_second > 0
 
 
-def test_left_padded_batch_equals_each_prompt_alone() -> None:
-    model = tiny()
+def test_left_padded_batch_equals_each_prompt_alone(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8], [50, 60, 70]]
     config = GenerationConfig(max_new_tokens=10, eos_token_ids=())
     batched = generate(model, prompts, config)
@@ -65,8 +62,8 @@ def test_left_padded_batch_equals_each_prompt_alone() -> None:
 
 @pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "num_kv_heads": 4},
                                        {"mlp": "plain", "activation": "gelu"}])
-def test_fast_decoding_gives_the_same_logits(overrides: dict) -> None:
-    model = tiny(**overrides)
+def test_fast_decoding_gives_the_same_logits(overrides: dict, tiny_model) -> None:
+    model = tiny_model(**{**TINY, **overrides}).eval()
     ids = torch.tensor([[3, 9, 27, 81], [5, 25, 1, 2]])
     with torch.inference_mode():
         cache = model.new_cache(2, 8)
@@ -79,8 +76,8 @@ def test_fast_decoding_gives_the_same_logits(overrides: dict) -> None:
     assert all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in model.model.layers)
 
 
-def test_prefix_reaches_every_decoding_step() -> None:
-    model = tiny()
+def test_prefix_reaches_every_decoding_step(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     cfg = model.config
     torch.manual_seed(1)
     prefix = [(torch.randn(1, cfg.num_kv_heads, 3, cfg.head_dim), torch.randn(1, cfg.num_kv_heads, 3, cfg.head_dim))
@@ -94,8 +91,8 @@ def test_prefix_reaches_every_decoding_step() -> None:
     assert result.tokens[0] != generate(model, [prompt], GenerationConfig(max_new_tokens=6, eos_token_ids=())).tokens[0]
 
 
-def test_tensor_input_with_attention_mask_matches_lists() -> None:
-    model = tiny()
+def test_tensor_input_with_attention_mask_matches_lists(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     ids = torch.tensor([[0, 0, 9, 8], [1, 2, 3, 4]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     config = GenerationConfig(max_new_tokens=6, eos_token_ids=())
@@ -105,8 +102,8 @@ def test_tensor_input_with_attention_mask_matches_lists() -> None:
         generate(model, ids, config, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
 
 
-def test_eos_ends_rows_independently_and_streams_none_afterwards() -> None:
-    model = tiny()
+def test_eos_ends_rows_independently_and_streams_none_afterwards(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     prompts = [[5, 17, 3], [60, 2, 9, 11]]
     free = generate(model, prompts, GenerationConfig(max_new_tokens=8, eos_token_ids=()))
     eos_a, eos_b = free.tokens[0][2], free.tokens[1][5]  # stop row 0 at its 3rd token, row 1 at its 6th
@@ -120,16 +117,16 @@ def test_eos_ends_rows_independently_and_streams_none_afterwards() -> None:
     assert len(steps) == max(len(t) for t in result.tokens)
 
 
-def test_eos_defaults_to_model_config() -> None:
-    model = tiny()
+def test_eos_defaults_to_model_config(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     first = generate(model, [[4, 5]], GenerationConfig(max_new_tokens=5, eos_token_ids=())).tokens[0][0]
     model.config.eos_token_id = [999, first]
     result = generate(model, [[4, 5]], GenerationConfig(max_new_tokens=5))
     assert result.tokens == [[first]] and result.finish_reasons == ["eos"]
 
 
-def test_seeded_sampling_is_reproducible() -> None:
-    model = tiny()
+def test_seeded_sampling_is_reproducible(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, seed=123,
                               eos_token_ids=())
     a = generate(model, [[1, 2, 3], [4, 5]], config).tokens
@@ -138,22 +135,22 @@ def test_seeded_sampling_is_reproducible() -> None:
     assert a == b and a != other
 
 
-def test_top_k_one_sampling_is_greedy() -> None:
-    model = tiny()
+def test_top_k_one_sampling_is_greedy(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     greedy = generate(model, [[3, 1, 4]], GenerationConfig(max_new_tokens=8, eos_token_ids=())).tokens
     sampled = generate(model, [[3, 1, 4]], GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1, seed=0,
                                                             eos_token_ids=())).tokens
     assert sampled == greedy
 
 
-def test_training_mode_is_restored_and_zero_tokens_allowed() -> None:
-    model = tiny().train()
+def test_training_mode_is_restored_and_zero_tokens_allowed(tiny_model) -> None:
+    model = tiny_model(**TINY).eval().train()
     result = generate(model, [[1, 2]], GenerationConfig(max_new_tokens=0))
     assert result.tokens == [[]] and model.training
 
 
-def test_bad_inputs_are_explained() -> None:
-    model = tiny()
+def test_bad_inputs_are_explained(tiny_model) -> None:
+    model = tiny_model(**TINY).eval()
     with pytest.raises(GenerationError, match="prompt 1 has no tokens"):
         generate(model, [[1], []])
     with pytest.raises(GenerationError, match="tokenizer"):

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmcraft.cli import main
 from lmcraft.generate import GenerationConfig, generate_text
 from lmcraft.hub import load_model, save_model
-from lmcraft.models import LanguageModel, ModelConfig
 from lmcraft.tokenizer.load import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -31,10 +29,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backend.train_from_iterator(["hello there, how are you today? fine thanks"] * 10, trainer)
     root = tmp_path_factory.mktemp("gen-cli")
     Tokenizer(backend, eos_token="<eos>", chat_template="chatml").save(root / "tok")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=64, tie_word_embeddings=False, initializer_range=0.2, eos_token_id=0)
-    return save_model(LanguageModel(cfg), root / "model", tokenizer_dir=root / "tok")
+    model = tiny_model(vocab_size=backend.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, intermediate_size=64, tie_word_embeddings=False, initializer_range=0.2,
+                       eos_token_id=0)
+    return save_model(model, root / "model", tokenizer_dir=root / "tok")
 
 
 def expected_text(folder: Path, prompt: str, n: int, chat: bool = False) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,19 @@ MODELS = {
 }
 
 
-def make(case: str, seed: int = 0) -> LanguageModel:
-    fields, head = MODELS[case]
-    torch.manual_seed(seed)
-    model = LanguageModel(ModelConfig(**fields), head)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+@pytest.fixture
+def make(tiny_model) -> Callable[..., LanguageModel]:
+    """`make(case, seed)`: the model of `MODELS[case]` with N(0, 0.1) noise added to every weight."""
+
+    def build(case: str, seed: int = 0) -> LanguageModel:
+        fields, head = MODELS[case]
+        model = tiny_model(ModelConfig(**fields), head, seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        return model.eval()
+
+    return build
 
 
 def logits(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +72,7 @@ def keys(folder: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("case", list(MODELS))
-def test_config_round_trip(case: str) -> None:
+def test_config_round_trip(case: str, make) -> None:
     model = make(case)
     hf = hub.to_hf_config(model.config, model.head_kind, "float32")
     assert hf["model_type"] == model.config.model_type and hf["torch_dtype"] == "float32"
@@ -141,7 +147,7 @@ def test_unsavable_models() -> None:
 
 
 @pytest.mark.parametrize("case", list(MODELS))
-def test_save_load_round_trip(tmp_path: Path, case: str) -> None:
+def test_save_load_round_trip(tmp_path: Path, case: str, make) -> None:
     model = make(case)
     hub.save_model(model, tmp_path / "m")
     with warnings.catch_warnings():
@@ -152,7 +158,7 @@ def test_save_load_round_trip(tmp_path: Path, case: str) -> None:
     assert torch.equal(logits(again, IDS), logits(model, IDS))
 
 
-def test_tied_and_fused_tensors_are_stored_once(tmp_path: Path) -> None:
+def test_tied_and_fused_tensors_are_stored_once(tmp_path: Path, make) -> None:
     hub.save_model(make("llama-tied"), tmp_path / "tied")
     assert "lm_head.weight" not in keys(tmp_path / "tied")
     hub.save_model(make("llama"), tmp_path / "untied")
@@ -166,7 +172,7 @@ def test_tied_and_fused_tensors_are_stored_once(tmp_path: Path) -> None:
     assert again.head.weight is again.model.embed_tokens.weight
 
 
-def test_sharded_save_and_dtype(tmp_path: Path) -> None:
+def test_sharded_save_and_dtype(tmp_path: Path, make) -> None:
     model = make("llama").to(torch.bfloat16)
     hub.save_model(model, tmp_path / "m", max_shard_size="8KB")
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
@@ -181,7 +187,7 @@ def test_sharded_save_and_dtype(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in as_fp32.parameters())
 
 
-def test_resave_replaces_stale_shards_and_keeps_other_files(tmp_path: Path) -> None:
+def test_resave_replaces_stale_shards_and_keeps_other_files(tmp_path: Path, make) -> None:
     out = tmp_path / "m"
     hub.save_model(make("llama"), out, max_shard_size="8KB")
     (out / "notes.txt").write_text("mine")
@@ -192,7 +198,7 @@ def test_resave_replaces_stale_shards_and_keeps_other_files(tmp_path: Path) -> N
     assert torch.equal(logits(hub.load_model(out), IDS), logits(make("llama", seed=1), IDS))
 
 
-def test_tokenizer_files_and_generation_config(tmp_path: Path) -> None:
+def test_tokenizer_files_and_generation_config(tmp_path: Path, make) -> None:
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
@@ -216,7 +222,7 @@ def test_tokenizer_files_and_generation_config(tmp_path: Path) -> None:
 # ---- other checkpoint spellings -------------------------------------------------------------------------
 
 
-def test_bare_backbones_without_prefix(tmp_path: Path) -> None:
+def test_bare_backbones_without_prefix(tmp_path: Path, make) -> None:
     """LlamaModel / GPT2Model / BertModel checkpoints have no head and no `model.`-style prefix."""
     for case, prefix, arch in (("llama-tied", "model.", "LlamaModel"), ("gpt2", "transformer.", "GPT2Model")):
         model = make(case)
@@ -238,7 +244,7 @@ def test_bare_backbones_without_prefix(tmp_path: Path) -> None:
     assert torch.equal(again.head.pooler.weight, bert.head.pooler.weight)
 
 
-def test_legacy_names_and_buffers_load_quietly(tmp_path: Path) -> None:
+def test_legacy_names_and_buffers_load_quietly(tmp_path: Path, make) -> None:
     """Old BERT files say LayerNorm.gamma/beta; old GPT-2 files carry attn.bias mask buffers."""
     bert = make("bert")
     hub.save_model(bert, tmp_path / "bert")
@@ -255,7 +261,7 @@ def test_legacy_names_and_buffers_load_quietly(tmp_path: Path) -> None:
         assert torch.equal(logits(hub.load_model(tmp_path / "gpt2"), IDS), logits(gpt2, IDS))
 
 
-def test_head_override_and_unused_tensors(tmp_path: Path) -> None:
+def test_head_override_and_unused_tensors(tmp_path: Path, make) -> None:
     hub.save_model(make("bert"), tmp_path / "mlm")
     with pytest.warns(hub.HubWarning) as record:
         model = hub.load_model(tmp_path / "mlm", head="token_cls")
@@ -275,7 +281,7 @@ def one_paragraph(err: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def test_missing_tensors_are_listed(tmp_path: Path) -> None:
+def test_missing_tensors_are_listed(tmp_path: Path, make) -> None:
     hub.save_model(make("llama"), tmp_path / "m")
     rewrite(tmp_path / "m" / "model.safetensors", lambda sd: {k: v for k, v in sd.items() if "layers.1" not in k})
     with pytest.raises(ModelLoadError) as err:
@@ -287,14 +293,14 @@ def test_missing_tensors_are_listed(tmp_path: Path) -> None:
         hub.load_model(tmp_path / "m")
 
 
-def test_unexpected_tensors_warn(tmp_path: Path) -> None:
+def test_unexpected_tensors_warn(tmp_path: Path, make) -> None:
     hub.save_model(make("llama"), tmp_path / "m")
     rewrite(tmp_path / "m" / "model.safetensors", lambda sd: sd | {"model.extra.weight": torch.zeros(2)})
     with pytest.warns(hub.HubWarning, match=r"1 checkpoint tensor\(s\) unused.*model\.extra\.weight"):
         hub.load_model(tmp_path / "m")
 
 
-def test_shape_mismatch(tmp_path: Path) -> None:
+def test_shape_mismatch(tmp_path: Path, make) -> None:
     hub.save_model(make("llama"), tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 65}))
@@ -303,7 +309,7 @@ def test_shape_mismatch(tmp_path: Path) -> None:
     assert "model.embed_tokens.weight is [64, 32], config.json implies [65, 32]" in one_paragraph(err)
 
 
-def test_corrupt_and_missing_files(tmp_path: Path) -> None:
+def test_corrupt_and_missing_files(tmp_path: Path, make) -> None:
     hub.save_model(make("llama"), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -336,7 +342,7 @@ def test_unsupported_model_type_folder(tmp_path: Path) -> None:
     assert "model_type 't5' is not supported; supported types: llama, mistral, qwen2, gpt2, bert" in one_paragraph(err)
 
 
-def test_cli_prints_load_errors_as_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_prints_load_errors_as_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture, make) -> None:
     pytest.importorskip("lmcraft.stages.generate", reason="the generate stage is not written yet")
     from lmcraft.cli import main
 

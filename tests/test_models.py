@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -17,15 +19,20 @@ CONFIGS = {
 T = 10
 
 
-def make(fields: dict, head: str | None = None, seed: int = 0) -> LanguageModel:
-    """A model with weights ~ N(0, 0.1) (norm gains 1 + N(0, 0.1)): logits O(1), so 1e-5 is a real bound."""
-    torch.manual_seed(seed)
-    model = LanguageModel(ModelConfig(**fields), head)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith("norm.weight")
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if gain else 0.0))
-    return model.eval()
+@pytest.fixture
+def make(tiny_model) -> Callable[..., LanguageModel]:
+    """`make(fields, head, seed)`: a model with weights ~ N(0, 0.1) (norm gains 1 + N(0, 0.1)): logits O(1), so
+    1e-5 is a real bound."""
+
+    def build(fields: dict, head: str | None = None, seed: int = 0) -> LanguageModel:
+        model = tiny_model(ModelConfig(**fields), head, seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                gain = name.endswith("norm.weight")
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if gain else 0.0))
+        return model.eval()
+
+    return build
 
 
 def ids(batch: int = 2, length: int = T, seed: int = 1) -> torch.Tensor:
@@ -39,7 +46,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_kv_cache_incremental_equals_full_forward(case: str) -> None:
+def test_kv_cache_incremental_equals_full_forward(case: str, make) -> None:
     model, x = make(CONFIGS[case]), ids()
     full = model(x).logits
     cache = model.new_cache(2, capacity=4)  # smaller than the sequence: the cache must grow
@@ -51,7 +58,7 @@ def test_kv_cache_incremental_equals_full_forward(case: str) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_kv_cache_with_left_padding(case: str) -> None:
+def test_kv_cache_with_left_padding(case: str, make) -> None:
     """Generation of a left-padded batch step by step equals the full forward at every real position."""
     model, x = make(CONFIGS[case]), ids()
     mask = torch.ones_like(x)
@@ -67,7 +74,7 @@ def test_kv_cache_with_left_padding(case: str) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_left_padding_equals_unpadded(case: str) -> None:
+def test_left_padding_equals_unpadded(case: str, make) -> None:
     model, x = make(CONFIGS[case]), ids()
     padded = x.clone()
     padded[0, :4] = 0
@@ -79,7 +86,7 @@ def test_left_padding_equals_unpadded(case: str) -> None:
 
 
 @torch.no_grad()
-def test_encoder_right_padding_equals_unpadded() -> None:
+def test_encoder_right_padding_equals_unpadded(make) -> None:
     model = make({**preset("bert-tiny").to_dict(), **SMALL})
     x = ids()
     mask = torch.ones_like(x)
@@ -91,7 +98,7 @@ def test_encoder_right_padding_equals_unpadded() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_decoder_classifier_reads_last_real_token(padding: str) -> None:
+def test_decoder_classifier_reads_last_real_token(padding: str, make) -> None:
     model, x = make(dict(SMALL, num_labels=3), head="cls"), ids(1, 6)
     pads = torch.zeros(1, 3, dtype=torch.long)
     padded = torch.cat([pads, x] if padding == "left" else [x, pads], dim=1)
@@ -100,7 +107,7 @@ def test_decoder_classifier_reads_last_real_token(padding: str) -> None:
 
 
 @torch.no_grad()
-def test_gqa_equals_multi_head_with_repeated_kv() -> None:
+def test_gqa_equals_multi_head_with_repeated_kv(make) -> None:
     """num_kv_heads=2 of 4: each key/value head serves two query heads, i.e. MHA with k/v heads repeated."""
     gqa = make(dict(SMALL, num_kv_heads=2))
     mha = LanguageModel(ModelConfig(**dict(SMALL, num_kv_heads=4))).eval()
@@ -115,7 +122,7 @@ def test_gqa_equals_multi_head_with_repeated_kv() -> None:
 
 
 @torch.no_grad()
-def test_sliding_window_sees_only_the_last_w_tokens() -> None:
+def test_sliding_window_sees_only_the_last_w_tokens(make) -> None:
     """One layer, window 3: the logits at t equal those of the model run on tokens t-2..t alone."""
     w = 3
     model = make(dict(SMALL, num_layers=1, sliding_window=w))
@@ -131,7 +138,7 @@ def test_sliding_window_sees_only_the_last_w_tokens() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", ["llama-gqa", "gpt2"])
-def test_prefix_key_values_act_like_a_cached_prompt(case: str) -> None:
+def test_prefix_key_values_act_like_a_cached_prompt(case: str, make) -> None:
     """Per-layer prefix keys/values (prefix tuning) taken from a prompt's cache reproduce the full forward."""
     model, x = make(CONFIGS[case]), ids()
     out = model(x[:, :4], use_cache=True)
@@ -142,7 +149,7 @@ def test_prefix_key_values_act_like_a_cached_prompt(case: str) -> None:
 
 
 @torch.no_grad()
-def test_shared_prefix_broadcasts_and_respects_padding() -> None:
+def test_shared_prefix_broadcasts_and_respects_padding(make) -> None:
     """A (1, kv_heads, P, D) prefix serves the whole batch; a left-padded row matches its unpadded run."""
     model, x = make(CONFIGS["llama-gqa"]), ids()
     cfg = model.config
@@ -159,7 +166,7 @@ def test_shared_prefix_broadcasts_and_respects_padding() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", ["llama-gqa", "gpt2"])
-def test_inputs_embeds_equal_input_ids(case: str) -> None:
+def test_inputs_embeds_equal_input_ids(case: str, make) -> None:
     model, x = make(CONFIGS[case]), ids()
     close(model(inputs_embeds=model.get_input_embeddings()(x)).logits, model(x).logits)
     with pytest.raises(ValueError, match="exactly one"):
@@ -167,6 +174,6 @@ def test_inputs_embeds_equal_input_ids(case: str) -> None:
 
 
 @torch.no_grad()
-def test_logits_to_keep() -> None:
+def test_logits_to_keep(make) -> None:
     model, x = make(CONFIGS["llama-gqa"]), ids()
     close(model(x, logits_to_keep=1).logits, model(x).logits[:, -1:])

@@ -59,9 +59,8 @@ def test_transform_labels_padding_and_document_starts():
 
 
 @pytest.mark.parametrize("name", ["llama-14m", "gpt2-tiny"])
-def test_packed_window_equals_separate_documents(name):
-    torch.manual_seed(0)
-    model = LanguageModel(preset(name, **TINY)).eval()
+def test_packed_window_equals_separate_documents(name, tiny_model):
+    model = tiny_model(preset(name, **TINY)).eval()
     docs = [torch.tensor([5, 9, 11, 2]), torch.tensor([7, 3, 2]), torch.tensor([30, 31, 32, 33, 34])]
     window = torch.cat(docs)[None]
     batch = CausalLM(eos_token_id=2, reset_at_eos=True).transform({"input_ids": window})

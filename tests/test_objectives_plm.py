@@ -4,7 +4,7 @@ content stream is exactly our Block run with the permutation mask."""
 import pytest
 import torch
 
-from lmcraft.models import LanguageModel, preset
+from lmcraft.models import preset
 from lmcraft.models.layers import AttentionMask
 from lmcraft.models.two_stream import TwoStreamModel, permutation_masks, two_stream_layer
 from lmcraft.objectives.plm import PermutationLM, sample_permutation
@@ -48,9 +48,8 @@ def test_transform_shapes_and_rejects_padding():
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["llama", "bert"])
-def test_content_stream_is_the_block_with_the_permutation_mask(cfg):
-    torch.manual_seed(0)
-    lm = LanguageModel(cfg).eval()
+def test_content_stream_is_the_block_with_the_permutation_mask(cfg, tiny_model):
+    lm = tiny_model(cfg).eval()
     block, backbone = lm.model.layers[0], lm.model
     rank, targets = sample_permutation(2, 6, 2, torch.Generator().manual_seed(1))
     content, query = permutation_masks(rank, targets)
@@ -64,9 +63,8 @@ def test_content_stream_is_the_block_with_the_permutation_mask(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["llama", "bert"])
-def test_query_stream_never_depends_on_its_own_token(cfg):
-    torch.manual_seed(0)
-    model = TwoStreamModel(LanguageModel(cfg)).eval()
+def test_query_stream_never_depends_on_its_own_token(cfg, tiny_model):
+    model = TwoStreamModel(tiny_model(cfg)).eval()
     ids = torch.randperm(60)[:10][None] + 4  # distinct tokens, so one embedding row = one position
     rank, targets = sample_permutation(1, 10, 3, torch.Generator().manual_seed(2))
     content, query = permutation_masks(rank, targets)

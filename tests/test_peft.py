@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,19 +17,25 @@ from lmcraft.peft.nf4 import NF4_CODE, NF4Linear, dequantize_nf4, nf4_code, quan
 VOCAB = 128
 
 
-def tiny(kind: str = "llama", head: str | None = None) -> LanguageModel:
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = preset("llama-14m", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                     vocab_size=VOCAB, tie_word_embeddings=False)
-    else:
-        cfg = preset("gpt2-tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=VOCAB)
-    model = LanguageModel(cfg, head)
-    with torch.no_grad():  # norms away from 1 so that biases/scales matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+@pytest.fixture
+def tiny(tiny_model) -> Callable[..., LanguageModel]:
+    """`tiny(kind, head)`: a 2-layer llama or gpt2 model with norm weights moved away from 1."""
+
+    def build(kind: str = "llama", head: str | None = None) -> LanguageModel:
+        if kind == "llama":
+            cfg = preset("llama-14m", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96,
+                         vocab_size=VOCAB, tie_word_embeddings=False)
+        else:
+            cfg = preset("gpt2-tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
+                         vocab_size=VOCAB)
+        model = tiny_model(cfg, head)
+        with torch.no_grad():  # norms away from 1 so that biases/scales matter
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model.eval()
+
+    return build
 
 
 METHODS = {
@@ -69,7 +76,7 @@ def ids(b: int = 2, t: int = 6) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_only_adapter_trains_and_base_is_frozen(name: str) -> None:
+def test_only_adapter_trains_and_base_is_frozen(name: str, tiny) -> None:
     model = peft.apply(tiny(), METHODS[name]).train()
     adapter = {id(p) for _, p in model.named_adapter_parameters()}
     trainable = {id(p) for _, p in peft.trainable_parameters(model)}
@@ -82,7 +89,7 @@ def test_only_adapter_trains_and_base_is_frozen(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY_AT_INIT))
-def test_output_equals_base_at_init(name: str) -> None:
+def test_output_equals_base_at_init(name: str, tiny) -> None:
     base = tiny()
     reference = copy.deepcopy(base)
     if name == "qlora":  # the base of QLoRA is the quantised model
@@ -94,7 +101,7 @@ def test_output_equals_base_at_init(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_merge(name: str) -> None:
+def test_merge(name: str, tiny) -> None:
     model = peft.apply(tiny(), METHODS[name])
     perturb(model)
     x = ids()
@@ -115,7 +122,7 @@ def test_merge(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_save_load_round_trip(name: str, tmp_path) -> None:
+def test_save_load_round_trip(name: str, tmp_path, tiny) -> None:
     base = tiny()
     fresh = copy.deepcopy(base)
     model = peft.apply(base, METHODS[name])
@@ -131,7 +138,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
     assert {id(p) for _, p in peft.trainable_parameters(loaded)} == adapter
 
 
-def test_peft_layout_names(tmp_path) -> None:
+def test_peft_layout_names(tmp_path, tiny) -> None:
     from safetensors.torch import load_file
 
     model = peft.apply(tiny(), {"method": "dora", "r": 4})
@@ -148,7 +155,7 @@ def test_peft_layout_names(tmp_path) -> None:
     assert list(tensors) == ["prompt_embeddings"] and tuple(tensors["prompt_embeddings"].shape) == (3, 2 * 2 * 32)
 
 
-def test_multiple_lora_adapters_switch_and_disable() -> None:
+def test_multiple_lora_adapters_switch_and_disable(tiny) -> None:
     base = tiny()
     x = ids()
     expected = base(x).logits
@@ -171,7 +178,7 @@ def test_multiple_lora_adapters_switch_and_disable() -> None:
         model.set_adapter("nope")
 
 
-def test_disable_adapters_for_prompt_methods() -> None:
+def test_disable_adapters_for_prompt_methods(tiny) -> None:
     base = tiny()
     x = ids()
     expected = base(x).logits
@@ -181,7 +188,7 @@ def test_disable_adapters_for_prompt_methods() -> None:
         torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=0)
 
 
-def test_print_trainable_parameters(capsys) -> None:
+def test_print_trainable_parameters(capsys, tiny) -> None:
     model = peft.apply(tiny(), {"method": "lora", "r": 4})
     line = peft.print_trainable_parameters(model)
     trainable, total = peft.count_parameters(model)
@@ -192,7 +199,7 @@ def test_print_trainable_parameters(capsys) -> None:
 
 
 @pytest.mark.parametrize("name", ["prompt", "ptuning_mlp", "prefix", "unipelt"])
-def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
+def test_kv_cache_decoding_matches_full_forward(name: str, tiny) -> None:
     model = peft.apply(tiny(), METHODS[name])
     perturb(model)
     x = ids(2, 7)
@@ -204,7 +211,7 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
 
 
-def test_prompt_outputs_align_with_input_and_mask() -> None:
+def test_prompt_outputs_align_with_input_and_mask(tiny) -> None:
     model = peft.apply(tiny(), {"method": "prompt", "num_virtual_tokens": 4, "init": "text",
                                 "init_token_ids": [5, 6, 7]})
     table = model.providers["default"].embeddings()
@@ -218,7 +225,7 @@ def test_prompt_outputs_align_with_input_and_mask() -> None:
     torch.testing.assert_close(out.logits[0, 2:], model(x[:1, 2:]).logits[0], rtol=1e-4, atol=1e-5)
 
 
-def test_bitfit_on_model_with_biases_and_head() -> None:
+def test_bitfit_on_model_with_biases_and_head(tiny) -> None:
     base = tiny("gpt2", head="cls")
     model = peft.apply(base, {"method": "bitfit", "train_head": True})
     names = [n for n, _ in model.named_adapter_parameters()]
@@ -229,7 +236,7 @@ def test_bitfit_on_model_with_biases_and_head() -> None:
         peft.apply(tiny(), {"method": "bitfit"})
 
 
-def test_gpt2_family_lora_and_merge() -> None:
+def test_gpt2_family_lora_and_merge(tiny) -> None:
     model = peft.apply(tiny("gpt2"), {"method": "lora", "r": 2, "target_modules": ["q_proj", "up_proj"]})
     perturb(model)
     x = ids()
@@ -237,7 +244,7 @@ def test_gpt2_family_lora_and_merge() -> None:
     torch.testing.assert_close(peft.merge(model)(x).logits, before, rtol=1e-4, atol=1e-5)
 
 
-def test_config_errors() -> None:
+def test_config_errors(tiny) -> None:
     with pytest.raises(ConfigError, match="Did you mean|unknown key"):
         peft.config_from_dict({"method": "lora", "rank": 4})
     with pytest.raises(ConfigError, match="unknown peft method"):
@@ -295,7 +302,7 @@ def test_nf4_linear_forward_and_odd_sizes() -> None:
     assert q.weight_numel == 33 * 7 and not any(p.requires_grad for p in q.parameters())
 
 
-def test_qlora_counts_quantised_weights_and_merges_to_dense() -> None:
+def test_qlora_counts_quantised_weights_and_merges_to_dense(tiny) -> None:
     base = tiny()
     n_full = base.num_parameters()
     model = peft.apply(base, METHODS["qlora"])
@@ -307,7 +314,7 @@ def test_qlora_counts_quantised_weights_and_merges_to_dense() -> None:
 
 
 # ---- AdaLoRA -------------------------------------------------------------------------------------------
-def test_adalora_allocation_schedule_and_regulariser(tmp_path) -> None:
+def test_adalora_allocation_schedule_and_regulariser(tmp_path, tiny) -> None:
     cfg = {"method": "adalora", "init_r": 6, "target_r": 2, "total_step": 8, "tinit": 1, "tfinal": 2,
            "target_modules": ["q_proj", "v_proj", "up_proj"]}
     base = tiny()
@@ -354,7 +361,7 @@ def layer_path(model: peft.PeftModel, layer: torch.nn.Module) -> str:
 
 
 @pytest.mark.parametrize("name", ["prompt", "prefix", "lora"])
-def test_generate_with_adapter_and_left_padding(name: str) -> None:
+def test_generate_with_adapter_and_left_padding(name: str, tiny) -> None:
     """lmcraft.generate on a PeftModel (KV cache, left-padded batch) = greedy full forwards row by row."""
     from lmcraft.generate import GenerationConfig, generate
 
@@ -370,7 +377,7 @@ def test_generate_with_adapter_and_left_padding(name: str) -> None:
         assert row == seq[0, len(prompt):].tolist()
 
 
-def test_adalora_hook_needs_gradients() -> None:
+def test_adalora_hook_needs_gradients(tiny) -> None:
     model = peft.apply(tiny(), METHODS["adalora"])
     with pytest.raises(peft.PeftError, match="after loss.backward"):
         peft.update_and_allocate(model, 1)
@@ -389,14 +396,14 @@ def test_encoder_with_task_heads(name: str, head: str) -> None:
     assert out.hidden_states.shape == (2, 6, 64)
 
 
-def test_qlora_bfloat16_compute() -> None:
+def test_qlora_bfloat16_compute(tiny) -> None:
     model = peft.apply(tiny(), {"method": "qlora", "r": 2, "compute_dtype": "bfloat16"})
     assert all(p.dtype == torch.bfloat16 for _, p in model.named_adapter_parameters())
     out = model(ids()).logits
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_stacking_different_wrappers_on_one_module_is_refused() -> None:
+def test_stacking_different_wrappers_on_one_module_is_refused(tiny) -> None:
     model = peft.apply(tiny(), {"method": "ia3"}, adapter_name="a")
     with pytest.raises(peft.PeftError, match="cannot be stacked"):
         peft.apply(model, {"method": "lora", "target_modules": ["k_proj"]}, adapter_name="b")

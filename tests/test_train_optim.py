@@ -32,8 +32,9 @@ def test_decay_split_and_frozen_params() -> None:
     assert groups["layers.1.weight"]["weight_decay"] == 0.1 and groups["head.weight"]["weight_decay"] == 0.1
     for name in ("emb.weight", "layers.1.bias", "norm.weight", "norm.bias", "head.bias"):
         assert groups[name]["weight_decay"] == 0.0, name
-    assert _by_name(param_groups(net, 0.1, 1e-3, decay_embeddings=True))["emb.weight"]["weight_decay"] == 0.1
-    assert "layers.0.weight" in _by_name(param_groups(net, 0.1, 1e-3, trainable_only=False))
+    decayed = _by_name(param_groups(net, lr=1e-3, weight_decay=0.1, decay_embeddings=True))
+    assert decayed["emb.weight"]["weight_decay"] == 0.1
+    assert "layers.0.weight" in _by_name(param_groups(net, lr=1e-3, weight_decay=0.1, trainable_only=False))
 
 
 def test_layerwise_lr_decay_and_head_lr() -> None:
@@ -44,19 +45,19 @@ def test_layerwise_lr_decay_and_head_lr() -> None:
             return int(name.split(".")[1]) + 1
         return None
 
-    groups = _by_name(param_groups(Net(), 0.0, 1.0, layer_lr_decay=0.5, layer_of=layer_of, head_lr=7.0,
+    groups = _by_name(param_groups(Net(), lr=1.0, weight_decay=0.0, layer_lr_decay=0.5, layer_of=layer_of, head_lr=7.0,
                                    is_head=lambda n: n.startswith("head.")))
     assert groups["emb.weight"]["lr"] == 0.5**3
     assert [groups[f"layers.{i}.weight"]["lr"] for i in range(3)] == [0.25, 0.5, 1.0]
     assert groups["norm.weight"]["lr"] == 1.0 and groups["head.weight"]["lr"] == 7.0
     with pytest.raises(ValueError, match="layer_of"):
-        param_groups(Net(), 0.0, 1.0, layer_lr_decay=0.5)
+        param_groups(Net(), lr=1.0, weight_decay=0.0, layer_lr_decay=0.5)
 
 
 def test_optimizer_needs_trainable_params() -> None:
     net = Net().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
-        build_optimizer(param_groups(net, 0.0, 1e-3), 1e-3, (0.9, 0.999), 1e-8)
+        build_optimizer(param_groups(net, lr=1e-3, weight_decay=0.0), 1e-3, (0.9, 0.999), 1e-8)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
@@ -79,7 +80,7 @@ def test_schedule_shapes() -> None:
 
 def test_scheduler_scales_each_group() -> None:
     net = Net()
-    groups = param_groups(net, 0.1, 2.0)
+    groups = param_groups(net, lr=2.0, weight_decay=0.1)
     opt = build_optimizer(groups, 2.0, (0.9, 0.999), 1e-8)
     sched = build_scheduler(opt, "cosine", 0, 4, min_lr_ratio=0.0)
     seen = []

@@ -18,18 +18,18 @@ Preference formats (one record = a prompt and two answers, `chosen` preferred ov
 A preference record may carry a numeric "margin" (how clearly chosen wins), used by the reward model's loss.
 
 `auto` picks the format from the keys of each record. Every problem names the file, the record (JSON array
-index) or line (JSONL) and what was expected.
+index) or line (JSONL) and what was expected. Files are read by the one record reader (`lmcraft.data.records`), so
+any of its formats works (JSON, JSONL, CSV/TSV, Parquet; compressed, globbed, or `asset:` paths).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmcraft.data.readers import InputSpec, expand_inputs, open_binary
+from lmcraft.data.records import read_records
 from lmcraft.errors import ConfigError, InputFileError
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "load_conversations",
     "load_preferences",
     "load_prompts",
-    "read_records",
     "record_to_messages",
     "record_to_preference",
     "record_to_prompt",
@@ -83,46 +82,6 @@ class PreferencePair:
 
 class _Bad(Exception):
     """A record does not fit its format; the message says what was expected."""
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) of a JSON array (`record N`), a JSON object, or a JSONL file (`line N`), maybe compressed.
-
-    `path` may be a glob or start with `asset:NAME/` (a file inside a fetched asset).
-    """
-    for _, file in expand_inputs([InputSpec(path=str(path))]):
-        with open_binary(file) as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputFileError(file, f"byte {err.start}", "expected UTF-8 text") from None
-        name = file.name.lower()
-        if ".jsonl" in name or ".ndjson" in name:
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputFileError(file, f"line {number}", f"expected one JSON object per line ({err.msg})"
-                                         ) from None
-                yield _object(record, file, f"line {number}")
-            continue
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputFileError(file, f"line {err.lineno}", f"expected a JSON array of objects ({err.msg}); "
-                                 "use the .jsonl suffix for one object per line") from None
-        rows = data if isinstance(data, list) else [data]
-        for index, record in enumerate(rows):
-            yield _object(record, file, f"record {index}")
-
-
-def _object(record: Any, file: Path, where: str) -> tuple[str, dict[str, Any]]:
-    if not isinstance(record, dict):
-        raise InputFileError(file, where, f"expected a JSON object, got {type(record).__name__}")
-    return f"{file}, {where}", record
 
 
 # ---- field helpers ------------------------------------------------------------------------------------------
@@ -323,11 +282,11 @@ def _records(paths: Sequence[str | Path], limit: int | None) -> Iterator[tuple[s
         raise ConfigError("no data files given")
     count = 0
     for path in paths:
-        for item in read_records(path):
+        for record in read_records(str(path)):
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield item
+            yield record.source, record.fields
 
 
 def load_conversations(paths: Sequence[str | Path], fmt: ConversationFormat = "auto",

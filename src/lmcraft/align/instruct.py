@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from lmcraft.align.data import Message
+from lmcraft.data.collate import IGNORE_INDEX, pad, pad_with_mask
 from lmcraft.errors import LmcraftError
 from lmcraft.tokenizer.chat import ChatTemplateError, apply_chat_template, resolve_template
 
@@ -51,7 +52,6 @@ __all__ = [
 
 TrainOn = Literal["all", "last"]
 Truncation = Literal["right", "left", "drop"]
-IGNORE_INDEX = -100
 _GEN_START, _GEN_END = "\ue000", "\ue001"  # private-use sentinels marking generation blocks while rendering
 _GEN_OPEN = re.compile(r"\{%(-?)\s*generation\s*(-?)%\}")
 _GEN_CLOSE = re.compile(r"\{%(-?)\s*endgeneration\s*(-?)%\}")
@@ -220,43 +220,22 @@ def pack(examples: Sequence[Tokenized], max_length: int) -> list[list[Tokenized]
 
 def collate_padded(examples: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and `labels` (-100 at padding and untrained tokens)."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[r, :n] = torch.tensor(e.input_ids)
-        labels[r, :n] = torch.tensor(e.labels)
-        mask[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ids, mask = pad_with_mask([e.input_ids for e in examples], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad([e.labels for e in examples], IGNORE_INDEX)}
 
 
 def collate_packed(rows: Sequence[Sequence[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows -> `input_ids`, `labels`, a block-diagonal causal `attention_mask` (B, 1, T, T) and restarted
     `position_ids`; padding at the end of a row forms its own block with no labels."""
-    import torch
-
     from lmcraft.objectives.clm import document_attention
 
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    ends = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for e in row:
-            n = len(e.input_ids)
-            ids[r, at: at + n] = torch.tensor(e.input_ids)
-            lab = torch.tensor(e.labels)
-            lab[0] = IGNORE_INDEX  # never predicted from the previous example
-            labels[r, at: at + n] = lab
-            ends[r, at + n - 1] = 1
-            at += n
-    mask, positions, _ = document_attention(ends, 1)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    ids = [[i for e in row for i in e.input_ids] for row in rows]
+    # an example's first token is never predicted from the previous example
+    labels = [[i for e in row for i in (IGNORE_INDEX, *e.labels[1:])] for row in rows]
+    ends = [[t == len(e.input_ids) - 1 for e in row for t in range(len(e.input_ids))] for row in rows]
+    mask, positions, _ = document_attention(pad(ends, 0), 1)
+    return {"input_ids": pad(ids, pad_id), "attention_mask": mask, "position_ids": positions,
+            "labels": pad(labels, IGNORE_INDEX)}
 
 
 def highlight(example: Tokenized, color: bool = True) -> str:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
+from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.objectives.lm_head import scored_batches, token_logprobs
 from lmcraft.train.loader import ResumableLoader
@@ -230,13 +231,12 @@ class RolloutEngine:
 
     def _layout(self, prompt_ids: list[list[int]], answers: list[list[int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, width, n = len(prompt_ids), max(map(len, prompt_ids)), max(map(len, answers))
-        ids = torch.full((b, width + n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width + n), dtype=torch.long)
-        for r, (p, a) in enumerate(zip(prompt_ids, answers, strict=True)):
-            ids[r, width - len(p): width] = torch.tensor(p)
-            ids[r, width: width + len(a)] = torch.tensor(a)
-            mask[r, width - len(p): width + len(a)] = 1
+        """Prompts left-padded to the longest prompt, then answers right-padded: (ids, mask, answer ids, answer
+        mask), the answer columns starting at the same index in every row."""
+        width = max(map(len, prompt_ids))
+        prompts, prompt_mask = pad_with_mask(prompt_ids, self.pad_id, side="left")
+        replies, reply_mask = pad_with_mask(answers, self.pad_id)
+        ids, mask = torch.cat([prompts, replies], 1), torch.cat([prompt_mask, reply_mask], 1)
         answer_ids = ids[:, width:]
         return ids, mask, answer_ids, mask[:, width:].float()
 

@@ -37,6 +37,8 @@ __all__ = [
     "open_binary",
     "read_documents",
     "read_file",
+    "resolve_path",
+    "strip_compression",
 ]
 
 Format = Literal["auto", "text", "jsonl", "json", "csv", "tsv", "parquet"]
@@ -124,7 +126,8 @@ class _Bad(Exception):
         self.kind, self.expected = kind, expected
 
 
-def _strip_compression(name: str) -> tuple[str, str | None]:
+def strip_compression(name: str) -> tuple[str, str | None]:
+    """(`name` without its compression suffix, that suffix or None): `x.jsonl.gz` -> (`x.jsonl`, `.gz`)."""
     lower = name.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         if lower.endswith(suffix):
@@ -134,7 +137,7 @@ def _strip_compression(name: str) -> tuple[str, str | None]:
 
 def detect_format(path: str | Path) -> str:
     """The reader for `path` from its suffix, ignoring a compression suffix (`x.jsonl.zst` -> jsonl)."""
-    base, _ = _strip_compression(Path(path).name)
+    base, _ = strip_compression(Path(path).name)
     fmt = _FORMAT_BY_SUFFIX.get(Path(base).suffix.lower())
     if fmt is None:
         raise ConfigError(
@@ -146,7 +149,7 @@ def detect_format(path: str | Path) -> str:
 
 def open_binary(path: str | Path) -> IO[bytes]:
     """Open a file for binary reading, decompressing by suffix (gzip, zstd, bz2, xz)."""
-    _, comp = _strip_compression(str(path))
+    _, comp = strip_compression(str(path))
     if comp == ".gz":
         return gzip.open(path, "rb")
     if comp == ".bz2":
@@ -161,14 +164,15 @@ def open_binary(path: str | Path) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def _resolve_asset(path: str) -> str:
-    """`asset:NAME/rest` -> `<fetched asset folder>/rest` (fetched through lmcraft.assets); other paths as is."""
+def resolve_path(path: str) -> Path:
+    """`asset:NAME/rest` -> `<fetched asset folder>/rest` (fetched through lmcraft.assets); other paths with `~`
+    expanded. The one place where `asset:` paths are resolved."""
     if not path.startswith("asset:"):
-        return str(Path(path).expanduser())
+        return Path(path).expanduser()
     name, _, rest = path[len("asset:") :].partition("/")
     from lmcraft.assets import fetch
 
-    return str(fetch(name) / rest)
+    return fetch(name) / rest
 
 
 def expand_inputs(specs: list[InputSpec]) -> list[tuple[InputSpec, Path]]:
@@ -176,7 +180,7 @@ def expand_inputs(specs: list[InputSpec]) -> list[tuple[InputSpec, Path]]:
     out: list[tuple[InputSpec, Path]] = []
     seen: set[Path] = set()
     for spec in specs:
-        pattern = _resolve_asset(spec.path)
+        pattern = str(resolve_path(spec.path))
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         files = [Path(m) for m in matches if Path(m).is_file()]
         if not files:

@@ -23,11 +23,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
-from lmcraft.train.trainer import TrainerConfig
+from lmcraft.train.config import TrainerConfig
 
 TASKS = ("cls", "token_cls", "regression", "clm")
 Task = Literal["cls", "token_cls", "regression", "clm"]
-SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "conll", "text", "folder"]
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll", "text", "folder"]
 
 
 class DataSource(Section):

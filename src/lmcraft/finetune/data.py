@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from lmcraft.data.collate import IGNORE_INDEX, pad, pad_with_mask
+from lmcraft.data.records import Record, RecordLayout, read_records
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import DataConfig, DataSource
 from lmcraft.finetune.emails import email_text
-from lmcraft.finetune.records import Record, read_records
 
-__all__ = ["IGNORE_INDEX", "Collator", "TaskData", "build_task_data", "split_records"]
+__all__ = ["Collator", "TaskData", "build_task_data", "read_source", "split_records"]
 
-IGNORE_INDEX = -100
 Example = dict[str, Any]
 
 
@@ -47,6 +48,17 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return 1 if self.task == "regression" else len(self.labels)
+
+
+def read_source(source: DataSource) -> list[Record]:
+    """All records of `source` (through the one record reader); `ConfigError` if there are none."""
+    layout = RecordLayout(text_field=source.text_field, label_field=source.label_field,
+                          tokens_field=source.tokens_field, tags_field=source.tags_field,
+                          conll_tag_column=source.conll_tag_column, text_mode=source.text_mode)
+    records = list(read_records(source.path, source.format, layout))
+    if not records:
+        raise ConfigError(f"data path {source.path!r} holds no records")
+    return records
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -201,9 +213,9 @@ def _label_names(cfg: DataConfig, task: str, train: list[Record], source: DataSo
 
 def build_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
     """Read, split, subset, label and tokenise the data of `cfg` for `task`."""
-    train_records = read_records(cfg.train)
+    train_records = read_source(cfg.train)
     if cfg.validation is not None:
-        val_source, val_records = cfg.validation, read_records(cfg.validation)
+        val_source, val_records = cfg.validation, read_source(cfg.validation)
     else:
         train_records, val_records = split_records(train_records, cfg.validation_fraction, cfg.seed)
         val_source = cfg.train
@@ -238,16 +250,11 @@ class Collator:
         self.task, self.pad = task, pad_token_id
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(e["input_ids"]) for e in examples)
-
         def padded(key: str, fill: int) -> torch.Tensor:
-            return torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in examples], dtype=torch.long)
+            return pad([e[key] for e in examples], fill)
 
-        batch = {"input_ids": padded("input_ids", self.pad),
-                 "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
-                                                 for e in examples], dtype=torch.long)}
+        input_ids, mask = pad_with_mask([e["input_ids"] for e in examples], self.pad)
+        batch = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = padded("token_type_ids", 0)
         if self.task == "token_cls":

@@ -4,7 +4,7 @@
 `base_model.`, `.base_layer`, `.lora_A.default`, ...) to a depth: 0 = embeddings, i + 1 = transformer block
 i, None = above the blocks (final norm, head, prompt/prefix providers). With L blocks:
 
-- LLRD (`param_groups`): a parameter at depth d trains at lr * decay^(L - d); depth None keeps lr, and the
+- LLRD (`transformer_param_groups`): a parameter at depth d trains at lr * decay^(L - d); depth None keeps lr, and the
   head (`is_head`) trains at `head_lr` when one is given.
 - `freeze_parameters`: the embeddings and/or blocks 0..N-1 stop training (`requires_grad = False`).
 - `GradualUnfreezing`: stage k = step // every; at stage k the parameters above the blocks and the top k
@@ -23,9 +23,10 @@ from typing import Any
 from torch import nn
 
 from lmcraft.train import Callback
-from lmcraft.train.optim import param_groups as build_param_groups
+from lmcraft.train.optim import param_groups
 
-__all__ = ["GradualUnfreezing", "freeze_parameters", "is_head", "layer_of", "param_groups", "unfrozen_depths"]
+__all__ = ["GradualUnfreezing", "freeze_parameters", "is_head", "layer_of", "transformer_param_groups",
+           "unfrozen_depths"]
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EMBED = re.compile(r"(?:^|\.)model\.(?:embed_tokens|embed_positions|embed_types|embed_norm)\.")
@@ -45,10 +46,12 @@ def is_head(name: str) -> bool:
     return _HEAD.search(name) is not None and _BLOCK.search(name) is None
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, num_layers: int,
-                 layer_lr_decay: float | None = None, head_lr: float | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases/norms/embeddings, LLRD by `layer_of`, the head at `head_lr`."""
-    return build_param_groups(model, weight_decay, lr, layer_lr_decay=layer_lr_decay, head_lr=head_lr,
+def transformer_param_groups(model: nn.Module, *, lr: float, weight_decay: float, num_layers: int,
+                             layer_lr_decay: float | None = None,
+                             head_lr: float | None = None) -> list[dict[str, Any]]:
+    """`train.optim.param_groups` with depths and head read from lmcraft's parameter names (`layer_of`,
+    `is_head`): no decay on biases/norms/embeddings, LLRD by depth, the head at `head_lr`."""
+    return param_groups(model, lr=lr, weight_decay=weight_decay, layer_lr_decay=layer_lr_decay, head_lr=head_lr,
                               layer_of=layer_of if layer_lr_decay is not None else None,
                               is_head=is_head if head_lr is not None else None, num_layers=num_layers)
 

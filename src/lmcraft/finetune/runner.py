@@ -27,7 +27,7 @@ from lmcraft.finetune.config import FinetuneConfig
 from lmcraft.finetune.data import Collator, TaskData, build_task_data
 from lmcraft.finetune.evaluation import TaskEvaluator
 from lmcraft.finetune.heads import set_dropout
-from lmcraft.finetune.layers import GradualUnfreezing, freeze_parameters, param_groups
+from lmcraft.finetune.layers import GradualUnfreezing, freeze_parameters, transformer_param_groups
 from lmcraft.finetune.profiling import RunProfiler
 from lmcraft.finetune.tasks import Task, make_task
 from lmcraft.io import write_json
@@ -165,7 +165,9 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     trainer = Trainer(
         model, training.loss(evaluator.loss_fn), data.train, data.validation, tc, cfg.output_dir,
         collate_fn=Collator(cfg.task, data.pad_token_id), callbacks=callbacks,
-        param_groups=lambda m: param_groups(m, tc.lr, tc.weight_decay, num_layers, cfg.layer_lr_decay, cfg.head_lr),
+        param_groups=lambda m: transformer_param_groups(
+            m, lr=tc.lr, weight_decay=tc.weight_decay, num_layers=num_layers, layer_lr_decay=cfg.layer_lr_decay,
+            head_lr=cfg.head_lr),
         weights=weights, tokenizer_dir=folder, eval_fn=evaluator.eval_fn,
     )
     outcome = trainer.train(resume_from="auto" if cfg.resume else None)

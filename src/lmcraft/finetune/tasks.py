@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcraft.finetune.data import IGNORE_INDEX
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.metrics import classification_report, entity_f1
 from lmcraft.objectives.base import token_cross_entropy
 from lmcraft.objectives.lm_head import next_token_loss

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
@@ -104,14 +105,7 @@ class GenerationResult:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged prompts -> (input_ids, attention_mask), both (B, P), padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-    return ids, mask
+    return pad_with_mask(prompts, pad_id, side="left")
 
 
 def _eos_ids(config: GenerationConfig, model: nn.Module) -> frozenset[int]:

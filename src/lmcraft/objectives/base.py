@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.errors import ConfigError
 from lmcraft.models.config import ModelConfig
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from lmcraft.models.model import LanguageModel
 
 Batch = dict[str, Any]
-IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
-from lmcraft.objectives.base import IGNORE_INDEX
 
 __all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "next_token_loss", "scoring",
            "scored_batches", "sequence_logprobs", "token_logprobs"]

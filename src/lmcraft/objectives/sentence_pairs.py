@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import LmcraftError
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import SequenceClassificationHead
@@ -147,15 +148,11 @@ def collate_pairs(pairs: Sequence[SentencePair], cls_token_id: int, sep_token_id
     """Right-padded [CLS] A [SEP] B [SEP] batch: input_ids, token_type_ids, attention_mask,
     special_tokens_mask (B, T) and pair_labels (B,)."""
     rows = [[cls_token_id, *p.a, sep_token_id, *p.b, sep_token_id] for p in pairs]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    input_ids, attention = pad_with_mask(rows, pad_token_id)
     token_types = torch.zeros_like(input_ids)
-    attention = torch.zeros_like(input_ids)
     special = torch.zeros_like(input_ids, dtype=torch.bool)
     for r, (row, pair) in enumerate(zip(rows, pairs, strict=True)):
-        input_ids[r, : len(row)] = torch.tensor(row)
         token_types[r, len(pair.a) + 2: len(row)] = 1
-        attention[r, : len(row)] = 1
         special[r, [0, len(pair.a) + 1, len(row) - 1]] = True
     labels = torch.tensor([p.label for p in pairs], dtype=torch.long)
     return {"input_ids": input_ids, "token_type_ids": token_types, "attention_mask": attention,

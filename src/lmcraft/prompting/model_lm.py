@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError
 from lmcraft.generate import GenerationConfig, generate, stop_token_ids
 from lmcraft.prompting.lm import GenSettings
@@ -128,13 +129,8 @@ class ModelLM:
         batches = self._batches([len(ids) for ids, _ in items])
         for rows in tqdm(batches, desc=desc, leave=False, disable=not self.progress):
             inputs = [items[i][0][:-1] for i in rows]
-            width = max(len(x) for x in inputs)
             keep = max(items[i][1] for i in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, x in enumerate(inputs):
-                ids[r, width - len(x) :] = torch.tensor(x)
-                mask[r, width - len(x) :] = 1
+            ids, mask = pad_with_mask(inputs, self.pad_id, side="left")
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.inference_mode():
                 logits = self.model(

@@ -40,6 +40,8 @@ import yaml
 from pydantic import Field
 
 from lmcraft.config import Section, apply_overrides, validate_config
+from lmcraft.data.readers import resolve_path
+from lmcraft.data.records import read_records
 from lmcraft.errors import ConfigError, InputFileError
 from lmcraft.prompting.answers import AnswerSpec
 from lmcraft.prompting.strategies import Strategy, ZeroShot
@@ -110,27 +112,7 @@ class JsonlData(_Source):
         path = self.path if self.path.is_absolute() else base_dir / self.path
         if not path.is_file():
             raise ConfigError(f"task data file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise InputFileError(path, f"line {err.lineno}", f"valid JSON ({err.msg})") from None
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise InputFileError(path, "top level", "a JSON list of objects")
-            return data
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputFileError(path, f"line {n}", f"one JSON object per line ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputFileError(path, f"line {n}", "a JSON object")
-            out.append(rec)
-        return out
+        return [record.fields for record in read_records(str(path), "json" if path.suffix == ".json" else "jsonl")]
 
 
 class InlineData(_Source):
@@ -206,14 +188,8 @@ class FilesData(_Source):
     chunk_chars: int = Field(0, ge=0)
 
     def _root(self, base_dir: Path) -> Path:
-        if self.root.startswith("asset:"):
-            from lmcraft.assets import fetch
-
-            name, _, sub = self.root.removeprefix("asset:").partition("/")
-            root = Path(fetch(name)) / sub
-        else:
-            root = Path(self.root).expanduser()
-            root = root if root.is_absolute() else base_dir / root
+        root = resolve_path(self.root)
+        root = root if root.is_absolute() else base_dir / root
         if not root.is_dir():
             raise ConfigError(f"data.root {self.root!r} is not a folder ({root})")
         return root

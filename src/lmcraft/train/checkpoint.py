@@ -36,7 +36,6 @@ from lmcraft.errors import LmcraftError
 __all__ = [
     "WeightsFormat",
     "TOKENIZER_FILES",
-    "atomic_write_text",
     "atomic_write_json",
     "replace_dir",
     "save_model_files",
@@ -81,10 +80,6 @@ class WeightsFormat:
 
     def write_extra(self, model: nn.Module, directory: Path) -> None:
         """Hook for extra files next to the weights; nothing by default."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    io.write_text(path, text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -11,12 +11,11 @@ read like an uninterrupted run's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcraft.io import save_figure, write_jsonl
 from lmcraft.train.callbacks import Callback
-from lmcraft.train.checkpoint import atomic_write_text
 
 if TYPE_CHECKING:
     from lmcraft.train.trainer import Trainer
@@ -32,8 +31,7 @@ class JsonlLogger(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         if trainer.is_main:
-            text = "".join(json.dumps(r) + "\n" for r in trainer.state.history)
-            atomic_write_text(trainer.output_dir / self.filename, text)
+            write_jsonl(trainer.output_dir / self.filename, trainer.state.history)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if trainer.is_main:
@@ -88,10 +86,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], color="C1")
     axes[1].set(title="learning rate", xlabel="step")
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 class CurvePlotter(Callback):

@@ -40,8 +40,9 @@ def _embedding_param_ids(model: nn.Module) -> set[int]:
 
 def param_groups(
     model: nn.Module,
-    weight_decay: float,
+    *,
     lr: float,
+    weight_decay: float,
     layer_lr_decay: float | None = None,
     head_lr: float | None = None,
     layer_of: Callable[[str], int | None] | None = None,
@@ -52,6 +53,7 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split `model`'s parameters into AdamW groups keyed by (lr, weight_decay).
 
+    `lr` and `weight_decay` are keyword-only, so a call can never swap them.
     Each group is `{"params": [...], "names": [...], "lr": float, "weight_decay": float}`.
     With `trainable_only` (default) frozen parameters (`requires_grad=False`) are left out; pass
     False when a callback unfreezes layers later (AdamW skips parameters whose grad is None).
