@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.tokenizer.train import TokenizerTraining
-from lmcraft.train.trainer import TrainerConfig
+from lmcraft.train.config import TrainerConfig
 
 __all__ = ["DataSection", "ModelSection", "ObjectiveSection", "PretrainConfig", "SamplesSection",
            "TokenizerSection", "TokenizerTraining"]

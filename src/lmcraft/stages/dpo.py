@@ -15,32 +15,30 @@ Wiring (the math lives in lmcraft.align.dpo):
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 from typing import Any
 
-from lmcraft.align.config import DPOSection
+from lmcraft.align.config import AlignmentConfig, DPOSection, PairsData, SamplesSection, SaveSection, ScoreEval
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
+from lmcraft.train.config import TrainerConfig
 
 __all__ = ["DPOSection", "add_arguments", "config_class", "run", "run_dpo"]
 
 
-@functools.cache
+class DPOConfig(AlignmentConfig):
+    data: PairsData
+    dpo: DPOSection = DPOSection()
+    trainer: TrainerConfig = TrainerConfig()
+    score_eval: ScoreEval | None = None
+    samples: SamplesSection = SamplesSection()
+    save: SaveSection = SaveSection()
+    output_dir: Path
+
+
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import AlignmentConfig, PairsData, SamplesSection, SaveSection, ScoreEval
-    from lmcraft.train import TrainerConfig
-
-    class DPOConfig(AlignmentConfig):
-        data: PairsData
-        dpo: DPOSection = DPOSection()
-        trainer: TrainerConfig = TrainerConfig()
-        score_eval: ScoreEval | None = None
-        samples: SamplesSection = SamplesSection()
-        save: SaveSection = SaveSection()
-        output_dir: Path
-
+    """The config class, listed by `lmcraft dpo --help` and checked by `lmcraft pipeline`."""
     return DPOConfig
 
 
@@ -51,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_dpo(cfg: StageConfig) -> dict[str, Any]:
+def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Run the stage for a validated `DPOConfig`; returns the summary (also in OUT/summary.json)."""
     from lmcraft.align.dpo import DPO
     from lmcraft.align.run import run_alignment

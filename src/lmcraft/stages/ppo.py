@@ -18,51 +18,49 @@ Wiring (the math lives in lmcraft.align.ppo):
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 from typing import Any
 
 from pydantic import model_validator
 
-from lmcraft.align.config import PPOSection, PromptsSection
+from lmcraft.align.config import AlignmentConfig, PPOSection, PromptsSection, SamplesSection, SaveSection, ScoreEval
+from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
+from lmcraft.train.config import TrainerConfig
 
 __all__ = ["PPOSection", "PromptsSection", "add_arguments", "config_class", "run", "run_ppo"]
 
 
-@functools.cache
+class PPOConfig(AlignmentConfig):
+    prompts: PromptsSection
+    reward: ScorerSpec
+    ppo: PPOSection = PPOSection()
+    trainer: TrainerConfig = TrainerConfig()
+    score_eval: ScoreEval | None = None
+    samples: SamplesSection = SamplesSection()
+    save: SaveSection = SaveSection()
+    output_dir: Path
+
+    @model_validator(mode="after")
+    def _derived(self) -> PPOConfig:
+        t, p = self.trainer, self.ppo
+        set_by_user = [k for k in ("max_steps", "save_every", "eval_every", "early_stopping")
+                       if getattr(t, k) is not None] + (["grad_accum"] if t.grad_accum != 1 else [])
+        if set_by_user:
+            raise ValueError(f"trainer.{', trainer.'.join(set_by_user)}: PPO derives these from the ppo section "
+                             "(ppo.rollouts, ppo.minibatch_size, ppo.save_every, ppo.eval_every)")
+        if p.minibatch_size % t.micro_batch_size:
+            raise ValueError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
+                             f"trainer.micro_batch_size ({t.micro_batch_size})")
+        if p.eval_every is not None and self.score_eval is None:
+            raise ValueError("ppo.eval_every needs a score_eval section (scorer and held-out prompts)")
+        return self
+
+
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import AlignmentConfig, SamplesSection, SaveSection, ScoreEval
-    from lmcraft.align.scoring import ScorerSpec
-    from lmcraft.train import TrainerConfig
-
-    class PPOConfig(AlignmentConfig):
-        prompts: PromptsSection
-        reward: ScorerSpec
-        ppo: PPOSection = PPOSection()
-        trainer: TrainerConfig = TrainerConfig()
-        score_eval: ScoreEval | None = None
-        samples: SamplesSection = SamplesSection()
-        save: SaveSection = SaveSection()
-        output_dir: Path
-
-        @model_validator(mode="after")
-        def _derived(self) -> PPOConfig:
-            t, p = self.trainer, self.ppo
-            set_by_user = [k for k in ("max_steps", "save_every", "eval_every", "early_stopping")
-                           if getattr(t, k) is not None] + (["grad_accum"] if t.grad_accum != 1 else [])
-            if set_by_user:
-                raise ValueError(f"trainer.{', trainer.'.join(set_by_user)}: PPO derives these from the ppo section "
-                                 "(ppo.rollouts, ppo.minibatch_size, ppo.save_every, ppo.eval_every)")
-            if p.minibatch_size % t.micro_batch_size:
-                raise ValueError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
-                                 f"trainer.micro_batch_size ({t.micro_batch_size})")
-            if p.eval_every is not None and self.score_eval is None:
-                raise ValueError("ppo.eval_every needs a score_eval section (scorer and held-out prompts)")
-            return self
-
+    """The config class, listed by `lmcraft ppo --help` and checked by `lmcraft pipeline`."""
     return PPOConfig
 
 
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ppo(cfg: StageConfig) -> dict[str, Any]:
+def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     """Run the stage for a validated `PPOConfig`; returns the summary (also in OUT/summary.json)."""
     from lmcraft.align.ppo import PPO
     from lmcraft.align.run import run_alignment

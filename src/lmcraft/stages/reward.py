@@ -15,28 +15,27 @@ Wiring (the math lives in lmcraft.align.reward):
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 from typing import Any
 
+from lmcraft.align.config import AlignmentConfig, PairsData, SaveSection
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
 from lmcraft.stages import claim, load_training_config
+from lmcraft.train.config import TrainerConfig
 
 __all__ = ["add_arguments", "config_class", "run", "run_reward"]
 
 
-@functools.cache
+class RewardConfig(AlignmentConfig):
+    data: PairsData
+    trainer: TrainerConfig = TrainerConfig()
+    save: SaveSection = SaveSection()
+    output_dir: Path
+
+
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import AlignmentConfig, PairsData, SaveSection
-    from lmcraft.train import TrainerConfig
-
-    class RewardConfig(AlignmentConfig):
-        data: PairsData
-        trainer: TrainerConfig = TrainerConfig()
-        save: SaveSection = SaveSection()
-        output_dir: Path
-
+    """The config class, listed by `lmcraft reward --help` and checked by `lmcraft pipeline`."""
     return RewardConfig
 
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_reward(cfg: StageConfig) -> dict[str, Any]:
+def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Run the stage for a validated `RewardConfig`; returns the summary (also in OUT/summary.json)."""
     from lmcraft.align.reward import RewardModeling
     from lmcraft.align.run import run_alignment

@@ -14,34 +14,34 @@ Wiring (the math lives in lmcraft.align.sft / instruct):
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from lmcraft.align.config import AlignmentConfig, DataSection, SamplesSection, SaveSection
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments, claim, load_training_config
+from lmcraft.train.config import TrainerConfig
 
 __all__ = ["add_arguments", "config_class", "preview_sft", "run", "run_sft"]
 
 
-@functools.cache
+class SFTData(DataSection):
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    train_on: Literal["all", "last"] = "all"
+    packing: bool = False
+
+
+class SFTConfig(AlignmentConfig):
+    data: SFTData
+    trainer: TrainerConfig = TrainerConfig()
+    samples: SamplesSection = SamplesSection()
+    save: SaveSection = SaveSection()
+    output_dir: Path
+
+
 def config_class() -> type[StageConfig]:
-    from lmcraft.align.config import AlignmentConfig, DataSection, SamplesSection, SaveSection
-    from lmcraft.train import TrainerConfig
-
-    class SFTData(DataSection):
-        format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
-        train_on: Literal["all", "last"] = "all"
-        packing: bool = False
-
-    class SFTConfig(AlignmentConfig):
-        data: SFTData
-        trainer: TrainerConfig = TrainerConfig()
-        samples: SamplesSection = SamplesSection()
-        save: SaveSection = SaveSection()
-        output_dir: Path
-
+    """The config class, listed by `lmcraft sft --help` and checked by `lmcraft pipeline`."""
     return SFTConfig
 
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sft(cfg: StageConfig) -> dict[str, Any]:
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
     from lmcraft.align.run import run_alignment
     from lmcraft.align.sft import SFT
@@ -72,7 +72,7 @@ def run_sft(cfg: StageConfig) -> dict[str, Any]:
     return run_alignment(cfg, SFT())
 
 
-def preview_sft(cfg: StageConfig, count: int, color: bool = False) -> dict[str, float]:
+def preview_sft(cfg: SFTConfig, count: int, color: bool = False) -> dict[str, float]:
     """Print the first `count` rendered training examples with the trained tokens highlighted; returns the data's
     numbers. The tokenizer is enough: no model is loaded, nothing is written."""
     from lmcraft.align.instruct import ChatFormatter, highlight
