@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmcraft.io import replace_dir, write_json
 from lmcraft.train import checkpoint as ckpt
 
 
@@ -95,9 +96,9 @@ def test_folders_rotation_and_stale_cleanup(tmp_path: Path) -> None:
     new = tmp_path / ".lmcraft-tmp-best"
     new.mkdir()
     (new / "x").write_text("new")
-    ckpt.replace_dir(new, tmp_path / "best")
+    replace_dir(new, tmp_path / "best")
     assert (tmp_path / "best" / "x").read_text() == "new" and not new.exists()
     assert not (tmp_path / ".lmcraft-old-best").exists()
 
-    ckpt.atomic_write_json(tmp_path / "latest.json", {"a": 1})
+    write_json(tmp_path / "latest.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest.json", "step-10", "step-6"]

@@ -36,8 +36,6 @@ from lmcraft.errors import LmcraftError
 __all__ = [
     "WeightsFormat",
     "TOKENIZER_FILES",
-    "atomic_write_json",
-    "replace_dir",
     "save_model_files",
     "load_weights",
     "model_config_dict",
@@ -80,13 +78,6 @@ class WeightsFormat:
 
     def write_extra(self, model: nn.Module, directory: Path) -> None:
         """Hook for extra files next to the weights; nothing by default."""
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    io.write_json(path, obj, indent=1, sort_keys=True)
-
-
-replace_dir = io.replace_dir
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
