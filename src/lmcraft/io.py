@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +38,7 @@ __all__ = [
     "save_npy",
     "save_figure",
     "staged_dir",
+    "staged_files",
     "replace_dir",
     "remove_dir",
     "clean_staging",
@@ -142,6 +143,33 @@ def staged_dir(path: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def staged_files(path: Path, stale: Callable[[str], bool] = lambda name: False, last: str | None = None
+                 ) -> Iterator[Path]:
+    """Yield an empty staging folder whose files, on a clean exit, go into `path`: a new `path` appears by one
+    rename; into an existing one each file is renamed in (each complete; `last` after the others), then entries the
+    new set lacks and `stale(name)` marks are removed. Other entries of `path` stay (a run marker, a user's file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = temp_path(path)
+    stage.mkdir()
+    try:
+        yield stage
+        if not path.exists():
+            os.replace(stage, path)
+            return
+        new = {p.name for p in stage.iterdir()}
+        for name in sorted(new, key=lambda n: n == last):
+            if (path / name).is_dir():
+                remove_dir(path / name)
+            os.replace(stage / name, path / name)
+        for old in path.iterdir():
+            if old.name not in new and stale(old.name):
+                remove_dir(old) if old.is_dir() else old.unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

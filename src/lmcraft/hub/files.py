@@ -6,12 +6,10 @@ holding only that is refused with instructions to convert it.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmcraft.errors import ModelLoadError
-from lmcraft.io import read_json, temp_path, write_json
+from lmcraft.io import read_json, staged_files, write_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -145,33 +143,11 @@ def _is_weight_file(name: str) -> bool:
     return name == INDEX or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-@contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes `out_dir`.
-
-    A new `out_dir` appears by one rename, complete or not at all. Into an existing folder the files are
-    moved one by one with os.replace (each file complete), then weight files of an earlier save that the
-    new one does not have (other shards) are removed; other files in the folder are left alone.
-    """
+def staged_folder(out_dir: Path) -> AbstractContextManager[Path]:
+    """`io.staged_files` for a model folder: a new one appears whole; into an existing one the files move in one by
+    one (config.json last), weight files of an earlier save that the new one lacks (other shards) go, and any
+    other file in the folder stays."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelLoadError(f"{out_dir} exists and is not a folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = temp_path(out_dir)
-    stage.mkdir()
-    try:
-        yield stage
-        if not out_dir.exists():
-            os.replace(stage, out_dir)
-            return
-        new = {p.name for p in stage.iterdir()}
-        for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(stage / name, target)
-        for stale in out_dir.iterdir():
-            if _is_weight_file(stale.name) and stale.name not in new:
-                stale.unlink()
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return staged_files(out_dir, stale=_is_weight_file, last="config.json")
