@@ -75,3 +75,15 @@ def test_unknown_name_lists_both_spellings() -> None:
         peft.apply(tiny("gpt2-tiny"), {"method": "lora", "target_modules": ["query"]})
     message = str(err.value)
     assert "q_proj" in message and "c_attn" in message and "Hugging Face names" in message
+
+
+def test_modules_to_save_are_written_once_each(tiny_model) -> None:  # noqa: ANN001 - the conftest builder
+    from lmcraft import peft
+    from lmcraft.models import preset
+    from lmcraft.peft.hf_format import peft_modules_to_save
+
+    model = tiny_model(preset("bert-tiny", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                              intermediate_size=32), head="cls")
+    wrapped = peft.apply(model, {"method": "lora", "r": 2, "target_modules": ["q_proj"], "modules_to_save": ["head"]})
+    names = peft_modules_to_save(wrapped, ["head"])
+    assert names and len(names) == len(set(names))

@@ -98,7 +98,7 @@ def peft_modules_to_save(model: PeftModel, names: list[str]) -> list[str] | None
         direct = hf_module(name)
         parts = [direct] if direct is not None else [
             _hf_param_name(model, p).rpartition(".")[0] for p in params if p.startswith(name + ".")]
-        out += [p for p in parts if p not in out] or [name]
+        out = list(dict.fromkeys([*out, *(parts or [name])]))  # a module's weight and bias name it twice
     return out or None
 
 
