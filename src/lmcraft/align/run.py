@@ -7,7 +7,8 @@
     loss and the Trainer's inputs                  method.plan(run) -> TrainPlan
     Trainer (regulariser, AdaLoRA allocator,       the start model's evaluation first when the plan asks for it
       checkpoints in the method's format)
-    OUT/final (+ OUT/merged), "after" samples      lmcraft.peft.training.save_final
+    OUT/final (+ OUT/merged), "after" samples      lmcraft.peft.training.save_final; the saved chat template is
+                                                   checked against the one used in training
     summary.json                                   {"stage", trainer result, paths, **method.summary(run)}
 
 Rerunning the same command resumes from the newest checkpoint; the start score, the start evaluation and the "before"
@@ -110,6 +111,7 @@ class AlignmentMethod:
 
 def run_alignment(cfg: StageConfig, method: AlignmentMethod) -> dict[str, Any]:
     """Run `method` with `cfg` (see the module docstring); returns the summary (also in OUT/summary.json)."""
+    from lmcraft.align.data_checks import check_saved_template
     from lmcraft.peft.training import prepare_for_training, save_final
     from lmcraft.train import Trainer
 
@@ -140,6 +142,7 @@ def run_alignment(cfg: StageConfig, method: AlignmentMethod) -> dict[str, Any]:
         return result
     merged = out / "merged" if cfg.save.merge else None
     paths = save_final(training.model, out / "final", base_source_of(cfg.model.from_), start.tokenizer, merged)
+    check_saved_template(out / "final", start.tokenizer.chat_template)  # prompted later as it was trained
     if samples is not None:
         record_samples(out, "after", training.model, start.tokenizer, samples)
     summary = {"stage": method.name, **result, **paths, **method.summary(run)}
