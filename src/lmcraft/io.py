@@ -129,20 +129,27 @@ def save_figure(fig: Any, path: Path, dpi: int = 100, close: bool = True) -> Non
 
 
 @contextmanager
-def staged_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on a clean exit it replaces `path` whole (see `replace_dir`).
-
-    On an exception the staging folder is deleted and `path` is untouched."""
-    path = Path(path)
+def _staging(path: Path) -> Iterator[Path]:
+    """An empty `.lmcraft-tmp-*` folder beside `path`, deleted on the way out unless it was moved away."""
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = temp_path(path)
     stage.mkdir()
     try:
         yield stage
-        replace_dir(stage, path)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on a clean exit it replaces `path` whole (see `replace_dir`).
+
+    On an exception the staging folder is deleted and `path` is untouched."""
+    path = Path(path)
+    with _staging(path) as stage:
+        yield stage
+        replace_dir(stage, path)
 
 
 @contextmanager
@@ -152,10 +159,7 @@ def staged_files(path: Path, stale: Callable[[str], bool] = lambda name: False, 
     rename; into an existing one each file is renamed in (each complete; `last` after the others), then entries the
     new set lacks and `stale(name)` marks are removed. Other entries of `path` stay (a run marker, a user's file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = temp_path(path)
-    stage.mkdir()
-    try:
+    with _staging(path) as stage:
         yield stage
         if not path.exists():
             os.replace(stage, path)
@@ -168,8 +172,6 @@ def staged_files(path: Path, stale: Callable[[str], bool] = lambda name: False, 
         for old in path.iterdir():
             if old.name not in new and stale(old.name):
                 remove_dir(old) if old.is_dir() else old.unlink()
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
