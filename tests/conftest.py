@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny model builder, a word-level tokenizer and a run folder.
+"""Shared test fixtures: a tiny model builder, a byte-level chat tokenizer, a word-level tokenizer, a run folder.
 
 `tiny_model(**fields)` builds `LanguageModel(ModelConfig(**(TINY_FIELDS | fields)), head)` right after
 `torch.manual_seed(seed)`, so a test that asks for the same fields and seed gets bit-identical weights every time.
@@ -49,6 +49,24 @@ def word_tokenizer(tmp_path: Path) -> Callable[..., Tokenizer]:
         return load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=encoder))
 
     return make
+
+
+def save_chat_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> int:
+    """A byte-level BPE trained on `texts` with `<eos>` and the ChatML tokens, saved with the chatml template into
+    `folder`; returns its vocabulary size."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmcraft.tokenizer.load import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    Tokenizer(backend, eos_token="<eos>", chat_template="chatml").save(folder)
+    return backend.get_vocab_size()
 
 
 @pytest.fixture

@@ -15,34 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import save_chat_tokenizer
 from lmcraft.cli import main
 from lmcraft.hub import save_model
-from lmcraft.models import LanguageModel, ModelConfig
-from lmcraft.tokenizer.load import Tokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 Case = Callable[[Path, Path], tuple[list[str], bytes | None]]  # (tmp, model folder) -> (argv, stdin bytes)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["hello there, how are you?"] * 5, trainer)
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # noqa: ANN001 - conftest builder
     root = tmp_path_factory.mktemp("bad-input")
-    Tokenizer(backend, eos_token="<eos>", chat_template="chatml").save(root / "tok")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), hidden_size=16, num_layers=1, num_heads=2,
-                      intermediate_size=32, max_position_embeddings=1024, eos_token_id=0)
-    return save_model(LanguageModel(cfg), root / "model", tokenizer_dir=root / "tok")
+    vocab_size = save_chat_tokenizer(root / "tok", ["hello there, how are you?"] * 5, 300)
+    model = tiny_model(vocab_size=vocab_size, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       max_position_embeddings=1024, eos_token_id=0)
+    return save_model(model, root / "model", tokenizer_dir=root / "tok")
 
 
 def _copy_model(model_dir: Path, dest: Path) -> Path:

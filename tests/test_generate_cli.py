@@ -10,26 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_chat_tokenizer
 from lmcraft.cli import main
 from lmcraft.generate import GenerationConfig, generate_text
 from lmcraft.hub import load_model, save_model
-from lmcraft.tokenizer.load import Tokenizer, load_tokenizer
+from lmcraft.tokenizer.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["hello there, how are you today? fine thanks"] * 10, trainer)
     root = tmp_path_factory.mktemp("gen-cli")
-    Tokenizer(backend, eos_token="<eos>", chat_template="chatml").save(root / "tok")
-    model = tiny_model(vocab_size=backend.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+    vocab_size = save_chat_tokenizer(root / "tok", ["hello there, how are you today? fine thanks"] * 10, 320)
+    model = tiny_model(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4,
                        num_kv_heads=2, intermediate_size=64, tie_word_embeddings=False, initializer_range=0.2,
                        eos_token_id=0)
     return save_model(model, root / "model", tokenizer_dir=root / "tok")
