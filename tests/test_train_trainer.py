@@ -294,3 +294,25 @@ def test_non_finite_weights_stop_the_run_before_any_save(tmp_path: Path) -> None
     with pytest.raises(NonFiniteLossError, match="after optimizer step 1 .* NaN/Inf"):
         trainer.train()
     assert not list((tmp_path / "run").glob("step-*"))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_is_needed(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from lmcraft.train import checkpoint
+
+    trainer = Trainer(_model(), clm_loss, make_data(), config=_cfg(max_steps=4, save_every=2),
+                      output_dir=tmp_path / "run")
+    save = checkpoint.save_torch
+
+    def full_at_step_4(obj, path: Path) -> None:  # noqa: ANN001
+        if path.parent.parent.name.endswith("step-4"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_torch", full_at_step_4)
+    with pytest.raises(LmcraftError, match=r"the disk is full: checkpoint step-4 needs about [\d,]+ MiB .* previous "
+                                           r"checkpoint \(.*step-2\) is intact"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(("step-", ".lmcraft"))) == [
+        "step-2"]

@@ -127,6 +127,17 @@ def save_model_files(
     fmt.write_extra(model, directory)
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what writing it to disk takes, about."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
 def load_weights(directory: Path, fmt: WeightsFormat) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / fmt.filename))
 

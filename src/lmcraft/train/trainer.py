@@ -35,9 +35,11 @@ reproduces the uninterrupted run bit for bit on CPU (same weights, same logged l
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -434,14 +436,25 @@ class Trainer:
         model_state = full_model_state(self.wrapped)
         optim_state = full_optimizer_state(self.wrapped, self.optimizer)
         if self.is_main:
-            ckpt.save_model_files(tmp, self.model, model_state, self.weights, self.tokenizer_dir)
-            (tmp / "trainer_state").mkdir()
-            ckpt.save_torch(optim_state, tmp / "trainer_state" / "optimizer.pt")
-            ckpt.save_torch(self.scheduler.state_dict(), tmp / "trainer_state" / "scheduler.pt")
-            ckpt.save_torch(self.user_callbacks.state_dict(), tmp / "trainer_state" / "callbacks.pt")
-            meta = {"state": asdict(self.state), "loader": self.loader.state_dict(), "world_size": self.ctx.world_size,
-                    "config": self.config.model_dump(mode="json")}
-            io.write_json(tmp / "trainer_state" / "state.json", meta, indent=1)
+            try:
+                ckpt.save_model_files(tmp, self.model, model_state, self.weights, self.tokenizer_dir)
+                (tmp / "trainer_state").mkdir()
+                ckpt.save_torch(optim_state, tmp / "trainer_state" / "optimizer.pt")
+                ckpt.save_torch(self.scheduler.state_dict(), tmp / "trainer_state" / "scheduler.pt")
+                ckpt.save_torch(self.user_callbacks.state_dict(), tmp / "trainer_state" / "callbacks.pt")
+                meta = {"state": asdict(self.state), "loader": self.loader.state_dict(),
+                        "world_size": self.ctx.world_size, "config": self.config.model_dump(mode="json")}
+                io.write_json(tmp / "trainer_state" / "state.json", meta, indent=1)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                io.remove_dir(tmp)
+                need = ckpt.state_bytes(model_state) + ckpt.state_bytes(optim_state)
+                raise LmcraftError(
+                    f"the disk is full: checkpoint {final.name} needs about {need / 2**20:,.0f} MiB in {out} and "
+                    f"{shutil.disk_usage(out).free / 2**20:,.0f} MiB are free. The previous checkpoint "
+                    f"({ckpt.latest_checkpoint(out) or 'none'}) is intact: free space and rerun to resume."
+                ) from None
         barrier()
         ckpt.save_torch(ckpt.capture_rng_state(), tmp / "trainer_state" / f"rng_rank{self.ctx.rank}.pt")
         barrier()
