@@ -21,12 +21,13 @@ import json
 import lzma
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.io import excerpt
 
 __all__ = [
     "Document",
@@ -85,6 +86,11 @@ class InputSpec:
     __pydantic_config__ = {"extra": "forbid"}  # pydantic reads this: unknown keys in a config are errors
 
 
+def describe_inputs(specs: Iterable[InputSpec]) -> str:
+    """The input paths of a config, cut to a bounded excerpt, for an error that is about all of them."""
+    return excerpt(", ".join(str(spec.path) for spec in specs), 200)
+
+
 @dataclass
 class ErrorLog:
     """Counts of bad-input problems by kind, plus the first `keep` examples with file and line."""
@@ -106,6 +112,10 @@ class ErrorLog:
         self.counts.update(other.counts)
         room = self.keep - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
+
+    def counts_text(self) -> str:
+        """`3 undecodable_bytes, 1 missing_field` (or "none"), for a console message."""
+        return ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.counts.items())) or "none"
 
     def to_dict(self) -> dict[str, Any]:
         return {"counts": dict(sorted(self.counts.items())), "examples": [list(e) for e in self.examples]}

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from lmcraft.config import StageConfig
 from lmcraft.errors import InputFileError
-from lmcraft.io import excerpt, write_json
+from lmcraft.io import write_json
 from lmcraft.tokenizer.train import TokenizerTraining
 
 __all__ = ["REPORT", "TokenizerConfig", "train_on_inputs"]
@@ -52,7 +52,7 @@ def train_on_inputs(cfg: TokenizerConfig, progress: bool = True) -> dict[str, An
     Fails before training when the chat template does not render, and after reading when no training document
     was usable (naming what was skipped as bad input)."""
     from lmcraft.data.pipeline import is_validation
-    from lmcraft.data.readers import ErrorLog, read_documents
+    from lmcraft.data.readers import ErrorLog, describe_inputs, read_documents
     from lmcraft.tokenizer.chat import apply_chat_template
     from lmcraft.tokenizer.train import (
         CHATML_TEMPLATE,
@@ -81,9 +81,8 @@ def train_on_inputs(cfg: TokenizerConfig, progress: bool = True) -> dict[str, An
         texts(False), cfg.kind, cfg.vocab_size, specials, cfg.min_frequency, cfg.lowercase, show_progress=progress
     )
     if trained_on == 0:
-        skipped = ", ".join(f"{n:,} {kind}" for kind, n in errors.to_dict().get("counts", {}).items()) or "none"
-        raise InputFileError(excerpt(", ".join(str(spec.path) for spec in cfg.inputs), 200), "every record",
-                             f"at least one training document (skipped as bad input: {skipped})")
+        raise InputFileError(describe_inputs(cfg.inputs), "every record",
+                             f"at least one training document (skipped as bad input: {errors.counts_text()})")
     out = save_tokenizer(tok, cfg.output, specials, template, cfg.model_max_length)
     train_errors = errors.to_dict()
     bpt, n_bytes, n_tokens = bytes_per_token(tok, texts(True))

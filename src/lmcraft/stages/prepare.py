@@ -17,7 +17,6 @@ from pydantic import Field, field_validator
 
 from lmcraft.config import ExistingPath, Section, StageConfig
 from lmcraft.errors import ConfigError, InputFileError
-from lmcraft.io import excerpt
 from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 __all__ = ["PackConfig", "PrepareConfig", "add_arguments", "config_class", "run"]
@@ -110,15 +109,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _report_skipped(cfg: PrepareConfig, result: dict[str, Any]) -> None:
     """Say on the console what bad input was skipped; a run that kept no document is an error (exit 2)."""
-    errors = result.get("errors") or {}
-    if errors.get("counts"):
-        counts = ", ".join(f"{n:,} {kind}" for kind, n in errors["counts"].items())
-        first = "; ".join(" ".join(map(str, e)) for e in errors["examples"][:3])
-        print(f"skipped bad input: {counts}; first: {first}", file=sys.stderr)
+    from lmcraft.data.readers import ErrorLog, describe_inputs
+
+    errors = ErrorLog.from_dict(result.get("errors") or {})
+    if errors.counts:
+        first = "; ".join(" ".join(map(str, e)) for e in errors.examples[:3])
+        print(f"skipped bad input: {errors.counts_text()}; first: {first}", file=sys.stderr)
     if result["docs_written"] == 0:
-        inputs = excerpt(", ".join(str(spec.path) for spec in cfg.inputs), 200)
-        raise InputFileError(inputs, "every record", f"at least one usable document: {result['docs_read']:,} read, "
-                             f"none kept (see {result['report']})")
+        raise InputFileError(describe_inputs(cfg.inputs), "every record",
+                             f"at least one usable document: {result['docs_read']:,} read, none kept (see "
+                             f"{result['report']})")
 
 
 def config_class() -> type:
