@@ -118,6 +118,9 @@ CASES: dict[str, tuple[Case, str]] = {
     "tokenizer on zero documents": (lambda t, m: (["tokenizer", _data_config(t, "b.txt", bytes(range(256)),
                                                                              "vocab_size: 300\n")], None),
                                     r"b\.txt, every record: at least one training document"),
+    "tokenizer whose only document is held out": (lambda t, m: (["tokenizer", _data_config(
+        t, "one.txt", "words " * 40, "vocab_size: 300\nheld_out_fraction: 0.999999\n")], None),
+                                                  r"one\.txt.*1 usable document\(s\) all fell in the held-out split"),
     "tokenizer with a chat template that does not compile": (lambda t, m: (["tokenizer", _data_config(
         t, "c.txt", "words " * 40, "vocab_size: 300\nchat_template: '{% for m in messages %}'\n")], None),
                                                              r"chat template does not compile"),

@@ -96,7 +96,8 @@ def test_real_subprocess_stage_and_failure_message(tmp_path: Path) -> None:
     corpus.write_text("\n\n".join(f"line {i} of a tiny corpus with some words" for i in range(200)))
     cfg = _cfg(tmp_path, [
         {"name": "tok", "stage": "tokenizer", "output_key": "output",
-         "config": {"inputs": [{"path": str(corpus)}], "vocab_size": 300, "held_out_fraction": 0.1}},
+         "config": {"inputs": [{"path": str(corpus), "text_mode": "paragraph"}], "vocab_size": 300,
+                        "held_out_fraction": 0.1}},
         {"name": "bad", "stage": "tokenizer", "output_key": "output",
          "config": {"inputs": [{"path": "${tok}/no-such-file.txt"}], "vocab_size": 300}},
     ])

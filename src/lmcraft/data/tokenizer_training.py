@@ -66,23 +66,28 @@ def train_on_inputs(cfg: TokenizerConfig, progress: bool = True) -> dict[str, An
     template = CHATML_TEMPLATE if cfg.chat_template == "chatml" else cfg.chat_template
     if template is not None:  # a template that does not render fails now, not in every later stage
         apply_chat_template([{"role": "user", "content": "hi"}], template, add_generation_prompt=True)
-    trained_on = 0
+    trained_on = set_aside = 0
 
     def texts(held_out: bool) -> Iterator[str]:
-        nonlocal trained_on
+        nonlocal trained_on, set_aside
         stream = islice(read_documents(cfg.inputs, errors, cfg.on_error), cfg.max_docs)
         for d in stream:
             if is_validation(d.id, cfg.held_out_fraction, cfg.seed) == held_out:
                 trained_on += not held_out
                 yield d.text
+            elif not held_out:
+                set_aside += 1
 
     specials = cfg.special_tokens or DEFAULT_SPECIAL_TOKENS[cfg.kind]
     tok = train_tokenizer(
         texts(False), cfg.kind, cfg.vocab_size, specials, cfg.min_frequency, cfg.lowercase, show_progress=progress
     )
     if trained_on == 0:
+        held = (f"; {set_aside:,} usable document(s) all fell in the held-out split (held_out_fraction="
+                f"{cfg.held_out_fraction}): split the text into more documents with `text_mode: paragraph` or "
+                "`line`, or set held_out_fraction: 0") if set_aside else ""
         raise InputFileError(describe_inputs(cfg.inputs), "every record",
-                             f"at least one training document (skipped as bad input: {errors.counts_text()})")
+                             f"at least one training document (skipped as bad input: {errors.counts_text()}{held})")
     out = save_tokenizer(tok, cfg.output, specials, template, cfg.model_max_length)
     train_errors = errors.to_dict()
     bpt, n_bytes, n_tokens = bytes_per_token(tok, texts(True))
