@@ -112,6 +112,9 @@ CASES: dict[str, tuple[Case, str]] = {
     # data stages that would read nothing usable
     "prepare on a Latin-1 file": (lambda t, m: (["prepare", _data_config(t, "l.txt", b"caf\xe9 au lait")], None),
                                   r"l\.txt, every record: at least one usable document"),
+    "unknown encoding of an input": (lambda t, m: (["prepare", str(_write(t / "stage.yaml", (
+        f"inputs: [{{path: {_write(t / 'l.txt', 'hi')}, encoding: klingon}}]\noutput: {t / 'out'}\nsteps: []\n")))],
+        None), r"key 'inputs'.*'klingon' is not a known text encoding"),
     "prepare on a CSV without its text column": (lambda t, m: (["prepare", _data_config(t, "d.csv", "title,x\na,b\n")],
                                                                None),
                                                  r"d\.csv, every record: at least one usable document"),

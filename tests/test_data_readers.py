@@ -111,6 +111,31 @@ def test_parquet(tmp_path: Path) -> None:
     assert log.examples == [(str(path), "record 1", "missing_field: a non-null 'text'")]
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-16"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".jsonl.gz"])
+def test_declared_encoding_reads_every_format(tmp_path: Path, encoding: str, suffix: str) -> None:
+    """`encoding:` on an input reads non-UTF-8 text, compressed or not, in every text format."""
+    texts = ["café au lait", "naïve façade"]
+    body = {".txt": "\n\n".join(texts) + "\n", ".csv": "text\n" + "\n".join(texts) + "\n"}.get(
+        suffix.removesuffix(".gz"), "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    raw = body.encode(encoding)
+    f = tmp_path / f"x{suffix}"
+    f.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    spec = InputSpec(path=str(f), encoding=encoding, text_mode="paragraph")
+    assert [d.text for d in read_file(f, spec)] == texts
+
+
+def test_wrong_declared_encoding_and_unknown_encoding(tmp_path: Path) -> None:
+    f = tmp_path / "x.txt"
+    f.write_bytes("line one\n".encode("utf-16-le") + b"\x00\xd8")  # a lone high surrogate at the end
+    log = ErrorLog()
+    assert list(read_file(f, InputSpec(path=str(f), encoding="utf-16-le", text_mode="line"), log)) == []
+    assert log.counts == {"undecodable_bytes": 1} and "valid utf-16-le text" in log.examples[0][2]
+    assert "needs its `encoding:`" in log.counts_text()
+    with pytest.raises(ValueError, match="'klingon' is not a known text encoding"):
+        InputSpec(path=str(f), encoding="klingon")
+
+
 def test_undecodable_text_and_corrupt_archive(tmp_path: Path) -> None:
     f = tmp_path / "x.txt"
     f.write_bytes(b"good para\n\nbad \xc3\x28 para\nstill bad\n\nfine\n")

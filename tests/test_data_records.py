@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,16 @@ def test_bad_input_names_file_and_line(tmp_path) -> None:
         list(read_records(str(tmp_path / "x.unknown")))
     with pytest.raises(ConfigError, match="matches no file"):
         list(read_records(str(tmp_path / "none-*.jsonl")))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "text"])
+def test_records_in_a_declared_encoding(tmp_path: Path, fmt: str) -> None:
+    """`encoding` in the layout reads Latin-1 records; a wrong declaration names the file and the encoding."""
+    body = {"jsonl": '{"text": "café"}\n', "csv": "text\ncafé\n", "text": "café\n"}[fmt]
+    path = tmp_path / f"x.{'txt' if fmt == 'text' else fmt}"
+    path.write_bytes(body.encode("latin-1"))
+    records = list(read_records(str(path), layout=RecordLayout(text_mode="line", encoding="latin-1")))
+    assert [r.fields["text"] for r in records] == ["café"]
+    path.write_bytes(body.encode("latin-1") + "\u20ac".encode("utf-16-le") + b"\x00\xd8")
+    with pytest.raises(InputFileError, match=r"x\.\w+, (file|line 1): expected .*utf-16-le"):
+        list(read_records(str(path), layout=RecordLayout(text_mode="line", encoding="utf-16-le")))

@@ -13,6 +13,7 @@ and reported) or raised as `InputFileError` (`on_error="raise"`).
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import glob
 import gzip
@@ -31,6 +32,8 @@ from lmcraft.io import excerpt
 
 __all__ = [
     "Document",
+    "open_text_source",
+    "text_encoding",
     "ErrorLog",
     "InputSpec",
     "detect_format",
@@ -83,7 +86,20 @@ class InputSpec:
     text_field: str = "text"
     id_field: str | None = None
     text_mode: TextMode = "file"
+    encoding: str = "utf-8"  # the text encoding of text/JSON/CSV inputs (any Python codec name)
     __pydantic_config__ = {"extra": "forbid"}  # pydantic reads this: unknown keys in a config are errors
+
+    def __post_init__(self) -> None:
+        self.encoding = text_encoding(self.encoding)
+
+
+def text_encoding(name: str) -> str:
+    """The canonical name of a Python text codec (`Latin-1` -> `iso8859-1`); `ValueError` for an unknown one."""
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(f"encoding {name!r} is not a known text encoding (e.g. utf-8, latin-1, cp1252, "
+                         "utf-16)") from None
 
 
 def describe_inputs(specs: Iterable[InputSpec]) -> str:
@@ -114,8 +130,12 @@ class ErrorLog:
         self.examples.extend(other.examples[: max(room, 0)])
 
     def counts_text(self) -> str:
-        """`3 undecodable_bytes, 1 missing_field` (or "none"), for a console message."""
-        return ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.counts.items())) or "none"
+        """`3 undecodable_bytes, 1 missing_field` (or "none"), for a console message; undecodable bytes come
+        with the hint to declare the file's encoding."""
+        text = ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.counts.items())) or "none"
+        if self.counts.get("undecodable_bytes"):
+            text += "; a file that is not UTF-8 needs its `encoding:` in its input spec"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"counts": dict(sorted(self.counts.items())), "examples": [list(e) for e in self.examples]}
@@ -172,6 +192,42 @@ def open_binary(path: str | Path) -> IO[bytes]:
         raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapper
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+class _Utf8Recoder(io.RawIOBase):
+    """A byte stream in another encoding, read as UTF-8 bytes, so that every reader sees UTF-8 input.
+
+    A byte sequence that is invalid in the declared encoding raises `UnicodeDecodeError` (a `ValueError`) from
+    `read`, which `read_file` reports as an unreadable file naming the encoding."""
+
+    def __init__(self, fh: IO[bytes], encoding: str) -> None:
+        self._text = io.TextIOWrapper(fh, encoding=encoding, errors="strict", newline="")
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while len(self._pending) < len(buffer):
+            chunk = self._text.read(1 << 16)
+            if not chunk:
+                break
+            self._pending += chunk.encode("utf-8")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._text.close()
+        super().close()
+
+
+def open_text_source(path: str | Path, encoding: str = "utf-8") -> IO[bytes]:
+    """`open_binary`, recoded to UTF-8 bytes when the file's declared encoding is another one."""
+    fh = open_binary(path)
+    if codecs.lookup(encoding).name == "utf-8":
+        return fh
+    return io.BufferedReader(_Utf8Recoder(fh, encoding))
 
 
 def resolve_path(path: str) -> Path:
@@ -373,7 +429,7 @@ def read_file(
             raise InputFileError(path, where, f"expected {err.expected}") from None
         errors.add(err.kind, path, where, err.expected)
 
-    fh = None if fmt == "parquet" else open_binary(path)
+    fh = None if fmt == "parquet" else open_text_source(path, spec.encoding)
     try:
         for where, result in _records(path, spec, fmt, fh):
             if isinstance(result, _Bad):
@@ -389,6 +445,8 @@ def read_file(
             yield Document(text=text, id=ident, meta={"source": str(path)})
     except _Bad as err:  # a whole-file problem (bad header, not JSON at all)
         bad(err, "header" if fmt in ("csv", "tsv") else "file")
+    except UnicodeDecodeError as err:  # a file recoded from its declared encoding
+        bad(_Bad("undecodable_bytes", f"valid {spec.encoding} text ({err.reason})"), "file")
     except (OSError, EOFError, ValueError) as err:  # corrupt compressed stream, unreadable Parquet
         if isinstance(err, FileNotFoundError):
             raise

@@ -19,6 +19,7 @@ import io
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -28,7 +29,7 @@ from lmcraft.data.readers import (
     TextMode,
     detect_format,
     expand_inputs,
-    open_binary,
+    open_text_source,
     read_file,
     resolve_path,
     strip_compression,
@@ -63,7 +64,7 @@ class Record:
 class RecordLayout:
     """Field names for the formats whose files do not name their fields: the text of a plain-text file (split by
     `text_mode`), the text and label of a folder-per-class file, the words and tags of a CoNLL sentence (tag in
-    whitespace-separated column `conll_tag_column`, word first)."""
+    whitespace-separated column `conll_tag_column`, word first); and the files' text `encoding`."""
 
     text_field: str = "text"
     label_field: str = "label"
@@ -71,6 +72,7 @@ class RecordLayout:
     tags_field: str = "tags"
     conll_tag_column: int = -1
     text_mode: TextMode = "file"
+    encoding: str = "utf-8"  # the files' text encoding (a Python codec name)
 
 
 def record_format(path: Path, declared: RecordFormat = "auto") -> str:
@@ -103,7 +105,7 @@ def read_records(path: str, format: RecordFormat = "auto", layout: RecordLayout 
         elif fmt == "text":
             yield from _text_records(file, layout)
         else:
-            with open_binary(file) as fh:
+            with _declared_encoding(file, layout.encoding), open_text_source(file, layout.encoding) as fh:
                 if fmt == "jsonl":
                     yield from _jsonl(fh, file)
                 elif fmt == "json":
@@ -112,6 +114,15 @@ def read_records(path: str, format: RecordFormat = "auto", layout: RecordLayout 
                     yield from _csv(fh, file, "\t" if fmt == "tsv" else ",")
                 else:
                     yield from _conll(fh, file, layout)
+
+
+@contextmanager
+def _declared_encoding(path: Path, encoding: str) -> Iterator[None]:
+    """Turns bytes that are invalid in a file's declared (non-UTF-8) encoding into an error naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise InputFileError(path, "file", f"expected {encoding} text ({err.reason}); is `encoding` right?") from None
 
 
 def _utf8(fh: IO[bytes], path: Path) -> str:
@@ -166,7 +177,7 @@ def _csv(fh: IO[bytes], path: Path, delimiter: str) -> Iterator[Record]:
                                                   "header, got more")
             yield Record(dict(row), path, where)
     except (csv.Error, UnicodeDecodeError) as err:
-        raise InputFileError(path, f"line {reader.line_num + 1}", f"expected well-formed UTF-8 CSV ({err})") from None
+        raise InputFileError(path, f"line {reader.line_num + 1}", f"expected well-formed CSV text ({err})") from None
 
 
 def _parquet(path: Path) -> Iterator[Record]:
@@ -213,7 +224,7 @@ def _conll(fh: IO[bytes], path: Path, layout: RecordLayout) -> Iterator[Record]:
 
 
 def _text_records(path: Path, layout: RecordLayout) -> Iterator[Record]:
-    spec = InputSpec(path=str(path), format="text", text_mode=layout.text_mode)
+    spec = InputSpec(path=str(path), format="text", text_mode=layout.text_mode, encoding=layout.encoding)
     for doc in read_file(path, spec, on_error="raise"):
         where = "file" if layout.text_mode == "file" else f"line {doc.id.rsplit(':', 1)[-1]}"
         yield Record({layout.text_field: doc.text}, path, where)
@@ -226,6 +237,6 @@ def _folder(root: Path, layout: RecordLayout) -> Iterator[Record]:
         raise ConfigError(f"{root}: format folder expects one subfolder per class; found none")
     for folder in classes:
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            with open_binary(file) as fh:
+            with _declared_encoding(file, layout.encoding), open_text_source(file, layout.encoding) as fh:
                 text = _utf8(fh, file)
             yield Record({layout.text_field: text, layout.label_field: folder.name}, file, "file")

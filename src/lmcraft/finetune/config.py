@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
+from lmcraft.data.readers import text_encoding
 from lmcraft.train.config import TrainerConfig
 
 TASKS = ("cls", "token_cls", "regression", "clm")
@@ -48,6 +49,12 @@ class DataSource(Section):
     tags_field: str = "tags"
     conll_tag_column: int = -1
     text_mode: Literal["file", "paragraph", "line"] = "file"
+    encoding: str = "utf-8"  # the files' text encoding (any Python codec name: latin-1, cp1252, utf-16, ...)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, name: str) -> str:
+        return text_encoding(name)
 
 
 class DataConfig(Section):

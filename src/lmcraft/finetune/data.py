@@ -54,7 +54,8 @@ def read_source(source: DataSource) -> list[Record]:
     """All records of `source` (through the one record reader); `ConfigError` if there are none."""
     layout = RecordLayout(text_field=source.text_field, label_field=source.label_field,
                           tokens_field=source.tokens_field, tags_field=source.tags_field,
-                          conll_tag_column=source.conll_tag_column, text_mode=source.text_mode)
+                          conll_tag_column=source.conll_tag_column, text_mode=source.text_mode,
+                          encoding=source.encoding)
     records = list(read_records(source.path, source.format, layout))
     if not records:
         raise ConfigError(f"data path {source.path!r} holds no records")
