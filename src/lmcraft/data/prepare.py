@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcraft.data.long_documents import LongDocumentSplitter
 from lmcraft.data.parts import complete_parts, eos_id, load_part_arrays, pack_parts, remove_incomplete, write_part
 from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, is_validation, process_chunk
 from lmcraft.data.readers import Document, ErrorLog, expand_inputs, read_documents
@@ -50,6 +51,7 @@ def fingerprint(cfg: PrepareConfig, shard: tuple[int, int]) -> str:
         "inputs": [asdict(s) for s in cfg.inputs],
         "steps": [{"type": s.name, **{k: v for k, v in vars(s).items() if not k.startswith("_")}} for s in cfg.steps],
         "chunk_docs": cfg.chunk_docs,
+        "max_document_bytes": cfg.max_document_bytes,
         "on_error": cfg.on_error,
         "pack": cfg.pack.model_dump(mode="json") if cfg.pack else None,
         "seed": cfg.seed,
@@ -89,13 +91,14 @@ class _Chunks:
 
     def __init__(self, cfg: PrepareConfig, files: list[Any], doc_shard: tuple[int, int] | None, skip: int) -> None:
         self.cfg, self.files, self.doc_shard, self.skip = cfg, files, doc_shard, skip
+        self.splitter = LongDocumentSplitter(cfg.max_document_bytes)
 
     def __iter__(self) -> Iterator[tuple[list[Document], dict[str, Any], int]]:
         log = ErrorLog()
         keep_errors = self.doc_shard is None or self.doc_shard[0] == 0  # doc sharding: shard 0 reports errors
         docs: list[Document] = []
         seen = 0
-        for index, doc in enumerate(read_documents(self.files, log, self.cfg.on_error)):
+        for index, doc in enumerate(self.splitter(read_documents(self.files, log, self.cfg.on_error))):
             if self.doc_shard is not None and index % self.doc_shard[1] != self.doc_shard[0]:
                 continue
             seen += 1
@@ -249,6 +252,8 @@ def prepare(
             while pending:
                 res, *meta = pending.popleft()
                 handle((res.get(), *meta))
+            if chunks.splitter.message():
+                print(chunks.splitter.message(), file=sys.stderr)
             if stopped:
                 return {"stopped": True, "chunks": len(records)}
     finally:

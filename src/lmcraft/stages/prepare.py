@@ -44,6 +44,9 @@ class PrepareConfig(StageConfig):
     )
     on_error: Literal["skip", "raise"] = Field("skip", description="bad input records: count and skip, or stop")
     chunk_docs: int = Field(1000, ge=1, description="documents per chunk (the unit of work and of resuming)")
+    max_document_bytes: int | None = Field(
+        1 << 20, ge=1024, description="documents longer than this (UTF-8 bytes) are cut at paragraph/line/sentence "
+        "breaks so that memory stays bounded (the filters take ~50x a document's size); null: never cut")
     pack: PackConfig | None = Field(None, description="tokenise and pack into token shards")
     seed: int = Field(0, description="seed of the train/validation split")
     title: str = Field("Data preparation report", description="title of report.md")
