@@ -293,6 +293,26 @@ def test_killed_process_resumes_without_duplicates(corpus: Path, tmp_path: Path)
     assert _digest(tmp_path / "full") == _digest(tmp_path / "killed")
 
 
+def test_ctrl_c_with_workers_exits_130_quietly(corpus: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group) ends `prepare --workers 2` with 130 and one line, no tracebacks
+    from the pool's workers."""
+    path = tmp_path / "c.yaml"
+    data = json.loads(_config(corpus, tmp_path / "out", None, chunk_docs=2).model_dump_json(exclude={"steps"}))
+    data["steps"] = [{"type": "language", "languages": ["en"], "min_score": 0.5}, {"type": "minhash_dedup"}]
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "prepare", str(path), "--no-progress", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    marker = tmp_path / "out" / "parts" / "part-00003.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"ForkPoolWorker" not in err and b"KeyboardInterrupt" not in err
+
+
 def test_rerun_after_completion_writes_nothing_new(tmp_path: Path) -> None:
     """Bad records after the last document form a final errors-only chunk; a re-run must not repeat it."""
     src = tmp_path / "d.jsonl"

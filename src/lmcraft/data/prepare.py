@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -68,6 +69,9 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(steps: list[Any], tokenizer: Any, in_pool: bool = True) -> None:
     if in_pool:  # one tokenizer thread per worker process: the workers are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Ctrl-C reaches the whole process group: the main process alone handles it (and ends the pool), so
+        # the workers do not each print a KeyboardInterrupt traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["steps"], _WORKER["tokenizer"] = steps, tokenizer
 
 
