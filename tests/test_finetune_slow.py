@@ -29,7 +29,7 @@ def test_minilm_spam_recipe_with_lora_then_merge(tmp_path) -> None:
                  "data.max_train_examples=32", "data.max_validation_examples=32", "data.max_length=32",
                  "trainer.max_steps=2", "trainer.eval_every=2", "trainer.progress=false", "peft.method=lora",
                  "trainer.lr=1e-3"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "summary.json").read_text())
     assert results["labels"] == ["ham", "spam"] and results["method"] == "lora"
     assert 0 <= results["validation"]["accuracy"] <= 1
     assert main(["merge", str(out / "final"), "--out", str(tmp_path / "merged")]) == 0
@@ -43,6 +43,6 @@ def test_smollm2_shakespeare_recipe_runs_qlora(tmp_path) -> None:
                  "threads=1", "peft.method=qlora", "data.max_length=32", "data.max_train_examples=4",
                  "data.max_validation_examples=2", "trainer.max_steps=1", "trainer.micro_batch_size=2",
                  "trainer.eval_every=null", "trainer.progress=false", "trainer.warmup_steps=0"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "summary.json").read_text())
     assert results["method"] == "qlora" and results["metric"] == "ppl" and results["metric_value"] > 1
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -36,7 +36,7 @@ def finetune(tmp_path: Path, config: dict, *overrides: str) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     assert main(["finetune", str(path), *overrides]) == 0
-    return json.loads((Path(config["output_dir"]) / "results.json").read_text())
+    return json.loads((Path(config["output_dir"]) / "summary.json").read_text())
 
 
 def base_config(tmp_path: Path, assets: dict, task: str = "cls", arch: str = "bert", **extra) -> dict:

@@ -15,7 +15,8 @@ The same plan and the same rule of done serve the sweeps (`lmcraft compare`, `lm
 its list of `StageSpec`s, runs them with `Pipeline.run_stages` (`keep_going` records a failed stage and goes on;
 `InProcessPipeline` runs the stages in this process) and reads each folder's summary with `read_summary`.
 
-Stages report to the pipeline through `summary.json` (older runs: `results.json`) in their folder: scalar entries (and
+Stages report to the pipeline through `summary.json` in their folder (the eval stage: `results.json`, in
+lm-evaluation-harness's `{"results": ...}` layout; also older fine-tuning runs): scalar entries (and
 those of one-level nested dicts such as `"eval": {...}`) become the metrics table, `samples` (a list of
 `{"prompt", "before", "after" | "completion"}` records, or parallel lists; also read from `samples.json`) the
 samples table, and every PNG in the folder an image.

@@ -6,7 +6,7 @@ Outputs in `output_dir`:
                                         evaluation, tokenizer, label names in config.json);
                                         PEFT: the adapter folder (lmcraft.peft layout) plus finetune.json
                                         (base model, head, labels) that `lmcraft merge` reads
-  results.json                          parameters (trainable / total), validation metrics of the best
+  summary.json                          parameters (trainable / total), validation metrics of the best
                                         evaluation, peak memory, step time, tokens/s
 """
 
@@ -122,7 +122,7 @@ def _save_final(cfg: FinetuneConfig, training: PeftTraining, folder: Path, token
 
 
 def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the fine-tuning `cfg` describes; returns (and writes to results.json) the run's summary."""
+    """Run the fine-tuning `cfg` describes; returns (and writes to summary.json) the run's summary."""
     from lmcraft import peft
     from lmcraft.assets import resolve, resolve_model
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -186,5 +186,5 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
         "final": str(final) if final else None, **profiler.summary(),
     }
     if trainer.is_main:
-        write_json(cfg.output_dir / "results.json", json.loads(json.dumps(results, default=str)))
+        write_json(cfg.output_dir / "summary.json", json.loads(json.dumps(results, default=str)))
     return results
