@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def test_config_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, lmcraft.config, lmcraft.train.config, lmcraft.finetune.config\n"
+        "import sys, lmcraft.config, lmcraft.train.config, lmcraft.finetune.config, lmcraft.scaling.config\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

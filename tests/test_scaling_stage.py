@@ -13,7 +13,10 @@ import pytest
 from lmcraft.cli import main
 from lmcraft.config import load_config, validate_config
 from lmcraft.errors import ConfigError
-from lmcraft.stages.scaling import GridSection, config_class, plan_runs, scaling
+from lmcraft.scaling.config import ScalingConfig
+from lmcraft.scaling.plan import plan_runs
+from lmcraft.scaling.run import scaling
+from lmcraft.scaling.sections import GridSection
 
 CAST = ["ALICE", "BOB", "CAROL", "DAVE", "EVE", "FRANK", "GRACE"]
 WORDS = "the a good lord king night day sword crown love death fair sweet my thy heart speak come go now".split()
@@ -115,7 +118,7 @@ def test_rerun_skips_finished_runs(sweep: tuple[Path, Path, Path], monkeypatch: 
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr("lmcraft.pipeline.InProcessPipeline._run_stage", no_training)
-    after = scaling(load_config(config_class(), config), progress=False)
+    after = scaling(load_config(ScalingConfig, config), progress=False)
     assert [r["eval_loss"] for r in after["runs"]] == [r["eval_loss"] for r in before["runs"]]
     assert [r["probe"]["correct"] for r in after["runs"]] == [r["probe"]["correct"] for r in before["runs"]]
 
@@ -149,11 +152,11 @@ def sizes(*names: str) -> list[dict]:
 )
 def test_config_mistakes_are_reported(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate_config(config_class(), {**BASE, **change})
+        validate_config(ScalingConfig, {**BASE, **change})
 
 
 def test_plan_of_a_data_sweep(tmp_path: Path) -> None:
-    cfg = validate_config(config_class(), {**BASE, "sizes": sizes("a", "b"), "tokens": [320, 640],
+    cfg = validate_config(ScalingConfig, {**BASE, "sizes": sizes("a", "b"), "tokens": [320, 640],
                                            "output_dir": str(tmp_path), "curve_points": 2})
     runs = plan_runs(cfg)
     assert [name for name, _ in runs] == ["a-320", "b-320", "a-640", "b-640"]
