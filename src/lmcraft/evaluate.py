@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.io import write_json, write_jsonl
+from lmcraft.lm_eval_format import lm_eval_results
 from lmcraft.metrics import classification_report
 from lmcraft.prompting.answers import normalize_text
 from lmcraft.prompting.lm import LM
@@ -218,7 +219,8 @@ def _slug(text: str) -> str:
 
 
 def write_results(results: Sequence[TaskResult], out_dir: Path) -> Path:
-    """`results.json` (metrics and timings of every task x strategy) and `samples/<task>__<strategy>.jsonl`."""
+    """`results.json` (metrics and timings of every task x strategy), `samples/<task>__<strategy>.jsonl`, and
+    the metrics in lm-evaluation-harness's layout in `results_lm_eval.json` (`lmcraft.lm_eval_format`)."""
     summary = []
     for tr in results:
         entries = []
@@ -240,6 +242,7 @@ def write_results(results: Sequence[TaskResult], out_dir: Path) -> Path:
         )
     path = out_dir / "results.json"
     write_json(path, {"results": summary})
+    write_json(out_dir / "results_lm_eval.json", lm_eval_results(results))
     return path
 
 

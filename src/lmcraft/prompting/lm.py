@@ -10,7 +10,8 @@ or a user's own wrapper around another library.
 - `loglikelihood(pairs)`: for each `(context, continuation)`, `(sum_t log p(c_t | context, c_<t), n_tokens)`
   over the continuation's tokens. Used for multiple choice.
 - `loglikelihood_rolling(texts)`: `(sum_t log p(x_t | x_<t), n_tokens)` over every token of each text
-  (sliding windows when the text is longer than the model's context). Used for perplexity.
+  (sliding windows when the text is longer than the model's context; windows after the first advance by `stride`
+  tokens). Used for perplexity.
 - `render_chat(messages)`: the model's chat template applied to `[{"role", "content"}, ...]` with the
   generation prompt for the assistant turn appended; `has_chat_template` says whether there is one.
 """
@@ -51,7 +52,7 @@ class LM(Protocol):
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]: ...
 
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]: ...
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[tuple[float, int]]: ...
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -159,7 +159,7 @@ class ModelLM:
         return self._score(items, "loglikelihood")
 
     def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[tuple[float, int]]:
-        stride = stride or self.max_length // 2
+        stride = min(stride or self.max_length // 2, self.max_length)  # a window predicts at most its length
         items, owner = [], []
         for k, text in enumerate(texts):
             ids = [self.start_id, *self.tokenizer.encode(text, add_special_tokens=False)]

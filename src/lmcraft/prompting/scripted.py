@@ -75,7 +75,7 @@ class ScriptedLM:
         self.calls.append(Call("loglikelihood", list(pairs)))
         return [(self.score(ctx, cont), max(1, len(cont.split()))) for ctx, cont in pairs]
 
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[tuple[float, int]]:
         self.calls.append(Call("loglikelihood_rolling", list(texts)))
         return [(self.score("", text), max(1, len(text.split()))) for text in texts]
 

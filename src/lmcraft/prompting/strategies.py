@@ -378,11 +378,16 @@ class MultipleChoice(_Base):
 
 
 class Perplexity(_Base):
+    """Log-likelihood of each whole text. A text longer than the context is scored in windows: the first predicts
+    a full context, each later one the next `stride` tokens with the tokens before them as context (default half
+    the context; `stride` = the context length gives lm-evaluation-harness's disjoint windows)."""
+
     name: Literal["perplexity"] = "perplexity"
+    stride: int | None = Field(None, ge=1)
 
     def run(self, ctx: Context, docs: Sequence[Doc], ids: Sequence[Any]) -> list[Prediction]:
         texts = [ctx.template.question(d) for d in docs]
-        scores = ctx.lm.loglikelihood_rolling(texts)
+        scores = ctx.lm.loglikelihood_rolling(texts, stride=self.stride)
         return [
             Prediction(i, None, None, None, extra={"logprob": lp, "tokens": n, "bytes": len(t.encode())})
             for i, t, (lp, n) in zip(ids, texts, scores, strict=True)
