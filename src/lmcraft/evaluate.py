@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +28,7 @@ from typing import Any
 
 from lmcraft.io import write_json, write_jsonl
 from lmcraft.lm_eval_format import lm_eval_results
-from lmcraft.metrics import classification_report
-from lmcraft.prompting.answers import normalize_text
+from lmcraft.metrics import classification_report, normalize_text, token_f1
 from lmcraft.prompting.lm import LM
 from lmcraft.prompting.strategies import Chain, Context, Prediction
 from lmcraft.prompting.tasks import Task
@@ -60,18 +58,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
-
-
-def token_f1(pred: str, gold: str) -> float:
-    """SQuAD token F1 between normalised answers."""
-    p, g = normalize_text(pred).split(), normalize_text(gold).split()
-    if not p or not g:
-        return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
 
 
 def label_f1(preds: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]) -> float:

@@ -7,11 +7,16 @@ With a confusion matrix C (rows = true class, columns = predicted):
         c = trace(C), s = total, p_k = predicted count of k, t_k = true count of k.
 Entity F1 (seqeval, IOB2/BIO): entities are (type, start, end) spans decoded from tag sequences; an entity
 counts as correct only if type and both boundaries match.
+Answer text (SQuAD): `normalize_text` lower-cases and drops punctuation and the articles a/an/the; exact match is
+equality of normalised texts, token F1 = 2PR/(P+R) over the multiset overlap of their words.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,3 +92,25 @@ def entity_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[s
     recall = correct / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"entity_precision": precision, "entity_recall": recall, "entity_f1": f1}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD token F1 between normalised answers."""
+    p, g = normalize_text(pred).split(), normalize_text(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)

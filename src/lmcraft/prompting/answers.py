@@ -19,11 +19,11 @@ Matchers compare an extracted answer with the gold answer:
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Sequence
 from typing import Literal
 
 from lmcraft.config import Section
+from lmcraft.metrics import normalize_text
 
 __all__ = [
     "AnswerSpec",
@@ -40,8 +40,6 @@ _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _GSM = re.compile(r"####\s*(" + _NUMBER + r")")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*[:\s]*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
 _ANY_NUMBER = re.compile(_NUMBER)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def parse_number(text: str) -> float | None:
@@ -90,12 +88,6 @@ def extract_first_line(text: str) -> str | None:
         if line.strip():
             return line.strip()
     return None
-
-
-def normalize_text(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
 
 
 def numeric_equal(pred: str, gold: str, rel_tol: float = 1e-6) -> bool:
