@@ -184,6 +184,28 @@ def test_bert_classifier_from_hf(transformers, tmp_path: Path) -> None:
     compare_bert("bert-cls", hf_model, ours)
 
 
+def test_bert_question_answering_both_ways(transformers, tmp_path: Path) -> None:
+    """`BertForQuestionAnswering` loads as a `qa` head with the same start/end logits, and ours saves as one."""
+    hf_model = transformers.BertForQuestionAnswering(bert_config(transformers))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert ours.head_kind == "qa"
+    for padding in (None, "right"):
+        ids, mask = batch(padding)
+        with torch.no_grad():
+            theirs = hf_model(input_ids=ids, attention_mask=mask)
+        mine = our_logits(ours, ids, mask)
+        diff("bert-qa", mine, torch.stack([theirs.start_logits, theirs.end_logits], -1), mask)
+    hub.save_model(ours, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == "BertForQuestionAnswering"
+    ids, mask = batch("right")
+    with torch.no_grad():
+        theirs = again(input_ids=ids, attention_mask=mask)
+    diff("save:bert-qa", our_logits(ours, ids, mask), torch.stack([theirs.start_logits, theirs.end_logits], -1), mask)
+
+
 def test_bare_bert_gets_new_classifier(transformers, tmp_path: Path) -> None:
     """BertModel has no head: lmcraft keeps its pooler, adds a fresh classifier and says so."""
     hf_model = randomize(transformers.BertModel(bert_config(transformers)))

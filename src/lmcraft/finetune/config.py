@@ -1,6 +1,6 @@
 """The `lmcraft finetune` / `lmcraft compare` configs (pydantic; validated before any work starts).
 
-    task: cls                              # cls | token_cls | regression | clm
+    task: cls                              # cls | token_cls | regression | clm | qa
     model: minilm-l6                       # HF folder, .gguf file or model asset name
     data:
       train: {path: "asset:spam-assassin/data/*/*.json", label_field: group}
@@ -26,8 +26,8 @@ from lmcraft.config import Section, StageConfig
 from lmcraft.data.readers import text_encoding
 from lmcraft.train.config import TrainerConfig
 
-TASKS = ("cls", "token_cls", "regression", "clm")
-Task = Literal["cls", "token_cls", "regression", "clm"]
+TASKS = ("cls", "token_cls", "regression", "clm", "qa")
+Task = Literal["cls", "token_cls", "regression", "clm", "qa"]
 SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll", "text", "folder"]
 
 
@@ -37,7 +37,8 @@ class DataSource(Section):
     `path` may start with `asset:NAME/` (a fetched lmcraft asset). Field names select the text, the optional
     second text of a pair (`text_pair_field`), the label, or for token classification the word list and the
     tag list (JSONL) / the tag column (CoNLL: whitespace-separated columns, word first, blank line between
-    sentences). `text_mode` splits plain-text files into records for causal-LM data.
+    sentences). `text_mode` splits plain-text files into records for causal-LM data. Extractive QA reads a
+    question, a context and SQuAD-style answers (`{text: [...], answer_start: [...]}`), or SQuAD's nested JSON.
     """
 
     path: str
@@ -49,6 +50,9 @@ class DataSource(Section):
     tags_field: str = "tags"
     conll_tag_column: int = -1
     text_mode: Literal["file", "paragraph", "line"] = "file"
+    question_field: str = "question"
+    context_field: str = "context"
+    answers_field: str = "answers"
     encoding: str = "utf-8"  # the files' text encoding (any Python codec name: latin-1, cp1252, utf-16, ...)
 
     @field_validator("encoding")
@@ -63,7 +67,10 @@ class DataConfig(Section):
     labels:     class (or tag) names in id order; default: the sorted names seen in the training data
     label_map:  raw label -> class name, applied first (e.g. merge source groups into ham/spam)
     clean:      `email`: keep the Subject line and the decoded text body of RFC 822 messages (headers dropped)
-    max_length: tokens per example (longer ones are truncated); for `clm`, the length of each packed block
+    max_length: tokens per example (longer ones are truncated); for `clm`, the length of each packed block;
+                for `qa`, of each window of question + context
+    doc_stride: `qa`: tokens shared by consecutive windows of a context longer than one window
+    max_answer_length: `qa`: the longest answer span (tokens) considered at prediction
     max_*_examples: a seeded random subset of each split (after the hold-out; for clm, of the packed blocks)
     """
 
@@ -76,6 +83,8 @@ class DataConfig(Section):
     max_length: int = Field(256, ge=2)
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
+    doc_stride: int = Field(128, ge=0)
+    max_answer_length: int = Field(30, ge=1)
     seed: int = 0
 
 
@@ -134,6 +143,8 @@ class FinetuneConfig(StageConfig):
             raise ValueError("data.labels / data.label_map do not apply to task clm")
         if self.task == "regression" and self.data.labels:
             raise ValueError("data.labels does not apply to task regression (labels are numbers)")
+        if self.task == "qa" and (self.data.labels or self.data.label_map):
+            raise ValueError("data.labels / data.label_map do not apply to task qa (answers are spans)")
         return self
 
 

@@ -6,6 +6,8 @@
                 the tag id on the first sub-token of each word, -100 (ignored) on the others and on specials
 - `clm`:        documents -> token ids, each followed by EOS, concatenated and cut into `max_length` blocks
                 (the remainder shorter than a block is dropped); labels = inputs (shifted in the loss)
+- `qa`:         question, context, answers -> windows of [CLS] question [SEP] context [SEP] with start/end token
+                labels (`lmcraft.finetune.qa`)
 
 Examples are lists of ints; `Collator` pads a batch on the right to its longest row (labels with -100).
 Without an explicit validation source, a seeded `validation_fraction` of the training records is held out
@@ -28,6 +30,7 @@ from lmcraft.data.records import Record, RecordLayout, read_records
 from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import DataConfig, DataSource
 from lmcraft.finetune.emails import email_text
+from lmcraft.finetune.qa import qa_examples, qa_records
 
 __all__ = ["Collator", "TaskData", "build_task_data", "read_source", "split_records"]
 
@@ -43,7 +46,8 @@ class TaskData:
     validation: list[Example]
     labels: list[str] = field(default_factory=list)
     pad_token_id: int = 0
-    truncated: int = 0  # training + validation examples cut at max_length
+    truncated: int = 0  # training + validation examples cut at max_length (qa: split into several windows)
+    task_options: dict[str, Any] = field(default_factory=dict)  # extra arguments of the task (`make_task`)
 
     @property
     def num_labels(self) -> int:
@@ -233,6 +237,8 @@ def build_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
         return TaskData(task, train, validation, pad_token_id=pad)
     train_records = _subset(train_records, cfg.max_train_examples, cfg.seed)
     val_records = _subset(val_records, cfg.max_validation_examples, cfg.seed + 1)
+    if task == "qa":
+        return _qa_data(cfg, tokenizer, (train_records, cfg.train), (val_records, val_source), pad)
     labels = [] if task == "regression" else _label_names(cfg, task, train_records, cfg.train)
     ids = {name: i for i, name in enumerate(labels)}
     if task == "token_cls":
@@ -242,6 +248,18 @@ def build_task_data(cfg: DataConfig, task: str, tokenizer: Any) -> TaskData:
         train = _sequence_examples(train_records, cfg.train, cfg, task, enc, ids)
         validation = _sequence_examples(val_records, val_source, cfg, task, enc, ids)
     return TaskData(task, train, validation, labels, pad, enc.truncated)
+
+
+def _qa_data(cfg: DataConfig, tokenizer: Any, train: tuple[list[Record], DataSource],
+             validation: tuple[list[Record], DataSource], pad: int) -> TaskData:
+    splits, windows_added = [], 0
+    for records, source in (train, validation):
+        examples = qa_records(records, source.question_field, source.context_field, source.answers_field)
+        windows, split = qa_examples(examples, tokenizer.backend, cfg.max_length, cfg.doc_stride)
+        splits.append(windows)
+        windows_added += split
+    return TaskData("qa", splits[0], splits[1], pad_token_id=pad, truncated=windows_added,
+                    task_options={"max_answer_length": cfg.max_answer_length})
 
 
 class Collator:
@@ -258,7 +276,11 @@ class Collator:
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = padded("token_type_ids", 0)
-        if self.task == "token_cls":
+        if self.task == "qa":
+            batch["start_positions"] = torch.tensor([e["start"] for e in examples])
+            batch["end_positions"] = torch.tensor([e["end"] for e in examples])
+            batch["qa"] = [e["qa"] for e in examples]
+        elif self.task == "token_cls":
             batch["labels"] = padded("labels", IGNORE_INDEX)
         elif self.task == "clm":
             batch["labels"] = padded("input_ids", IGNORE_INDEX)

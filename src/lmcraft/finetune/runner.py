@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from lmcraft.errors import ConfigError
 from lmcraft.finetune.config import FinetuneConfig
 from lmcraft.finetune.data import Collator, TaskData, build_task_data
 from lmcraft.finetune.evaluation import TaskEvaluator
@@ -89,6 +90,8 @@ def _load_model(cfg: FinetuneConfig, folder: Path, task: Task, data: TaskData, d
         warnings.simplefilter("ignore", HubWarning)  # a new task head is expected here; fit_head sizes it
         model = load_model(folder, head=task.head, dtype=torch.float32, device=device)
     _own_memory(model)
+    if task.head == "qa" and model.config.arch != "encoder":
+        raise ConfigError(f"task qa needs an encoder (BERT-style) model; {cfg.model} is a {model.config.arch}")
     if task.head in ("cls", "token_cls"):
         fit_head(model, data.num_labels, data.labels)
     set_dropout(model, cfg.dropout, cfg.attention_dropout, cfg.classifier_dropout)
@@ -131,10 +134,11 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(resolve(cfg.tokenizer) if cfg.tokenizer else folder)
     data = build_task_data(cfg.data, cfg.task, tokenizer)
+    cut = "split into windows of" if cfg.task == "qa" else "truncated to"
     log(f"data: {len(data.train)} training / {len(data.validation)} validation examples"
         + (f", labels {data.labels}" if data.labels else "")
-        + (f" ({data.truncated} truncated to {cfg.data.max_length} tokens)" if data.truncated else ""))
-    task = make_task(cfg.task, data.labels)
+        + (f" ({data.truncated} {cut} {cfg.data.max_length} tokens)" if data.truncated else ""))
+    task = make_task(cfg.task, data.labels, **data.task_options)
     metric, mode = headline_metric(cfg, task)
     total_steps, steps_per_epoch = _optimizer_steps(cfg.trainer, len(data.train))
 

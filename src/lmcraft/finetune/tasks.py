@@ -1,4 +1,4 @@
-"""The four fine-tuning tasks: which head, the loss, what a prediction is, and the validation metrics.
+"""The fine-tuning tasks: which head, the loss, what a prediction is, and the validation metrics.
 
 Losses follow the trainer's contract (a SUM over targets plus the number of targets):
 
@@ -6,11 +6,15 @@ Losses follow the trainer's contract (a SUM over targets plus the number of targ
     regression: L = sum_b (z_b - y_b)^2                             z = w pooled   (B,);   targets = B
     token_cls:  L = sum_{b,t: y_bt != -100} -log softmax(z_bt)[y_bt]                        targets = labelled tokens
     clm:        L = sum_{b,t: y_b,t+1 != -100} -log p(y_b,t+1 | x_b,<=t)                    targets = predicted tokens
+    qa:         L = sum_b (CE(s_b, start_b) + CE(e_b, end_b)) / 2   s, e = start/end logits (B, T); targets = B
+                (its mean equals BertForQuestionAnswering's loss; windows and labels: lmcraft.finetune.qa)
 
 The pooled vector is the [CLS] state for encoders and the last non-padding token for decoders (see
 lmcraft.models.heads). Validation metrics: accuracy, precision/recall/F1 (macro, micro), MCC for
 classification; seqeval-style entity precision/recall/F1 (BIO tags) plus token accuracy for token
-classification; MSE, MAE, Pearson and Spearman correlation for regression; loss/perplexity for clm.
+classification; MSE, MAE, Pearson and Spearman correlation for regression; loss/perplexity for clm; for qa,
+SQuAD v1.1 exact match and token F1 of each example's best span (the highest s_i + e_j over its windows, context
+tokens only, i <= j < i + max_answer_length), maximised over the gold answers.
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcraft.data.collate import IGNORE_INDEX
-from lmcraft.metrics import classification_report, entity_f1
+from lmcraft.metrics import classification_report, entity_f1, normalize_text, token_f1
 from lmcraft.objectives.base import token_cross_entropy
 from lmcraft.objectives.lm_head import next_token_loss
 from lmcraft.train import LossOutput
 
-__all__ = ["CausalLMTask", "ClassificationTask", "RegressionTask", "Task", "TokenClassificationTask", "make_task",
-           "spearman"]
+__all__ = ["CausalLMTask", "ClassificationTask", "QATask", "RegressionTask", "Task", "TokenClassificationTask",
+           "make_task", "spearman", "task_logits"]
 
 
-def _forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def task_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     kwargs = {"attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch:
         kwargs["token_type_ids"] = batch["token_type_ids"]
@@ -72,7 +76,7 @@ class ClassificationTask(Task):
         return "f1_macro", "max"
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        logits = _forward(model, batch).float()
+        logits = task_logits(model, batch).float()
         y = batch["labels"]
         loss = F.cross_entropy(logits, y, reduction="sum")
         acc = (logits.argmax(-1) == y).float().mean().detach()
@@ -115,7 +119,7 @@ class RegressionTask(Task):
         return "pearson", "max"
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        pred = _forward(model, batch).float().squeeze(-1)
+        pred = task_logits(model, batch).float().squeeze(-1)
         loss = F.mse_loss(pred, batch["labels"].float(), reduction="sum")
         return LossOutput(loss, pred.numel(), {}, batch["attention_mask"].sum()), pred
 
@@ -142,7 +146,7 @@ class TokenClassificationTask(Task):
         return any(t.startswith(("B-", "I-")) for t in self.labels)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        logits = _forward(model, batch)
+        logits = task_logits(model, batch)
         loss, count = token_cross_entropy(logits, batch["labels"])
         keep = batch["labels"] != IGNORE_INDEX
         acc = (logits.argmax(-1)[keep] == batch["labels"][keep]).float().mean().detach() if count else 0.0
@@ -183,9 +187,59 @@ class CausalLMTask(Task):
         return LossOutput(loss, count, {}, batch["attention_mask"].sum()), logits
 
 
+@dataclass
+class QATask(Task):
+    max_answer_length: int = 30
+    name: ClassVar[str] = "qa"
+    head: ClassVar[str] = "qa"
+
+    def headline(self) -> tuple[str, str]:
+        return "f1", "max"
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
+        logits = task_logits(model, batch).float()
+        start, end = logits.unbind(-1)
+        loss = (F.cross_entropy(start, batch["start_positions"], reduction="sum")
+                + F.cross_entropy(end, batch["end_positions"], reduction="sum")) / 2
+        return LossOutput(loss, start.shape[0], {}, batch["attention_mask"].sum()), logits
+
+    def best_span(self, logits: torch.Tensor, offsets: list[Any]) -> tuple[float, int, int] | None:
+        """(score, first token, last token) of the best context span in one window, None without context."""
+        inside = torch.tensor([o is not None for o in offsets] + [False] * (logits.shape[0] - len(offsets)))
+        if not inside.any():
+            return None
+        i = torch.arange(logits.shape[0])
+        allowed = (inside[:, None] & inside[None, :] & (i[None, :] >= i[:, None])
+                   & (i[None, :] - i[:, None] < self.max_answer_length))
+        scores = (logits[:, 0, None] + logits[None, :, 1]).masked_fill(~allowed, float("-inf"))
+        flat = int(scores.argmax())
+        first, last = divmod(flat, logits.shape[0])
+        return float(scores[first, last]), first, last
+
+    def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        predicted, gold = [], []
+        for row, meta in zip(logits.float().cpu(), batch["qa"], strict=True):
+            best = self.best_span(row, meta["offsets"])
+            text = "" if best is None else meta["context"][meta["offsets"][best[1]][0]:meta["offsets"][best[2]][1]]
+            predicted.append((meta["example"], float("-inf") if best is None else best[0], text))
+            gold.append((meta["example"], meta["answers"]))
+        return predicted, gold
+
+    def metrics(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
+        best: dict[int, tuple[float, str]] = {}
+        for example, score, text in predicted:
+            if example not in best or score > best[example][0]:
+                best[example] = (score, text)
+        answers = dict(gold)
+        em = [max(float(normalize_text(best[k][1]) == normalize_text(g)) for g in answers[k]) for k in best]
+        f1 = [max(token_f1(best[k][1], g) for g in answers[k]) for k in best]
+        return {"exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1), "examples": float(len(best))}
+
+
 _TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, RegressionTask, TokenClassificationTask,
-                                                     CausalLMTask)}
+                                                     CausalLMTask, QATask)}
 
 
-def make_task(name: str, labels: list[str]) -> Task:
-    return _TASKS[name](labels=list(labels))
+def make_task(name: str, labels: list[str], **options: Any) -> Task:
+    """The task `name` with its label names and task options (qa: `max_answer_length`)."""
+    return _TASKS[name](labels=list(labels), **options)

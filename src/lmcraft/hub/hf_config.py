@@ -225,14 +225,16 @@ FAMILIES: dict[str, ConfigSpec] = {
              qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True),
         "hidden_act", {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"},
         _read_bert, _write_bert,
-        {"mlm": "BertForMaskedLM", "cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification"},
+        {"mlm": "BertForMaskedLM", "cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification",
+         "qa": "BertForQuestionAnswering"},
     ),
 }
 ACT_DEFAULTS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gpt2": "gelu_new", "bert": "gelu"}
 
 # Endings of HF architecture class names -> the head they carry. Bare backbones (LlamaModel, BertModel) have none.
 ARCH_SUFFIX_HEADS = (("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm"),
-                     ("ForSequenceClassification", "cls"), ("ForTokenClassification", "token_cls"))
+                     ("ForSequenceClassification", "cls"), ("ForTokenClassification", "token_cls"),
+                     ("ForQuestionAnswering", "qa"))
 
 
 def supported_types() -> str:

@@ -234,6 +234,7 @@ BERT = NameTable(
             rule("head.classifier.{param}", "classifier.{param}"),
         ),
         "token_cls": (rule("head.classifier.{param}", "classifier.{param}"),),
+        "qa": (rule("head.qa_outputs.{param}", "qa_outputs.{param}"),),
     },
     tied={"mlm": "cls.predictions.decoder.weight"},
     ignored=(r"bert\.embeddings\.position_ids",),  # a buffer

@@ -5,6 +5,7 @@
 - `cls`:       encoder: pooled = tanh(W_p h[:, 0] + b_p); decoder: h at the last real token;
                logits = W_c dropout(pooled) (+ b_c)                    (B, num_labels)
 - `token_cls`: logits = W dropout(h) + b                               (B, T, num_labels)
+- `qa`:        [start, end] logits = h W + b, W: (H, 2)                 (B, T, 2)  (extractive QA span)
 - `value`:     v = h w + b, one scalar per token                        (B, T)  (PPO critic)
 - `reward`:    r = h_last w, one scalar per sequence at the last real token   (B,)
 """
@@ -17,7 +18,7 @@ from torch import nn
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.layers import ACTIVATIONS, make_norm
 
-HEADS = ("lm", "mlm", "cls", "token_cls", "value", "reward")
+HEADS = ("lm", "mlm", "cls", "token_cls", "qa", "value", "reward")
 
 
 def last_token_index(
@@ -82,6 +83,17 @@ class TokenClassificationHead(nn.Module):
         return self.classifier(self.dropout(h))
 
 
+class QuestionAnsweringHead(nn.Module):
+    """Start and end logits of an answer span at every token (BERT's `qa_outputs`, no dropout)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.qa_outputs = nn.Linear(cfg.hidden_size, 2)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.qa_outputs(h)
+
+
 class ValueHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -102,7 +114,7 @@ class RewardHead(nn.Module):
 
 def make_head(kind: str, cfg: ModelConfig) -> nn.Module:
     table = {"lm": LMHead, "mlm": MLMHead, "cls": SequenceClassificationHead, "token_cls": TokenClassificationHead,
-             "value": ValueHead, "reward": RewardHead}
+             "qa": QuestionAnsweringHead, "value": ValueHead, "reward": RewardHead}
     if kind not in table:
         raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     return table[kind](cfg)

@@ -31,7 +31,7 @@ from lmcraft.peft.qlora import QLoraConfig
 from lmcraft.peft.registry import MethodConfig, PromptLearningConfig
 
 PEFT_PREFIX = "base_model.model."
-PEFT_TASKS = {"lm": "CAUSAL_LM", "cls": "SEQ_CLS", "reward": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+PEFT_TASKS = {"lm": "CAUSAL_LM", "cls": "SEQ_CLS", "reward": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS"}
 
 # PEFT 0.21 LoraConfig keys lmcraft does not implement, with their neutral values.
 LORA_UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},

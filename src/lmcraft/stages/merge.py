@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (the final/ folder of a PEFT `lmcraft finetune` run)")
     parser.add_argument("--out", required=True, help="output folder for the merged model")
     parser.add_argument("--base", help="base model folder / asset (default: the one the adapter names)")
-    parser.add_argument("--head", choices=["lm", "cls", "token_cls"], help="head of the base (default: adapter's)")
+    parser.add_argument("--head", choices=["lm", "cls", "token_cls", "qa"],
+                        help="head of the base (default: adapter's)")
     parser.add_argument("--num-labels", type=int, help="classes of a cls/token_cls head (default: adapter's)")
     add_overwrite_argument(parser)
 
