@@ -70,6 +70,16 @@ def test_windows_share_the_stride_and_label_the_answer_tokens(tmp_path: Path) ->
         assert ctx_a[-4:] == ctx_b[:4]
 
 
+def test_a_long_question_keeps_its_beginning_and_every_window_holds_context(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tok", encoder=True))
+    context = "alice went to paris and bob went to rome"
+    ex = QAExample("the movie " * 20 + "bob", context, (("rome", context.index("rome")),), "x")
+    windows, _ = qa_examples([ex], tokenizer.backend, max_length=16, doc_stride=3)
+    assert all(sum(o is not None for o in w["qa"]["offsets"]) >= 6 for w in windows)
+    assert all(w["input_ids"][1:8] == tokenizer.backend.encode("the movie " * 4, add_special_tokens=False).ids[:7]
+               for w in windows)
+
+
 def test_best_span_respects_context_order_and_length() -> None:
     task = QATask(max_answer_length=2)
     logits = torch.full((6, 2), -5.0)

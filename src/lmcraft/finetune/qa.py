@@ -7,9 +7,10 @@ Data: records with a question, a context and gold answers, either flat (`{"quest
 read through the one record reader. Each answer must be the context's text at `answer_start`.
 
 Windows: `[CLS] question [SEP] context [SEP]` is cut to `max_length` tokens; a context that does not fit is split
-into overlapping windows that share `doc_stride` tokens, each with the whole question. A training window's labels
-are the first and last token of the first gold answer when the answer lies wholly inside it, else the [CLS]
-position 0 ("no answer here"), as BERT's SQuAD recipe does.
+into overlapping windows that share `doc_stride` tokens, each with the whole question (a question longer than
+`max_length - 3 - 2 doc_stride` tokens keeps its beginning, so that every window holds context). A training
+window's labels are the first and last token of the first gold answer when the answer lies wholly inside it, else
+the [CLS] position 0 ("no answer here"), as BERT's SQuAD recipe does.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def _span_tokens(offsets: list[tuple[int, int]], in_context: list[bool], start: 
     return first, last
 
 
+def _first_tokens(backend: Any, text: str, limit: int) -> str:
+    """`text` cut after its first `limit` tokens (a question longer than that keeps its beginning)."""
+    offsets = backend.encode(text, add_special_tokens=False).offsets
+    return text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
+
+
 def qa_examples(examples: list[QAExample], backend: Any, max_length: int, doc_stride: int, first_index: int = 0,
                 ) -> tuple[list[dict[str, Any]], int]:
     """Token windows of `examples` (see the module docstring) and how many examples needed more than one.
@@ -96,11 +103,13 @@ def qa_examples(examples: list[QAExample], backend: Any, max_length: int, doc_st
     `first_index`, the character offsets of its context tokens (None elsewhere), the context and gold answers)."""
     if doc_stride >= max_length // 2:
         raise ConfigError(f"data.doc_stride ({doc_stride}) must be below half of data.max_length ({max_length})")
+    max_question = max_length - 3 - 2 * doc_stride  # a window keeps room for twice the stride of context
+    questions = [_first_tokens(backend, ex.question, max_question) for ex in examples]
     backend.enable_truncation(max_length, stride=doc_stride, strategy="only_second")
     try:
         windows, split = [], 0
-        for k, ex in enumerate(examples):
-            encoding = backend.encode(ex.question, ex.context)
+        for k, (ex, question) in enumerate(zip(examples, questions, strict=True)):
+            encoding = backend.encode(question, ex.context)
             parts = [encoding, *encoding.overflowing]
             split += len(parts) > 1
             text, start = ex.answers[0]
