@@ -13,6 +13,7 @@ from lmcraft.evaluate import (
     evaluate_task,
     generation_metrics,
     label_f1,
+    paired_comparisons,
     read_results,
     token_f1,
     wilson_interval,
@@ -206,9 +207,21 @@ def test_evaluate_task_scores_every_strategy_and_writes_outputs(tmp_path) -> Non
     build_report([result], tmp_path, "toy").write(tmp_path / "report.md", tmp_path / "report.html")
     md = (tmp_path / "report.md").read_text()
     assert "| zero_shot | 0.6667 | [" in md and "![toy_math: accuracy" in md and "(toy_math.png)" in md
+    assert "exact McNemar test" in md and "| zero_shot | few_shot_cot(k=1) | 0 | 0 | 1 |" in md
+    assert data["results"][0]["comparisons"][0]["p_value"] == 1.0
     assert (tmp_path / "toy_math.png").read_bytes()[:4] == b"\x89PNG"
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and "self_consistency(zero_shot_cot, n=3)" in html
+
+
+def test_paired_comparisons_count_discordant_documents() -> None:
+    """zero_shot is wrong on 3+3 only; a strategy that answers 7 to everything is right on none: 2 documents differ."""
+    task = load_task({**MATH, "strategies": [{"name": "zero_shot"}, {"name": "few_shot", "shots": {"k": 1}}]})
+    lm = ScriptedLM([("Q: 5+5\nA: 10\n\nQ: ", " 7"), ("Q: 1+1", " 2"), ("Q: 2+2", " so #### 4"), ("Q: 3+3", " 7")])
+    result = evaluate_task(lm, task, model_name="scripted")
+    (pair,) = paired_comparisons(result)
+    assert pair == {"a": "zero_shot", "b": "few_shot(k=1)", "n": 3, "only_a": 2, "only_b": 0, "p_value": 0.5,
+                    "significant": False}
 
 
 def test_perplexity_and_classification_tasks() -> None:

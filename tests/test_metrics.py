@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lmcraft.metrics import bio_entities, classification_report, confusion_matrix, entity_f1
+from lmcraft.metrics import bio_entities, classification_report, confusion_matrix, entity_f1, mcnemar_exact
 
 
 def test_binary_report_by_hand() -> None:
@@ -47,3 +47,11 @@ def test_bio_entities_and_entity_f1() -> None:
     assert f["entity_precision"] == pytest.approx(0.5)
     assert f["entity_recall"] == pytest.approx(0.5)
     assert f["entity_f1"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("b", "c"), [(3, 12), (0, 5), (7, 7), (1, 0), (10, 25), (0, 0)])
+def test_exact_mcnemar_equals_scipys_binomial_test(b: int, c: int) -> None:
+    from scipy.stats import binomtest
+
+    expected = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)

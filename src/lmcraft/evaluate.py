@@ -12,6 +12,10 @@ Metrics (each named in a task's `metrics` list):
 - perplexity: `exp(-sum log p / sum tokens)` over all texts, and bits per byte
   `-sum log p / (ln 2 * sum UTF-8 bytes)`, which does not depend on the tokenizer.
 
+Strategies of one task are compared pairwise on the same documents (`paired_comparisons`): the counts of documents
+only one of the two gets right and the exact McNemar p-value (`lmcraft.metrics.mcnemar_exact`); a difference is
+reported as significant at p < 0.05 (no correction for the number of pairs: read several at once with care).
+
 `evaluate_task` times every strategy (wall clock, including every stage) and returns a `TaskResult`;
 `write_results` stores it as JSON plus one JSONL of per-document samples per strategy.
 """
@@ -28,7 +32,7 @@ from typing import Any
 
 from lmcraft.io import write_json, write_jsonl
 from lmcraft.lm_eval_format import lm_eval_results
-from lmcraft.metrics import classification_report, normalize_text, token_f1
+from lmcraft.metrics import classification_report, mcnemar_exact, normalize_text, token_f1
 from lmcraft.prompting.lm import LM
 from lmcraft.prompting.strategies import Chain, Context, Prediction
 from lmcraft.prompting.tasks import Task
@@ -40,6 +44,7 @@ __all__ = [
     "TaskResult",
     "evaluate_task",
     "generation_metrics",
+    "paired_comparisons",
     "perplexity_metrics",
     "read_results",
     "score_predictions",
@@ -200,6 +205,24 @@ def evaluate_task(
     return result
 
 
+def paired_comparisons(tr: TaskResult) -> list[dict[str, Any]]:
+    """Every pair of scored strategies of `tr`: documents only the first / only the second gets right, the exact
+    McNemar p-value, and whether it is below 0.05."""
+    scored = [(sr.strategy, {p.id: bool(p.correct) for p in sr.predictions if p.correct is not None})
+              for sr in tr.strategies]
+    scored = [(name, right) for name, right in scored if right]
+    out = []
+    for i, (a, right_a) in enumerate(scored):
+        for b, right_b in scored[i + 1:]:
+            shared = right_a.keys() & right_b.keys()
+            only_a = sum(right_a[k] and not right_b[k] for k in shared)
+            only_b = sum(right_b[k] and not right_a[k] for k in shared)
+            p = mcnemar_exact(only_a, only_b)
+            out.append({"a": a, "b": b, "n": len(shared), "only_a": only_a, "only_b": only_b, "p_value": p,
+                        "significant": p < 0.05})
+    return out
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")
 
@@ -223,9 +246,8 @@ def write_results(results: Sequence[TaskResult], out_dir: Path) -> Path:
                     "samples": str(sample_path.relative_to(out_dir)),
                 }
             )
-        summary.append(
-            {"task": tr.task, "model": tr.model, "n": tr.n, "chat": tr.chat, "strategies": entries, "config": tr.config}
-        )
+        summary.append({"task": tr.task, "model": tr.model, "n": tr.n, "chat": tr.chat, "strategies": entries,
+                        "comparisons": paired_comparisons(tr), "config": tr.config})
     path = out_dir / "results.json"
     write_json(path, {"results": summary})
     write_json(out_dir / "results_lm_eval.json", lm_eval_results(results))
@@ -307,6 +329,12 @@ def build_report(results: Sequence[TaskResult], out_dir: Path, title: str = "lmc
                 title=f"{tr.task}: {tr.model}",
             )
             report.image(plot, f"{tr.task}: accuracy and time per problem by strategy")
+            pairs = paired_comparisons(tr)
+            if pairs:
+                report.text("Paired comparisons on the same documents (exact McNemar test; * = p < 0.05):")
+                report.table(["strategy A", "strategy B", "only A right", "only B right", "p", ""],
+                             [[c["a"], c["b"], c["only_a"], c["only_b"], c["p_value"], "*" if c["significant"] else ""]
+                              for c in pairs])
         report.text("Strategy settings:")
         report.code("\n".join(f"{sr.strategy}: {json.dumps(sr.spec)}" for sr in tr.strategies))
         for sr in tr.strategies:

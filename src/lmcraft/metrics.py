@@ -9,6 +9,8 @@ Entity F1 (seqeval, IOB2/BIO): entities are (type, start, end) spans decoded fro
 counts as correct only if type and both boundaries match.
 Answer text (SQuAD): `normalize_text` lower-cases and drops punctuation and the articles a/an/the; exact match is
 equality of normalised texts, token F1 = 2PR/(P+R) over the multiset overlap of their words.
+Paired comparison of two systems on the same items (exact McNemar test): with b items only the first gets right and
+c items only the second, p = min(1, 2 P[X <= min(b, c)]) for X ~ Binomial(b + c, 1/2).
 """
 
 from __future__ import annotations
@@ -114,3 +116,12 @@ def token_f1(pred: str, gold: str) -> float:
         return 0.0
     precision, recall = common / len(p), common / len(g)
     return 2 * precision * recall / (precision + recall)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts `b` and `c` (see the module docstring)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)

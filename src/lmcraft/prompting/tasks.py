@@ -12,6 +12,7 @@ answers are read and scored (in the spirit of lm-evaluation-harness task files).
     metrics: [accuracy]
 
 Data sources (`data.source`): `reasoning_gym` (a seeded procedural data set of the `reasoning-gym` package),
+`arithmetic` (seeded sums and differences generated here, with worked reasoning),
 `jsonl` (a JSON-lines or JSON-list file, relative to the task file), `inline` (records in the YAML), and
 `files` (text or e-mail files under a folder or a named asset `asset:NAME[/sub/dir]`, labelled by path
 pattern, optionally cut into chunks). Every source may rename / flatten fields (`fields: {new: dotted.path}`),
@@ -100,6 +101,41 @@ class ReasoningGymData(_Source):
             ) from None
         ds = reasoning_gym.create_dataset(self.dataset, size=self.size, seed=self.seed, **self.config)
         return [dict(ds[i]) for i in range(len(ds))]
+
+
+_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+class ArithmeticData(_Source):
+    """Seeded arithmetic problems, generated here (no data file, no extra package): `terms` integers drawn uniformly
+    from [min_operand, max_operand] joined by operators drawn from `operators`, evaluated left to right.
+
+    Each record: `question` ("What is 7 + 5 - 3?"), `answer` ("9"), `reasoning` (the running result after each
+    operation, "7 + 5 = 12. 12 - 3 = 9. The answer is 9."), `steps` (the partial expressions)."""
+
+    source: Literal["arithmetic"]
+    size: int = Field(200, ge=1)
+    terms: int = Field(2, ge=2, le=8)
+    min_operand: int = 0
+    max_operand: int = Field(9, ge=0)
+    operators: list[Literal["+", "-", "*"]] = Field(["+", "-"], min_length=1)
+
+    def records(self, base_dir: Path) -> list[dict[str, Any]]:
+        rng = random.Random(self.seed)
+        out = []
+        for _ in range(self.size):
+            numbers = [rng.randint(self.min_operand, self.max_operand) for _ in range(self.terms)]
+            ops = [rng.choice(self.operators) for _ in range(self.terms - 1)]
+            value, steps, sentences = numbers[0], [], []
+            for op, n in zip(ops, numbers[1:], strict=True):
+                result = _OPERATIONS[op](value, n)
+                steps.append(f"{value} {op} {n}")
+                sentences.append(f"{value} {op} {n} = {result}.")
+                value = result
+            expression = " ".join([str(numbers[0]), *(f"{op} {n}" for op, n in zip(ops, numbers[1:], strict=True))])
+            out.append({"question": f"What is {expression}?", "answer": str(value), "steps": steps,
+                        "reasoning": " ".join([*sentences, f"The answer is {value}."])})
+        return out
 
 
 class JsonlData(_Source):
@@ -225,7 +261,8 @@ class FilesData(_Source):
         return out
 
 
-DataSpec = Annotated[ReasoningGymData | JsonlData | InlineData | FilesData, Field(discriminator="source")]
+DataSpec = Annotated[ReasoningGymData | ArithmeticData | JsonlData | InlineData | FilesData,
+                     Field(discriminator="source")]
 
 
 class Generation(Section):
