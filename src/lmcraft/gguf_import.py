@@ -25,6 +25,7 @@ Three pieces of math live here:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -238,6 +239,93 @@ def _check_header(path: Path) -> None:
             f"a {size:,}-byte file can hold: the file is corrupt or truncated.")
 
 
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads the GGUF header sections at a byte offset; every short read names the offset and what was expected."""
+
+    def __init__(self, path: Path, data: bytes, offset: int) -> None:
+        self.path, self.data, self.offset = path, data, offset
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.offset + n > len(self.data):
+            raise GGUFImportError(f"{self.path}, byte {self.offset}: expected {what} ({n} bytes) but the file ends at "
+                                  f"byte {len(self.data)}: the file is truncated or corrupt.")
+        chunk = self.data[self.offset:self.offset + n]
+        self.offset += n
+        return chunk
+
+    def uint(self, n: int, what: str) -> int:
+        return int.from_bytes(self.take(n, what), "little")
+
+    def string(self, what: str) -> bytes:
+        return self.take(self.uint(8, f"the length of {what}"), what)
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALAR_SIZES:
+            return self.take(_SCALAR_SIZES[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY and depth == 0:
+            item, count = self.uint(4, f"the item type of {what}"), self.uint(8, f"the length of {what}")
+            if item in _SCALAR_SIZES:
+                return self.take(_SCALAR_SIZES[item] * count, f"{count:,} items of {what}")
+            for i in range(count):
+                self.value(item, f"item {i} of {what}", depth + 1)
+            return None
+        raise GGUFImportError(f"{self.path}, byte {self.offset - 4}: {what} has value type {vtype}, which is not a "
+                              "GGUF type: the file is corrupt.")
+
+
+def _check_layout(path: Path) -> None:
+    """Walk the GGUF header, metadata and tensor table and check every tensor's bytes lie inside the file, before
+    any reader allocates: a truncated or corrupt file fails here with the byte offset and what was expected."""
+    _check_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _check_tables(path, data)
+
+
+def _check_tables(path: Path, data: Any) -> None:
+    import gguf
+
+    size = len(data)
+    cur = _Cursor(path, data, 8)
+    n_tensors, n_kv = cur.uint(8, "the tensor count"), cur.uint(8, "the metadata count")
+    alignment = 32
+    for i in range(n_kv):
+        key = cur.string(f"the key of metadata entry {i}").decode("utf-8", "replace")
+        vtype = cur.uint(4, f"the value type of {key}")
+        value = cur.value(vtype, f"the value of {key}")
+        if key == "general.alignment" and isinstance(value, bytes):
+            alignment = int.from_bytes(value, "little") or 32
+    infos = []
+    for i in range(n_tensors):
+        start = cur.offset
+        name = cur.string(f"the name of tensor {i}").decode("utf-8", "replace")
+        n_dims = cur.uint(4, f"the dimension count of tensor {name}")
+        if n_dims > 8:
+            raise GGUFImportError(f"{path}, byte {cur.offset - 4}: tensor {name} has {n_dims} dimensions (at most "
+                                  "8 expected): the file is corrupt.")
+        dims = [cur.uint(8, f"dimension {d} of tensor {name}") for d in range(n_dims)]
+        qtype, offset = cur.uint(4, f"the type of tensor {name}"), cur.uint(8, f"the data offset of tensor {name}")
+        infos.append((name, dims, qtype, offset, start))
+    data_start = -(-cur.offset // alignment) * alignment
+    for name, dims, qtype, offset, start in infos:
+        try:
+            per_block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise GGUFImportError(f"{path}, byte {start}: tensor {name} has type {qtype}, which is not a GGML "
+                                  "type: the file is corrupt.") from None
+        n = int(np.prod(dims, dtype=np.float64))
+        end = data_start + offset + n // per_block * nbytes
+        if end > size:
+            raise GGUFImportError(f"{path}, byte {data_start + offset}: tensor {name} ({'x'.join(map(str, dims))}, "
+                                  f"{gguf.GGMLQuantizationType(qtype).name}) needs bytes up to {end:,}, but the file "
+                                  f"ends at byte {size:,}: the file is truncated.")
+
+
 def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     """`(metadata, tensors)` of a GGUF file: metadata as plain Python values, tensors as gguf ReaderTensors."""
     import gguf
@@ -245,7 +333,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    _check_header(path)
+    _check_layout(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
@@ -550,7 +638,7 @@ def write_hf_model(
         _check_type(t.tensor_type, f"{path}: tensor {t.name}")
 
     def arrays() -> Iterable[np.ndarray]:
-        for name, shape in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
+        for name, _ in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
             t, layout = by_name[name]
             x = dequantize(t.data, t.tensor_type, shapes[t.name])
             if layout == "transpose":
