@@ -81,7 +81,7 @@ def _check_model(model: Any) -> str:
     if cfg.rope_scaling:
         raise ExportError(f"rope_scaling {cfg.rope_scaling} is not exported (llama.cpp stores some kinds as a "
                           "rope_freqs tensor that lmcraft does not write); export a model without it.")
-    if cfg.mlp_bias or (cfg.model_type == "llama" and cfg.qkv_bias != cfg.out_bias):
+    if cfg.model_type != "gpt2" and (cfg.mlp_bias or (cfg.model_type == "llama" and cfg.qkv_bias != cfg.out_bias)):
         raise ExportError("MLP biases, or q/k/v biases without an output-projection bias, have no place in "
                           "llama.cpp's llama architecture.")
     return GGUF_ARCH_OF[cfg.model_type]
