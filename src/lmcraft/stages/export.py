@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight types, as llama.cpp names them; q4_k_m mixes Q4_K and Q6_K (default: f16)")
     add_overwrite_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.epilog = ("examples:\n  lmcraft export smollm2-135m-instruct out/smollm2.gguf --quant q8_0\n"
+                     "  lmcraft export runs/sft/final out/sft-q4_k_m.gguf --quant q4_k_m   # a PEFT adapter, merged\n"
+                     "  ollama create smollm2 -f out/smollm2.Modelfile")
 
 
 def run(args: argparse.Namespace) -> int:
