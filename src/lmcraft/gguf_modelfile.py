@@ -9,6 +9,7 @@ was not trained on).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from lmcraft.tokenizer.load import Tokenizer
@@ -118,6 +119,4 @@ def modelfile_text(gguf_file: str, tokenizer: Tokenizer) -> tuple[str, TemplateC
 
 
 def _json_string(text: str) -> str:
-    import json
-
     return json.dumps(text, ensure_ascii=False)

@@ -95,8 +95,8 @@ def _check_tokenizer(metadata: dict[str, Any], path: Path, tokenizer: Any) -> Ch
     for text in (PROBE_TEXT, HELD_TEXT):
         ours, theirs = rebuilt.encode(text).ids, tokenizer.encode(text)
         if ours != theirs:
-            at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(map(len, (ours,
-                                                                                                            theirs))))
+            shorter = min(len(ours), len(theirs))
+            at = next((i for i in range(shorter) if ours[i] != theirs[i]), shorter)
             return Check("tokenizer (from metadata)", f"ids differ at position {at}", "identical ids", "FAIL")
     return Check("tokenizer (from metadata)", "identical ids", "identical ids", "ok")
 
