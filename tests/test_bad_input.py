@@ -175,6 +175,13 @@ CASES: dict[str, tuple[Case, str]] = {
                                            r"m\.gguf, byte 8: the header declares 1,099,511,627,776 tensors"),
     "GGUF of an unknown version": (lambda t, m: (["convert", str(_write(t / "m.gguf", b"GGUF" + struct.pack(
         "<IQQ", 99, 0, 0))), str(t / "out")], None), r"m\.gguf, byte 4: GGUF version 99 is not supported"),
+    "GGUF export over the user's own file": (lambda t, m: (["export", str(m), str(_write(t / "mine.gguf", b"mine")),
+                                                            "--quiet"], None),
+                                             r"mine\.gguf exists and lmcraft did not write it"),
+    "verify-export of a GGUF cut inside its metadata": (lambda t, m: (["verify-export", str(_write(
+        t / "m.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 40) + b"general")),
+        "--against", str(m)], None),
+        r"m\.gguf, byte 32: expected the key of metadata entry 0 \(40 bytes\) but the file ends at byte 39"),
 }
 
 

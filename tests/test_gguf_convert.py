@@ -317,10 +317,10 @@ def test_split_regexes_match_transformers() -> None:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from lmcraft import gguf_import
+    from lmcraft import gguf_layout
 
-    assert gguf_import._LLAMA3_REGEX == _LLAMA3_SPLIT
-    assert gguf_import._QWEN2_REGEX == PRETOKENIZE_REGEX
+    assert gguf_layout.LLAMA3_REGEX == _LLAMA3_SPLIT
+    assert gguf_layout.QWEN2_REGEX == PRETOKENIZE_REGEX
 
 
 @pytest.mark.parity

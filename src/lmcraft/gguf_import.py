@@ -1,4 +1,4 @@
-"""Import a GGUF file (llama.cpp's format) as a Hugging Face-layout model folder.
+"""Import a GGUF file (llama.cpp's format: llama, qwen2, gpt2) as a Hugging Face-layout model folder.
 
 `convert_gguf(path, out_dir)` reads the file with the pure-Python `gguf` package and writes
 `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
@@ -15,11 +15,8 @@ Three pieces of math live here:
   sub-blocks, each with its own 6-bit (Q4_K, Q5_K) or int8 (Q6_K) scale: Q4_K/Q5_K
   `x = d * sc_j * q - dmin * m_j`, Q6_K `x = d * sc_j * (q - 32)`. Every function below works on a
   whole tensor at once (numpy arrays of shape `(n_blocks, block_bytes)`), never block by block.
-* **Rotary layout** (`unpermute_qk`). llama.cpp rotates adjacent pairs `(2i, 2i+1)` of each head,
-  while HF's `rotate_half` rotates `(i, i + d/2)`. llama.cpp's converter therefore permutes the
-  rows of `q_proj`/`k_proj` inside every head: output row `h*d + 2i + s` comes from input row
-  `h*d + s*d/2 + i` (`s` in {0, 1}). `unpermute_qk` applies the inverse, so the attention scores
-  `q_m . k_n` are the same as in the original model.
+* **Layout** (`lmcraft.gguf_layout`, shared with the exporter): tensor names per architecture, llama.cpp's
+  permutation of q/k rows for its rope layout (`unpermute_qk` undoes it) and GPT-2's transposed matrices.
 * **Tokenizer** (`build_tokenizer`). A GGUF has no `tokenizer.json`: it stores the token list,
   the BPE merges, token types and a pre-tokenizer name (`tokenizer.ggml.pre`). We rebuild the HF
   `tokenizers` pipeline that name stands for (llama.cpp's `llama-vocab.cpp` lists the regexes).
@@ -28,6 +25,7 @@ Three pieces of math live here:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +35,15 @@ from typing import Any
 import numpy as np
 
 from lmcraft.errors import ModelLoadError
+from lmcraft.gguf_layout import (
+    ARCHITECTURES,
+    LLAMA3_REGEX,
+    PRE_FAMILIES,
+    QWEN2_REGEX,
+    hf_name,
+    permute_qk,
+    unpermute_qk,
+)
 from lmcraft.io import atomic_file, excerpt, write_json
 
 __all__ = [
@@ -204,21 +211,6 @@ def dequantize(raw: np.ndarray, qtype: int, shape: Sequence[int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotary layout of q/k
-# ----------------------------------------------------------------------------------------------
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF -> llama.cpp row order (what llama.cpp's converter does): row h*d + s*d/2 + i -> h*d + 2i + s."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp -> HF row order, the inverse of `permute_qk`: row h*d + 2i + s -> h*d + s*d/2 + i."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
 
@@ -247,6 +239,93 @@ def _check_header(path: Path) -> None:
             f"a {size:,}-byte file can hold: the file is corrupt or truncated.")
 
 
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads the GGUF header sections at a byte offset; every short read names the offset and what was expected."""
+
+    def __init__(self, path: Path, data: bytes, offset: int) -> None:
+        self.path, self.data, self.offset = path, data, offset
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.offset + n > len(self.data):
+            raise GGUFImportError(f"{self.path}, byte {self.offset}: expected {what} ({n} bytes) but the file ends at "
+                                  f"byte {len(self.data)}: the file is truncated or corrupt.")
+        chunk = self.data[self.offset:self.offset + n]
+        self.offset += n
+        return chunk
+
+    def uint(self, n: int, what: str) -> int:
+        return int.from_bytes(self.take(n, what), "little")
+
+    def string(self, what: str) -> bytes:
+        return self.take(self.uint(8, f"the length of {what}"), what)
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALAR_SIZES:
+            return self.take(_SCALAR_SIZES[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY and depth == 0:
+            item, count = self.uint(4, f"the item type of {what}"), self.uint(8, f"the length of {what}")
+            if item in _SCALAR_SIZES:
+                return self.take(_SCALAR_SIZES[item] * count, f"{count:,} items of {what}")
+            for i in range(count):
+                self.value(item, f"item {i} of {what}", depth + 1)
+            return None
+        raise GGUFImportError(f"{self.path}, byte {self.offset - 4}: {what} has value type {vtype}, which is not a "
+                              "GGUF type: the file is corrupt.")
+
+
+def _check_layout(path: Path) -> None:
+    """Walk the GGUF header, metadata and tensor table and check every tensor's bytes lie inside the file, before
+    any reader allocates: a truncated or corrupt file fails here with the byte offset and what was expected."""
+    _check_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _check_tables(path, data)
+
+
+def _check_tables(path: Path, data: Any) -> None:
+    import gguf
+
+    size = len(data)
+    cur = _Cursor(path, data, 8)
+    n_tensors, n_kv = cur.uint(8, "the tensor count"), cur.uint(8, "the metadata count")
+    alignment = 32
+    for i in range(n_kv):
+        key = cur.string(f"the key of metadata entry {i}").decode("utf-8", "replace")
+        vtype = cur.uint(4, f"the value type of {key}")
+        value = cur.value(vtype, f"the value of {key}")
+        if key == "general.alignment" and isinstance(value, bytes):
+            alignment = int.from_bytes(value, "little") or 32
+    infos = []
+    for i in range(n_tensors):
+        start = cur.offset
+        name = cur.string(f"the name of tensor {i}").decode("utf-8", "replace")
+        n_dims = cur.uint(4, f"the dimension count of tensor {name}")
+        if n_dims > 8:
+            raise GGUFImportError(f"{path}, byte {cur.offset - 4}: tensor {name} has {n_dims} dimensions (at most "
+                                  "8 expected): the file is corrupt.")
+        dims = [cur.uint(8, f"dimension {d} of tensor {name}") for d in range(n_dims)]
+        qtype, offset = cur.uint(4, f"the type of tensor {name}"), cur.uint(8, f"the data offset of tensor {name}")
+        infos.append((name, dims, qtype, offset, start))
+    data_start = -(-cur.offset // alignment) * alignment
+    for name, dims, qtype, offset, start in infos:
+        try:
+            per_block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise GGUFImportError(f"{path}, byte {start}: tensor {name} has type {qtype}, which is not a GGML "
+                                  "type: the file is corrupt.") from None
+        n = int(np.prod(dims, dtype=np.float64))
+        end = data_start + offset + n // per_block * nbytes
+        if end > size:
+            raise GGUFImportError(f"{path}, byte {data_start + offset}: tensor {name} ({'x'.join(map(str, dims))}, "
+                                  f"{gguf.GGMLQuantizationType(qtype).name}) needs bytes up to {end:,}, but the file "
+                                  f"ends at byte {size:,}: the file is truncated.")
+
+
 def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     """`(metadata, tensors)` of a GGUF file: metadata as plain Python values, tensors as gguf ReaderTensors."""
     import gguf
@@ -254,7 +333,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    _check_header(path)
+    _check_layout(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
@@ -268,46 +347,16 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Any]]:
 # Architecture: tensor names and config
 # ----------------------------------------------------------------------------------------------
 
-# GGUF architecture -> (HF model_type, HF class, llama.cpp permuted q/k for its rope layout).
-_ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-}
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
-
-def _hf_name(name: str, path: Path) -> str:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+def _hf_name(arch: str, name: str, path: Path) -> tuple[str, str]:
+    found = hf_name(arch, name)
+    if found is not None:
+        return found
     if name == "rope_freqs.weight":
         raise GGUFImportError(
             f"{path}: tensor rope_freqs.weight (Llama-3.1-style rope frequency factors) is not supported; "
             "the HF rope_scaling it came from cannot be recovered from the file."
         )
-    raise GGUFImportError(f"{path}: tensor {name!r} has no Hugging Face counterpart in a llama-family model.")
+    raise GGUFImportError(f"{path}: tensor {name!r} has no Hugging Face counterpart in a {arch} model.")
 
 
 def _short_float(x: float) -> float:
@@ -316,13 +365,14 @@ def _short_float(x: float) -> float:
 
 
 def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path, dtype: str) -> dict[str, Any]:
-    """The HF `config.json` dict for a llama-family GGUF: `{arch}.*` metadata plus tensor names -> numpy shapes."""
+    """The HF `config.json` dict for a GGUF of a supported architecture: `{arch}.*` metadata plus tensor
+    names -> numpy shapes."""
     arch = metadata.get("general.architecture")
-    if arch not in _ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise GGUFImportError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(_ARCHITECTURES))}."
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}."
         )
-    model_type, hf_class, _ = _ARCHITECTURES[arch]
+    model_type, hf_class = ARCHITECTURES[arch].hf_model_type, ARCHITECTURES[arch].hf_class
 
     def key(name: str, default: Any = None) -> Any:
         value = metadata.get(f"{arch}.{name}", default)
@@ -330,13 +380,25 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
             raise GGUFImportError(f"{path}: metadata key {arch}.{name} is missing.")
         return value
 
+    if "token_embd.weight" not in shapes:
+        raise GGUFImportError(f"{path}: the file has no token_embd.weight tensor.")
+    token_ids = {f"{name}_token_id": int(metadata[f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id"])
+                 for name in ("bos", "eos", "pad")
+                 if metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id") is not None}
+    if arch == "gpt2":
+        return {
+            "architectures": [hf_class], "model_type": model_type, "vocab_size": shapes["token_embd.weight"][0],
+            "n_embd": int(key("embedding_length")), "n_layer": int(key("block_count")),
+            "n_head": int(key("attention.head_count")), "n_positions": int(key("context_length")),
+            "n_inner": int(key("feed_forward_length")), "activation_function": "gelu_new",
+            "layer_norm_epsilon": _short_float(key("attention.layer_norm_epsilon")),
+            "tie_word_embeddings": "output.weight" not in shapes, "torch_dtype": dtype, **token_ids,
+        }
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden // heads))
     rope_dim = int(key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise GGUFImportError(f"{path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported.")
-    if "token_embd.weight" not in shapes:
-        raise GGUFImportError(f"{path}: the file has no token_embd.weight tensor.")
     names = set(shapes)
     config: dict[str, Any] = {
         "architectures": [hf_class],
@@ -361,10 +423,7 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
     if model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
-    for name in ("bos", "eos", "pad"):
-        token_id = metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
-        if token_id is not None:
-            config[f"{name}_token_id"] = int(token_id)
+    config.update(token_ids)
     return config
 
 
@@ -384,22 +443,6 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# tokenizer.ggml.pre -> pre-tokenizer family (the names llama.cpp's converter writes).
-_PRE_FAMILIES: dict[str, str] = {
-    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2"), "gpt2"),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"), "llama3"),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
-}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
@@ -407,7 +450,7 @@ def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
     """(normalizer, pre_tokenizer, ignore_merges) for a byte-level BPE vocabulary named `pre`."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
-    family = _PRE_FAMILIES.get(pre)
+    family = PRE_FAMILIES.get(pre)
     if family is None:
         warnings.warn(
             f"{path}: pre-tokenizer {pre!r} is not known to lmcraft; using GPT-2's split rules, so text may "
@@ -420,7 +463,7 @@ def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
         return None, byte_level, False
     if family == "digits":
         return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
-    split_regex = _LLAMA3_REGEX if family == "llama3" else _QWEN2_REGEX
+    split_regex = LLAMA3_REGEX if family == "llama3" else QWEN2_REGEX
     split = pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False)
     no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)
     normalizer = normalizers.NFC() if family == "qwen2" else None
@@ -494,7 +537,7 @@ def _tokenizer_config(metadata: dict[str, Any], config: dict[str, Any]) -> dict[
         "unk_token": token("unknown_token_id"),
         "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        "model_max_length": config["max_position_embeddings"],
+        "model_max_length": config.get("max_position_embeddings", config.get("n_positions")),
         "clean_up_tokenization_spaces": False,
     }
     if metadata.get("tokenizer.chat_template"):
@@ -561,7 +604,7 @@ def _write_safetensors(
 
 def _layer_key(name: str) -> tuple[int, str]:
     parts = name.split(".")
-    return (int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1, name)
+    return (int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1, name)
 
 
 def write_hf_model(
@@ -577,22 +620,31 @@ def write_hf_model(
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in tensors}
     config = hf_config(metadata, shapes, path, dtype)
     tokenizer = build_tokenizer(metadata, path)  # fail on the tokenizer before the long tensor pass
-    permuted = _ARCHITECTURES[metadata["general.architecture"]][2]
-    heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
+    arch = metadata["general.architecture"]
+    heads = {"rope_q": config.get("num_attention_heads"), "rope_k": config.get("num_key_value_heads")}
 
-    by_name = {_hf_name(t.name, path): t for t in tensors}
+    by_name = {}
+    for t in tensors:
+        name, layout = _hf_name(arch, t.name, path)
+        by_name[name] = (t, layout)
     order = sorted(by_name, key=_layer_key)
-    specs = [(name, shapes[by_name[name].name]) for name in order]
+
+    def hf_shape(name: str) -> tuple[int, ...]:
+        t, layout = by_name[name]
+        return shapes[t.name][::-1] if layout == "transpose" else shapes[t.name]
+
+    specs = [(name, hf_shape(name)) for name in order]
     for t in tensors:  # fail before writing anything
         _check_type(t.tensor_type, f"{path}: tensor {t.name}")
 
     def arrays() -> Iterable[np.ndarray]:
-        for name, shape in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
-            t = by_name[name]
-            x = dequantize(t.data, t.tensor_type, shape)
-            proj = name.rsplit(".", 2)[-2]  # q_proj / k_proj / ...
-            if permuted and proj in ("q_proj", "k_proj"):
-                x = unpermute_qk(x, heads[proj[0]])
+        for name, _ in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
+            t, layout = by_name[name]
+            x = dequantize(t.data, t.tensor_type, shapes[t.name])
+            if layout == "transpose":
+                x = np.ascontiguousarray(x.T)
+            elif layout and ARCHITECTURES[arch].rope_permuted:
+                x = unpermute_qk(x, heads[layout])
             yield x
 
     _write_safetensors(out / "model.safetensors", specs, arrays(), dtype)

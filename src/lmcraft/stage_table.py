@@ -28,6 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "label-preferences": ("lmcraft.stages.label_preferences", "RLAIF: sample answers, rank them with an AI judge, "
                           "write preference pairs"),
     "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
+    "export": ("lmcraft.stages.export", "export a model or adapter as GGUF (f16, q8_0, q4_k_m, ...) + Modelfile"),
+    "verify-export": ("lmcraft.stages.verify_export", "check an exported GGUF against its source model (table)"),
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
     "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),

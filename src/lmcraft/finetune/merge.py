@@ -18,7 +18,7 @@ import torch
 from lmcraft.errors import LmcraftError
 from lmcraft.io import read_json
 
-__all__ = ["merge_adapter_folder"]
+__all__ = ["load_merged", "merge_adapter_folder"]
 
 _TASK_TYPE_HEADS = {"CAUSAL_LM": "lm", "SEQ_CLS": "cls", "TOKEN_CLS": "token_cls"}
 
@@ -32,10 +32,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                          head: str | None = None, num_labels: int | None = None) -> Path:
     """Load base + adapter, merge, save to `out_dir` (atomically) with the base's tokenizer; returns `out_dir`."""
+    from lmcraft.hub import save_model
+
+    merged, folder = load_merged(adapter_dir, base, head, num_labels)
+    return save_model(merged, out_dir, tokenizer_dir=folder)
+
+
+def load_merged(adapter_dir: str | Path, base: str | None = None, head: str | None = None,
+                num_labels: int | None = None) -> tuple[torch.nn.Module, Path]:
+    """(base + adapter merged into plain weights, the base model's folder, which holds its tokenizer)."""
     from lmcraft import peft
     from lmcraft.assets import resolve_model
     from lmcraft.finetune.runner import FINETUNE_INFO
-    from lmcraft.hub import HubWarning, load_model, save_model
+    from lmcraft.hub import HubWarning, load_model
     from lmcraft.peft.io import CONFIG_NAME
     from lmcraft.peft.training import fit_head
 
@@ -62,4 +71,4 @@ def merge_adapter_folder(adapter_dir: str | Path, out_dir: str | Path, base: str
         raise peft.PeftError(f"{adapter_dir}: a {method} adapter feeds virtual tokens to the model and cannot be "
                              "folded into its weights; load the adapter on the base model instead "
                              "(lmcraft.peft.load_adapter).")
-    return save_model(merged, out_dir, tokenizer_dir=folder)
+    return merged, folder

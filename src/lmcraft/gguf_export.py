@@ -1,0 +1,241 @@
+"""Export a decoder (Llama, Mistral, Qwen2, GPT-2; or a PEFT adapter merged into one) as a GGUF file.
+
+The file is what llama.cpp's `convert_hf_to_gguf.py` (+ `llama-quantize` for the quantised types) would write:
+tensor names and layouts from `gguf_layout` (q/k rows permuted for llama.cpp's rope, GPT-2's Conv1D matrices
+transposed), the `{arch}.*` hyper-parameters, the tokenizer as `tokenizer.ggml.*` (token list, merges, token
+types, special ids, `pre`, `add_bos_token`) and the chat template. Weights are quantised by `gguf_quant`
+(types per tensor from `gguf_quant.tensor_type`). It is written by `gguf.GGUFWriter` into an `io.atomic_file`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmcraft.errors import LmcraftError
+from lmcraft.gguf_layout import (
+    ARCHITECTURES,
+    GGUF_ARCH_OF,
+    LLAMA3_REGEX,
+    PRE_NAMES,
+    QWEN2_REGEX,
+    gguf_name,
+    permute_qk,
+)
+from lmcraft.gguf_quant import QUANTS, file_type, quantize, tensor_type
+from lmcraft.io import atomic_file
+
+__all__ = ["ExportError", "Source", "expected_tensors", "export_gguf", "gguf_tensors", "load_source"]
+
+_NORMAL, _UNUSED, _CONTROL, _USER_DEFINED = 1, 5, 3, 4  # tokenizer.ggml.token_type values
+
+
+class ExportError(LmcraftError):
+    """The model (or its tokenizer) cannot be written as GGUF."""
+
+
+@dataclass
+class Source:
+    """The model an export starts from, float32 on CPU, and its tokenizer."""
+
+    model: Any  # LanguageModel
+    tokenizer: Any  # lmcraft.tokenizer.load.Tokenizer
+    name: str
+    notes: list[str] = field(default_factory=list)
+
+
+def load_source(name_or_path: str) -> Source:
+    """A model folder, asset name or .gguf (`assets.resolve_model`), or a PEFT adapter folder (merged into its
+    base first: QLoRA bases are dequantised, merged, and quantised once by the export)."""
+    import torch
+
+    from lmcraft.assets import resolve_model
+    from lmcraft.hub import load_model
+    from lmcraft.peft.io import CONFIG_NAME
+    from lmcraft.tokenizer.load import load_tokenizer
+
+    path = Path(name_or_path)
+    notes = []
+    if (path / CONFIG_NAME).is_file():
+        from lmcraft.finetune.merge import load_merged
+
+        model, folder = load_merged(path, head="lm")
+        notes.append(f"merged the adapter {path} into its base {folder}")
+    else:
+        folder = resolve_model(name_or_path)
+        model = load_model(folder, head="lm", dtype=torch.float32)
+    model = model.float().eval()
+    return Source(model, load_tokenizer(folder), path.name or str(name_or_path), notes)
+
+
+def _check_model(model: Any) -> str:
+    cfg = model.config
+    if cfg.model_type not in GGUF_ARCH_OF or not cfg.is_causal or model.head_kind != "lm":
+        raise ExportError(f"a {cfg.model_type} model with a {model.head_kind} head has no llama.cpp architecture; "
+                          f"GGUF export supports decoders with an LM head: {', '.join(GGUF_ARCH_OF)}.")
+    if cfg.rope_scaling:
+        raise ExportError(f"rope_scaling {cfg.rope_scaling} is not exported (llama.cpp stores some kinds as a "
+                          "rope_freqs tensor that lmcraft does not write); export a model without it.")
+    if cfg.model_type != "gpt2" and (cfg.mlp_bias or (cfg.model_type == "llama" and cfg.qkv_bias != cfg.out_bias)):
+        raise ExportError("MLP biases, or q/k/v biases without an output-projection bias, have no place in "
+                          "llama.cpp's llama architecture.")
+    return GGUF_ARCH_OF[cfg.model_type]
+
+
+def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
+    """The model's tensors under GGUF names, in llama.cpp's layout, float32 numpy."""
+    from lmcraft.hub.save import hf_state_dict
+
+    arch = _check_model(model)
+    cfg = model.config
+    heads = {"rope_q": cfg.num_heads, "rope_k": cfg.num_kv_heads}
+    out = []
+    for name, tensor in hf_state_dict(model).items():
+        found = gguf_name(arch, name)
+        if found is None:
+            raise ExportError(f"tensor {name} has no llama.cpp name in the {arch} architecture.")
+        gname, layout = found
+        x = tensor.detach().float().cpu().numpy()
+        if layout == "transpose":
+            x = np.ascontiguousarray(x.T)
+        elif layout and ARCHITECTURES[arch].rope_permuted:
+            x = permute_qk(x, heads[layout])
+        out.append((gname, x))
+    return out
+
+
+def expected_tensors(model: Any, quant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF name -> (type, numpy shape) the export of `model` with `quant` writes."""
+    tensors = gguf_tensors(model)
+    names = {n for n, _ in tensors}
+    tied = "output.weight" not in names
+    return {n: (tensor_type(n, x.shape, quant, model.config.num_layers, tied), x.shape) for n, x in tensors}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _pre_name(spec: dict[str, Any]) -> str:
+    """`tokenizer.ggml.pre` for the pre-tokenizer of a tokenizer.json (one of the families llama.cpp knows)."""
+    pre = spec.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in items]
+    family = None
+    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
+        family = "gpt2"
+    elif kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
+        family = "digits"
+    elif kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
+        family = {LLAMA3_REGEX: "llama3", QWEN2_REGEX: "qwen2"}.get((items[0].get("pattern") or {}).get("Regex"))
+    if family is None:
+        raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is none of the split rules "
+                          f"lmcraft can name for llama.cpp ({', '.join(PRE_NAMES.values())}); llama.cpp would "
+                          "tokenize text differently, so the export stops here.")
+    return PRE_NAMES[family]
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    backend = tokenizer.backend
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError(f"only byte-level BPE tokenizers are exported (this one is {model.get('type')} with a "
+                          f"{(spec.get('decoder') or {}).get('type')} decoder).")
+    by_id = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(by_id)}, the model's embedding only {vocab_size} rows.")
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # as llama.cpp's converter: padding rows of the embedding become unused tokens
+            tokens.append(f"[PAD{i}]")
+            types.append(_UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(_NORMAL if i not in added else _CONTROL if added[i].special else _USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_name(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    probe = backend.encode("a").ids
+    for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                           ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
+                             and len(probe) > 1)
+    if tokenizer.chat_template:
+        from lmcraft.tokenizer.chat import resolve_template
+
+        writer.add_chat_template(resolve_template(tokenizer.chat_template))
+
+
+def _add_hyper_parameters(writer: Any, arch: str, cfg: Any) -> None:
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def export_gguf(source: Source, out: str | Path, quant: str = "f16", progress: bool = True) -> dict[str, int]:
+    """Write `source` as a GGUF file at `out` (atomically) with the `quant` mix; returns a count of tensor types."""
+    import gguf
+    from gguf.gguf_writer import WriterState
+
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}.")
+    model, cfg = source.model, source.model.config
+    arch = _check_model(model)
+    if cfg.sliding_window:
+        source.notes.append(f"sliding_window={cfg.sliding_window} is not stored: llama.cpp's {arch} architecture "
+                            "attends to the whole context")
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_name(source.name)
+    writer.add_file_type(file_type(quant))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hyper_parameters(writer, arch, cfg)
+    _add_tokenizer(writer, source.tokenizer, cfg.vocab_size)
+
+    tensors = gguf_tensors(model)
+    tied = "output.weight" not in {n for n, _ in tensors}
+    counts: Counter[str] = Counter()
+    for name, x in tensors:
+        qtype = tensor_type(name, x.shape, quant, cfg.num_layers, tied)
+        data = quantize(x, qtype)
+        raw = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
+        writer.add_tensor(name, data, raw_dtype=raw)
+        counts[qtype] += 1
+    with atomic_file(Path(out)) as fh:
+        writer.fout, writer.state = [fh], WriterState.EMPTY  # GGUFWriter writes into our temporary file
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.fout = None  # atomic_file closes, syncs and renames it
+    return dict(counts)

@@ -1,0 +1,155 @@
+"""llama.cpp's GGUF layout, in one table shared by the importer (`gguf_import`) and the exporter (`gguf_export`).
+
+* **Architectures** (`ARCHITECTURES`): GGUF `general.architecture` <-> Hugging Face `model_type`. Mistral has no
+  GGUF architecture of its own: llama.cpp's converter writes it as `llama` (same tensors, same rope), so a Mistral
+  model exports as `llama` and imports back as a Llama.
+* **Tensor names** (`TENSORS`): per architecture, GGUF name <-> HF name and the layout change between them:
+  `rope` (llama.cpp rotates adjacent pairs `(2i, 2i+1)` of each head, HF's `rotate_half` rotates `(i, i + d/2)`,
+  so q/k rows - and their biases - are permuted inside every head, see `permute_qk`) and `transpose` (GPT-2's
+  Conv1D stores `(in, out)`; GGUF stores every matrix as `(out, in)`, like `nn.Linear`). GPT-2's fused `c_attn`
+  (q, k, v stacked) is GGUF's `attn_qkv` as it is.
+* **Pre-tokenizers** (`PRE_TOKENIZERS`): the `tokenizer.ggml.pre` names llama.cpp writes, grouped by the split
+  rules they stand for (llama.cpp's `llama-vocab.cpp` lists the regexes), and the name lmcraft writes for each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ARCHITECTURES",
+    "GGUF_ARCH_OF",
+    "GPT2_REGEX",
+    "LLAMA3_REGEX",
+    "PRE_FAMILIES",
+    "PRE_NAMES",
+    "QWEN2_REGEX",
+    "TENSORS",
+    "TensorName",
+    "gguf_name",
+    "hf_name",
+    "permute_qk",
+    "unpermute_qk",
+]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hf_model_type: str  # the HF model_type a GGUF of this architecture imports as
+    hf_class: str
+    rope_permuted: bool  # llama.cpp permutes q/k rows for its rope layout
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "LlamaForCausalLM", True),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", False),
+    "gpt2": Architecture("gpt2", "GPT2LMHeadModel", False),
+}
+# HF model_type -> GGUF architecture it exports as
+GGUF_ARCH_OF: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+
+
+@dataclass(frozen=True)
+class TensorName:
+    gguf: str  # GGUF name; "{i}" = layer index
+    hf: str  # HF name; "{i}" = layer index
+    layout: str = ""  # "" | "rope_q" | "rope_k" | "transpose"
+
+
+def _rope_family() -> tuple[TensorName, ...]:
+    layer = [
+        ("attn_norm.weight", "input_layernorm.weight", ""),
+        ("ffn_norm.weight", "post_attention_layernorm.weight", ""),
+        ("attn_output.weight", "self_attn.o_proj.weight", ""),
+        ("attn_output.bias", "self_attn.o_proj.bias", ""),
+        ("ffn_gate.weight", "mlp.gate_proj.weight", ""),
+        ("ffn_up.weight", "mlp.up_proj.weight", ""),
+        ("ffn_down.weight", "mlp.down_proj.weight", ""),
+    ] + [(f"attn_{p}.{param}", f"self_attn.{p}_proj.{param}", f"rope_{p}" if p in "qk" else "")
+         for p in "qkv" for param in ("weight", "bias")]
+    return (
+        TensorName("token_embd.weight", "model.embed_tokens.weight"),
+        TensorName("output_norm.weight", "model.norm.weight"),
+        TensorName("output.weight", "lm_head.weight"),
+        *(TensorName(f"blk.{{i}}.{g}", f"model.layers.{{i}}.{h}", lay) for g, h, lay in layer),
+    )
+
+
+def _gpt2() -> tuple[TensorName, ...]:
+    layer = [
+        ("attn_norm", "ln_1", ""), ("ffn_norm", "ln_2", ""), ("attn_qkv", "attn.c_attn", "transpose"),
+        ("attn_output", "attn.c_proj", "transpose"), ("ffn_up", "mlp.c_fc", "transpose"),
+        ("ffn_down", "mlp.c_proj", "transpose"),
+    ]
+    return (
+        TensorName("token_embd.weight", "transformer.wte.weight"),
+        TensorName("position_embd.weight", "transformer.wpe.weight"),
+        TensorName("output_norm.weight", "transformer.ln_f.weight"),
+        TensorName("output_norm.bias", "transformer.ln_f.bias"),
+        TensorName("output.weight", "lm_head.weight"),
+        *(TensorName(f"blk.{{i}}.{g}.{param}", f"transformer.h.{{i}}.{h}.{param}", lay if param == "weight" else "")
+          for g, h, lay in layer for param in ("weight", "bias")),
+    )
+
+
+_ROPE = _rope_family()
+TENSORS: dict[str, tuple[TensorName, ...]] = {"llama": _ROPE, "qwen2": _ROPE, "gpt2": _gpt2()}
+
+
+def _lookup(arch: str, name: str, side: str) -> tuple[TensorName, str] | None:
+    """The rule whose `side` template matches `name`, and the layer index ("" for global tensors)."""
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), "")
+    template = name.replace(f".{layer}.", ".{i}.", 1) if layer else name
+    for t in TENSORS[arch]:
+        if getattr(t, side) == template:
+            return t, layer
+    return None
+
+
+def hf_name(arch: str, name: str) -> tuple[str, str] | None:
+    """GGUF tensor name -> (HF name, layout), or None when the architecture has no such tensor."""
+    found = _lookup(arch, name, "gguf")
+    return None if found is None else (found[0].hf.replace("{i}", found[1]), found[0].layout)
+
+
+def gguf_name(arch: str, name: str) -> tuple[str, str] | None:
+    """HF tensor name -> (GGUF name, layout), or None when the architecture has no such tensor."""
+    found = _lookup(arch, name, "hf")
+    return None if found is None else (found[0].gguf.replace("{i}", found[1]), found[0].layout)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF -> llama.cpp row order (what llama.cpp's converter does): row h*d + s*d/2 + i -> h*d + 2i + s."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp -> HF row order, the inverse of `permute_qk`: row h*d + 2i + s -> h*d + s*d/2 + i."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-tokenizers
+# ----------------------------------------------------------------------------------------------
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> pre-tokenizer family (the names llama.cpp's converter writes).
+PRE_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2"), "gpt2"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"), "llama3"),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
+}
+# family -> the tokenizer.ggml.pre name lmcraft writes for it
+PRE_NAMES: dict[str, str] = {"gpt2": "gpt-2", "digits": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
