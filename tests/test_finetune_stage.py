@@ -82,6 +82,21 @@ def test_lora_classification_then_merge_gives_the_same_logits(tmp_path, assets, 
     assert not torch.allclose(got, plain(ids, attention_mask=mask).logits, atol=1e-3)  # the adapter changed it
 
 
+def test_random_init_keeps_the_architecture_and_drops_the_weights(tmp_path, assets) -> None:
+    """init: random is the from-scratch baseline: same config and tokenizer, none of the pre-trained weights."""
+    from lmcraft.hub import load_model
+
+    results = finetune(tmp_path, base_config(tmp_path, assets, init="random",
+                                             trainer=quick_trainer(max_steps=1, lr=1e-12)))
+    assert results["init"] == "random"
+    pretrained, final = load_model(assets["bert"]), load_model(results["final"])
+    assert final.config.hidden_size == pretrained.config.hidden_size
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        ours, theirs = final.state_dict()[name], pretrained.state_dict()[name]
+        assert not torch.allclose(ours, theirs)
+        assert abs(float(ours.std()) - final.config.initializer_range) < 0.2 * final.config.initializer_range
+
+
 def test_full_token_classification_writes_a_loadable_hf_folder(tmp_path, assets) -> None:
     from lmcraft.hub import load_model
 

@@ -109,6 +109,9 @@ class FinetuneConfig(StageConfig):
 
     task: Task
     model: str
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: the model's architecture and tokenizer with freshly initialised weights "
+        "(seeded by trainer.seed): the from-scratch baseline of a pre-training study")
     tokenizer: str | None = None
     output_dir: Path = Path("runs/finetune")
     data: DataConfig

@@ -90,6 +90,9 @@ def _load_model(cfg: FinetuneConfig, folder: Path, task: Task, data: TaskData, d
         warnings.simplefilter("ignore", HubWarning)  # a new task head is expected here; fit_head sizes it
         model = load_model(folder, head=task.head, dtype=torch.float32, device=device)
     _own_memory(model)
+    if cfg.init == "random":  # the same architecture, none of the pre-trained weights
+        torch.manual_seed(cfg.trainer.seed)
+        model.apply(model._init_weights)
     if task.head == "qa" and model.config.arch != "encoder":
         raise ConfigError(f"task qa needs an encoder (BERT-style) model; {cfg.model} is a {model.config.arch}")
     if task.head in ("cls", "token_cls"):
@@ -181,7 +184,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) 
     if task.name != "clm":
         validation.pop("ppl", None)  # exp(loss) means nothing for a classifier's loss
     results = {
-        "task": task.name, "method": method, "model": cfg.model, "peft": cfg.peft,
+        "task": task.name, "method": method, "model": cfg.model, "init": cfg.init, "peft": cfg.peft,
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / max(total, 1),
         "metric": metric, "metric_mode": mode, "metric_value": validation.get(metric),
         "validation": validation, "best_step": outcome["best_step"], "steps": outcome["step"],
