@@ -1,4 +1,6 @@
-"""Bradley-Terry, DPO/IPO and PPO math against hand-computed values; KL is 0 when policy == reference."""
+"""Bradley-Terry, the preference losses (DPO/IPO/hinge/robust, SimPO, CPO, ORPO, KTO) and PPO math against
+hand-computed values; the chunked answer log-probs against full logits; KL is 0 when policy == reference. The
+preference losses against TRL's own code are the parity tests at the end."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 
 from lmcraft import peft
-from lmcraft.align.config import PPOSection
-from lmcraft.align.dpo import DPOLoss, dpo_loss
+from lmcraft.align.config import DPOSection, PPOSection
+from lmcraft.align.dpo import DPOLoss, UnpairedData, mismatched
+from lmcraft.align.instruct import Tokenized
 from lmcraft.align.ppo import (
     AdaptiveKLController,
     PolicyWithValue,
@@ -23,7 +26,17 @@ from lmcraft.align.ppo import (
     value_loss,
     whiten,
 )
+from lmcraft.align.preference_losses import (
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    log_odds,
+    orpo_loss,
+    simpo_loss,
+)
 from lmcraft.align.reward import bradley_terry_loss
+from lmcraft.objectives.lm_head import model_sequence_logprobs
 from lmcraft.objectives.lm_head import sequence_logprobs as sequence_logps
 from lmcraft.peft.training import ReferencePolicy, reference_policy
 
@@ -66,17 +79,167 @@ def test_sequence_logps_and_dpo_loss_on_a_model(tiny_model) -> None:
              "ref_chosen": torch.tensor([-9.0, -8.0]), "ref_rejected": torch.tensor([-7.0, -8.5])}
     logps, counts = sequence_logps(model(ids).logits, labels)
     for loss_type, div in (("sigmoid", 1), ("ipo", counts)):
-        out = DPOLoss(beta=0.2, loss_type=loss_type)(model, batch)
+        out = DPOLoss(DPOSection(beta=0.2, loss=loss_type))(model, batch)
         ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]) / div
         pol = logps / div
         expected, _, _ = dpo_loss(pol[:2], pol[2:], ref[:2], ref[2:], 0.2, loss_type)
         torch.testing.assert_close(out.loss_sum, expected.sum())
         assert out.num_targets == 2
     # a reference equal to the policy gives h = 0: loss log 2 per pair, zero rewards
-    same = DPOLoss(beta=0.2, reference=ReferencePolicy(copy.deepcopy(model)))(model, {k: batch[k] for k in
-                                                                            ("input_ids", "attention_mask", "labels")})
+    same = DPOLoss(DPOSection(beta=0.2), ReferencePolicy(copy.deepcopy(model)))(
+        model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
     torch.testing.assert_close(same.loss_sum, torch.tensor(2 * math.log(2.0)))
     assert same.metrics["reward_margin"].item() == 0.0
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_hinge_and_robust_dpo_by_hand() -> None:
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-5.0, -7.0, -6.0, -6.0))  # h = 2
+    hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="hinge")
+    torch.testing.assert_close(hinge, torch.tensor([0.5]))  # max(0, 1 - 0.25 * 2)
+    assert dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="hinge")[0].item() == 0.0  # past the margin: no loss
+    robust, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="robust", label_smoothing=0.1)
+    torch.testing.assert_close(robust, torch.tensor([(0.9 * softplus(-1.0) - 0.1 * softplus(1.0)) / 0.8]))
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="robust")
+    torch.testing.assert_close(plain, torch.tensor([softplus(-1.0)]))  # e = 0: the sigmoid loss
+
+
+def test_reference_free_losses_by_hand() -> None:
+    simpo, r_c, r_r = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, gamma=0.5)
+    torch.testing.assert_close(simpo, torch.tensor([softplus(-1.5)]))  # -log sigma(2 * 1 - 0.5)
+    assert (r_c.item(), r_r.item()) == (-2.0, -4.0)
+    cpo, _, _ = cpo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([4]), beta=0.5, alpha=1.0)
+    torch.testing.assert_close(cpo, torch.tensor([softplus(-1.0) + 1.0]))  # NLL = 4 / 4 tokens
+    # p_c = 0.5 (odds 1), p_r = 0.2 (odds 1/4): log sigma(log 4) = log 0.8
+    torch.testing.assert_close(log_odds(torch.tensor([math.log(0.5), math.log(0.2), -1e-4])),
+                               torch.tensor([0.0, math.log(0.25), math.log((1 - 1e-4) / 1e-4)]), rtol=1e-4, atol=0)
+    orpo, _, _ = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)
+    torch.testing.assert_close(orpo, torch.tensor([math.log(2.0) - 0.1 * math.log(0.8)]))
+
+
+def test_kto_by_hand() -> None:
+    z = kto_reference_point(torch.tensor([-2.0, -2.0]), torch.tensor([-3.0, -4.0]))  # mean(1, 2)
+    assert z.item() == 1.5 and not z.requires_grad
+    assert kto_reference_point(torch.tensor([-2.0, -6.0]), torch.tensor([-3.0, -4.0])).item() == 0.0  # clamped
+    losses, rewards = kto_loss(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([True, False]),
+                               z, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    torch.testing.assert_close(losses, torch.tensor([1 - sigmoid(0.5 * (1 - 1.5)), 1.5 * (1 - sigmoid(0.5 * 2.5))]))
+    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.5]))
+
+
+def test_settings_that_do_not_apply_are_errors() -> None:
+    from pydantic import ValidationError
+
+    for bad in ({"loss": "ipo", "label_smoothing": 0.1}, {"loss": "cpo", "gamma": 2.0},
+                {"loss": "simpo", "reference": "on_the_fly"}, {"loss": "sigmoid", "desirable_weight": 2.0},
+                {"loss": "orpo", "nll_weight": 0.5}):
+        with pytest.raises(ValidationError, match="applies to loss"):
+            DPOSection(**bad)
+    assert DPOSection(loss="simpo", reference="precompute").loss == "simpo"  # a default value is harmless
+
+
+@pytest.mark.parametrize("peft_method", [None, "lora"])
+def test_chunked_answer_logprobs_match_full_logits(tiny_model, peft_method: str | None) -> None:
+    """Values and gradients of `model_sequence_logprobs` equal log softmax of the full logits, while the LM head
+    only ever sees the last position."""
+    def build():
+        model = tiny_model(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+        if peft_method:
+            model = peft.apply(model, {"method": "lora", "r": 2})
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.3)
+        return model
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 40, (3, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[2, 6] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 6] = 0
+    full_model, chunked_model = build(), build()
+    expected, expected_n = sequence_logps(full_model(ids, attention_mask=mask).logits, labels)
+    (expected * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    seen = []
+    base = chunked_model.base_model if peft_method else chunked_model
+    base.head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[1]))
+    got, n = model_sequence_logprobs(chunked_model, labels, rows=4, input_ids=ids, attention_mask=mask)
+    (got * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    torch.testing.assert_close(got, expected)
+    assert n.tolist() == expected_n.tolist() == [4, 4, 3] and seen == [1]
+    grads = {k: p.grad for k, p in full_model.named_parameters() if p.grad is not None}
+    assert grads
+    for k, p in chunked_model.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
+
+
+def _model_batch(tiny_model):
+    model = tiny_model(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 16, (4, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 6] = -100
+    labels[3, 5:] = -100
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("loss", ["hinge", "robust", "simpo", "cpo", "orpo"])
+def test_each_pair_loss_on_a_model(tiny_model, loss: str) -> None:
+    model, batch = _model_batch(tiny_model)
+    logps, counts = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
+    avg = logps / counts
+    settings = {"robust": {"label_smoothing": 0.2}, "simpo": {"gamma": 0.3}, "cpo": {"nll_weight": 0.7}}
+    s = DPOSection(beta=0.4, loss=loss, **settings.get(loss, {}))
+    if loss in ("hinge", "robust"):
+        batch.update(ref_chosen=torch.tensor([-9.0, -8.0]), ref_rejected=torch.tensor([-7.0, -8.5]))
+        expected = dpo_loss(logps[:2], logps[2:], batch["ref_chosen"], batch["ref_rejected"], 0.4, loss,
+                            s.label_smoothing)[0]
+    elif loss == "simpo":
+        expected = -torch.nn.functional.logsigmoid(0.4 * (avg[:2] - avg[2:]) - 0.3)
+    elif loss == "cpo":
+        expected = -torch.nn.functional.logsigmoid(0.4 * (logps[:2] - logps[2:])) - 0.7 * avg[:2]
+    else:
+        expected = -avg[:2] - 0.4 * torch.nn.functional.logsigmoid(log_odds(avg[:2]) - log_odds(avg[2:]))
+    out = DPOLoss(s)(model, batch)  # no reference: the reference-free losses never ask for one
+    torch.testing.assert_close(out.loss_sum, expected.sum())
+    assert out.num_targets == 2 and 0.0 <= out.metrics["reward_accuracy"].item() <= 1.0
+
+
+def _example(prompt: list[int], answer: list[int]) -> Tokenized:
+    ids = prompt + answer
+    return Tokenized(ids, [False] * len(prompt) + [True] * len(answer), "", [(0, 0)] * len(ids))
+
+
+def test_kto_batches_and_loss_on_a_model(tiny_model) -> None:
+    examples = [_example([1, 2, 3, 4], [5]), _example([6, 7], [8, 9, 10]), _example([11], [12, 13])]
+    data = UnpairedData([(examples[0], True), (examples[1], False), (examples[2], True)], pad_id=0, max_length=5)
+    batch = data.collate(list(data.items))
+    # rows 3..5: prompt i with answer i - 1 (the first takes the last's); cut to 5 tokens from the prompt's left
+    assert batch["input_ids"][3:].tolist() == [[2, 3, 4, 12, 13], [6, 7, 5, 0, 0], [11, 8, 9, 10, 0]]
+    assert batch["labels"][3:].tolist() == [[-100, -100, -100, 12, 13], [-100, -100, 5, -100, -100],
+                                            [-100, 8, 9, 10, -100]]
+    assert mismatched(examples[1], examples[1], 5).input_ids == examples[1].input_ids
+    assert batch["desirable"].tolist() == [True, False, True] and batch["num_tokens"] == 13
+
+    model = tiny_model(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    reference = tiny_model(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seed=5)
+    s = DPOSection(beta=0.3, loss="kto", desirable_weight=1.0, undesirable_weight=2.0)
+    out = DPOLoss(s, ReferencePolicy(reference))(model, batch)
+    pol, _ = sequence_logps(model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    ref, _ = sequence_logps(reference(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"])
+    z = max(0.0, (pol[3:] - ref[3:]).mean().item())
+    r = (pol[:3] - ref[:3]).tolist()
+    expected = [1 - sigmoid(0.3 * (r[0] - z)), 2.0 * (1 - sigmoid(0.3 * (z - r[1]))), 1 - sigmoid(0.3 * (r[2] - z))]
+    torch.testing.assert_close(out.loss_sum, torch.tensor(sum(expected)))
+    assert out.num_targets == 3 and out.metrics["kl"].item() == pytest.approx(z, abs=1e-6)
 
 
 def test_gae_and_returns_by_hand() -> None:
