@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -342,3 +343,168 @@ def test_rollout_loader_plan_and_state(tiny_model) -> None:
         loader.state_dict()
     loader.load_state_dict(state)
     assert loader.rollout_index == 1 and loader.rollout is None
+
+
+# ---- parity with TRL 1.16: its own loss code, called on minimal stand-ins for its trainers -----------------------
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(x: Any) -> Any:
+        return x
+
+    gather = gather_for_metrics
+
+
+def _trainer_stub(**attrs: Any) -> Any:
+    """What TRL's loss methods read from `self`, besides the attributes each test passes."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=_Accelerator(), model=SimpleNamespace(training=True), aux_loss_enabled=False,
+                           _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+                           **attrs)
+
+
+def _logprob_outputs(per_row: torch.Tensor) -> Any:
+    """A TRL fused-LM-head output whose completion log-probs sum to `per_row` (one completion token per row)."""
+    from types import SimpleNamespace
+
+    col = per_row[:, None].float()
+    return SimpleNamespace(log_probs=col, entropy=torch.zeros_like(col), mean_logits=torch.zeros_like(col),
+                           is_top1=torch.zeros_like(col, dtype=torch.bool))
+
+
+POLICY_C = torch.tensor([-5.0, -12.5, -3.25, -20.0])
+POLICY_R = torch.tensor([-7.0, -11.0, -9.5, -14.0])
+REF_C = torch.tensor([-6.0, -12.0, -4.0, -18.5])
+REF_R = torch.tensor([-6.5, -12.25, -8.0, -15.0])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("loss, smoothing", [("hinge", 0.0), ("robust", 0.1), ("robust", 0.3)])
+def test_hinge_and_robust_match_trl(loss: str, smoothing: float) -> None:
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    stub = _trainer_stub(beta=0.3, label_smoothing=smoothing, loss_types=[loss], loss_weights=[1.0], ld_alpha=None,
+                         precompute_ref_logps=True, f_divergence_type="reverse_kl", use_weighting=False)
+    outputs = _logprob_outputs(torch.cat([POLICY_C, POLICY_R]))
+    ids = torch.ones(8, 2, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids),
+              "ref_chosen_logps": REF_C, "ref_rejected_logps": REF_R}
+    for row in range(4):  # one pair at a time: TRL returns the batch mean
+        one = {k: (v[[row, 4 + row]] if k.endswith("_ids") or k.endswith("mask") else v[[row]])
+               for k, v in inputs.items()}
+        rows = _logprob_outputs(torch.stack([POLICY_C[row], POLICY_R[row]]))
+        theirs = DPOTrainer._compute_loss(stub, lambda **kw: rows, one, False)  # noqa: B023
+        ours, _, _ = dpo_loss(POLICY_C[[row]], POLICY_R[[row]], REF_C[[row]], REF_R[[row]], 0.3, loss, smoothing)
+        torch.testing.assert_close(ours, theirs.reshape(1), atol=1e-6, rtol=0)
+    whole = DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, False)
+    torch.testing.assert_close(dpo_loss(POLICY_C, POLICY_R, REF_C, REF_R, 0.3, loss, smoothing)[0].mean(), whole,
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("desirable", [[True, False, True, False], [True, True, True, False], [False] * 4])
+def test_kto_matches_trl(desirable: list[bool]) -> None:
+    from types import MethodType
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    stub = _trainer_stub(beta=0.2, loss_type="kto", desirable_weight=1.3, undesirable_weight=0.6, calculate_KL=True,
+                         precompute_ref_logps=True)
+    stub._compute_kl_logps = MethodType(KTOTrainer._compute_kl_logps, stub)
+    ids, kl_ids = torch.ones(4, 2, dtype=torch.long), torch.full((4, 2), 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids),
+             "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_ids),
+             "KL_completion_mask": torch.ones_like(kl_ids), "label": torch.tensor(desirable),
+             "ref_logps": REF_C, "ref_KL_logps": REF_R}
+    for kl_policy in (POLICY_R, POLICY_R - 3.0):  # reference point above 0, and clamped at 0
+        def model(input_ids: torch.Tensor, **kw: Any) -> Any:
+            return _logprob_outputs(kl_policy if input_ids is kl_ids else POLICY_C)  # noqa: B023
+
+        theirs = KTOTrainer._compute_loss(stub, model, batch, False)
+        z = kto_reference_point(kl_policy, REF_R)
+        ours, _ = kto_loss(POLICY_C, REF_C, torch.tensor(desirable), z, 0.2, 1.3, 0.6)
+        torch.testing.assert_close(ours.mean(), theirs, atol=1e-6, rtol=0)
+        assert stub._metrics["train"]["kl"][-1] == pytest.approx(z.item(), abs=1e-6)
+
+
+def _pair_batch(tiny_model, equal_chosen: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tiny model and 3 pairs as our collate lays them out (chosen rows, then rejected rows, right-padded)."""
+    model = tiny_model(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    torch.manual_seed(3)
+    ids = torch.randint(1, 32, (6, 9))
+    mask = torch.ones_like(ids)
+    prompt = [3, 3, 3, 3, 4, 2] if equal_chosen else [3, 4, 2, 3, 4, 2]
+    ends = [9, 9, 9, 7, 9, 6] if equal_chosen else [9, 7, 8, 7, 9, 6]
+    labels = torch.full_like(ids, -100)
+    for row in range(6):
+        labels[row, prompt[row]:ends[row]] = ids[row, prompt[row]:ends[row]]
+        mask[row, ends[row]:] = 0
+        ids[row, ends[row]:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _trl_pair_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{side}_{key}": batch[src][rows] for side, rows in (("chosen", slice(0, 3)), ("rejected", slice(3, 6)))
+            for key, src in (("input_ids", "input_ids"), ("attention_mask", "attention_mask"), ("labels", "labels"))}
+
+
+def _forward_stub(trainer: type, **attrs: Any) -> Any:
+    return _trainer_stub(is_encoder_decoder=False, pad_token_id=0, padding_value=0, label_pad_token_id=-100,
+                         concatenated_inputs=trainer.concatenated_inputs, get_batch_logps=trainer.get_batch_logps,
+                         **attrs)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("loss", ["simpo", "cpo"])
+def test_simpo_and_cpo_match_trl_end_to_end(tiny_model, loss: str) -> None:
+    """TRL's CPOTrainer (loss_type simpo with cpo_alpha 0, or sigmoid with cpo_alpha) on our tiny model and batch.
+    TRL's NLL term is the token mean over the micro-batch's chosen answers, ours the mean over pairs of each chosen
+    answer's token mean: equal when the chosen answers have one length (this batch); ours by hand otherwise."""
+    from types import MethodType
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    for equal in (True, False):
+        model, batch = _pair_batch(tiny_model, equal_chosen=equal)
+        alpha = 0.0 if loss == "simpo" else 0.7
+        stub = _forward_stub(CPOTrainer, beta=2.0 if loss == "simpo" else 0.4, label_smoothing=0.0, alpha=0.0,
+                             simpo_gamma=0.6, cpo_alpha=alpha, loss_type="simpo" if loss == "simpo" else "sigmoid")
+        stub.cpo_loss = MethodType(CPOTrainer.cpo_loss, stub)
+        stub.concatenated_forward = MethodType(CPOTrainer.concatenated_forward, stub)
+        theirs, metrics = CPOTrainer.get_batch_loss_metrics(stub, model, _trl_pair_inputs(batch))
+        settings = {"gamma": 0.6} if loss == "simpo" else {"nll_weight": alpha}
+        out = DPOLoss(DPOSection(loss=loss, beta=stub.beta, **settings))(model, batch)
+        ours = out.loss_sum / out.num_targets
+        if equal or loss == "simpo":
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+        else:
+            logps, counts = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
+            pooled = -logps[:3].sum() / counts[:3].sum()
+            torch.testing.assert_close(theirs - alpha * pooled, ours - alpha * (-(logps[:3] / counts[:3]).mean()),
+                                       atol=1e-6, rtol=0)
+            assert metrics["nll_loss"] == pytest.approx(pooled.item(), abs=1e-6)
+
+
+@pytest.mark.parity
+def test_orpo_matches_trl_end_to_end(tiny_model) -> None:
+    """TRL's ORPOTrainer on our tiny model and batch: the odds-ratio term equals ours; TRL's NLL is the token mean
+    over the chosen rows' prompt and answer tokens, ours (the paper's SFT term on the answer) the mean over pairs of
+    each chosen answer's token mean, checked by hand."""
+    from types import MethodType
+
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    model, batch = _pair_batch(tiny_model, equal_chosen=False)
+    stub = _forward_stub(ORPOTrainer, beta=0.25)
+    stub.odds_ratio_loss = MethodType(ORPOTrainer.odds_ratio_loss, stub)
+    stub.concatenated_forward = MethodType(ORPOTrainer.concatenated_forward, stub)
+    theirs, metrics = ORPOTrainer.get_batch_loss_metrics(stub, model, _trl_pair_inputs(batch))
+    out = DPOLoss(DPOSection(loss="orpo", beta=0.25))(model, batch)
+    logps, counts = sequence_logps(model(batch["input_ids"]).logits, batch["labels"])
+    ours_nll = -(logps[:3] / counts[:3]).mean()
+    torch.testing.assert_close(out.loss_sum / 3 - ours_nll, theirs - metrics["nll_loss"], atol=1e-6, rtol=0)
+    assert metrics["log_odds_chosen"] == pytest.approx(
+        (log_odds(logps[:3] / counts[:3]) - log_odds(logps[3:] / counts[3:])).mean().item(), abs=1e-6)
