@@ -132,8 +132,8 @@ def mismatched(prompt_of: Tokenized, answer_of: Tokenized, max_length: int) -> T
 @dataclass
 class UnpairedData:
     """Tokenized labelled answers (KTO): items are (example, desirable). A batch of B items holds 2B rows: the B
-    examples, then the B mismatched rows (prompt i, answer i - 1, the first taking the last's answer); `desirable`
-    (B,) bool."""
+    examples, then the B mismatched rows (prompt i, answer i - 1, the first taking the last's answer; a batch of one,
+    e.g. the last held-out batch, pairs the example with itself); `desirable` (B,) bool."""
 
     items: list[tuple[Tokenized, bool]]
     pad_id: int

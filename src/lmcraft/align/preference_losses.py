@@ -25,8 +25,8 @@ Reference-free pair losses (no reference model is loaded or run):
 with NLL(y_c) = -avg pi(y_c|x), the chosen answer's per-token negative log-likelihood (the SFT term).
 
 Unpaired (kto, Ethayarajh et al. 2024): examples (x, y) labelled desirable or undesirable, r = log pi(y|x) -
-log ref(y|x), and a reference point z estimated in each micro-batch from mismatched pairs (x_i, y_{i-1}) (each
-prompt with the previous example's answer):
+log ref(y|x), and a reference point z estimated in each micro-batch (on each rank; TRL averages over ranks) from
+mismatched pairs (x_i, y_{i-1}) (each prompt with the previous example's answer):
 
     z = max(0, mean_i (log pi(y_{i-1}|x_i) - log ref(y_{i-1}|x_i)))       (no gradient, as in TRL)
     desirable:   L = lambda_D (1 - sigma(beta (r - z)))
