@@ -1,4 +1,5 @@
-"""Record formats: alpaca, sharegpt, messages, prompt/chosen/rejected; errors name the file and line."""
+"""Record formats: alpaca, sharegpt, messages, prompt/chosen/rejected, KTO's labelled answers; errors name the file
+and line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lmcraft.align.data import load_conversations, load_preferences, load_prompts, record_to_messages
+from lmcraft.align.data import (
+    load_conversations,
+    load_labelled_answers,
+    load_preferences,
+    load_prompts,
+    record_to_messages,
+)
 from lmcraft.errors import InputFileError
 
 
@@ -82,3 +89,42 @@ def test_prompts_from_any_record(tmp_path: Path) -> None:
             {"messages": [{"role": "user", "content": "p4"}, {"role": "assistant", "content": "a"}]}]
     prompts = load_prompts([write(tmp_path / "q.jsonl", rows)], limit=3)
     assert [p[-1]["content"] for p, _ in prompts] == ["p1", "p2", "p3"]
+
+
+# the layout of LLaMA-Factory's kto_en_demo.json (a JSON array), and TRL's unpaired prompt/completion/label JSONL
+KTO_DEMO = [
+    {"messages": [{"content": "Summarise: spyware.", "role": "user"},
+                  {"content": "It is about spyware.", "role": "assistant"}], "label": True},
+    {"messages": [{"content": "Be brief.", "role": "system"}, {"content": "2 + 2?", "role": "user"},
+                  {"content": "Five.", "role": "assistant"}], "label": False},
+]
+
+
+def test_kto_labelled_answers(tmp_path: Path) -> None:
+    demo = load_labelled_answers([write(tmp_path / "kto_en_demo.json", KTO_DEMO, jsonl=False)])
+    assert [a.desirable for a in demo] == [True, False]
+    assert demo[1].prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    assert demo[1].answer == [{"role": "assistant", "content": "Five."}] and demo[1].source.endswith("record 1")
+    trl = [{"prompt": "q", "completion": "good", "label": True},
+           {"prompt": [{"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "content": "bad"}],
+            "label": False}]
+    rows = load_labelled_answers([write(tmp_path / "trl.jsonl", trl)])
+    assert [(a.prompt[-1]["content"], a.answer[0]["content"], a.desirable) for a in rows] == [
+        ("q", "good", True), ("q2", "bad", False)]
+    pairs = load_labelled_answers([write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])])
+    assert [(a.answer[0]["content"], a.desirable) for a in pairs] == [("c", True), ("r", False)]
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "boolean 'label'.*got 'yes'"),
+    ({"prompt": "q", "completion": "a"}, "boolean 'label'.*got missing"),
+    ({"messages": [{"role": "user", "content": "q"}], "label": True}, "a prompt before the answer"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], "label": True},
+     "assistant message"),
+    ({"completion": "a", "label": True}, "'prompt' field beside 'completion'"),
+    ({"text": "a", "label": True}, "'messages' \\+ 'label'.*keys are label, text"),
+])
+def test_kto_errors_name_file_and_line(tmp_path: Path, record: dict, expected: str) -> None:
+    path = write(tmp_path / "kto.jsonl", [{"prompt": "fine", "completion": "ok", "label": True}, record])
+    with pytest.raises(InputFileError, match=f"kto.jsonl, line 2: expected .*{expected}"):
+        load_labelled_answers([path])

@@ -3,7 +3,9 @@ SFT / reward / DPO / PPO, RLAIF labelling, and exact resume of each stage after 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -124,6 +126,40 @@ def test_every_peft_method_through_every_stage(task: Path, tmp_path: Path, name:
         assert (final / "adapter_config.json").is_file() and (final / "tokenizer.json").is_file()
         records = [json.loads(r) for r in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["split"] == "train")
+
+
+LOSS_SETTINGS = {"hinge": {}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0, "gamma": 0.5},
+                 "cpo": {"nll_weight": 1.0}, "orpo": {"beta": 0.1}, "kto": {"desirable_weight": 1.0}}
+
+
+@pytest.mark.parametrize("loss", list(LOSS_SETTINGS))
+def test_every_preference_loss_through_the_stage(task: Path, tmp_path: Path, loss: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `dpo.loss` trains end to end (full fine-tuning, so a reference would be a frozen copy); the reference-free
+    ones never build a reference, and KTO reads LLaMA-Factory's messages + label layout."""
+    from lmcraft.align.preference_losses import REFERENCE_FREE
+    from lmcraft.peft import training
+
+    cfg = stage_config("dpo", task, tmp_path / "dpo", max_steps=2, eval_every=2)
+    cfg["dpo"] = {"loss": loss, **LOSS_SETTINGS[loss]}
+    if loss == "kto":
+        rows = [json.loads(line) for line in (task / "pairs.jsonl").read_text().splitlines()]
+        kto = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}],
+                "label": side == "chosen"} for r in rows for side in ("chosen", "rejected")]
+        (tmp_path / "kto.json").write_text(json.dumps(kto))
+        cfg["data"]["train"] = [str(tmp_path / "kto.json")]
+    built = []
+    monkeypatch.setattr(training, "reference_policy", lambda model: built.append(1) or training.ReferencePolicy(
+        copy.deepcopy(model)))
+    summary = run_stage("dpo", cfg, tmp_path / "dpo.yaml")
+    assert summary["step"] == 2 and summary["loss"] == loss and summary["eval_reward_accuracy"] is not None
+    assert built == ([] if loss in REFERENCE_FREE else [1])
+    assert (tmp_path / "dpo" / "reference_train.json").is_file() == (loss in ("hinge", "robust"))
+    records = [json.loads(r) for r in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) for r in train)
+    if loss == "kto":
+        assert summary["examples"] == 20 and all(r["kl"] >= 0 for r in train)
 
 
 def test_full_finetuning_chain_sft_reward_ppo_and_dpo(task: Path, tmp_path: Path) -> None:

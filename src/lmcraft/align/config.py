@@ -156,13 +156,32 @@ class PPOSection(SamplingSettings):
 
 
 class DPOSection(Section):
-    beta: float = Field(0.1, gt=0)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["precompute", "on_the_fly"] = "precompute"
+    """The preference stage's loss (formulas in lmcraft.align.preference_losses) and its settings.
+
+    Reference-based: sigmoid (DPO), ipo, hinge, robust; reference-free (no reference model): simpo, cpo, orpo;
+    unpaired: kto (examples labelled desirable/undesirable; the reference runs in every step, since the reference
+    point comes from the micro-batch). A setting given a non-default value for a loss that does not use it is an
+    error.
+    """
+
+    beta: float = Field(0.1, gt=0, description="beta (ORPO: lambda, the weight of the odds-ratio term)")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "cpo", "orpo", "kto"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid, robust: label-flip rate e")
+    gamma: float = Field(0.5, description="simpo: target reward margin gamma")
+    nll_weight: float = Field(1.0, ge=0, description="cpo: alpha, the weight of the chosen answer's NLL")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: lambda_D")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: lambda_U")
+    reference: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="sigmoid/ipo/hinge/robust: reference log-probs computed once or in every step")
+
+    _ONLY = {"label_smoothing": ("sigmoid", "robust"), "gamma": ("simpo",), "nll_weight": ("cpo",),
+             "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+             "reference": ("sigmoid", "ipo", "hinge", "robust", "kto")}  # kto: on_the_fly whatever is set
 
     @model_validator(mode="after")
-    def _smoothing(self) -> DPOSection:
-        if self.loss == "ipo" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to loss: sigmoid only")
+    def _settings_of_the_loss(self) -> DPOSection:
+        for key, losses in self._ONLY.items():
+            if key in self.model_fields_set and self.loss not in losses and getattr(self, key) != \
+                    type(self).model_fields[key].default:
+                raise ValueError(f"dpo.{key} applies to loss: {' / '.join(losses)} only, not {self.loss}")
         return self

@@ -17,6 +17,14 @@ Preference formats (one record = a prompt and two answers, `chosen` preferred ov
 
 A preference record may carry a numeric "margin" (how clearly chosen wins), used by the reward model's loss.
 
+Labelled-answer formats (KTO: one record = a prompt, one answer, and whether the answer is desirable):
+
+- `messages`: {"messages": [..., {"role": "assistant", ...}], "label": true | false} (LLaMA-Factory's kto_en_demo):
+              the prompt is every message before the last, which must be the assistant's answer
+- `prompt`:   {"prompt": str | messages, "completion": str | messages, "label": true | false} (TRL's unpaired
+              preference layout)
+- a preference record (any format above) gives two: chosen (desirable) and rejected (undesirable)
+
 `auto` picks the format from the keys of each record. Every problem names the file, the record (JSON array
 index) or line (JSONL) and what was expected. Files are read by the one record reader (`lmcraft.data.records`), so
 any of its formats works (JSON, JSONL, CSV/TSV, Parquet; compressed, globbed, or `asset:` paths).
@@ -34,11 +42,14 @@ from lmcraft.errors import ConfigError, InputFileError
 
 __all__ = [
     "Conversation",
+    "LabelledAnswer",
     "Message",
     "PreferencePair",
     "load_conversations",
+    "load_labelled_answers",
     "load_preferences",
     "load_prompts",
+    "record_to_labelled",
     "record_to_messages",
     "record_to_preference",
     "record_to_prompt",
@@ -78,6 +89,16 @@ class PreferencePair:
         if self.margin:
             record["margin"] = self.margin
         return record
+
+
+@dataclass
+class LabelledAnswer:
+    """A prompt (messages ending with a user turn), one answer (assistant messages), and its label."""
+
+    prompt: list[Message]
+    answer: list[Message]
+    desirable: bool
+    source: str
 
 
 class _Bad(Exception):
@@ -250,6 +271,44 @@ def record_to_preference(record: dict[str, Any], fmt: PreferenceFormat = "auto",
     return PreferencePair(prompt, chosen, rejected, where, float(margin))
 
 
+def _labelled(record: dict[str, Any], where: str) -> list[LabelledAnswer]:
+    if "chosen" in record and "rejected" in record:
+        pair = record_to_preference(record, "auto", where)
+        return [LabelledAnswer(pair.prompt, pair.chosen, True, where),
+                LabelledAnswer(pair.prompt, pair.rejected, False, where)]
+    label = record.get("label")
+    if not isinstance(label, bool):
+        got = "missing" if "label" not in record else repr(label)
+        raise _Bad(f"a boolean 'label' (true = desirable answer, false = undesirable), got {got}")
+    if "messages" in record:
+        messages = _openai_messages(record["messages"], "'messages'")
+        prompt, answer = messages[:-1], messages[-1:]
+        if not prompt:
+            raise _Bad("'messages' with a prompt before the answer (the last message)")
+    elif "completion" in record:
+        raw = record.get("prompt")
+        if raw is None:
+            raise _Bad("a 'prompt' field beside 'completion'")
+        prompt = [{"role": "user", "content": raw}] if isinstance(raw, str) else _openai_messages(raw, "'prompt'")
+        answer = _answer(record["completion"], "'completion'")
+    else:
+        raise _Bad("'messages' + 'label' (LLaMA-Factory KTO), 'prompt' + 'completion' + 'label' (TRL), or a "
+                   f"preference record with 'chosen' and 'rejected'; keys are {', '.join(sorted(record)) or 'none'}")
+    if answer[-1]["role"] != "assistant":
+        raise _Bad("the answer (the last message) to be an assistant message")
+    if prompt[-1]["role"] == "assistant":
+        raise _Bad("a prompt that ends with a user (or system/tool) message, not an assistant one")
+    return [LabelledAnswer(prompt, answer, label, where)]
+
+
+def record_to_labelled(record: dict[str, Any], where: str = "record") -> list[LabelledAnswer]:
+    """The labelled answers of one record (see the module docstring: one, or two from a preference record)."""
+    try:
+        return _labelled(record, where)
+    except _Bad as err:
+        raise InputFileError(*_split(where), f"expected {err}") from None
+
+
 def record_to_prompt(record: dict[str, Any], where: str = "record") -> list[Message]:
     """The prompt of any record: {"prompt"}, a preference record's prompt, or a conversation up to its last
     assistant message (an alpaca record without "output" is a prompt too)."""
@@ -299,6 +358,11 @@ def load_preferences(paths: Sequence[str | Path], fmt: PreferenceFormat = "auto"
                      limit: int | None = None) -> list[PreferencePair]:
     """Every preference pair of the files (the first `limit` records when given)."""
     return [record_to_preference(r, fmt, where) for where, r in _records(paths, limit)]
+
+
+def load_labelled_answers(paths: Sequence[str | Path], limit: int | None = None) -> list[LabelledAnswer]:
+    """Every labelled answer of the files (KTO data; the first `limit` records when given)."""
+    return [a for where, r in _records(paths, limit) for a in record_to_labelled(r, where)]
 
 
 def load_prompts(paths: Sequence[str | Path], limit: int | None = None) -> list[tuple[list[Message], str]]:

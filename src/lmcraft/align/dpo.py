@@ -1,70 +1,65 @@
-"""Direct preference optimisation (Rafailov et al. 2023) and its IPO / label-smoothed variants.
+"""The preference stage: preference pairs (or KTO's labelled answers), a loss of `lmcraft.align.preference_losses`
+(DPO, IPO, hinge, robust; SimPO, CPO, ORPO without a reference; KTO), and the reference policy where the loss has one.
 
-With log-probabilities of the answers under the policy (pi) and the frozen reference (ref), summed over the answer
-tokens, and the implicit rewards r_c = beta (log pi(y_c|x) - log ref(y_c|x)) and
-r_r = beta (log pi(y_r|x) - log ref(y_r|x)):
+Answer log-probabilities log pi(y|x) are summed over the answer tokens through the LM head in chunks
+(`objectives.lm_head.model_sequence_logprobs`: no batch x length x vocabulary tensor). The reference log-probs are
+either computed once before training (`reference: precompute`; cached in the run folder) or in every step; the
+reference is the model with its adapters disabled for PEFT runs (no second copy), else a frozen copy of the start
+model (`lmcraft.peft.training.reference_policy`). The reference-free losses (simpo, cpo, orpo) never build or run a
+reference. KTO runs it in every step: its reference point z comes from mismatched pairs (x_i, y_{i-1}) of the
+micro-batch, which `UnpairedData.collate` appends as extra rows (scored without gradient).
 
-    h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))
-    sigmoid (DPO):           L = -log sigma(beta h)
-    sigmoid + smoothing e:   L = -(1 - e) log sigma(beta h) - e log sigma(-beta h)    (conservative DPO: labels
-                                                                                        flipped with probability e)
-    ipo (Azar et al. 2023):  L = (h' - 1 / (2 beta))^2, h' as h with log-probs averaged over the answer tokens
-
-The reference log-probs are either computed once before training (`reference: precompute`; cached in the run
-folder) or on the fly in every step; the reference is the model with its adapters disabled for PEFT runs (no second
-copy), else a frozen copy of the start model (`lmcraft.peft.training.reference_policy`). Metrics per pair: reward
-accuracy [r_c > r_r], margin r_c - r_r, and the mean implicit rewards.
+Metrics per pair: reward accuracy [r_c > r_r], margin r_c - r_r, and the mean implicit rewards; for KTO the signed
+margin s = +-(r - beta z) (+ for desirable answers), its accuracy [s > 0], and z (`kl`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from lmcraft.align.instruct import ChatFormatter
+from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, truncate
+from lmcraft.align.preference_losses import (
+    REFERENCE_FREE,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    simpo_loss,
+)
 from lmcraft.align.reward import PairData, TokenizedPair, collate_pairs, load_pairs
 from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
 from lmcraft.io import read_json, write_json
-from lmcraft.objectives.lm_head import scored_batches, sequence_logprobs
+from lmcraft.objectives.lm_head import model_sequence_logprobs, scored_batches
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lmcraft.align.config import DPOSection
+    from lmcraft.align.config import DPOSection, PairsData
+    from lmcraft.align.data import LabelledAnswer
     from lmcraft.peft.training import ReferencePolicy
     from lmcraft.train import LossOutput
 
-__all__ = ["DPO", "DPOLoss", "WithReference", "dpo_loss", "precompute_reference", "reference_logps"]
+__all__ = ["DPO", "DPOLoss", "UnpairedData", "WithReference", "build_unpaired_data", "dpo_loss", "load_unpaired",
+           "mismatched", "precompute_reference", "reference_logps"]
 
-LossType = Literal["sigmoid", "ipo"]
 
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, loss_type: LossType = "sigmoid", label_smoothing: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair losses, chosen rewards, rejected rewards) from answer log-probs (see the module docstring; for
-    `ipo` pass log-probs averaged over the answer tokens)."""
-    import torch.nn.functional as F
-
-    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    h = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose sigmoid or ipo")
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+def _logps(model: nn.Module, batch: dict[str, Any], rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer log-probs, answer token counts) of the rows `rows` of `batch` under `model`."""
+    return model_sequence_logprobs(model, batch["labels"][rows], input_ids=batch["input_ids"][rows],
+                                   attention_mask=batch["attention_mask"][rows])
 
 
 def reference_logps(reference: ReferencePolicy, policy: nn.Module, batch: dict[str, Any]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer log-probs, answer token counts) per row of `batch` under the reference policy."""
     with reference.active(policy) as net:
-        logits = net(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logprobs(logits, batch["labels"])
+        return _logps(net, batch)
 
 
 def precompute_reference(model: nn.Module, reference: ReferencePolicy, data: PairData, batch_size: int,
@@ -122,59 +117,179 @@ class WithReference:
         return out
 
 
-class DPOLoss:
-    """The trainer's loss_fn: summed DPO loss over the pairs of a micro-batch (see the module docstring)."""
+def mismatched(prompt_of: Tokenized, answer_of: Tokenized, max_length: int) -> Tokenized:
+    """The prompt tokens of `prompt_of` followed by the answer tokens of `answer_of` (trained as there), cut to
+    `max_length` from the prompt's left: a KTO reference-point row."""
+    p, q = prompt_of.prompt_length(), answer_of.prompt_length()
+    ids = prompt_of.input_ids[:p] + answer_of.input_ids[q:]
+    trained = [False] * p + answer_of.trained[q:]
+    row = truncate(Tokenized(ids, trained, "", [(0, 0)] * len(ids), prompt_of.source), max_length, "right",
+                   keep_answer=True)
+    assert row is not None  # the answer keeps its trained tokens
+    return row
 
-    def __init__(self, beta: float = 0.1, loss_type: LossType = "sigmoid", label_smoothing: float = 0.0,
-                 reference: ReferencePolicy | None = None) -> None:
-        if loss_type == "ipo" and label_smoothing:
-            raise ValueError("label_smoothing applies to the sigmoid loss only")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.reference = reference
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+@dataclass
+class UnpairedData:
+    """Tokenized labelled answers (KTO): items are (example, desirable). A batch of B items holds 2B rows: the B
+    examples, then the B mismatched rows (prompt i, answer i - 1, the first taking the last's answer; a batch of one,
+    e.g. the last held-out batch, pairs the example with itself); `desirable` (B,) bool."""
+
+    items: list[tuple[Tokenized, bool]]
+    pad_id: int
+    max_length: int
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Tokenized, bool]:
+        return self.items[i]
+
+    def collate(self, batch: list[tuple[Tokenized, bool]]) -> dict[str, torch.Tensor]:
         import torch
 
+        from lmcraft.align.instruct import collate_padded
+
+        examples = [ex for ex, _ in batch]
+        kl = [mismatched(examples[i], examples[i - 1], self.max_length) for i in range(len(examples))]
+        out = collate_padded(examples + kl, self.pad_id)
+        out["desirable"] = torch.tensor([label for _, label in batch], dtype=torch.bool)
+        out["num_tokens"] = int(out["attention_mask"][:len(batch)].sum())
+        return out
+
+
+def build_unpaired_data(answers: Sequence[LabelledAnswer], formatter: ChatFormatter, max_length: int,
+                        truncation: Truncation = "right") -> UnpairedData:
+    """Render prompt + answer of every labelled answer (prompt cut from the left when too long); the whole sequences
+    are checked first (`align.data_checks`)."""
+    from lmcraft.align.data_checks import check_chat_examples
+    from lmcraft.align.instruct import collate_padded
+
+    whole = [formatter.tokenize_pair(a.prompt, a.answer, a.source) for a in answers]
+    items, dropped = [], 0
+    for a, full in zip(answers, whole, strict=True):
+        ex = truncate(full, max_length, truncation, keep_answer=True)
+        if ex is None:
+            dropped += 1
+        else:
+            items.append((ex, a.desirable))
+    pad = formatter.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    checks = check_chat_examples([[*a.prompt, *a.answer] for a in answers], whole, formatter.tokenizer.eos_token_ids,
+                                 lambda exs: collate_padded(exs, pad))
+    print(checks.line(), file=sys.stderr)
+    return UnpairedData(items, pad, max_length, dropped)
+
+
+def load_unpaired(data: PairsData, formatter: ChatFormatter) -> tuple[UnpairedData, UnpairedData | None]:
+    """(train, held-out or None) labelled answers of a `data` section (`dpo.loss: kto`)."""
+    from lmcraft.align.config import split_eval
+    from lmcraft.align.data import load_labelled_answers
+    from lmcraft.errors import ConfigError
+
+    if data.format != "auto":
+        raise ConfigError(f"dpo.loss: kto reads labelled answers, whose layout is found from each record's keys; "
+                          f"remove data.format ({data.format!r})")
+    answers = load_labelled_answers(data.train, data.limit)
+    evals = load_labelled_answers(data.eval) if data.eval else []
+    if not evals:
+        answers, evals = split_eval(answers, data.val_size, data.seed)
+    train = build_unpaired_data(answers, formatter, data.max_length, data.truncation)
+    evaluation = build_unpaired_data(evals, formatter, data.max_length, data.truncation) if evals else None
+    return train, evaluation
+
+
+class DPOLoss:
+    """The trainer's loss_fn: the summed loss `settings.loss` over the pairs (or KTO examples) of a micro-batch.
+
+    `reference` is the reference policy, needed unless the loss is reference-free or the batches carry precomputed
+    `ref_chosen` / `ref_rejected` (see the module docstring)."""
+
+    def __init__(self, settings: DPOSection, reference: ReferencePolicy | None = None) -> None:
+        self.settings, self.reference = settings, reference
+
+    def _reference(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        import torch
+
+        if "ref_chosen" in batch:
+            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+        if self.reference is None:
+            raise ValueError(f"loss {self.settings.loss!r} needs a ReferencePolicy, or batches with precomputed "
+                             "ref_chosen / ref_rejected")
+        return reference_logps(self.reference, model, batch)[0]
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         from lmcraft.train import LossOutput
 
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, counts = sequence_logprobs(logits, batch["labels"])
+        if self.settings.loss == "kto":
+            return self._kto(model, batch)
+        s = self.settings
+        logps, counts = _logps(model, batch)
         b = logps.shape[0] // 2
-        if "ref_chosen" in batch:
-            ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).to(logps)
-        elif self.reference is not None:
-            ref, _ = reference_logps(self.reference, model, batch)
+        avg = logps / counts
+        if s.loss == "simpo":
+            losses, r_c, r_r = simpo_loss(avg[:b], avg[b:], s.beta, s.gamma)
+        elif s.loss == "cpo":
+            losses, r_c, r_r = cpo_loss(logps[:b], logps[b:], counts[:b], s.beta, s.nll_weight)
+        elif s.loss == "orpo":
+            losses, r_c, r_r = orpo_loss(avg[:b], avg[b:], s.beta)
         else:
-            raise ValueError("DPOLoss needs a ReferencePolicy, or batches with precomputed ref_chosen / ref_rejected")
-        if self.loss_type == "ipo":
-            logps, ref = logps / counts, ref / counts
-        losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta, self.loss_type,
-                                    self.label_smoothing)
+            ref = self._reference(model, batch).to(logps)
+            pol = avg if s.loss == "ipo" else logps
+            ref = ref / counts if s.loss == "ipo" else ref
+            losses, r_c, r_r = dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], s.beta, s.loss, s.label_smoothing)
         metrics = {"reward_accuracy": (r_c > r_r).float().mean(), "reward_margin": (r_c - r_r).mean(),
                    "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
                    "logp_chosen": logps[:b].detach().mean(), "logp_rejected": logps[b:].detach().mean()}
         return LossOutput(losses.sum(), b, metrics, num_tokens=batch.get("num_tokens"))
 
+    def _kto(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        import torch
+
+        from lmcraft.train import LossOutput
+
+        s, desirable = self.settings, batch["desirable"]
+        b = desirable.shape[0]
+        logps, _ = _logps(model, batch, slice(0, b))
+        with torch.no_grad():
+            kl_logps, _ = _logps(model, batch, slice(b, None))
+        ref = self._reference(model, batch).to(logps)
+        z = kto_reference_point(kl_logps, ref[b:])
+        losses, rewards = kto_loss(logps, ref[:b], desirable, z, s.beta, s.desirable_weight, s.undesirable_weight)
+        signed = torch.where(desirable, rewards - s.beta * z, s.beta * z - rewards)
+        metrics = {"reward_accuracy": (signed > 0).float().mean(), "reward_margin": signed.mean(), "kl": z,
+                   "logp": logps.detach().mean()}
+        return LossOutput(losses.sum(), b, metrics, num_tokens=batch.get("num_tokens"))
+
 
 class DPO(AlignmentMethod):
-    """DPO in the run template: preference pairs, the reference policy (its log-probs precomputed once, or on the
-    fly), `DPOLoss`, the held-out score as an evaluation; OUT/dpo_curves.png and the held-out numbers."""
+    """The preference stage in the run template: pairs (or labelled answers for KTO), the reference policy where the
+    loss has one (log-probs precomputed once, or in each step), `DPOLoss`, the held-out score as an evaluation;
+    OUT/dpo_curves.png and the held-out numbers."""
 
     name = "dpo"
 
     def __init__(self, settings: DPOSection) -> None:
         self.settings = settings
 
-    def data(self, run: Run) -> tuple[PairData, PairData | None]:
-        return load_pairs(run.cfg.data, ChatFormatter(run.start.tokenizer, train_on="last"))
+    def data(self, run: Run) -> tuple[PairData | UnpairedData, PairData | UnpairedData | None]:
+        formatter = ChatFormatter(run.start.tokenizer, train_on="last")
+        if self.settings.loss == "kto":
+            return load_unpaired(run.cfg.data, formatter)
+        return load_pairs(run.cfg.data, formatter)
 
     def plan(self, run: Run) -> TrainPlan:
+        from lmcraft.errors import ConfigError
         from lmcraft.peft.training import reference_policy
 
         d, t, model = self.settings, run.cfg.trainer, run.training.model
-        reference: ReferencePolicy | None = reference_policy(model)
+        if d.loss == "kto" and t.micro_batch_size < 2:
+            raise ConfigError("dpo.loss: kto estimates its reference point from mismatched pairs of a micro-batch; "
+                              "set trainer.micro_batch_size to 2 or more")
+        reference = None if d.loss in REFERENCE_FREE else reference_policy(model)
         train, evaluation = run.train, run.evaluation
-        if d.reference == "precompute":
+        if reference is not None and d.loss != "kto" and d.reference == "precompute":
             batch = t.eval_batch_size or t.micro_batch_size
             train = WithReference(train, precompute_reference(model, reference, train, batch,
                                                               run.out / "reference_train.json", t.progress))
@@ -184,7 +299,7 @@ class DPO(AlignmentMethod):
             reference = None  # the copy (if any) is no longer needed
         scorer = run.scorer
         eval_fn = (lambda trainer: {"score": scorer(trainer.model)}) if scorer is not None else None
-        return TrainPlan(DPOLoss(d.beta, d.loss, d.label_smoothing, reference), train, evaluation, eval_fn=eval_fn)
+        return TrainPlan(DPOLoss(d, reference), train, evaluation, eval_fn=eval_fn)
 
     def summary(self, run: Run) -> dict[str, Any]:
         from lmcraft.align.plots import plot_dpo
@@ -194,5 +309,7 @@ class DPO(AlignmentMethod):
             plot_dpo(history, run.start_score, run.out / "dpo_curves.png")
         evals = [r for r in history if r["split"] == "eval"]
         last = evals[-1] if evals else {}
-        return {"pairs": len(run.train), "start_score": run.start_score, "eval_score": last.get("eval_score"),
-                "eval_reward_accuracy": last.get("eval_reward_accuracy"), "eval_loss": last.get("eval_loss")}
+        count = "examples" if self.settings.loss == "kto" else "pairs"
+        return {"loss": self.settings.loss, count: len(run.train), "start_score": run.start_score,
+                "eval_score": last.get("eval_score"), "eval_reward_accuracy": last.get("eval_reward_accuracy"),
+                "eval_loss": last.get("eval_loss")}

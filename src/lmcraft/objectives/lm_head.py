@@ -2,7 +2,9 @@
 
 `token_logprobs(logits, tokens, T)` = log softmax(logits / T)[tokens], the one gather every scorer uses (DPO's answer
 log-probs, PPO's rollout and update log-probs); `sequence_logprobs` sums it over labelled tokens (labels != -100)
-of next-token logits. The summed cross-entropy itself is `objectives.base.token_cross_entropy`.
+of next-token logits, and `model_sequence_logprobs` computes the same from a model through the LM head in chunks
+(`ChunkedTokenLogprobs`, no (B, T, V) logits). The summed cross-entropy itself is
+`objectives.base.token_cross_entropy`.
 
 The chunked LM-head loss computes the causal-LM loss through the output layer without materialising the (B, T, V)
 logits. For final hidden states h (N, H) (N = B * T positions), the LM head W (V, H) and next-token targets y
@@ -32,8 +34,9 @@ from torch import nn
 from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
 
-__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "next_token_loss", "scoring",
-           "scored_batches", "sequence_logprobs", "token_logprobs"]
+__all__ = ["ChunkedLMLoss", "ChunkedTokenLogprobs", "chunked_lm_loss", "default_rows", "lm_head_weight",
+           "model_sequence_logprobs", "next_token_loss", "scoring", "scored_batches", "sequence_logprobs",
+           "token_logprobs"]
 
 T = TypeVar("T")
 
@@ -160,3 +163,73 @@ def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool = True, 
     out = model(**inputs, logits_to_keep=1)
     loss, count = chunked_lm_loss(out.hidden_states, weight, labels)
     return loss, count, out.logits
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h_i W^T)[y_i] per position (0 where y_i = -100), `rows` positions at a time: (N,) fp32.
+
+    The forward keeps only the log-normaliser lse_i of each position; the backward recomputes each chunk's logits
+    z_i = W h_i and applies d logp_i / dz_i = onehot(y_i) - softmax(z_i), scaled by the incoming gradient g_i:
+    dh_i = W^T dz_i, dW = sum_i dz_i h_i^T. Unlike `ChunkedLMLoss` (one scalar), the outputs are per position, so
+    their gradients are known only in the backward pass; the price is a second pass of chunk products there."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
+                ) -> torch.Tensor:
+        w = weight.to(hidden.dtype)
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(out)
+        for start in range(0, hidden.shape[0], rows):
+            y = targets[start:start + rows]
+            keep = y != IGNORE_INDEX
+            if not bool(keep.any()):
+                continue
+            z = (hidden[start:start + rows] @ w.T).float()
+            lse[start:start + rows] = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1)
+            out[start:start + rows] = (picked - lse[start:start + rows]) * keep
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            y = targets[start:start + ctx.rows]
+            keep = y != IGNORE_INDEX
+            if not bool(keep.any()):
+                continue
+            h = hidden[start:start + ctx.rows]
+            g = grad_out[start:start + ctx.rows].float() * keep
+            # dz = g (onehot(y) - softmax(z)), built in place in z
+            z = (h @ w.T).float()
+            z.sub_(lse[start:start + ctx.rows, None]).exp_().mul_(-g[:, None])
+            z[torch.arange(z.shape[0], device=z.device), torch.where(keep, y, 0)] += g
+            dz = z.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start:start + ctx.rows] = dz @ w
+            if grad_w is not None:
+                grad_w += (dz.T @ h).float()
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
+
+
+def model_sequence_logprobs(model: nn.Module, labels: torch.Tensor, rows: int | None = None, **inputs: Any
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of `model` on `inputs` (per row: summed log-probs of the labelled tokens, and their count).
+
+    With a plain LM head (`lm_head_weight`) the log-probs go through the head in chunks (`ChunkedTokenLogprobs`),
+    so no (B, T, V) logits exist; otherwise they come from the model's full logits."""
+    weight = lm_head_weight(model)
+    if weight is None:
+        return sequence_logprobs(model(**inputs).logits, labels)
+    hidden = model(**inputs, logits_to_keep=1).hidden_states[:, :-1]
+    y = labels[:, 1:]
+    keep = y != IGNORE_INDEX
+    logp = ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, y.reshape(-1),
+                                      rows or default_rows(weight.shape[0]))
+    return logp.view(y.shape).sum(-1), keep.sum(-1)

@@ -1,12 +1,15 @@
-"""`lmcraft dpo CONFIG.yaml [key=value ...]`: direct preference optimisation (DPO, IPO, label-smoothed DPO).
+"""`lmcraft dpo CONFIG.yaml [key=value ...]`: preference tuning, `dpo.loss` one of sigmoid (DPO), ipo, hinge, robust,
+simpo, cpo, orpo (no reference model) or kto (answers labelled desirable/undesirable).
 
-Wiring (the math lives in lmcraft.align.dpo):
+Wiring (the formulas live in lmcraft.align.preference_losses, the method in lmcraft.align.dpo):
 
 1. policy from `model.from` (typically the SFT output; an adapter folder is merged into its base) and its tokenizer;
-2. pairs as in `lmcraft reward` (answer tokens masked for the log-probs);
-3. the reference: the start model; with PEFT the policy with its adapters disabled (no second copy), else a frozen
-   copy. `dpo.reference: precompute` computes the reference log-probs of every pair once (cached in OUT/, so a
-   resumed run reuses them) and frees the copy; `on_the_fly` recomputes them in every step;
+2. pairs as in `lmcraft reward` (answer tokens masked for the log-probs); for kto, labelled answers (`messages` +
+   `label`, `prompt`/`completion`/`label`, or pairs split into a desirable and an undesirable answer);
+3. the reference (not for simpo/cpo/orpo): the start model; with PEFT the policy with its adapters disabled (no
+   second copy), else a frozen copy. `dpo.reference: precompute` computes the reference log-probs of every pair
+   once (cached in OUT/, so a resumed run reuses them) and frees the copy; `on_the_fly` recomputes them in every
+   step (always for kto, whose reference point comes from each micro-batch);
 4. the Trainer (exact resume by rerunning the command); evaluation reports the DPO loss and reward accuracy/margin
    on held-out pairs, and `eval_score` (mean score of sampled answers to held-out prompts) when `score_eval` is set;
 5. OUT/final (model or adapter, with the tokenizer), samples.json before/after, summary.json.
