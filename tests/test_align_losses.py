@@ -18,6 +18,7 @@ from lmcraft.align.ppo import (
     RolloutEngine,
     RolloutLoader,
     gae,
+    minibatch_plan,
     policy_loss,
     token_rewards,
     value_loss,
@@ -172,7 +173,8 @@ def test_rollout_loader_plan_and_state(tiny_model) -> None:
     for _ in range(8):
         rows.append(loader.next_batch()["input_ids"].shape[0])
     assert rows == [1] * 8 and loader.rollout_index == 1 and loader.position == 0
-    assert sorted(sum(loader._plan()[:4], [])) == [0, 1, 2, 3]  # each epoch visits every row once
+    plan = minibatch_plan(loader.seed, loader.rollout_index, 2, 4, 1)
+    assert sorted(sum(plan[:4], [])) == [0, 1, 2, 3]  # each epoch visits every row once
     state = loader.state_dict()
     loader.next_batch()
     with pytest.raises(Exception, match="middle of a rollout"):

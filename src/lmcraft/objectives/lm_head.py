@@ -4,6 +4,11 @@
 log-probs, PPO's rollout and update log-probs); `sequence_logprobs` sums it over labelled tokens (labels != -100)
 of next-token logits. The summed cross-entropy itself is `objectives.base.token_cross_entropy`.
 
+`chunked_token_logprobs(h, head, y, T)` is the same gather (and the entropy of each distribution) computed `rows`
+positions at a time from the final hidden states, each chunk under activation checkpointing: the forward keeps no
+logits and the backward recomputes one chunk's rows x V logits at a time, so no (B, n, V) tensor ever exists;
+`answer_logprobs` applies it to the answer tokens after a prompt (GRPO's policy, old-policy and reference passes).
+
 The chunked LM-head loss computes the causal-LM loss through the output layer without materialising the (B, T, V)
 logits. For final hidden states h (N, H) (N = B * T positions), the LM head W (V, H) and next-token targets y
 (-100 = ignored), the summed loss and its gradients are
@@ -32,8 +37,8 @@ from torch import nn
 from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
 
-__all__ = ["ChunkedLMLoss", "chunked_lm_loss", "default_rows", "lm_head_weight", "next_token_loss", "scoring",
-           "scored_batches", "sequence_logprobs", "token_logprobs"]
+__all__ = ["ChunkedLMLoss", "answer_logprobs", "chunked_lm_loss", "chunked_token_logprobs", "default_rows",
+           "lm_head_weight", "next_token_loss", "scoring", "scored_batches", "sequence_logprobs", "token_logprobs"]
 
 T = TypeVar("T")
 
@@ -160,3 +165,49 @@ def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool = True, 
     out = model(**inputs, logits_to_keep=1)
     loss, count = chunked_lm_loss(out.hidden_states, weight, labels)
     return loss, count, out.logits
+
+
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = (head(h).float() / temperature).log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(1, y[:, None]).squeeze(1), entropy
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, rows: int,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(head(h) / T)[tokens], entropy) per position for hidden (B, n, H) aligned with tokens (B, n).
+
+    Equal to `token_logprobs(head(hidden), tokens, T)`, computed `rows` positions at a time; with gradients enabled
+    each chunk is checkpointed (its logits are recomputed in the backward pass), so at most rows x V logits exist at
+    once. The entropy -sum_v p_v log p_v is returned without a gradient (a metric)."""
+    from torch.utils.checkpoint import checkpoint
+
+    shape = tokens.shape
+    h, y = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    parts = []
+    for start in range(0, h.shape[0], rows):
+        args = (head, h[start:start + rows], y[start:start + rows], temperature)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    if not parts:
+        empty = hidden.new_zeros(shape, dtype=torch.float32)
+        return empty, empty
+    logp, entropy = (torch.cat(p).reshape(shape) for p in zip(*parts, strict=True))
+    return logp, entropy
+
+
+def answer_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                    temperature: float = 1.0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies) of the tokens input_ids[:, start:] given everything before them, through the model's
+    LM head in chunks (`chunked_token_logprobs`); the model computes the logits of its last position only."""
+    inner = getattr(model, "module", model)
+    base = getattr(inner, "base_model", inner)
+    if getattr(base, "head_kind", None) != "lm":
+        raise ValueError("answer_logprobs needs a causal language model with an LM head")
+    hidden = model(input_ids, attention_mask=attention_mask, logits_to_keep=1).hidden_states
+    rows = rows or default_rows(base.config.vocab_size)
+    return chunked_token_logprobs(hidden[:, start - 1:-1], base.head, input_ids[:, start:], rows, temperature)
