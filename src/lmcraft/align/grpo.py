@@ -152,18 +152,20 @@ class GroupRolloutEngine:
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(old-policy, reference) log-probs of the completions, each only where needed."""
         s = self.settings
-        old = ref = None
-        if self.keeps_old_logprobs:
-            old = torch.cat(scored_batches(self.policy, ids.shape[0], s.forward_batch_size, lambda rows: answer_logprobs(
-                self.policy, ids[rows], mask[rows], width, s.temperature)[0]))
-        if s.beta > 0:
-            parts = []
-            for lo in range(0, ids.shape[0], s.forward_batch_size):
-                rows = slice(lo, lo + s.forward_batch_size)
-                with self.reference.active(self.policy) as net:
-                    parts.append(answer_logprobs(net, ids[rows], mask[rows], width, s.temperature)[0])
-            ref = torch.cat(parts)
-        return old, ref
+        keep_old, keep_ref = self.keeps_old_logprobs, s.beta > 0
+        if not (keep_old or keep_ref):
+            return None, None
+
+        def score(rows: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            old = answer_logprobs(self.policy, ids[rows], mask[rows], width, s.temperature)[0] if keep_old else None
+            if not keep_ref:
+                return old, None
+            with self.reference.active(self.policy) as net:
+                return old, answer_logprobs(net, ids[rows], mask[rows], width, s.temperature)[0]
+
+        parts = scored_batches(self.policy, ids.shape[0], s.forward_batch_size, score)
+        old, ref = ([p[k] for p in parts] for k in (0, 1))
+        return (torch.cat(old) if keep_old else None), (torch.cat(ref) if keep_ref else None)
 
     def make(self, draw: Callable[[], list[dict[str, Any]]], seed_of: Callable[[int], int]) -> GroupRollout:
         """One rollout: prompt batches from `draw()` (one per round), round k sampled with seed `seed_of(k)`."""

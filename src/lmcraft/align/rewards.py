@@ -63,8 +63,8 @@ def task_items(section: TaskSection) -> tuple[list[dict[str, Any]], list[dict[st
         docs = arithmetic_problems(need, section.seed, section.max_operand, section.operators)
         questions, answers, system = [d["question"] for d in docs], [d["answer"] for d in docs], section.system
     else:
-        from lmcraft.prompting.templates import fill
         from lmcraft.prompting.tasks import load_task
+        from lmcraft.prompting.templates import fill
 
         task = load_task(section.name)
         docs = task.docs()
