@@ -129,3 +129,12 @@ def test_grpo_resumes_exactly_after_sigkill(base: Path, tmp_path: Path, one_thre
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert records(full) == records(killed) and len(records(full)) >= 8
     assert (full / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPE.parent.glob("grpo-*.yaml")))
+def test_recipes_validate(recipe: str) -> None:
+    from lmcraft.config import load_config
+    from lmcraft.stages import grpo
+
+    cfg = load_config(grpo.config_class(), RECIPE.parent / recipe)
+    assert cfg.grpo.rows % cfg.trainer.micro_batch_size == 0

@@ -350,6 +350,10 @@ class HeldOutAccuracy(ScoreEvaluator):
         return hits / max(len(self.items), 1)
 
 
+def _series(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    return list(xs), list(ys)
+
+
 class GRPO(AlignmentMethod):
     """GRPO in the run template: task prompts, rollouts scored by the rewards and served by `GroupRolloutLoader`,
     `GRPOLoss`; held-out accuracy before, every `eval_every` rollouts and after. Writes OUT/rollouts.jsonl."""
@@ -390,6 +394,7 @@ class GRPO(AlignmentMethod):
         per_rollout = g.steps_per_rollout
         trainer_cfg = cfg.trainer.model_copy(update={
             "max_steps": self.total_steps(run), "grad_accum": g.minibatch_rows // cfg.trainer.micro_batch_size,
+            "plot": False,  # curves.png is drawn by `summary` (the trainer's plot expects an eval loss)
             "save_every": None if g.save_every is None else g.save_every * per_rollout})
         policy = run.training.model
         reference = reference_policy(policy) if g.beta > 0 else None
@@ -409,8 +414,28 @@ class GRPO(AlignmentMethod):
         write_jsonl(Path(run.out) / "rollouts.jsonl", rollouts)
         evals = [r for r in history if r["split"] == "eval"]
         peaks = [r["peak_memory_mb"] for r in history if "peak_memory_mb" in r]
+        if run.cfg.trainer.plot and rollouts:
+            self._plot(run, rollouts, history, evals)
         return {"prompts": len(run.train), "rollouts": len(rollouts), "loss_type": run.cfg.grpo.loss,
                 "first_rollout_reward": rollouts[0]["reward"] if rollouts else None,
                 "last_rollout_reward": rollouts[-1]["reward"] if rollouts else None,
                 "accuracy_before": run.start_score, "accuracy_after": evals[-1]["eval_score"] if evals else None,
                 "peak_memory_mb": max(peaks) if peaks else None}
+
+    def _plot(self, run: Run, rollouts: list[dict[str, float]], history: list[dict[str, Any]],
+              evals: list[dict[str, Any]]) -> None:
+        """OUT/curves.png: the rollouts' mean reward and each reward term, held-out accuracy, loss and entropy."""
+        from lmcraft.align.plots import plot_metrics
+
+        per_rollout = run.cfg.grpo.steps_per_rollout
+        x = [r["rollout"] + 1 for r in rollouts]
+        series = {name: _series(x, [r[name] for r in rollouts]) for name in rollouts[0]
+                  if name == "reward" or name.startswith("reward/")}
+        if evals:
+            points = [(0.0, run.start_score)] if run.start_score is not None else []
+            points += [(r["step"] / per_rollout, r["eval_score"]) for r in evals]
+            series["held-out accuracy"] = _series(*zip(*points, strict=True))
+        train = [r for r in history if r["split"] == "train"]
+        for key in ("loss", "entropy"):
+            series[key] = _series([r["step"] / per_rollout for r in train], [r[key] for r in train])
+        plot_metrics(series, Path(run.out) / "curves.png", title=f"GRPO ({run.cfg.grpo.loss})", xlabel="rollout")
