@@ -138,3 +138,11 @@ def test_recipes_validate(recipe: str) -> None:
 
     cfg = load_config(grpo.config_class(), RECIPE.parent / recipe)
     assert cfg.grpo.rows % cfg.trainer.micro_batch_size == 0
+
+
+def test_config_imports_without_torch() -> None:
+    code = "import sys, lmcraft.stages.grpo\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    result = subprocess.run([sys.executable, "-c", code], env={**ENV, "PYTHONPATH": src}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
