@@ -238,3 +238,15 @@ def test_grpo_section_geometry() -> None:
         GRPOSection(num_generations=3, prompts_per_rollout=1, minibatch_size=2)
     with pytest.raises(ValueError, match="overlong_buffer"):
         GRPOSection(max_new_tokens=8, overlong_buffer=8)
+
+
+@pytest.mark.slow
+def test_gsm_symbolic_items_score_their_own_gold_answers() -> None:
+    """A prompting task as the GRPO task: its template renders the question, its answer spec scores the reply."""
+    section = TaskSection(name="gsm_symbolic", size=4, eval_size=2)
+    train, held = task_items(section)
+    assert len(train) == 4 and len(held) == 2 and train[0]["messages"][-1]["content"].startswith("Question: ")
+    rewards = Rewards([RewardSpec(kind="accuracy")], task_answer_spec(section))
+    right, _ = rewards(train, [f"<think>...</think><answer>{i['answer']}</answer>" for i in train], [1] * 4)
+    wrong, _ = rewards(train, [f"#### {float(i['answer']) + 1}" for i in train], [1] * 4)
+    assert right.tolist() == [1.0] * 4 and wrong.tolist() == [0.0] * 4
