@@ -22,6 +22,7 @@ from lmcraft.align.ppo import (
     RolloutEngine,
     RolloutLoader,
     gae,
+    minibatch_plan,
     policy_loss,
     token_rewards,
     value_loss,
@@ -145,7 +146,7 @@ def test_settings_that_do_not_apply_are_errors() -> None:
 @pytest.mark.parametrize("peft_method", [None, "lora"])
 def test_chunked_answer_logprobs_match_full_logits(tiny_model, peft_method: str | None) -> None:
     """Values and gradients of `model_sequence_logprobs` equal log softmax of the full logits, while the LM head
-    only ever sees the last position."""
+    sees the last position of each row and then chunks of at most `rows` positions (never B x T positions)."""
     def build():
         model = tiny_model(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
         if peft_method:
@@ -168,11 +169,12 @@ def test_chunked_answer_logprobs_match_full_logits(tiny_model, peft_method: str 
     (expected * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     seen = []
     base = chunked_model.base_model if peft_method else chunked_model
-    base.head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[1]))
+    base.head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
     got, n = model_sequence_logprobs(chunked_model, labels, rows=4, input_ids=ids, attention_mask=mask)
     (got * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     torch.testing.assert_close(got, expected)
-    assert n.tolist() == expected_n.tolist() == [4, 4, 3] and seen == [1]
+    assert n.tolist() == expected_n.tolist() == [4, 4, 3]
+    assert seen[0] == (3, 1, 40) and all(len(shape) == 2 and shape[0] <= 4 for shape in seen[1:])
     grads = {k: p.grad for k, p in full_model.named_parameters() if p.grad is not None}
     assert grads
     for k, p in chunked_model.named_parameters():
@@ -336,7 +338,8 @@ def test_rollout_loader_plan_and_state(tiny_model) -> None:
     for _ in range(8):
         rows.append(loader.next_batch()["input_ids"].shape[0])
     assert rows == [1] * 8 and loader.rollout_index == 1 and loader.position == 0
-    assert sorted(sum(loader._plan()[:4], [])) == [0, 1, 2, 3]  # each epoch visits every row once
+    plan = minibatch_plan(loader.seed, loader.rollout_index, 2, 4, 1)
+    assert sorted(sum(plan[:4], [])) == [0, 1, 2, 3]  # each epoch visits every row once
     state = loader.state_dict()
     loader.next_batch()
     with pytest.raises(Exception, match="middle of a rollout"):

@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("lmcraft.stages.sft", "supervised instruction tuning on chat data (loss on assistant tokens)"),
     "reward": ("lmcraft.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "ppo": ("lmcraft.stages.ppo", "RLHF with PPO against a reward model or rule (KL to a reference policy)"),
+    "grpo": ("lmcraft.stages.grpo", "GRPO / DAPO / Dr.GRPO / RLOO on verifiable rewards (group advantages, "
+             "no value model)"),
     "dpo": ("lmcraft.stages.dpo", "preference tuning: DPO / IPO / hinge / robust / SimPO / CPO / ORPO / KTO"),
     "label-preferences": ("lmcraft.stages.label_preferences", "RLAIF: sample answers, rank them with an AI judge, "
                           "write preference pairs"),

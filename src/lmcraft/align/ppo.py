@@ -61,8 +61,10 @@ __all__ = [
     "RolloutEngine",
     "RolloutLoader",
     "gae",
+    "layout",
     "load_ppo_prompts",
     "masked_mean",
+    "minibatch_plan",
     "policy_loss",
     "token_rewards",
     "value_loss",
@@ -209,6 +211,28 @@ def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, width: int
     return out.logits[:, width - 1: width - 1 + n], None
 
 
+def layout(prompt_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest prompt, then answers right-padded: (ids, mask, answer ids, answer mask),
+    the answer columns starting at the same index in every row (PPO's and GRPO's rollouts)."""
+    width = max(map(len, prompt_ids))
+    prompts, prompt_mask = pad_with_mask(prompt_ids, pad_id, side="left")
+    replies, reply_mask = pad_with_mask(answers, pad_id)
+    ids, mask = torch.cat([prompts, replies], 1), torch.cat([prompt_mask, reply_mask], 1)
+    return ids, mask, ids[:, width:], mask[:, width:].float()
+
+
+def minibatch_plan(seed: int, rollout_index: int, epochs: int, rows: int, micro_batch_size: int) -> list[list[int]]:
+    """Row indices of each micro-batch of a rollout of `rows` rows, `epochs` passes (a shuffle seeded by (seed,
+    rollout index, epoch) each), cut into micro-batches of `micro_batch_size` rows."""
+    plan = []
+    for epoch in range(epochs):
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rollout_index, epoch])))
+        order = rng.permutation(rows).tolist()
+        plan += [order[i: i + micro_batch_size] for i in range(0, rows, micro_batch_size)]
+    return plan
+
+
 class RolloutEngine:
     """Generates rollouts and computes their advantages (everything above the update in the module docstring).
 
@@ -228,17 +252,6 @@ class RolloutEngine:
 
         config = self.settings.generation_config(eos_token_ids=self.eos, pad_token_id=self.pad_id, seed=seed)
         return generate(self.model.policy, prompt_ids, config).tokens
-
-    def _layout(self, prompt_ids: list[list[int]], answers: list[list[int]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts left-padded to the longest prompt, then answers right-padded: (ids, mask, answer ids, answer
-        mask), the answer columns starting at the same index in every row."""
-        width = max(map(len, prompt_ids))
-        prompts, prompt_mask = pad_with_mask(prompt_ids, self.pad_id, side="left")
-        replies, reply_mask = pad_with_mask(answers, self.pad_id)
-        ids, mask = torch.cat([prompts, replies], 1), torch.cat([prompt_mask, reply_mask], 1)
-        answer_ids = ids[:, width:]
-        return ids, mask, answer_ids, mask[:, width:].float()
 
     def _score_old(self, ids: torch.Tensor, mask: torch.Tensor, width: int, answer_ids: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,7 +273,7 @@ class RolloutEngine:
         device = next(self.model.parameters()).device
         prompt_ids = [list(p["ids"]) for p in prompts]
         answers = self._generate(prompt_ids, seed)
-        ids, mask, answer_ids, answer_mask = (t.to(device) for t in self._layout(prompt_ids, answers))
+        ids, mask, answer_ids, answer_mask = (t.to(device) for t in layout(prompt_ids, answers, self.pad_id))
         width = ids.shape[1] - answer_ids.shape[1]
         logp, values, ref_logp, entropy = self._score_old(ids, mask, width, answer_ids)
         ended = torch.tensor([bool(a) and a[-1] in self.eos for a in answers], device=device)
@@ -358,15 +371,6 @@ class RolloutLoader(ResumableLoader):
     def __len__(self) -> int:
         return self.prompt_batches * self.micro_batches_per_rollout
 
-    def _plan(self) -> list[list[int]]:
-        """Row indices of each micro-batch of the current rollout, epoch by epoch (seeded shuffles)."""
-        plan = []
-        for epoch in range(self.ppo_epochs):
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.rollout_index, epoch])))
-            order = rng.permutation(self.batch_size).tolist()
-            plan += [order[i: i + self.micro_batch_size] for i in range(0, self.batch_size, self.micro_batch_size)]
-        return plan
-
     def next_batch(self) -> dict[str, Any]:
         if self.rollout is None:
             epoch, index = divmod(self.rollout_index, self.prompt_batches)
@@ -374,7 +378,8 @@ class RolloutLoader(ResumableLoader):
             seed = int(np.random.SeedSequence([self.seed, self.rollout_index]).generate_state(1)[0])
             self.rollout = self.engine.make(prompts, seed)
             self.history.append({"rollout": self.rollout_index, **self.rollout.stats})
-            self.plan = self._plan()
+            self.plan = minibatch_plan(self.seed, self.rollout_index, self.ppo_epochs, self.batch_size,
+                                       self.micro_batch_size)
         batch = self.rollout.select(self.plan[self.position])
         self.position += 1
         if self.position == len(self.plan):

@@ -3,8 +3,14 @@
 `token_logprobs(logits, tokens, T)` = log softmax(logits / T)[tokens], the one gather every scorer uses (DPO's answer
 log-probs, PPO's rollout and update log-probs); `sequence_logprobs` sums it over labelled tokens (labels != -100)
 of next-token logits, and `model_sequence_logprobs` computes the same from a model through the LM head in chunks
-(`ChunkedTokenLogprobs`, no (B, T, V) logits). The summed cross-entropy itself is
+(`chunked_token_logprobs`, no (B, T, V) logits). The summed cross-entropy itself is
 `objectives.base.token_cross_entropy`.
+
+`chunked_token_logprobs(h, head, y, T)` is the same gather (and the entropy of each distribution) computed `rows`
+positions at a time from the final hidden states, each chunk under activation checkpointing: the forward keeps no
+logits and the backward recomputes one chunk's rows x V logits at a time, so no (B, n, V) tensor ever exists;
+`answer_logprobs` applies it to the answer tokens after a prompt (GRPO's policy, old-policy and reference passes),
+`model_sequence_logprobs` to labelled tokens (the preference losses' policy and reference passes).
 
 The chunked LM-head loss computes the causal-LM loss through the output layer without materialising the (B, T, V)
 logits. For final hidden states h (N, H) (N = B * T positions), the LM head W (V, H) and next-token targets y
@@ -34,9 +40,9 @@ from torch import nn
 from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
 
-__all__ = ["ChunkedLMLoss", "ChunkedTokenLogprobs", "chunked_lm_loss", "default_rows", "lm_head_weight",
-           "model_sequence_logprobs", "next_token_loss", "scoring", "scored_batches", "sequence_logprobs",
-           "token_logprobs"]
+__all__ = ["ChunkedLMLoss", "answer_logprobs", "chunked_lm_loss", "chunked_token_logprobs", "default_rows",
+           "lm_head_weight", "model_sequence_logprobs", "next_token_loss", "scoring", "scored_batches",
+           "sequence_logprobs", "token_logprobs"]
 
 T = TypeVar("T")
 
@@ -165,71 +171,65 @@ def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool = True, 
     return loss, count, out.logits
 
 
-class ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(h_i W^T)[y_i] per position (0 where y_i = -100), `rows` positions at a time: (N,) fp32.
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = (head(h).float() / temperature).log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(1, y[:, None]).squeeze(1), entropy
 
-    The forward keeps only the log-normaliser lse_i of each position; the backward recomputes each chunk's logits
-    z_i = W h_i and applies d logp_i / dz_i = onehot(y_i) - softmax(z_i), scaled by the incoming gradient g_i:
-    dh_i = W^T dz_i, dW = sum_i dz_i h_i^T. Unlike `ChunkedLMLoss` (one scalar), the outputs are per position, so
-    their gradients are known only in the backward pass; the price is a second pass of chunk products there."""
 
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
-                ) -> torch.Tensor:
-        w = weight.to(hidden.dtype)
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(out)
-        for start in range(0, hidden.shape[0], rows):
-            y = targets[start:start + rows]
-            keep = y != IGNORE_INDEX
-            if not bool(keep.any()):
-                continue
-            z = (hidden[start:start + rows] @ w.T).float()
-            lse[start:start + rows] = torch.logsumexp(z, dim=-1)
-            picked = z.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1)
-            out[start:start + rows] = (picked - lse[start:start + rows]) * keep
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.rows = rows
-        return out
+def chunked_token_logprobs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, rows: int,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(head(h) / T)[tokens], entropy) per position for hidden (B, n, H) aligned with tokens (B, n).
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(hidden.dtype)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], ctx.rows):
-            y = targets[start:start + ctx.rows]
-            keep = y != IGNORE_INDEX
-            if not bool(keep.any()):
-                continue
-            h = hidden[start:start + ctx.rows]
-            g = grad_out[start:start + ctx.rows].float() * keep
-            # dz = g (onehot(y) - softmax(z)), built in place in z
-            z = (h @ w.T).float()
-            z.sub_(lse[start:start + ctx.rows, None]).exp_().mul_(-g[:, None])
-            z[torch.arange(z.shape[0], device=z.device), torch.where(keep, y, 0)] += g
-            dz = z.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[start:start + ctx.rows] = dz @ w
-            if grad_w is not None:
-                grad_w += (dz.T @ h).float()
-        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
+    Equal to `token_logprobs(head(hidden), tokens, T)`, computed `rows` positions at a time; with gradients enabled
+    each chunk is checkpointed (its logits are recomputed in the backward pass), so at most rows x V logits exist at
+    once. The entropy -sum_v p_v log p_v is returned without a gradient (a metric)."""
+    from torch.utils.checkpoint import checkpoint
+
+    shape = tokens.shape
+    h, y = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    parts = []
+    for start in range(0, h.shape[0], rows):
+        args = (head, h[start:start + rows], y[start:start + rows], temperature)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    if not parts:
+        empty = hidden.new_zeros(shape, dtype=torch.float32)
+        return empty, empty
+    logp, entropy = (torch.cat(p).reshape(shape) for p in zip(*parts, strict=True))
+    return logp, entropy
+
+
+def answer_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                    temperature: float = 1.0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies) of the tokens input_ids[:, start:] given everything before them, through the model's
+    LM head in chunks (`chunked_token_logprobs`); the model computes the logits of its last position only."""
+    inner = getattr(model, "module", model)
+    base = getattr(inner, "base_model", inner)
+    if getattr(base, "head_kind", None) != "lm":
+        raise ValueError("answer_logprobs needs a causal language model with an LM head")
+    hidden = model(input_ids, attention_mask=attention_mask, logits_to_keep=1).hidden_states
+    rows = rows or default_rows(base.config.vocab_size)
+    return chunked_token_logprobs(hidden[:, start - 1:-1], base.head, input_ids[:, start:], rows, temperature)
 
 
 def model_sequence_logprobs(model: nn.Module, labels: torch.Tensor, rows: int | None = None, **inputs: Any
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` of `model` on `inputs` (per row: summed log-probs of the labelled tokens, and their count).
 
-    With a plain LM head (`lm_head_weight`) the log-probs go through the head in chunks (`ChunkedTokenLogprobs`),
-    so no (B, T, V) logits exist; otherwise they come from the model's full logits."""
+    With a plain LM head the log-probs go through it in chunks (`chunked_token_logprobs`), so no (B, T, V) logits
+    exist; otherwise they come from the model's full logits."""
     weight = lm_head_weight(model)
     if weight is None:
         return sequence_logprobs(model(**inputs).logits, labels)
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "base_model", inner).head
     hidden = model(**inputs, logits_to_keep=1).hidden_states[:, :-1]
     y = labels[:, 1:]
     keep = y != IGNORE_INDEX
-    logp = ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, y.reshape(-1),
-                                      rows or default_rows(weight.shape[0]))
-    return logp.view(y.shape).sum(-1), keep.sum(-1)
+    logp, _ = chunked_token_logprobs(hidden, head, torch.where(keep, y, 0), rows or default_rows(weight.shape[0]))
+    return (logp * keep).sum(-1), keep.sum(-1)
