@@ -12,7 +12,7 @@ import torch
 from lmcraft.align.grpo import GroupRolloutEngine, GRPOLoss, overlong_penalty
 from lmcraft.align.grpo_config import GRPOSection, RewardSpec, TaskSection
 from lmcraft.align.grpo_loss import aggregate, degenerate_groups, group_advantages, k3_kl, sequence_loss, token_loss
-from lmcraft.align.rewards import Rewards, answer_text, arithmetic_problems, task_answer_spec, task_items
+from lmcraft.align.rewards import Rewards, answer_text, task_answer_spec, task_items
 from lmcraft.errors import ConfigError
 from lmcraft.objectives.lm_head import answer_logprobs, chunked_token_logprobs, token_logprobs
 from lmcraft.prompting.answers import AnswerSpec
@@ -181,16 +181,19 @@ def test_dynamic_sampling_drops_flat_groups(tiny_model, dynamic: bool) -> None:
 
 
 # ---- rewards --------------------------------------------------------------------------------------------------------
-def test_arithmetic_problems_are_seeded_and_correct() -> None:
-    problems = arithmetic_problems(50, seed=3, max_operand=20, operators=["+", "-", "*"])
-    assert problems == arithmetic_problems(50, seed=3, max_operand=20, operators=["+", "-", "*"])
-    for p in problems:
-        a, op, b = p["question"].removeprefix("What is ").removesuffix("?").split()
+def test_arithmetic_items_are_seeded_correct_and_sized() -> None:
+    """The built-in arithmetic prompting task, with overrides, sized to cover size + eval_size (its default is 200)."""
+    section = TaskSection(size=300, eval_size=20, system="Think first.",
+                          overrides={"data.max_operand": 20, "data.min_operand": 1, "data.operators": ["+", "-", "*"]})
+    train, held = task_items(section)
+    assert (train, held) == task_items(section)
+    assert len(train) == 300 and len(held) == 20 and train[0]["messages"][0] == {"role": "system",
+                                                                                 "content": "Think first."}
+    for item in train + held:
+        a, op, b = item["messages"][-1]["content"].removeprefix("Question: What is ").removesuffix("?").split()
         expect = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-        assert p["answer"] == str(expect) and 1 <= int(a) <= 20
-    train, held = task_items(TaskSection(size=6, eval_size=2, system="Think first."))
-    assert len(train) == 6 and len(held) == 2 and train[0]["messages"][0] == {"role": "system",
-                                                                               "content": "Think first."}
+        assert item["answer"] == str(expect) and 1 <= int(a) <= 20
+    assert task_answer_spec(section).type == "numeric"
 
 
 def test_rewards_terms_and_weighted_sum() -> None:

@@ -10,7 +10,7 @@ See lmcraft.align.grpo for the symbols (G, mu, eps_low/high, beta) and lmcraft.a
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,18 +27,17 @@ THINK_ANSWER_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 class TaskSection(Section):
     """Where the prompts and their gold answers come from.
 
-    `name: arithmetic` is the built-in generated task ("What is 23 + 58?", operands in [1, max_operand], operators
-    from `operators`); any other name is a prompting task (`lmcraft eval`'s: a built-in such as gsm_symbolic, or a
-    task .yaml), whose template renders the question and whose answer spec scores the reply. `size` prompts train,
-    the next `eval_size` are held out (accuracy before and after training); `system` is an optional system message
-    (e.g. asking for the <think>/<answer> format)."""
+    `name` is a prompting task (`lmcraft eval`'s: a built-in such as `arithmetic` or `gsm_symbolic`, or a task
+    .yaml), whose template renders the question and whose answer spec scores the reply; `overrides` are its dotted
+    keys (`{data.max_operand: 50}` for two-digit arithmetic). `size` prompts train, the next `eval_size` are held
+    out (accuracy before and after training); a generated data source (`data.size`) is sized to cover both.
+    `system` is an optional system message (e.g. asking for the <think>/<answer> format); default: the task's
+    description."""
 
     name: str = "arithmetic"
+    overrides: dict[str, Any] = {}
     size: int = Field(512, ge=1)
     eval_size: int = Field(64, ge=0)
-    seed: int = 0
-    max_operand: int = Field(99, ge=1)
-    operators: list[Literal["+", "-", "*"]] = Field(["+", "-"], min_length=1)
     system: str | None = None
 
 

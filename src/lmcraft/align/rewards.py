@@ -1,8 +1,8 @@
 """Verifiable rewards for GRPO: task items with gold answers, and the weighted reward r = sum_k w_k r_k.
 
-Items. `task_items(section)` gives (train, held-out) lists of {"messages", "answer"}: the built-in arithmetic task
-(`arithmetic_problems`: "What is 23 + 58?" -> "81", seeded) or a prompting task (`lmcraft.prompting.load_task`: the
-template renders the question, `template.target` the gold answer). `task_answer_spec` is the task's answer reader.
+Items. `task_items(section)` gives (train, held-out) lists of {"messages", "answer"} from a prompting task
+(`lmcraft.prompting.load_task`, e.g. the built-in `arithmetic`: "What is 7 + 5?" -> "12", seeded): the template
+renders the question, `template.target` the gold answer. `task_answer_spec` is the task's answer reader.
 
 Rewards (one value per completion y of n tokens; see `RewardSpec`):
 
@@ -17,7 +17,6 @@ reward/<name>).
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,55 +28,42 @@ from lmcraft.prompting.answers import AnswerSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Rewards", "answer_text", "arithmetic_problems", "task_answer_spec", "task_items"]
+__all__ = ["Rewards", "answer_text", "task_answer_spec", "task_items"]
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def arithmetic_problems(n: int, seed: int = 0, max_operand: int = 99, operators: Sequence[str] = ("+", "-")
-                        ) -> list[dict[str, str]]:
-    """`n` problems {"question": "What is a op b?", "answer": str(a op b)}, operands uniform in [1, max_operand],
-    operators uniform over `operators`, drawn from random.Random(seed)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b, op = rng.randint(1, max_operand), rng.randint(1, max_operand), rng.choice(list(operators))
-        out.append({"question": f"What is {a} {op} {b}?", "answer": str(_OPS[op](a, b))})
-    return out
+def _task(section: TaskSection, size: int | None = None) -> Any:
+    from lmcraft.prompting.tasks import load_task
+
+    overrides = dict(section.overrides)
+    if size is not None:
+        overrides.setdefault("data.size", size)
+    return load_task(section.name, overrides)
 
 
 def task_answer_spec(section: TaskSection) -> AnswerSpec:
-    """How answers of the task are read and compared: numeric for arithmetic, else the prompting task's spec."""
-    if section.name == "arithmetic":
-        return AnswerSpec(type="numeric")
-    from lmcraft.prompting.tasks import load_task
-
-    return load_task(section.name).config.answer
+    """How answers of the task are read and compared: the prompting task's answer spec."""
+    return _task(section).config.answer
 
 
 def task_items(section: TaskSection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) items {"messages", "answer"}: `size` then `eval_size` problems of the task."""
-    need = section.size + section.eval_size
-    if section.name == "arithmetic":
-        docs = arithmetic_problems(need, section.seed, section.max_operand, section.operators)
-        questions, answers, system = [d["question"] for d in docs], [d["answer"] for d in docs], section.system
-    else:
-        from lmcraft.prompting.tasks import load_task
-        from lmcraft.prompting.templates import fill
+    """(train, held-out) items {"messages", "answer"}: `size` then `eval_size` documents of the task."""
+    from lmcraft.prompting.templates import fill
 
-        task = load_task(section.name)
-        docs = task.docs()
-        if len(docs) < need:
-            raise ConfigError(f"task {section.name!r} has {len(docs)} documents, fewer than task.size + "
-                              f"task.eval_size = {need}")
-        template = task.config.template
-        questions = [template.question(d) for d in docs[:need]]
-        answers = [fill(template.target, d) for d in docs[:need]]
-        system = section.system if section.system is not None else (template.description or None)
+    need = section.size + section.eval_size
+    task = _task(section)
+    if len(task.docs()) < need and "size" in type(task.config.data).model_fields:  # a generated source: make more
+        task = _task(section, need)
+    docs = task.docs()
+    if len(docs) < need:
+        raise ConfigError(f"task {section.name!r} has {len(docs)} documents, fewer than task.size + "
+                          f"task.eval_size = {need}")
+    template = task.config.template
+    system = section.system if section.system is not None else (template.description or None)
     head = [{"role": "system", "content": system}] if system else []
-    items = [{"messages": [*head, {"role": "user", "content": q}], "answer": a}
-             for q, a in zip(questions, answers, strict=True)]
+    items = [{"messages": [*head, {"role": "user", "content": template.question(d)}],
+              "answer": fill(template.target, d)} for d in docs[:need]]
     return items[:section.size], items[section.size:]
 
 
