@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcraft.align.data_checks import DataCheckError, check_chat_examples, check_saved_template
+from lmcraft.align.data_checks import DataCheckError, check_chat_examples, check_prompts, check_saved_template
 from lmcraft.align.instruct import IGNORE_INDEX, ChatFormatter, collate_padded
 from lmcraft.tokenizer.load import Tokenizer
 
@@ -87,3 +87,24 @@ def test_saved_template_must_equal_the_training_one(tokenizer: Tokenizer, tmp_pa
     check_saved_template(tmp_path / "out", tokenizer.chat_template)
     with pytest.raises(DataCheckError, match="saved chat template differs"):
         check_saved_template(tmp_path / "out", "{{ messages }}")
+
+
+NO_GENERATION_PROMPT = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+
+
+def _prompts(tokenizer: Tokenizer, template: str | None = None, eos: list[int] | None = None, new: int = 8,
+             context: int = 64) -> str:
+    formatter = ChatFormatter(tokenizer, template)
+    prompts = [CHAT[:2], [CHAT[1]]]
+    return check_prompts(prompts, formatter.render, [formatter.prompt_ids(p) for p in prompts],
+                         tokenizer.eos_token_ids if eos is None else eos, new, context)
+
+
+def test_prompt_checks_pass_and_catch_each_problem(tokenizer: Tokenizer) -> None:
+    assert _prompts(tokenizer).startswith("prompt checks passed on 2 prompts: assistant turn opened")
+    with pytest.raises(DataCheckError, match="ignores add_generation_prompt"):
+        _prompts(tokenizer, NO_GENERATION_PROMPT)
+    with pytest.raises(DataCheckError, match="no end-of-turn"):
+        _prompts(tokenizer, eos=[])
+    with pytest.raises(DataCheckError, match=r"prompt 0 has \d+ tokens; with max_new_tokens=60 it exceeds"):
+        _prompts(tokenizer, new=60)

@@ -1,8 +1,8 @@
 """The paradigm's central experiment: fine-tuning from a model lmcraft pre-trained itself vs from random weights.
 
-    python docs/results/pretrained-vs-scratch.py      # ~25 min on 2 CPU cores; writes docs/results/pretrained-vs-scratch.md
+    python docs/results/pretrained-vs-scratch.py      # ~15 min on 2 CPU cores; writes docs/results/pretrained-vs-scratch.md
 
-1. A cased WordPiece tokenizer and a small BERT (4 layers, hidden 192) pre-trained with masked LM on English
+1. A cased WordPiece tokenizer and a small BERT (4 layers, hidden 128) pre-trained with masked LM on English
    text: the State of the Union speeches, the wiki demo and the C4 demo (`recipes/pretrain-bert-english.yaml`).
 2. The same architecture and tokenizer fine-tuned on SpamAssassin spam/ham classification (full fine-tuning, the
    same budget and settings), initialised (a) from step 1 and (b) randomly (`init: random`), 3 seeds each.

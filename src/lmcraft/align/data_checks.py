@@ -12,6 +12,11 @@ stops, or one that learned the prompts), so before step 0 every tokenized exampl
    labels by the pad id masks the real EOS too); checked on a sample of examples;
 5. reasoning blocks (`<think>...</think>`) of trained assistant messages survive the template.
 
+Prompt-only data (GRPO's task prompts, whose answers the policy samples) is checked by `check_prompts`: the chat
+template opens an assistant turn after each prompt (add_generation_prompt changes the rendering, so sampled
+answers are assistant turns), the tokenizer has an end-of-turn token to stop sampling at, and every prompt plus
+`max_new_tokens` fits the model's context.
+
 After the final save, `check_saved_template` confirms that the model folder carries the template used in
 training. A failure raises `DataCheckError` with the offending example rendered as `--preview` shows it
 (trained text in «»).
@@ -28,7 +33,7 @@ from typing import Any
 from lmcraft.align.instruct import Tokenized, highlight
 from lmcraft.errors import LmcraftError
 
-__all__ = ["DataCheckError", "DataCheckSummary", "check_chat_examples", "check_saved_template"]
+__all__ = ["DataCheckError", "DataCheckSummary", "check_chat_examples", "check_prompts", "check_saved_template"]
 
 SAMPLE = 8  # examples run through the collate function
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -125,6 +130,28 @@ def check_chat_examples(
     blocks = sum(_check_one(i, m, e, end_ids) for i, (m, e) in enumerate(zip(conversations, examples, strict=True)))
     return DataCheckSummary(len(examples), sum(e.num_trained for e in examples),
                             sum(len(e.input_ids) for e in examples), sorted(end_ids), blocks)
+
+
+def check_prompts(prompts: Sequence[Sequence[Mapping[str, Any]]], render: Callable[..., str], prompt_ids: Sequence[
+        Sequence[int]], eos_token_ids: Sequence[int], max_new_tokens: int, context: int) -> str:
+    """The prompt checks of the module doc; returns a one-line summary for the run log."""
+    if not prompts:
+        raise DataCheckError("no prompt to train on")
+    if render(prompts[0], add_generation_prompt=True) == render(prompts[0], add_generation_prompt=False):
+        raise DataCheckError("the chat template ignores add_generation_prompt: after a prompt it opens no assistant "
+                             "turn, so sampled answers would continue the user's message. Use a template with a "
+                             f"generation prompt.\n--- prompt 0 as rendered ---\n{render(prompts[0])}\n---")
+    if not eos_token_ids:
+        raise DataCheckError("the tokenizer has no end-of-turn (EOS) token: sampled answers would never stop before "
+                             "max_new_tokens. Set eos_token in the tokenizer config.")
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if len(prompt_ids[longest]) + max_new_tokens > context:
+        raise DataCheckError(f"prompt {longest} has {len(prompt_ids[longest]):,} tokens; with max_new_tokens="
+                             f"{max_new_tokens} it exceeds the model's context of {context:,} tokens. Shorten the "
+                             "prompts or lower max_new_tokens.")
+    return (f"prompt checks passed on {len(prompts):,} prompts: assistant turn opened after each, answers stop at "
+            f"ids {sorted(set(eos_token_ids))}, longest prompt {len(prompt_ids[longest])} + {max_new_tokens} new "
+            f"tokens within the context of {context:,}")
 
 
 def check_saved_template(folder: Path, template: str) -> None:

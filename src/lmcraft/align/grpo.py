@@ -29,6 +29,7 @@ training began: CUDA tensors, or the CPU resident set).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,8 +367,10 @@ class GRPO(AlignmentMethod):
         self.rewards: Rewards | None = None
 
     def data(self, run: Run) -> tuple[list[dict[str, Any]], None]:
+        from lmcraft.align.data_checks import check_prompts
         from lmcraft.align.instruct import ChatFormatter
         from lmcraft.align.rewards import Rewards, task_answer_spec, task_items
+        from lmcraft.generate import stop_token_ids
 
         cfg, g = run.cfg, run.cfg.grpo
         train, held_out = task_items(cfg.task)
@@ -376,6 +379,9 @@ class GRPO(AlignmentMethod):
         formatter = ChatFormatter(run.start.tokenizer)
         for item in train:
             item["ids"] = formatter.prompt_ids(item["messages"])
+        print(check_prompts([i["messages"] for i in train], formatter.render, [i["ids"] for i in train],
+                            stop_token_ids(run.start.model, run.start.tokenizer), g.max_new_tokens,
+                            run.start.model.config.max_position_embeddings), file=sys.stderr)
         self.rewards = Rewards(cfg.rewards, task_answer_spec(cfg.task))
         if held_out:
             self.accuracy = HeldOutAccuracy(held_out, self.rewards, run.start.tokenizer, g.max_new_tokens)
