@@ -1,7 +1,8 @@
 """Parity with transformers: tiny random HF models load into lmcraft with the same logits, and the reverse.
 
 Every family (llama, mistral with a sliding window that matters, qwen2 with q/k/v biases, gpt2, bert MLM
-and sequence classification), RoPE scaling (llama3, linear), tied/untied embeddings, GQA and shards.
+and sequence classification; roberta, distilbert and electra with each of their heads), RoPE scaling (llama3,
+linear), tied/untied embeddings, GQA and shards.
 Weights are re-drawn with std 0.1 (norm gains 1 +- 0.1) so that logits are O(1) and 1e-4 is a real bound.
 """
 
@@ -409,3 +410,21 @@ def test_encoder_family_both_ways(transformers, tmp_path: Path, case: str) -> No
     linears = [path for path, m in ours.named_modules() if isinstance(m, nn.Linear)]
     for path in linears:
         assert isinstance(hf_modules.get(names(path)), nn.Linear), (path, names(path))
+
+
+def test_electra_objective_saves_its_discriminator(transformers, tmp_path: Path) -> None:
+    """`rtd` pre-training of a BERT-layout config keeps a discriminator that opens as `ElectraForPreTraining` with
+    the same per-token logits."""
+    from lmcraft.objectives.electra import ReplacedTokenDetection
+    from lmcraft.objectives.mlm import MaskingConfig
+
+    objective = ReplacedTokenDetection(MaskingConfig(vocab_size=V, mask_token_id=3))
+    cfg = ModelConfig(**{**preset("bert-tiny").to_dict(), **TINY})
+    kept = randomize(objective.kept_model(objective.build_model(cfg)))
+    assert (kept.config.model_type, kept.head_kind) == ("electra", "rtd")
+    hub.save_model(kept, tmp_path / "disc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "disc").eval()
+    assert type(theirs).__name__ == "ElectraForPreTraining"
+    compare_encoder("save:electra-rtd-objective", theirs, kept)

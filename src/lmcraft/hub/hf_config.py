@@ -33,7 +33,7 @@ ACTIVATIONS_IN = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "
 NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
             "lmcraft_head", "num_labels", "rope_theta", "rope_scaling", "rope_parameters", "layer_types",
             "hidden_act", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
-            "attention_bias", "n_inner"}
+            "attention_bias", "n_inner", "embedding_size"}
 
 
 @dataclass(frozen=True)
@@ -261,22 +261,9 @@ FAMILIES: dict[str, ConfigSpec] = {
          "token_cls": "GPT2ForTokenClassification", "value": "GPT2ForTokenClassification"},
     ),
     "bert": ConfigSpec(
-        _TOKENS + (
-            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
-            ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
-            ("intermediate_size", "intermediate_size", REQUIRED), ("max_position_embeddings",
-                                                                    "max_position_embeddings", 512),
-            ("norm_eps", "layer_norm_eps", 1e-12), ("dropout", "hidden_dropout_prob", 0.1),
-            ("attention_dropout", "attention_probs_dropout_prob", 0.1), ("type_vocab_size", "type_vocab_size", 2),
-            ("classifier_dropout", "classifier_dropout", None), ("tie_word_embeddings", "tie_word_embeddings", True),
-            ("bos_token_id", "bos_token_id", None), ("eos_token_id", "eos_token_id", None),
-        ),
-        dict(arch="encoder", norm="layernorm", pre_norm=False, final_norm=False, mlp="plain", position="learned",
-             qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True),
-        "hidden_act", {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"},
-        _read_bert, _write_bert,
-        {"mlm": "BertForMaskedLM", "cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification",
-         "qa": "BertForQuestionAnswering"},
+        (("pad_token_id", "pad_token_id", None), *_BERT_RENAMES, ("bos_token_id", "bos_token_id", None),
+         ("eos_token_id", "eos_token_id", None)),
+        _BERT_LAYOUT, "hidden_act", _BERT_ACT_OUT, _read_bert, _write_bert, _encoder_archs("Bert"),
     ),
     # ---- encoder families beyond BERT (roberta, distilbert, electra) ----
     "roberta": ConfigSpec(
