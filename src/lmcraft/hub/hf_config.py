@@ -269,7 +269,7 @@ FAMILIES: dict[str, ConfigSpec] = {
     "roberta": ConfigSpec(
         _BERT_RENAMES + (("pad_token_id", "pad_token_id", 1), ("bos_token_id", "bos_token_id", 0),
                          ("eos_token_id", "eos_token_id", 2)),
-        _BERT_LAYOUT, "hidden_act", _BERT_ACT_OUT, _read_roberta, _write_roberta,
+        {**_BERT_LAYOUT, "pooler_dropout": True}, "hidden_act", _BERT_ACT_OUT, _read_roberta, _write_roberta,
         _encoder_archs("Roberta"),
     ),
     "distilbert": ConfigSpec(
