@@ -19,9 +19,10 @@ from lmcraft.models import LanguageModel, ModelConfig, preset
 
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None,
             intermediate_size=64, max_position_embeddings=32)
-ROBERTA = dict(model_type="roberta", pad_token_id=1, position_offset=2, pooler_dropout=True)
+ROBERTA = dict(model_type="roberta", pad_token_id=1, position_offset=2, pooler_dropout=True, mlm_activation="gelu")
 DISTILBERT = dict(model_type="distilbert", type_vocab_size=0, pooler_activation="relu")
-ELECTRA = dict(model_type="electra", embedding_size=16, pooler_activation="gelu", pooler_dropout=True)
+ELECTRA = dict(model_type="electra", embedding_size=16, pooler_activation="gelu", pooler_dropout=True,
+               mlm_activation="gelu")
 MODELS = {
     "llama": (dict(TINY, num_kv_heads=2, tie_word_embeddings=False), "lm"),
     "llama-tied": (dict(TINY, num_kv_heads=2), "lm"),

@@ -345,13 +345,15 @@ ENCODER_CLASSES = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", "to
                    "rtd": "ForPreTraining"}
 ENCODER_CASES = ["roberta-mlm", "roberta-mlm-untied", "roberta-cls", "roberta-token_cls", "distilbert-mlm",
                  "distilbert-cls", "distilbert-token_cls", "electra-rtd", "electra-mlm", "electra-cls",
-                 "electra-token_cls", "electra-rtd-same-width"]
+                 "electra-token_cls", "electra-rtd-same-width", "roberta-mlm-relu", "electra-mlm-relu"]
 
 
 def encoder_model(transformers, case: str) -> nn.Module:  # noqa: ANN001
     """A tiny random HF model of the case's family and head; pad id 0 (the padding `batch` writes)."""
     family, head = case.split("-")[:2]
     kw = {"num_labels": 3 if head == "cls" else 5, "pad_token_id": 0, "tie_word_embeddings": "untied" not in case}
+    if case.endswith("relu"):  # the body's activation; RoBERTa's and ELECTRA's MLM heads keep GELU
+        kw["hidden_act"] = "relu"
     if family == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                                max_position_embeddings=64, **kw)

@@ -269,8 +269,8 @@ FAMILIES: dict[str, ConfigSpec] = {
     "roberta": ConfigSpec(
         _BERT_RENAMES + (("pad_token_id", "pad_token_id", 1), ("bos_token_id", "bos_token_id", 0),
                          ("eos_token_id", "eos_token_id", 2)),
-        {**_BERT_LAYOUT, "pooler_dropout": True}, "hidden_act", _BERT_ACT_OUT, _read_roberta, _write_roberta,
-        _encoder_archs("Roberta"),
+        {**_BERT_LAYOUT, "pooler_dropout": True, "mlm_activation": "gelu"}, "hidden_act", _BERT_ACT_OUT,
+        _read_roberta, _write_roberta, _encoder_archs("Roberta"),
     ),
     "distilbert": ConfigSpec(
         (
@@ -288,7 +288,8 @@ FAMILIES: dict[str, ConfigSpec] = {
     "electra": ConfigSpec(
         _BERT_RENAMES + (("pad_token_id", "pad_token_id", 0), ("bos_token_id", "bos_token_id", None),
                          ("eos_token_id", "eos_token_id", None)),
-        {**_BERT_LAYOUT, "pooler_activation": "gelu", "pooler_dropout": True}, "hidden_act", _BERT_ACT_OUT,
+        {**_BERT_LAYOUT, "pooler_activation": "gelu", "pooler_dropout": True, "mlm_activation": "gelu"},
+        "hidden_act", _BERT_ACT_OUT,
         _read_electra, _write_electra, {**_encoder_archs("Electra"), "rtd": "ElectraForPreTraining"},
     ),
 }

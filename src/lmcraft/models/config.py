@@ -58,6 +58,7 @@ class ModelConfig:
     position_offset: int = 0  # learned positions look up E_pos[p + offset] (RoBERTa: padding_idx + 1)
     pooler_activation: Literal["tanh", "gelu", "relu"] = "tanh"  # encoder cls head: act(W_p h[:, 0] + b_p)
     pooler_dropout: bool = False  # encoder cls head: dropout before W_p too (RoBERTa, ELECTRA)
+    mlm_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] | None = None  # MLM head's; None: `activation`
     # regularisation and init
     dropout: float = 0.0
     attention_dropout: float = 0.0

@@ -2,7 +2,7 @@
 
 - `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V)
 - `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head; W_t maps
-               to the embedding width E (ELECTRA's generator: E < H)
+               to the embedding width E (ELECTRA's generator: E < H); act = `mlm_activation` or `activation`
 - `cls`:       encoder: pooled = act(W_p dropout?(h[:, 0]) + b_p), act = tanh (BERT, RoBERTa), gelu (ELECTRA),
                relu (DistilBERT), the inner dropout for RoBERTa/ELECTRA; decoder: h at the last real token;
                logits = W_c dropout(pooled) (+ b_c)                    (B, num_labels)
@@ -52,7 +52,7 @@ class MLMHead(nn.Module):
         super().__init__()
         width = cfg.embedding_size or cfg.hidden_size
         self.transform = nn.Linear(cfg.hidden_size, width)
-        self.act = ACTIVATIONS[cfg.activation]
+        self.act = ACTIVATIONS[cfg.mlm_activation or cfg.activation]
         self.norm = make_norm(cfg, width)
         self.decoder = nn.Linear(width, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))

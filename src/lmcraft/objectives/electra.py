@@ -46,7 +46,8 @@ def discriminator_config(cfg: ModelConfig) -> ModelConfig:
     classification-head switches), which saves as `ElectraForPreTraining`; other layouts are kept as they are."""
     if cfg.model_type not in ("bert", "electra"):
         return cfg
-    return dataclasses.replace(cfg, model_type="electra", pooler_activation="gelu", pooler_dropout=True)
+    return dataclasses.replace(cfg, model_type="electra", pooler_activation="gelu", pooler_dropout=True,
+                               mlm_activation="gelu")
 
 
 def generator_config(cfg: ModelConfig, width_fraction: float = 0.25) -> ModelConfig:
