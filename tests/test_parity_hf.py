@@ -430,3 +430,32 @@ def test_electra_objective_saves_its_discriminator(transformers, tmp_path: Path)
         theirs = transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "disc").eval()
     assert type(theirs).__name__ == "ElectraForPreTraining"
     compare_encoder("save:electra-rtd-objective", theirs, kept)
+
+
+@pytest.mark.parametrize(("case", "targets"), [("roberta-mlm", ["query", "value", "dense"]),
+                                               ("distilbert-token_cls", ["q_lin", "v_lin", "lin1"]),
+                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"])])
+def test_encoder_lora_in_hf_names_opens_in_peft(transformers, tmp_path: Path, case: str, targets: list[str]) -> None:
+    """LoRA on modules named the Hugging Face way, saved by lmcraft, gives the same logits under `peft`."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from lmcraft import peft as lm_peft
+
+    hf_model = encoder_model(transformers, case)
+    lora = {"method": "lora", "r": 4, "target_modules": targets, "init_lora_weights": False}
+    if case.endswith("cls"):  # PEFT's TOKEN_CLS/SEQ_CLS adapters carry the task head (its modules_to_save)
+        lora["modules_to_save"] = ["classifier"]
+    ours = lm_peft.apply(hf_to_ours(tmp_path, hf_model), lora)
+    with torch.no_grad():
+        for _, p in ours.named_adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf_folder = tmp_path / "hf"
+    lm_peft.save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(hf_folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(type(hf_model).from_pretrained(hf_folder), tmp_path / "adapter").eval()
+    ids, mask = batch("right")
+    mine = our_logits(ours.eval(), ids, mask)
+    assert (mine - hf_logits(hf_model, ids, mask)).abs().max() > 1e-2  # the adapter changes the output
+    diff(f"lora:{case}", mine, hf_logits(theirs, ids, mask), mask)
