@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The config's norm over `dim` features (default hidden_size)."""
+    """The family's norm over `dim` features (default: hidden_size); ELECTRA's embedding norm passes its width."""
     dim = dim or cfg.hidden_size
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps)
