@@ -14,10 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from lmcraft import hub
 from lmcraft.errors import LmcraftError, ModelLoadError
+from lmcraft.hub.hf_config import head_from_config
 from lmcraft.models import LanguageModel, ModelConfig, preset
 
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None,
             intermediate_size=64, max_position_embeddings=32)
+ROBERTA = dict(model_type="roberta", pad_token_id=1, position_offset=2, pooler_dropout=True, mlm_activation="gelu")
+DISTILBERT = dict(model_type="distilbert", type_vocab_size=0, pooler_activation="relu")
+ELECTRA = dict(model_type="electra", embedding_size=16, pooler_activation="gelu", pooler_dropout=True,
+               mlm_activation="gelu")
 MODELS = {
     "llama": (dict(TINY, num_kv_heads=2, tie_word_embeddings=False), "lm"),
     "llama-tied": (dict(TINY, num_kv_heads=2), "lm"),
@@ -33,6 +38,14 @@ MODELS = {
     "bert-untied": ({**preset("bert-tiny").to_dict(), **TINY, "tie_word_embeddings": False}, "mlm"),
     "bert-cls": ({**preset("bert-tiny").to_dict(), **TINY, "num_labels": 3}, "cls"),
     "bert-token-cls": ({**preset("bert-tiny").to_dict(), **TINY, "num_labels": 5}, "token_cls"),
+    # encoder families beyond BERT
+    "roberta": ({**preset("bert-tiny").to_dict(), **TINY, **ROBERTA}, "mlm"),
+    "roberta-cls": ({**preset("bert-tiny").to_dict(), **TINY, **ROBERTA, "num_labels": 3}, "cls"),
+    "distilbert": ({**preset("bert-tiny").to_dict(), **TINY, **DISTILBERT}, "mlm"),
+    "distilbert-cls": ({**preset("bert-tiny").to_dict(), **TINY, **DISTILBERT}, "cls"),
+    "electra-rtd": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA}, "rtd"),
+    "electra-mlm": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA}, "mlm"),
+    "electra-cls": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA, "embedding_size": None}, "cls"),
 }
 
 
@@ -141,6 +154,28 @@ def test_unsavable_models() -> None:
         hub.to_hf_config(ModelConfig(**dict(TINY, model_type="mistral", qkv_bias=True)))
     with pytest.raises(LmcraftError, match="'reward' head cannot be written as a Hugging Face bert"):
         hub.to_hf_config(preset("bert-tiny"), "reward")
+
+
+def test_encoder_family_checks() -> None:
+    base = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    roberta = hub.config_from_hf({"model_type": "roberta", **base})
+    assert (roberta.pad_token_id, roberta.position_offset, roberta.pooler_dropout) == (1, 2, True)
+    electra = hub.config_from_hf({"model_type": "electra", **base, "embedding_size": 8})
+    assert electra.embedding_size == 8
+    assert hub.to_hf_config(electra, "rtd")["architectures"] == ["ElectraForPreTraining"]
+    assert hub.config_from_hf({"model_type": "electra", **base, "embedding_size": 16}).embedding_size is None
+    assert head_from_config({"architectures": ["ElectraForPreTraining"]}) == "rtd"
+    assert head_from_config({"architectures": ["BertForPreTraining"]}) == "mlm"
+    distil = {"model_type": "distilbert", "vocab_size": 50, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32}
+    assert hub.config_from_hf(distil).type_vocab_size == 0
+    with pytest.raises(ModelLoadError, match="sinusoidal_pos_embds=true"):
+        hub.config_from_hf({**distil, "sinusoidal_pos_embds": True})
+    with pytest.raises(LmcraftError, match="roberta positions start at pad_token_id \\+ 1"):
+        hub.to_hf_config(ModelConfig(**{**roberta.to_dict(), "position_offset": 0}))
+    with pytest.raises(LmcraftError, match="bert embeds at the hidden width"):
+        hub.to_hf_config(preset("bert-tiny", embedding_size=64))
+    with pytest.raises(LmcraftError, match="pooler_activation='tanh' \\(the family needs 'gelu'\\)"):
+        hub.to_hf_config(ModelConfig(**{**electra.to_dict(), "pooler_activation": "tanh"}))
 
 
 # ---- save / load ----------------------------------------------------------------------------------------

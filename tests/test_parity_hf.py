@@ -1,7 +1,8 @@
 """Parity with transformers: tiny random HF models load into lmcraft with the same logits, and the reverse.
 
 Every family (llama, mistral with a sliding window that matters, qwen2 with q/k/v biases, gpt2, bert MLM
-and sequence classification), RoPE scaling (llama3, linear), tied/untied embeddings, GQA and shards.
+and sequence classification; roberta, distilbert and electra with each of their heads), RoPE scaling (llama3,
+linear), tied/untied embeddings, GQA and shards.
 Weights are re-drawn with std 0.1 (norm gains 1 +- 0.1) so that logits are O(1) and 1e-4 is a real bound.
 """
 
@@ -336,3 +337,125 @@ def test_real_smollm2_llama(transformers) -> None:
     err = float((mine - expected).abs()[mask.bool()].max())
     MEASURED["smollm2-135m"] = err
     assert err < 1e-3 * float(expected.abs().max()), err  # logits reach ~30: a relative bound
+
+
+# ---- encoder families beyond BERT: roberta, distilbert, electra (HF -> lmcraft -> HF) -------------------
+
+ENCODER_CLASSES = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", "token_cls": "ForTokenClassification",
+                   "rtd": "ForPreTraining"}
+ENCODER_CASES = ["roberta-mlm", "roberta-mlm-untied", "roberta-cls", "roberta-token_cls", "distilbert-mlm",
+                 "distilbert-cls", "distilbert-token_cls", "electra-rtd", "electra-mlm", "electra-cls",
+                 "electra-token_cls", "electra-rtd-same-width", "roberta-mlm-relu", "electra-mlm-relu"]
+
+
+def encoder_model(transformers, case: str) -> nn.Module:  # noqa: ANN001
+    """A tiny random HF model of the case's family and head; pad id 0 (the padding `batch` writes)."""
+    family, head = case.split("-")[:2]
+    kw = {"num_labels": 3 if head == "cls" else 5, "pad_token_id": 0, "tie_word_embeddings": "untied" not in case}
+    if case.endswith("relu"):  # the body's activation; RoBERTa's and ELECTRA's MLM heads keep GELU
+        kw["hidden_act"] = "relu"
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                               max_position_embeddings=64, **kw)
+        prefix = "DistilBert"
+    elif family == "roberta":
+        config = transformers.RobertaConfig(**SMALL, type_vocab_size=2, **kw)
+        prefix = "Roberta"
+    else:  # narrower embeddings, projected to the hidden width (embeddings_project), unless same-width
+        config = transformers.ElectraConfig(**SMALL, embedding_size=64 if "same-width" in case else 32, **kw)
+        prefix = "Electra"
+    return getattr(transformers, prefix + ENCODER_CLASSES[head])(config)
+
+
+def compare_encoder(name: str, hf_model: nn.Module, ours: LanguageModel) -> None:
+    """Unpadded and right-padded rows; token types (segment B in the second half) where the family has them."""
+    for padding in (None, "right"):
+        ids, mask = batch(padding)
+        kw = {}
+        if ours.config.type_vocab_size:
+            kw["token_type_ids"] = torch.zeros_like(ids)
+            kw["token_type_ids"][:, T // 2:] = 1
+        theirs = hf_logits(hf_model, ids, mask, **kw)
+        mine = our_logits(ours, ids, mask, **kw)
+        diff(name, mine, theirs, mask if mine.dim() >= 2 and mine.shape[1] == T and mask is not None else None)
+
+
+@pytest.mark.parametrize("case", ENCODER_CASES)
+def test_encoder_family_both_ways(transformers, tmp_path: Path, case: str) -> None:
+    """HF -> lmcraft with the same logits; lmcraft -> HF opens as the same class with the same logits; our Linear
+    modules carry the HF module names (PEFT target_modules) of modules that exist in the HF model."""
+    from lmcraft.peft.layers import hf_module_names
+
+    family, head = case.split("-")[:2]
+    hf_model = encoder_model(transformers, case)
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert (ours.config.model_type, ours.head_kind) == (family, head)
+    if family == "roberta":
+        assert ours.config.position_offset == 1  # padding_idx 0 + 1
+    if case.startswith("electra") and "same-width" not in case:
+        assert ours.config.embedding_size == 32 and hasattr(ours.model, "embed_proj")
+    if head == "mlm":
+        assert (ours.head.decoder.weight is ours.model.embed_tokens.weight) == ("untied" not in case)
+    compare_encoder(case, hf_model, ours)
+
+    hub.save_model(ours, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(hf_model).from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == type(hf_model).__name__
+    compare_encoder(f"save:{case}", again, ours)
+    assert torch.equal(our_logits(hub.load_model(tmp_path / "out"), *batch("right")),
+                       our_logits(ours, *batch("right")))
+
+    hf_modules = dict(hf_model.named_modules())
+    names = hf_module_names(ours)
+    linears = [path for path, m in ours.named_modules() if isinstance(m, nn.Linear)]
+    for path in linears:
+        assert isinstance(hf_modules.get(names(path)), nn.Linear), (path, names(path))
+
+
+def test_electra_objective_saves_its_discriminator(transformers, tmp_path: Path) -> None:
+    """`rtd` pre-training of a BERT-layout config keeps a discriminator that opens as `ElectraForPreTraining` with
+    the same per-token logits."""
+    from lmcraft.objectives.electra import ReplacedTokenDetection
+    from lmcraft.objectives.mlm import MaskingConfig
+
+    objective = ReplacedTokenDetection(MaskingConfig(vocab_size=V, mask_token_id=3))
+    cfg = ModelConfig(**{**preset("bert-tiny").to_dict(), **TINY})
+    kept = randomize(objective.kept_model(objective.build_model(cfg)))
+    assert (kept.config.model_type, kept.head_kind) == ("electra", "rtd")
+    hub.save_model(kept, tmp_path / "disc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "disc").eval()
+    assert type(theirs).__name__ == "ElectraForPreTraining"
+    compare_encoder("save:electra-rtd-objective", theirs, kept)
+
+
+@pytest.mark.parametrize(("case", "targets"), [("roberta-mlm", ["query", "value", "dense"]),
+                                               ("distilbert-token_cls", ["q_lin", "v_lin", "lin1"]),
+                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"])])
+def test_encoder_lora_in_hf_names_opens_in_peft(transformers, tmp_path: Path, case: str, targets: list[str]) -> None:
+    """LoRA on modules named the Hugging Face way, saved by lmcraft, gives the same logits under `peft`."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from lmcraft import peft as lm_peft
+
+    hf_model = encoder_model(transformers, case)
+    lora = {"method": "lora", "r": 4, "target_modules": targets, "init_lora_weights": False}
+    if case.endswith("cls"):  # PEFT's TOKEN_CLS/SEQ_CLS adapters carry the task head (its modules_to_save)
+        lora["modules_to_save"] = ["classifier"]
+    ours = lm_peft.apply(hf_to_ours(tmp_path, hf_model), lora)
+    with torch.no_grad():
+        for _, p in ours.named_adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf_folder = tmp_path / "hf"
+    lm_peft.save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(hf_folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(type(hf_model).from_pretrained(hf_folder), tmp_path / "adapter").eval()
+    ids, mask = batch("right")
+    mine = our_logits(ours.eval(), ids, mask)
+    assert (mine - hf_logits(hf_model, ids, mask)).abs().max() > 1e-2  # the adapter changes the output
+    diff(f"lora:{case}", mine, hf_logits(theirs, ids, mask), mask)

@@ -119,7 +119,7 @@ def test_mlm_run_reports_masked_accuracy(bert_run: tuple[Path, dict]) -> None:
 
 @pytest.mark.parametrize(("name", "head", "metric"), [("nsp", "mlm", "eval_nsp_accuracy"),
                                                       ("sop", "mlm", "eval_sop_accuracy"),
-                                                      ("rtd", "token_cls", "eval_disc_accuracy")])
+                                                      ("rtd", "rtd", "eval_disc_accuracy")])
 def test_encoder_objectives_through_the_stage(tmp_path: Path, bert_run: tuple[Path, dict], name: str, head: str,
                                               metric: str) -> None:
     packed = bert_run[0] / "data"

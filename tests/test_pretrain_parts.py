@@ -53,7 +53,7 @@ def test_objectives_take_the_ids_they_need_from_the_tokenizer() -> None:
 
 
 @pytest.mark.parametrize(("name", "head"), [("clm", "lm"), ("plm", "lm"), ("mlm", "mlm"), ("nsp", "mlm"),
-                                            ("rtd", "token_cls")])
+                                            ("rtd", "rtd")])
 def test_each_objective_names_the_model_it_keeps(name: str, head: str) -> None:
     arch = "llama-14m" if head == "lm" else "bert-tiny"
     objective = build_objective(name, Ids())

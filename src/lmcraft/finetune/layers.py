@@ -29,7 +29,7 @@ __all__ = ["GradualUnfreezing", "freeze_parameters", "is_head", "layer_of", "tra
            "unfrozen_depths"]
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)model\.(?:embed_tokens|embed_positions|embed_types|embed_norm)\.")
+_EMBED = re.compile(r"(?:^|\.)model\.(?:embed_tokens|embed_positions|embed_types|embed_norm|embed_proj)\.")
 _HEAD = re.compile(r"(?:^|\.)head\.")
 
 

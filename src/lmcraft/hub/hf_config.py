@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, gpt2 and bert families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, gpt2, bert, roberta, distilbert and
+electra families.
 
 Each family is a table of one-to-one key renames (our field, HF key, HF's default when the key is absent)
 plus the layout switches that define the family (norm type and place, MLP shape, how positions enter,
@@ -32,7 +33,7 @@ ACTIVATIONS_IN = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "
 NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
             "lmcraft_head", "num_labels", "rope_theta", "rope_scaling", "rope_parameters", "layer_types",
             "hidden_act", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
-            "attention_bias", "n_inner"}
+            "attention_bias", "n_inner", "embedding_size"}
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,38 @@ def _read_bert(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _write_bert(cfg: ModelConfig) -> dict[str, Any]:
     _require(cfg, cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.hidden_size,
-             "bert has neither grouped-query attention nor a separate head_dim")
+             f"{cfg.model_type} has neither grouped-query attention nor a separate head_dim")
+    _require(cfg, cfg.model_type == "electra" or cfg.embedding_size in (None, cfg.hidden_size),
+             f"{cfg.model_type} embeds at the hidden width (embedding_size differs only in electra)")
+    _require(cfg, cfg.model_type == "roberta" or cfg.position_offset == 0,
+             f"{cfg.model_type} positions start at 0 (position_offset is roberta's)")
     return {}
+
+
+def _read_roberta(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoBERTa counts positions from padding_idx + 1 (its position table reserves the first pad_token_id + 1 rows)."""
+    return {**_read_bert(hf), "position_offset": hf.get("pad_token_id", 1) + 1}
+
+
+def _write_roberta(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.pad_token_id is not None and cfg.position_offset == cfg.pad_token_id + 1,
+             "roberta positions start at pad_token_id + 1 (position_offset)")
+    return _write_bert(cfg)
+
+
+def _read_distilbert(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("sinusoidal_pos_embds"):
+        raise ModelLoadError("it sets sinusoidal_pos_embds=true; lmcraft supports learned DistilBERT positions only.")
+    return {}
+
+
+def _read_electra(hf: dict[str, Any]) -> dict[str, Any]:
+    width = hf.get("embedding_size", 128)
+    return {**_read_bert(hf), "embedding_size": None if width == hf["hidden_size"] else width}
+
+
+def _write_electra(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_write_bert(cfg), "embedding_size": cfg.embedding_size or cfg.hidden_size}
 
 
 def _rope_spec(read: Callable, write: Callable, max_pos: int, bos: int | None, eos: int | None,
@@ -188,6 +219,25 @@ def _rope_spec(read: Callable, write: Callable, max_pos: int, bos: int | None, e
              "value": f"{prefix}ForTokenClassification"}
     return ConfigSpec(_rope_family_renames(max_pos, bos, eos), _ROPE_LAYOUT, "hidden_act", _SILU_OUT, read, write,
                       archs)
+
+
+_BERT_RENAMES = (
+    ("initializer_range", "initializer_range", 0.02), ("vocab_size", "vocab_size", REQUIRED),
+    ("hidden_size", "hidden_size", REQUIRED), ("num_layers", "num_hidden_layers", REQUIRED),
+    ("num_heads", "num_attention_heads", REQUIRED), ("intermediate_size", "intermediate_size", REQUIRED),
+    ("max_position_embeddings", "max_position_embeddings", 512), ("norm_eps", "layer_norm_eps", 1e-12),
+    ("dropout", "hidden_dropout_prob", 0.1), ("attention_dropout", "attention_probs_dropout_prob", 0.1),
+    ("type_vocab_size", "type_vocab_size", 2), ("classifier_dropout", "classifier_dropout", None),
+    ("tie_word_embeddings", "tie_word_embeddings", True),
+)
+_BERT_LAYOUT = dict(arch="encoder", norm="layernorm", pre_norm=False, final_norm=False, mlp="plain",
+                    position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True)
+_BERT_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}
+
+
+def _encoder_archs(prefix: str) -> dict[str, str]:
+    return {"mlm": f"{prefix}ForMaskedLM", "cls": f"{prefix}ForSequenceClassification",
+            "token_cls": f"{prefix}ForTokenClassification", "qa": f"{prefix}ForQuestionAnswering"}
 
 
 FAMILIES: dict[str, ConfigSpec] = {
@@ -211,28 +261,45 @@ FAMILIES: dict[str, ConfigSpec] = {
          "token_cls": "GPT2ForTokenClassification", "value": "GPT2ForTokenClassification"},
     ),
     "bert": ConfigSpec(
-        _TOKENS + (
-            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
-            ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
-            ("intermediate_size", "intermediate_size", REQUIRED), ("max_position_embeddings",
-                                                                    "max_position_embeddings", 512),
-            ("norm_eps", "layer_norm_eps", 1e-12), ("dropout", "hidden_dropout_prob", 0.1),
-            ("attention_dropout", "attention_probs_dropout_prob", 0.1), ("type_vocab_size", "type_vocab_size", 2),
-            ("classifier_dropout", "classifier_dropout", None), ("tie_word_embeddings", "tie_word_embeddings", True),
+        (("pad_token_id", "pad_token_id", None), *_BERT_RENAMES, ("bos_token_id", "bos_token_id", None),
+         ("eos_token_id", "eos_token_id", None)),
+        _BERT_LAYOUT, "hidden_act", _BERT_ACT_OUT, _read_bert, _write_bert, _encoder_archs("Bert"),
+    ),
+    # ---- encoder families beyond BERT (roberta, distilbert, electra) ----
+    "roberta": ConfigSpec(
+        _BERT_RENAMES + (("pad_token_id", "pad_token_id", 1), ("bos_token_id", "bos_token_id", 0),
+                         ("eos_token_id", "eos_token_id", 2)),
+        {**_BERT_LAYOUT, "pooler_dropout": True, "mlm_activation": "gelu"}, "hidden_act", _BERT_ACT_OUT,
+        _read_roberta, _write_roberta, _encoder_archs("Roberta"),
+    ),
+    "distilbert": ConfigSpec(
+        (
+            ("pad_token_id", "pad_token_id", 0), ("initializer_range", "initializer_range", 0.02),
+            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "dim", REQUIRED),
+            ("num_layers", "n_layers", REQUIRED), ("num_heads", "n_heads", REQUIRED),
+            ("intermediate_size", "hidden_dim", REQUIRED), ("max_position_embeddings", "max_position_embeddings", 512),
+            ("dropout", "dropout", 0.1), ("attention_dropout", "attention_dropout", 0.1),
+            ("classifier_dropout", "seq_classif_dropout", 0.2), ("tie_word_embeddings", "tie_word_embeddings", True),
             ("bos_token_id", "bos_token_id", None), ("eos_token_id", "eos_token_id", None),
         ),
-        dict(arch="encoder", norm="layernorm", pre_norm=False, final_norm=False, mlp="plain", position="learned",
-             qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True),
-        "hidden_act", {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"},
-        _read_bert, _write_bert,
-        {"mlm": "BertForMaskedLM", "cls": "BertForSequenceClassification", "token_cls": "BertForTokenClassification",
-         "qa": "BertForQuestionAnswering"},
+        {**_BERT_LAYOUT, "norm_eps": 1e-12, "type_vocab_size": 0, "pooler_activation": "relu"},
+        "activation", _BERT_ACT_OUT, _read_distilbert, _write_bert, _encoder_archs("DistilBert"),
+    ),
+    "electra": ConfigSpec(
+        _BERT_RENAMES + (("pad_token_id", "pad_token_id", 0), ("bos_token_id", "bos_token_id", None),
+                         ("eos_token_id", "eos_token_id", None)),
+        {**_BERT_LAYOUT, "pooler_activation": "gelu", "pooler_dropout": True, "mlm_activation": "gelu"},
+        "hidden_act", _BERT_ACT_OUT,
+        _read_electra, _write_electra, {**_encoder_archs("Electra"), "rtd": "ElectraForPreTraining"},
     ),
 }
-ACT_DEFAULTS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gpt2": "gelu_new", "bert": "gelu"}
+ACT_DEFAULTS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gpt2": "gelu_new", "bert": "gelu",
+                # encoder families beyond BERT
+                "roberta": "gelu", "distilbert": "gelu", "electra": "gelu"}
 
 # Endings of HF architecture class names -> the head they carry. Bare backbones (LlamaModel, BertModel) have none.
-ARCH_SUFFIX_HEADS = (("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm"),
+ARCH_SUFFIX_HEADS = (("ElectraForPreTraining", "rtd"),  # before ForPreTraining (BERT's MLM + NSP checkpoints)
+                     ("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm"),
                      ("ForSequenceClassification", "cls"), ("ForTokenClassification", "token_cls"),
                      ("ForQuestionAnswering", "qa"))
 

@@ -205,23 +205,29 @@ GPT2 = NameTable(
     ignored=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),  # causal-mask buffers of old checkpoints
 )
 
-_B = "bert.encoder.layer.{i}"
+
+def _bert_backbone(root: str) -> tuple[Rule, ...]:
+    """BERT's backbone names under `root` (bert, roberta, electra share them)."""
+    b = f"{root}.encoder.layer.{{i}}"
+    return (
+        rule("model.embed_tokens.weight", f"{root}.embeddings.word_embeddings.weight"),
+        rule("model.embed_positions.weight", f"{root}.embeddings.position_embeddings.weight"),
+        rule("model.embed_types.weight", f"{root}.embeddings.token_type_embeddings.weight"),
+        rule("model.embed_norm.{param}", f"{root}.embeddings.LayerNorm.{{param}}"),
+        rule(f"{_L}.self_attn.q_proj.{{param}}", f"{b}.attention.self.query.{{param}}"),
+        rule(f"{_L}.self_attn.k_proj.{{param}}", f"{b}.attention.self.key.{{param}}"),
+        rule(f"{_L}.self_attn.v_proj.{{param}}", f"{b}.attention.self.value.{{param}}"),
+        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{b}.attention.output.dense.{{param}}"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{b}.attention.output.LayerNorm.{{param}}"),
+        rule(f"{_L}.mlp.up_proj.{{param}}", f"{b}.intermediate.dense.{{param}}"),
+        rule(f"{_L}.mlp.down_proj.{{param}}", f"{b}.output.dense.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{b}.output.LayerNorm.{{param}}"),
+    )
+
+
 BERT = NameTable(
     prefix="bert.",
-    backbone=(
-        rule("model.embed_tokens.weight", "bert.embeddings.word_embeddings.weight"),
-        rule("model.embed_positions.weight", "bert.embeddings.position_embeddings.weight"),
-        rule("model.embed_types.weight", "bert.embeddings.token_type_embeddings.weight"),
-        rule("model.embed_norm.{param}", "bert.embeddings.LayerNorm.{param}"),
-        rule(f"{_L}.self_attn.q_proj.{{param}}", f"{_B}.attention.self.query.{{param}}"),
-        rule(f"{_L}.self_attn.k_proj.{{param}}", f"{_B}.attention.self.key.{{param}}"),
-        rule(f"{_L}.self_attn.v_proj.{{param}}", f"{_B}.attention.self.value.{{param}}"),
-        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{_B}.attention.output.dense.{{param}}"),
-        rule(f"{_L}.attn_norm.{{param}}", f"{_B}.attention.output.LayerNorm.{{param}}"),
-        rule(f"{_L}.mlp.up_proj.{{param}}", f"{_B}.intermediate.dense.{{param}}"),
-        rule(f"{_L}.mlp.down_proj.{{param}}", f"{_B}.output.dense.{{param}}"),
-        rule(f"{_L}.mlp_norm.{{param}}", f"{_B}.output.LayerNorm.{{param}}"),
-    ),
+    backbone=_bert_backbone("bert"),
     heads={
         "mlm": (
             rule("head.transform.{param}", "cls.predictions.transform.dense.{param}"),
@@ -241,6 +247,80 @@ BERT = NameTable(
     legacy=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
 )
 
+# ---- encoder families beyond BERT: RoBERTa (BERT's names, own heads), DistilBERT, ELECTRA ----
+# RoBERTa and ELECTRA classify from h[:, 0] through `classifier.dense` + `classifier.out_proj` (no pooler).
+_ENCODER_CLS = (rule("head.pooler.{param}", "classifier.dense.{param}"),
+                rule("head.classifier.{param}", "classifier.out_proj.{param}"))
+_TOKEN_CLS = (rule("head.classifier.{param}", "classifier.{param}"),)
+_QA = (rule("head.qa_outputs.{param}", "qa_outputs.{param}"),)
+
+ROBERTA = NameTable(
+    prefix="roberta.",
+    backbone=_bert_backbone("roberta"),
+    heads={
+        "mlm": (
+            rule("head.transform.{param}", "lm_head.dense.{param}"),
+            rule("head.norm.{param}", "lm_head.layer_norm.{param}"),
+            rule("head.bias", "lm_head.decoder.bias", aliases=("lm_head.bias",)),  # decoder.bias is the one used
+            rule("head.decoder.weight", "lm_head.decoder.weight"),
+        ),
+        "cls": _ENCODER_CLS, "token_cls": _TOKEN_CLS, "qa": _QA,
+    },
+    tied={"mlm": "lm_head.decoder.weight"},
+    ignored=(r"roberta\.embeddings\.(position_ids|token_type_ids)",),
+)
+
+_D = "distilbert.transformer.layer.{i}"
+DISTILBERT = NameTable(
+    prefix="distilbert.",
+    backbone=(
+        rule("model.embed_tokens.weight", "distilbert.embeddings.word_embeddings.weight"),
+        rule("model.embed_positions.weight", "distilbert.embeddings.position_embeddings.weight"),
+        rule("model.embed_norm.{param}", "distilbert.embeddings.LayerNorm.{param}"),
+        rule(f"{_L}.self_attn.q_proj.{{param}}", f"{_D}.attention.q_lin.{{param}}"),
+        rule(f"{_L}.self_attn.k_proj.{{param}}", f"{_D}.attention.k_lin.{{param}}"),
+        rule(f"{_L}.self_attn.v_proj.{{param}}", f"{_D}.attention.v_lin.{{param}}"),
+        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{_D}.attention.out_lin.{{param}}"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{_D}.sa_layer_norm.{{param}}"),
+        rule(f"{_L}.mlp.up_proj.{{param}}", f"{_D}.ffn.lin1.{{param}}"),
+        rule(f"{_L}.mlp.down_proj.{{param}}", f"{_D}.ffn.lin2.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{_D}.output_layer_norm.{{param}}"),
+    ),
+    heads={
+        "mlm": (
+            rule("head.transform.{param}", "vocab_transform.{param}"),
+            rule("head.norm.{param}", "vocab_layer_norm.{param}"),
+            rule("head.bias", "vocab_projector.bias"),
+            rule("head.decoder.weight", "vocab_projector.weight"),
+        ),
+        "cls": (rule("head.pooler.{param}", "pre_classifier.{param}"),
+                rule("head.classifier.{param}", "classifier.{param}")),
+        "token_cls": _TOKEN_CLS, "qa": _QA,
+    },
+    tied={"mlm": "vocab_projector.weight"},
+    ignored=(r"distilbert\.embeddings\.position_ids",),
+)
+
+ELECTRA = NameTable(
+    prefix="electra.",
+    backbone=(*_bert_backbone("electra"), rule("model.embed_proj.{param}", "electra.embeddings_project.{param}")),
+    heads={
+        "rtd": (rule("head.dense.{param}", "discriminator_predictions.dense.{param}"),
+                rule("head.dense_prediction.{param}", "discriminator_predictions.dense_prediction.{param}")),
+        "mlm": (
+            rule("head.transform.{param}", "generator_predictions.dense.{param}"),
+            rule("head.norm.{param}", "generator_predictions.LayerNorm.{param}"),
+            rule("head.bias", "generator_lm_head.bias"),
+            rule("head.decoder.weight", "generator_lm_head.weight"),
+        ),
+        "cls": _ENCODER_CLS, "token_cls": _TOKEN_CLS, "qa": _QA,
+    },
+    tied={"mlm": "generator_lm_head.weight"},
+    ignored=(r"electra\.embeddings\.(position_ids|token_type_ids)",),
+)
+
 # model_type -> its table (the rope-family table also stands for models of an unknown type)
 NAME_TABLES: dict[str, NameTable] = {"llama": ROPE_FAMILY, "mistral": ROPE_FAMILY, "qwen2": ROPE_FAMILY,
-                                     "gpt2": GPT2, "bert": BERT}
+                                     "gpt2": GPT2, "bert": BERT,
+                                     # encoder families beyond BERT
+                                     "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA}

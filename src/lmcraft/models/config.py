@@ -1,4 +1,5 @@
-"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2, GPT-2) and encoders (BERT).
+"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2, GPT-2) and encoders (BERT, RoBERTa,
+DistilBERT, ELECTRA).
 
 The families differ only in switches: which norm, where it sits (pre/post), the MLP shape, how
 positions enter (rotary or learned), which projections carry biases, and whether embeddings are
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Arch = Literal["decoder", "encoder"]
-ModelType = Literal["llama", "mistral", "qwen2", "gpt2", "bert"]
+ModelType = Literal["llama", "mistral", "qwen2", "gpt2", "bert",
+                    "roberta", "distilbert", "electra"]
 
 
 @dataclass
@@ -51,6 +53,12 @@ class ModelConfig:
     sliding_window: int | None = None
     type_vocab_size: int = 0  # BERT token types (segment A/B)
     embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    # encoder families beyond BERT
+    embedding_size: int | None = None  # embedding width E when it differs from hidden_size: h_0 = W_p LN(emb) + b_p
+    position_offset: int = 0  # learned positions look up E_pos[p + offset] (RoBERTa: padding_idx + 1)
+    pooler_activation: Literal["tanh", "gelu", "relu"] = "tanh"  # encoder cls head: act(W_p h[:, 0] + b_p)
+    pooler_dropout: bool = False  # encoder cls head: dropout before W_p too (RoBERTa, ELECTRA)
+    mlm_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] | None = None  # MLM head's; None: `activation`
     # regularisation and init
     dropout: float = 0.0
     attention_dropout: float = 0.0

@@ -1,13 +1,16 @@
 """Output heads on top of the backbone's hidden states h (B, T, H).
 
 - `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V)
-- `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head
-- `cls`:       encoder: pooled = tanh(W_p h[:, 0] + b_p); decoder: h at the last real token;
+- `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head; W_t maps
+               to the embedding width E (ELECTRA's generator: E < H); act = `mlm_activation` or `activation`
+- `cls`:       encoder: pooled = act(W_p dropout?(h[:, 0]) + b_p), act = tanh (BERT, RoBERTa), gelu (ELECTRA),
+               relu (DistilBERT), the inner dropout for RoBERTa/ELECTRA; decoder: h at the last real token;
                logits = W_c dropout(pooled) (+ b_c)                    (B, num_labels)
 - `token_cls`: logits = W dropout(h) + b                               (B, T, num_labels)
 - `qa`:        [start, end] logits = h W + b, W: (H, 2)                 (B, T, 2)  (extractive QA span)
 - `value`:     v = h w + b, one scalar per token                        (B, T)  (PPO critic)
 - `reward`:    r = h_last w, one scalar per sequence at the last real token   (B,)
+- `rtd`:       d = w_2 act(W_1 h + b_1) + b_2, one logit per token      (B, T)  (ELECTRA discriminator)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.layers import ACTIVATIONS, make_norm
 
-HEADS = ("lm", "mlm", "cls", "token_cls", "qa", "value", "reward")
+HEADS = ("lm", "mlm", "cls", "token_cls", "qa", "value", "reward", "rtd")
 
 
 def last_token_index(
@@ -47,10 +50,11 @@ class LMHead(nn.Linear):
 class MLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.activation]
-        self.norm = make_norm(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        width = cfg.embedding_size or cfg.hidden_size
+        self.transform = nn.Linear(cfg.hidden_size, width)
+        self.act = ACTIVATIONS[cfg.mlm_activation or cfg.activation]
+        self.norm = make_norm(cfg, width)
+        self.decoder = nn.Linear(width, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,12 +67,18 @@ class SequenceClassificationHead(nn.Module):
         self.pool_first = cfg.arch == "encoder"
         if self.pool_first:
             self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.pool_act = ACTIVATIONS[cfg.pooler_activation]
+            self.pool_dropout = cfg.pooler_dropout
         dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.dropout
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=self.pool_first)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pool_first else gather_last(h, attention_mask)
+        if self.pool_first:
+            first = self.dropout(h[:, 0]) if self.pool_dropout else h[:, 0]
+            pooled = self.pool_act(self.pooler(first))
+        else:
+            pooled = gather_last(h, attention_mask)
         return self.classifier(self.dropout(pooled))
 
 
@@ -112,9 +122,22 @@ class RewardHead(nn.Module):
         return self.score(gather_last(h, attention_mask)).squeeze(-1)
 
 
+class ReplacedTokenHead(nn.Module):
+    """ELECTRA's discriminator head: one replaced-or-original logit per token, d = w_2 act(W_1 h + b_1) + b_2."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dense_prediction = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dense_prediction(self.act(self.dense(h))).squeeze(-1)
+
+
 def make_head(kind: str, cfg: ModelConfig) -> nn.Module:
     table = {"lm": LMHead, "mlm": MLMHead, "cls": SequenceClassificationHead, "token_cls": TokenClassificationHead,
-             "qa": QuestionAnsweringHead, "value": ValueHead, "reward": RewardHead}
+             "qa": QuestionAnsweringHead, "value": ValueHead, "reward": RewardHead, "rtd": ReplacedTokenHead}
     if kind not in table:
         raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     return table[kind](cfg)

@@ -38,7 +38,8 @@ def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len:
 class Backbone(nn.Module):
     """The trunk shared by every model: embeddings -> blocks -> final norm.
 
-        h_0 = E_tok[x] (+ E_pos[p] if learned positions) (+ E_type[s] if token types), then LN (BERT)
+        h_0 = E_tok[x] (+ E_pos[p + offset] if learned positions) (+ E_type[s] if token types), then LN (BERT)
+        h_0 = W_p h_0 + b_p             (ELECTRA, when the embedding width E != hidden_size)
         h_l = Block_l(h_{l-1})          (RoPE models rotate q/k inside attention instead of E_pos)
         h   = norm(h_L)                 (pre-norm models only)
     """
@@ -46,15 +47,18 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=None)
+        width = cfg.embedding_size or cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, width, padding_idx=None)
         if cfg.position == "learned":
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, width)
         else:
             self.rotary = RotaryEmbedding(cfg)
         if cfg.type_vocab_size:
-            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+            self.embed_types = nn.Embedding(cfg.type_vocab_size, width)
         if cfg.embed_norm:
-            self.embed_norm = make_norm(cfg)
+            self.embed_norm = make_norm(cfg, width)
+        if width != cfg.hidden_size:
+            self.embed_proj = nn.Linear(width, cfg.hidden_size)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         if cfg.final_norm:
@@ -64,13 +68,14 @@ class Backbone(nn.Module):
               position_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.position == "learned":
-            h = h + self.embed_positions(position_ids)
+            h = h + self.embed_positions(position_ids + self.config.position_offset)
         if self.config.type_vocab_size:
             types = torch.zeros_like(position_ids) if token_type_ids is None else token_type_ids
             h = h + self.embed_types(types)
         if self.config.embed_norm:
             h = self.embed_norm(h)
-        return self.embed_dropout(h)
+        h = self.embed_dropout(h)
+        return self.embed_proj(h) if hasattr(self, "embed_proj") else h
 
     def forward(
         self,

@@ -16,8 +16,9 @@ Embedding sharing: the token embedding table E (V, H_d) is the discriminator's. 
 same width it uses E itself (input embeddings and its tied MLM output matrix). When it is narrower (H_g < H_d),
 it reads its inputs as E[x] P with a learned projection P (H_d -> H_g, no bias); its own (V, H_g) table then
 serves only as its tied MLM output matrix.
-The discriminator is a `LanguageModel` with the token-classification head and one label (a linear score per
-token); `discriminator` is the model to keep after pre-training.
+The discriminator is a `LanguageModel` with ELECTRA's `rtd` head (one logit per token, w_2 act(W_1 h + b_1) + b_2);
+`discriminator` is the model to keep after pre-training. A BERT-layout config becomes model_type `electra` for it,
+so that it saves as Hugging Face's `ElectraForPreTraining`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ from lmcraft.models.model import LanguageModel
 from lmcraft.objectives.base import IGNORE_INDEX, Batch, LossOutput, TokenizerIds, token_cross_entropy
 from lmcraft.objectives.mlm import MaskingConfig, masked_batch, masking_with_token_ids
 
-__all__ = ["ElectraModel", "ElectraOutput", "ReplacedTokenDetection", "generator_config", "sample_inverse_cdf"]
+__all__ = ["ElectraModel", "ElectraOutput", "ReplacedTokenDetection", "discriminator_config", "generator_config",
+           "sample_inverse_cdf"]
+
+
+def discriminator_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` for the discriminator: a BERT-layout encoder becomes an `electra` one (the same backbone, ELECTRA's
+    classification-head switches), which saves as `ElectraForPreTraining`; other layouts are kept as they are."""
+    if cfg.model_type not in ("bert", "electra"):
+        return cfg
+    return dataclasses.replace(cfg, model_type="electra", pooler_activation="gelu", pooler_dropout=True,
+                               mlm_activation="gelu")
 
 
 def generator_config(cfg: ModelConfig, width_fraction: float = 0.25) -> ModelConfig:
@@ -74,7 +85,7 @@ class ElectraModel(nn.Module):
         super().__init__()
         if generator_cfg.vocab_size != discriminator_cfg.vocab_size:
             raise ValueError("generator and discriminator need the same vocabulary")
-        self.discriminator = LanguageModel(dataclasses.replace(discriminator_cfg, num_labels=1), "token_cls")
+        self.discriminator = LanguageModel(discriminator_config(discriminator_cfg), "rtd")
         self.generator = LanguageModel(generator_cfg, "mlm")
         if generator_cfg.hidden_size == discriminator_cfg.hidden_size:
             self.generator.model.embed_tokens = self.discriminator.get_input_embeddings()
@@ -98,7 +109,7 @@ class ElectraModel(nn.Module):
         with torch.no_grad():
             replaced[selected] = sample_inverse_cdf(gen.logits[selected], sample_uniform[selected])
         disc = self.discriminator(replaced, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return ElectraOutput(gen.logits, disc.logits.squeeze(-1), (replaced != original).float())
+        return ElectraOutput(gen.logits, disc.logits, (replaced != original).float())
 
 
 @dataclass

@@ -28,7 +28,7 @@ from lmcraft.peft.layers import (
 if TYPE_CHECKING:
     from lmcraft.peft.registry import MethodConfig
 
-PER_TOKEN_HEADS = frozenset({"lm", "mlm", "token_cls", "qa", "value"})
+PER_TOKEN_HEADS = frozenset({"lm", "mlm", "token_cls", "qa", "value", "rtd"})
 
 
 class PeftModel(nn.Module):
