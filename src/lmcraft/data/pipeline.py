@@ -27,10 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from lmcraft.data.annotation import Annotation
 from lmcraft.data.augment import Augment
 from lmcraft.data.clean import BoilerplateLines, HtmlToText, Normalize, Whitespace
+from lmcraft.data.decontaminate import Decontaminate
 from lmcraft.data.dedup import ExactDedup, MinHashDedup
 from lmcraft.data.filters import Blocklist, C4Quality, GopherQuality, GopherRepetition, Language, MinLength
+from lmcraft.data.licence import CopyrightNotices, LicenceBoilerplate
+from lmcraft.data.model_scores import Classifier, Perplexity, Toxicity
 from lmcraft.data.pii import PiiScrubber
 from lmcraft.data.readers import Document
 
@@ -53,6 +57,7 @@ STEP_TYPES: dict[str, type] = {
         Normalize,
         Whitespace,
         BoilerplateLines,
+        LicenceBoilerplate,
         PiiScrubber,
         MinLength,
         Language,
@@ -60,22 +65,16 @@ STEP_TYPES: dict[str, type] = {
         GopherRepetition,
         C4Quality,
         Blocklist,
+        CopyrightNotices,
+        Perplexity,
+        Classifier,
+        Toxicity,
+        Decontaminate,
         ExactDedup,
         MinHashDedup,
         Augment,
     )
 }
-
-
-@dataclass
-class Annotation:
-    """What an "annotate" step says about one document: remove it (`reason`), or keep it with `meta` added;
-    `score` goes into the step's histogram, `tally` names are counted in the report."""
-
-    reason: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    score: float | None = None
-    tally: tuple[str, ...] = ()
 
 
 def build_steps(specs: list[dict[str, Any]]) -> list[Any]:
