@@ -128,7 +128,7 @@ class Decontaminate:
             from lmcraft.data.records import read_records
 
             for path in self.files:
-                self.add_set(f"file:{path}", (record_texts(r, self.text_fields) for r in read_records(path)))
+                self.add_set(f"file:{path}", (record_texts(r.fields, self.text_fields) for r in read_records(path)))
         return self._sets
 
     def _grams(self) -> dict[tuple[str, ...], list[tuple[int, int]]]:

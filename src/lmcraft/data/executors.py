@@ -44,12 +44,15 @@ def _work(docs: list[Document]) -> ChunkResult:
     return process_chunk(_WORKER["steps"], docs, _WORKER["tokenizer"])
 
 
-def _context() -> Any:
+def _context(steps: list[Any]) -> Any:
     """fork where the platform has it: workers start in milliseconds and do not re-import the caller's
-    main module (spawn would, and a script that imports torch would pay for it in every worker)."""
+    main module (spawn would, and a script that imports torch would pay for it in every worker). Steps that run
+    torch models (`uses_torch`) get spawned workers: a child forked from a process whose torch thread pools
+    already ran deadlocks in its first parallel operation."""
     import multiprocessing as mp
 
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    fork = "fork" in mp.get_all_start_methods() and not any(getattr(s, "uses_torch", False) for s in steps)
+    return mp.get_context("fork" if fork else "spawn")
 
 
 class _Done:
@@ -76,7 +79,7 @@ class _InProcess:
 class _Pool:
     def __init__(self, steps: list[Any], tokenizer: Any, workers: int) -> None:
         self.capacity = 2 * workers
-        self.pool = _context().Pool(workers, initializer=_init_worker, initargs=(steps, tokenizer))
+        self.pool = _context(steps).Pool(workers, initializer=_init_worker, initargs=(steps, tokenizer))
 
     def submit(self, docs: list[Document]) -> Any:
         return self.pool.apply_async(_work, (docs,))

@@ -37,7 +37,7 @@ _HEADER_WORDS = re.compile(
     r"mozilla public license|bsd license|apache license|mit license|all rights reserved|copyright|\(c\)\s*\d{4}|©",
     re.I)
 _NOTICE_LINE = re.compile(
-    r"^[\s#/*;%-]*(?:copyright\b|©|\(c\)\s*\d{4}|all rights reserved\b)[^\n]{0,200}$", re.I | re.M)
+    r"^[\s#/*;%-]*(?:copyright\b|©|\(c\)\s*\d{4}|all rights reserved\b)[^\n]{0,200}(?:\n|$)", re.I | re.M)
 _LICENCE_TEXT = re.compile(
     r"copyright|©|\(c\)\s*\d{4}|all rights reserved|licen[cs]e|permission is hereby granted|warrant|liabilit|"
     r"redistribut|spdx-license-identifier|merchantability|fitness for a particular purpose|project gutenberg",

@@ -43,6 +43,7 @@ class _ModelStep:
     device: str
     dtype: str | None
     _head: ClassVar[str]
+    uses_torch: ClassVar[bool] = True  # worker processes are spawned, not forked (see data.executors)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_lm", "_tok")}
