@@ -96,7 +96,8 @@ def test_licence_cleaner_removes_real_headers_and_keeps_the_content() -> None:
     assert clean(APACHE_PY) == "import os\n\n\ndef main():\n    return os.getcwd()"
     assert clean(MIT_JS) == "export function add(a, b) {\n  return a + b;\n}"
     assert clean(GUTENBERG) == BOOK
-    assert clean("#!/usr/bin/env python\n# SPDX-License-Identifier: MIT\nprint(1)\n") == "#!/usr/bin/env python\nprint(1)"
+    spdx = "#!/usr/bin/env python\n# SPDX-License-Identifier: MIT\nprint(1)\n"
+    assert clean(spdx) == "#!/usr/bin/env python\nprint(1)"
     notice = "A story about the sea.\nCopyright (c) 2021 Example Press. All rights reserved.\nThe end."
     assert clean(notice) == "A story about the sea.\nThe end."
     plain = "# A heading\nThe river ran through the city; nobody owned the copyright to the wind.\n"
@@ -164,7 +165,8 @@ def test_decontaminate_finds_every_planted_eval_item(tmp_path: Path) -> None:
             len(r["text"].encode()) for r in rows)}}
         flagged = [r for r in rows if "contamination" in r.get("meta", {})]
         assert len(rows) == (40 if action == "flag" else 32) and len(flagged) == (8 if action == "flag" else 0)
-        assert "## Decontamination" in (out / "report.md").read_text() and "planted:6" in (out / "report.md").read_text()
+        report = (out / "report.md").read_text()
+        assert "## Decontamination" in report and "planted:6" in report
 
     # eval-time warning: a model folder that records training data flagged (not cleaned) against the task
     packed = tmp_path / "packed"
@@ -289,8 +291,8 @@ def test_model_steps_in_prepare_write_scores_and_histograms(models: dict[str, Pa
              {"type": "toxicity", "model": str(models["cls"]), "threshold": 0.99}]
     outs = []
     for workers in (1, 2):
-        cfg = PrepareConfig.model_validate({"inputs": [str(tmp_path / "in.jsonl")], "output": str(tmp_path / f"w{workers}"),
-                                            "chunk_docs": 4, "steps": steps})
+        cfg = PrepareConfig.model_validate({"inputs": [str(tmp_path / "in.jsonl")], "chunk_docs": 4, "steps": steps,
+                                            "output": str(tmp_path / f"w{workers}")})
         outs.append(prepare(cfg, workers=workers, progress=False))
     assert _part_lines(tmp_path / "w1") == _part_lines(tmp_path / "w2")
     stats = {s["name"]: s for s in outs[0]["steps"]}

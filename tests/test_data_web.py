@@ -27,7 +27,8 @@ def _warc() -> list[bytes]:
     http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + PAGE
     return [
         _record({"WARC-Type": "warcinfo", "WARC-Record-ID": "<urn:uuid:info>"}, b"software: hand-made\r\n"),
-        _record({"WARC-Type": "request", "WARC-Target-URI": "https://example.org/river"}, b"GET /river HTTP/1.1\r\n\r\n"),
+        _record({"WARC-Type": "request", "WARC-Target-URI": "https://example.org/river"},
+                b"GET /river HTTP/1.1\r\n\r\n"),
         _record({"WARC-Type": "response", "WARC-Target-URI": "https://example.org/river",
                  "WARC-Record-ID": "<urn:uuid:page>", "WARC-Identified-Content-Language": "eng",
                  "Content-Type": "application/http; msgtype=response"}, http),
@@ -38,7 +39,7 @@ def _warc() -> list[bytes]:
                  "Content-Type": "application/http; msgtype=response"},
                 b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n\x89PNG\r\n"),
         _record({"WARC-Type": "conversion", "WARC-Target-URI": "https://example.org/wet",
-                 "WARC-Record-ID": "<urn:uuid:wet>"}, "Plain text of a WET record.".encode()),
+                 "WARC-Record-ID": "<urn:uuid:wet>"}, b"Plain text of a WET record."),
     ]
 
 

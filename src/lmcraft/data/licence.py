@@ -53,9 +53,7 @@ def _strip_gutenberg(text: str) -> str:
     end = _PG_END.search(text)
     if end:
         text = text[: end.start()]
-        last = None
-        for last in _PG_END_LINE.finditer(text):
-            pass
+        last = max(_PG_END_LINE.finditer(text), key=lambda m: m.start(), default=None)
         if last is not None and len(text) - last.start() < 500:  # the "End of the Project Gutenberg EBook" line
             text = text[: last.start()]
     return text

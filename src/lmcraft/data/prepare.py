@@ -20,16 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcraft.data.executors import ExecutorKind, make_executor
 from lmcraft.data.long_documents import LongDocumentSplitter
 from lmcraft.data.parts import complete_parts, eos_id, load_part_arrays, pack_parts, remove_incomplete, write_part
-from lmcraft.data.executors import ExecutorKind, make_executor
 from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, is_validation
 from lmcraft.data.readers import Document, ErrorLog, expand_inputs, read_documents
 from lmcraft.errors import ConfigError

@@ -172,7 +172,7 @@ def read_warc(fh: IO[bytes], bad: Any) -> Iterator[Record]:
                 if not 200 <= status < 300:
                     continue  # redirects and errors carry no page
                 page_type = http.get("content-type", "")
-            if not page_type.split(";")[0].strip().lower() in _HTML_TYPES:
+            if page_type.split(";")[0].strip().lower() not in _HTML_TYPES:
                 yield where, bad("not_html", f"an HTML page, got Content-Type {page_type or 'none'!r}")
                 continue
             text, canonical = extract_main_text(body, url)
