@@ -153,7 +153,7 @@ def test_decontaminate_finds_every_planted_eval_item(tmp_path: Path) -> None:
             "steps": [{"type": "decontaminate", "tasks": [str(task_file)], "files": [str(other)], "action": action}],
         })
         attach_eval_tasks(cfg.steps)
-        result = prepare(cfg, progress=False)
+        result = prepare(cfg, workers=2 if action == "flag" else 1, progress=False)
         (check,) = result["decontamination"]
         by_set = {s["name"]: s for s in check["sets"]}
         assert set(by_set["planted"]["contaminated"]) == {f"planted:{k}" for k in range(7)}  # every planted item
