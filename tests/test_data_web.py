@@ -45,7 +45,8 @@ def _warc() -> list[bytes]:
 
 @pytest.fixture
 def trafilatura() -> None:
-    pytest.importorskip("trafilatura", reason="HTML/WARC extraction needs trafilatura (pip install 'lmcraft[web]')")
+    pytest.importorskip("trafilatura", reason="HTML/WARC extraction needs trafilatura (pip install 'lmcraft[web]')",
+                        exc_type=ImportError)
 
 
 @pytest.mark.parametrize("name", ["crawl.warc", "crawl.warc.gz"])
