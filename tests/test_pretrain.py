@@ -104,6 +104,9 @@ def test_clm_run_writes_a_loadable_model_samples_and_curves(gpt_run: tuple[Path,
         torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)
     assert len(summary["samples"]) == 1 and summary["samples"][0]["prompt"] == "HAMLET."
     assert json.loads((out / "summary.json").read_text())["samples"] == summary["samples"]
+    # the model records what it was trained on, for `lmcraft eval`'s overlap warning
+    record = json.loads((out / "final" / "lmcraft_training_data.json").read_text())
+    assert record["train"] == [str((out / "data" / "packed").resolve()), "train"]
 
 
 def test_mlm_run_reports_masked_accuracy(bert_run: tuple[Path, dict]) -> None:

@@ -1,6 +1,7 @@
 """The part files of a prepare run: one chunk of the input, written as one part, and packed at the end.
 
-    OUT/parts/part-00012.jsonl.zst   kept documents {"id", "text", "source"}
+    OUT/parts/part-00012.jsonl.zst   kept documents {"id", "text", "source"} (+ "licence" of its input and
+                                     "meta": reader metadata (url, language) and annotate steps' scores, when set)
     OUT/parts/part-00012.tokens.npz  their token ids and sentence lengths (with `pack:`)
     OUT/parts/part-00012.dedup.npz   the dedup keys the chunk added (to rebuild indexes on resume)
     OUT/parts/part-00012.json        the chunk's statistics, written last: the chunk is complete
@@ -74,7 +75,12 @@ def write_part(parts: Path, k: int, kept: list[Any], val_split: list[bool] | Non
     n_bytes = 0
     for doc in kept:
         for out_id, text in doc.outputs:
-            lines.append(json.dumps({"id": out_id, "text": text, "source": doc.source}, ensure_ascii=False))
+            row = {"id": out_id, "text": text, "source": doc.source}
+            if doc.licence is not None:
+                row["licence"] = doc.licence
+            if doc.meta:
+                row["meta"] = doc.meta
+            lines.append(json.dumps(row, ensure_ascii=False))
             n_bytes += len(text.encode("utf-8"))
     payload = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
     write_bytes(part_path(parts, k, ".jsonl.zst"), zstandard.ZstdCompressor(level=3).compress(payload))
@@ -122,15 +128,16 @@ def eos_id(tokenizer_path: Path, eos_token: str | None, tok: Any) -> int:
 
 
 def pack_parts(parts: Path, n_parts: int, packed: Path, shard_tokens: int, tok: Any, eos: int,
-               tokenizer_name: str) -> dict[str, Any]:
+               tokenizer_name: str, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pack the token parts 0..n_parts-1, document by document in order, into `packed/` (train and validation
-    splits); returns the shard index. The folder is built aside and replaces a finished `packed/` only once
-    it is complete."""
+    splits); returns the shard index, which also carries `provenance` (the corpus' licences, what it was
+    decontaminated against). The folder is built aside and replaces a finished `packed/` only once it is
+    complete."""
     from lmcraft.data.pack import ShardWriter
 
     with staged_dir(packed) as stage:
         writer = ShardWriter(stage, vocab_size=tok.vocab_size, eos_id=eos, shard_tokens=shard_tokens,
-                             tokenizer=tokenizer_name)
+                             tokenizer=tokenizer_name, **(provenance or {}))
         for k in range(n_parts):
             ids, doc_lens, sent_counts, sent_lens, val = _token_arrays(part_path(parts, k, ".tokens.npz"))
             starts = np.concatenate([[0], np.cumsum(doc_lens)])

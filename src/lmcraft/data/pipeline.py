@@ -1,13 +1,16 @@
 """The document pipeline: named steps applied in order, per-document work split from global state.
 
-A step is one of four kinds (its class attribute `kind`):
+A step is one of five kinds (its class attribute `kind`):
 - "clean": `step(text) -> text`; a document whose text becomes empty is removed (`<step>:empty`);
 - "filter": `step(text) -> reason | None` (and optionally `step.batch(texts)`, the same for many);
+- "annotate": `step.annotate(texts) -> [Annotation]`, batched: per document a removal reason (or None), metadata
+  written into the document's `meta` (a model score, the eval items it overlaps), a score counted into the
+  step's histogram (bins cut at `step.edges`) and names tallied in the report (contaminated eval items);
 - "dedup": `step.keys(texts)` computes per-document keys (hashes, MinHash signatures) and
   `step.new_index()` holds the keys of kept documents; only the index is global;
 - "augment": `step(text, doc_id) -> [(id_suffix, text)]`, allowed only as the last step.
 
-`process_chunk` runs every per-document computation of a chunk (cleaners, filters, dedup keys,
+`process_chunk` runs every per-document computation of a chunk (cleaners, filters, annotations, dedup keys,
 augmentation, tokenisation): it is pure, so worker processes can run chunks in parallel.
 `Decider.decide` then walks the chunk's documents in input order in the main process, consults
 and updates the dedup indexes, and counts per-step statistics. The output therefore depends only
@@ -16,6 +19,7 @@ on the input order and the config, never on how many workers computed it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,15 +27,20 @@ from typing import Any
 
 import numpy as np
 
+from lmcraft.data.annotation import Annotation
 from lmcraft.data.augment import Augment
 from lmcraft.data.clean import BoilerplateLines, HtmlToText, Normalize, Whitespace
+from lmcraft.data.decontaminate import Decontaminate
 from lmcraft.data.dedup import ExactDedup, MinHashDedup
 from lmcraft.data.filters import Blocklist, C4Quality, GopherQuality, GopherRepetition, Language, MinLength
+from lmcraft.data.licence import CopyrightNotices, LicenceBoilerplate
+from lmcraft.data.model_scores import Classifier, Perplexity, Toxicity
 from lmcraft.data.pii import PiiScrubber
 from lmcraft.data.readers import Document
 
 __all__ = [
     "STEP_TYPES",
+    "Annotation",
     "ChunkResult",
     "Decider",
     "DocResult",
@@ -48,6 +57,7 @@ STEP_TYPES: dict[str, type] = {
         Normalize,
         Whitespace,
         BoilerplateLines,
+        LicenceBoilerplate,
         PiiScrubber,
         MinLength,
         Language,
@@ -55,6 +65,11 @@ STEP_TYPES: dict[str, type] = {
         GopherRepetition,
         C4Quality,
         Blocklist,
+        CopyrightNotices,
+        Perplexity,
+        Classifier,
+        Toxicity,
+        Decontaminate,
         ExactDedup,
         MinHashDedup,
         Augment,
@@ -105,6 +120,9 @@ class DocResult:
     keys: dict[int, Any] = field(default_factory=dict)  # dedup step index -> key
     outputs: list[tuple[str, str]] = field(default_factory=list)  # (id, text) emitted if kept
     tokens: list[Any] = field(default_factory=list)  # per output: (token ids, sentence lengths)
+    meta: dict[str, Any] = field(default_factory=dict)  # what annotate steps wrote (written with the document)
+    notes: dict[int, Annotation] = field(default_factory=dict)  # annotate step index -> its annotation
+    licence: str | None = None  # the input's declared licence
 
 
 @dataclass
@@ -118,7 +136,8 @@ def _nbytes(text: str) -> int:
 
 def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) -> ChunkResult:
     """All per-document work for one chunk, step by step over the chunk (so keys batch well)."""
-    results = [DocResult(id=d.id, source=d.meta.get("source", ""), sizes=[]) for d in docs]
+    results = [DocResult(id=d.id, source=d.meta.get("source", ""), sizes=[], licence=d.meta.get("licence"),
+                         meta={k: v for k, v in d.meta.items() if k not in ("source", "licence")}) for d in docs]
     texts = [d.text for d in docs]
     alive = list(range(len(docs)))
     for s, step in enumerate(steps):
@@ -128,6 +147,21 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
                 n = _nbytes(texts[i])
                 results[i].sizes.append((n, n, False))
                 results[i].keys[s] = key
+            continue
+        if step.kind == "annotate":
+            notes = step.annotate([texts[i] for i in alive])
+            survivors = []
+            for i, note in zip(alive, notes, strict=True):
+                n = _nbytes(texts[i])
+                results[i].notes[s] = note
+                if note.reason is not None:
+                    results[i].sizes.append((n, 0, False))
+                    results[i].removed_at, results[i].reason = s, note.reason
+                    continue
+                results[i].sizes.append((n, n, bool(note.meta)))
+                results[i].meta.update(note.meta)
+                survivors.append(i)
+            alive = survivors
             continue
         survivors = []
         batch = getattr(step, "batch", None)
@@ -175,9 +209,16 @@ class StepStats:
     bytes_out: int = 0
     modified: int = 0
     reasons: Counter = field(default_factory=Counter)
+    edges: list[float] | None = None  # annotate steps with scores: histogram bin edges
+    histogram: list[int] | None = None  # counts of scores in (-inf, e0), [e0, e1), ..., [e_last, inf)
+    tally: Counter = field(default_factory=Counter)  # names an annotate step reported (e.g. eval items)
+
+    def __post_init__(self) -> None:
+        if self.edges is not None and self.histogram is None:
+            self.histogram = [0] * (len(self.edges) + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "docs_in": self.docs_in,
             "docs_out": self.docs_out,
@@ -186,11 +227,18 @@ class StepStats:
             "modified": self.modified,
             "reasons": dict(sorted(self.reasons.items())),
         }
+        if self.edges is not None:
+            out["histogram"] = {"edges": list(self.edges), "counts": list(self.histogram or [])}
+        if self.tally:
+            out["tally"] = dict(sorted(self.tally.items()))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepStats:
         data = dict(data)
-        return cls(reasons=Counter(data.pop("reasons", {})), **data)
+        hist = data.pop("histogram", None)
+        return cls(reasons=Counter(data.pop("reasons", {})), tally=Counter(data.pop("tally", {})),
+                   edges=hist["edges"] if hist else None, histogram=hist["counts"] if hist else None, **data)
 
     def add(self, other: StepStats) -> None:
         self.docs_in += other.docs_in
@@ -199,6 +247,11 @@ class StepStats:
         self.bytes_out += other.bytes_out
         self.modified += other.modified
         self.reasons.update(other.reasons)
+        self.tally.update(other.tally)
+        if other.histogram is not None:
+            if self.histogram is None:
+                self.edges, self.histogram = other.edges, [0] * len(other.histogram)
+            self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
 
 
 def step_names(steps: list[Any]) -> list[str]:
@@ -221,7 +274,8 @@ class Decider:
 
     def decide(self, chunk: ChunkResult) -> tuple[list[DocResult], list[StepStats], dict[int, list[Any]]]:
         """Kept documents (in order), per-step stats of this chunk, and the dedup keys it added."""
-        stats = [StepStats(name) for name in self.names]
+        stats = [StepStats(name, edges=getattr(step, "edges", None)) for name, step in zip(self.names, self.steps,
+                                                                                           strict=True)]
         added: dict[int, list[Any]] = {s: [] for s in self.indexes}
         kept = []
         for doc in chunk.docs:
@@ -230,6 +284,11 @@ class Decider:
                 st = stats[s]
                 st.docs_in += 1
                 st.bytes_in += n_in
+                note = doc.notes.get(s)
+                if note is not None:
+                    st.tally.update(note.tally)
+                    if note.score is not None and st.histogram is not None:
+                        st.histogram[bisect.bisect_right(st.edges, note.score)] += 1
                 if s in self.indexes:
                     reason = self.indexes[s].check_and_add(doc.keys[s])
                     if reason is not None:

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcraft.data.executors import ExecutorKind, make_executor
 from lmcraft.data.long_documents import LongDocumentSplitter
 from lmcraft.data.parts import complete_parts, eos_id, load_part_arrays, pack_parts, remove_incomplete, write_part
-from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, is_validation, process_chunk
+from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, is_validation
 from lmcraft.data.readers import Document, ErrorLog, expand_inputs, read_documents
 from lmcraft.errors import ConfigError
 from lmcraft.io import clean_staging, read_json, write_text
@@ -61,33 +60,7 @@ def fingerprint(cfg: PrepareConfig, shard: tuple[int, int]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-# ---- worker side -------------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(steps: list[Any], tokenizer: Any, in_pool: bool = True) -> None:
-    if in_pool:  # one tokenizer thread per worker process: the workers are the parallelism
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        # Ctrl-C reaches the whole process group: the main process alone handles it (and ends the pool), so
-        # the workers do not each print a KeyboardInterrupt traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER["steps"], _WORKER["tokenizer"] = steps, tokenizer
-
-
-def _work(docs: list[Document]) -> ChunkResult:
-    return process_chunk(_WORKER["steps"], docs, _WORKER["tokenizer"])
-
-
 # ---- main side ---------------------------------------------------------------------------------
-
-
-def _context() -> Any:
-    """fork where the platform has it: workers start in milliseconds and do not re-import the caller's
-    main module (spawn would, and a script that imports torch would pay for it in every worker)."""
-    import multiprocessing as mp
-
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 class _Chunks:
@@ -134,17 +107,34 @@ def _reset(log: ErrorLog) -> ErrorLog:
     return log
 
 
+def _licences(kept: list[Any]) -> dict[str, dict[str, int]]:
+    """{licence: {documents, bytes}} of the kept outputs whose input declares a licence."""
+    out: dict[str, dict[str, int]] = {}
+    for doc in kept:
+        if doc.licence is None:
+            continue
+        entry = out.setdefault(doc.licence, {"documents": 0, "bytes": 0})
+        entry["documents"] += len(doc.outputs)
+        entry["bytes"] += sum(len(text.encode("utf-8")) for _, text in doc.outputs)
+    return out
+
+
 def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, int]) -> dict[str, Any]:
     """The run's statistics: the sums of the parts' records, per step and overall."""
     errors = ErrorLog()
     steps: list[StepStats] = []
+    licences: Counter = Counter()
+    licence_bytes: Counter = Counter()
     for rec in records:
+        for name, entry in rec.get("licences", {}).items():
+            licences[name] += entry["documents"]
+            licence_bytes[name] += entry["bytes"]
         errors.merge(ErrorLog.from_dict(rec.get("errors") or {}))
         for i, st in enumerate(rec["steps"]):
             if i == len(steps):
                 steps.append(StepStats(st["name"]))
             steps[i].add(StepStats.from_dict(st))
-    return {
+    summary = {
         "files": n_files,
         "shard": f"{shard[0]}/{shard[1]}" if shard[1] > 1 else None,
         "docs_read": sum(r["docs_read"] for r in records),
@@ -154,6 +144,10 @@ def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, in
         "errors": errors.to_dict(),
         "steps": [s.to_dict() for s in steps],
     }
+    if licences:
+        summary["licences"] = {name: {"documents": licences[name], "bytes": licence_bytes[name]}
+                               for name in sorted(licences)}
+    return summary
 
 
 def _claim_run_file(out: Path, digest: str, shard: tuple[int, int]) -> None:
@@ -175,10 +169,14 @@ def prepare(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     stop_after_chunks: int | None = None,
+    executor: ExecutorKind = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the configured pipeline (see the module docstring); returns the run statistics.
 
-    `stop_after_chunks` ends the run early after writing that many new chunks (to test resuming).
+    `executor` is where the per-document steps run (`lmcraft.data.executors`: local processes or Ray actors);
+    the output does not depend on it. `stop_after_chunks` ends the run early after writing that many new chunks
+    (to test resuming).
     """
     from tqdm import tqdm
 
@@ -215,11 +213,8 @@ def prepare(
     finished = bool(records) and records[-1].get("last", False)  # every chunk of the input is written
 
     chunks = _Chunks(cfg, files, doc_shard, skip)
-    pool = None
-    if not finished and workers > 1:  # started before the progress bar's monitor thread exists
-        pool = _context().Pool(workers, initializer=_init_worker, initargs=(steps, tok))
-    elif not finished:
-        _init_worker(steps, tok, in_pool=False)
+    # started before the progress bar's monitor thread exists (a forked pool must not inherit it)
+    pool = make_executor(executor, workers, steps, tok, ray_address) if not finished else None
     bar = tqdm(desc="prepare", unit="doc", initial=skip, disable=not progress or finished, file=sys.stderr)
     new = 0
     try:
@@ -235,6 +230,9 @@ def prepare(
                     val = [is_validation(out_id, cfg.pack.val_fraction, cfg.seed)
                            for doc in kept for out_id, _ in doc.outputs]
                 meta = {"docs_read": ndocs, "bytes_read": nbytes, "errors": errors, "last": last}
+                licences = _licences(kept)
+                if licences:
+                    meta["licences"] = licences
                 dedup = decider.state(added) if decider.indexes else None
                 records.append(write_part(parts, len(records), kept, val, dedup, meta, [s.to_dict() for s in stats]))
                 new += 1
@@ -246,13 +244,11 @@ def prepare(
                 if stop_after_chunks is not None and new + len(pending) >= stop_after_chunks:
                     stopped = True
                     break
-                if pool is None:
-                    handle((_work(docs), errors, nbytes, len(docs), last))
-                else:
-                    pending.append((pool.apply_async(_work, (docs,)), errors, nbytes, len(docs), last))
-                    while len(pending) > 2 * workers:
-                        res, *meta = pending.popleft()
-                        handle((res.get(), *meta))
+                assert pool is not None
+                pending.append((pool.submit(docs), errors, nbytes, len(docs), last))
+                while len(pending) > pool.capacity:
+                    res, *meta = pending.popleft()
+                    handle((res.get(), *meta))
             while pending:
                 res, *meta = pending.popleft()
                 handle((res.get(), *meta))
@@ -263,14 +259,17 @@ def prepare(
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
 
     stats = _summarise(records, n_files, shard)
+    checked = [step.record(st) for step, st in zip(steps, stats["steps"], strict=True) if hasattr(step, "record")]
+    if checked:  # what the data was decontaminated against (read back by `lmcraft eval` through pretrain)
+        stats["decontamination"] = checked
     if cfg.pack is not None:
         assert tok is not None
+        provenance = {k: stats[k] for k in ("licences", "decontamination") if k in stats}
         stats["packed"] = pack_parts(parts, len(records), out / "packed", cfg.pack.shard_tokens, tok, eos,
-                                     str(Path(cfg.pack.tokenizer).resolve()))
+                                     str(Path(cfg.pack.tokenizer).resolve()), provenance)
     write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     report = write_report(stats, out, cfg.title)
     return {**stats, "output": str(out), "report": str(report)}

@@ -1,8 +1,11 @@
-"""Streaming document readers: plain text, JSONL, JSON, CSV/TSV and Parquet, optionally compressed.
+"""Streaming document readers: plain text, JSONL, JSON, CSV/TSV, Parquet, HTML and WARC, optionally compressed.
 
 Every reader is a generator of `Document`s, so a corpus larger than memory streams through in
 constant memory (a JSON *array* file is the one exception: it is parsed whole; use JSONL for big
-corpora). Compression is chosen by suffix: `.gz`, `.zst`/`.zstd`, `.bz2`, `.xz`.
+corpora). Compression is chosen by suffix: `.gz`, `.zst`/`.zstd`, `.bz2`, `.xz`. HTML pages (`format: html`)
+and WARC archives (`format: warc`, found by `.warc`/`.warc.gz`) give the page's main text with `url` and
+`language` metadata (`lmcraft.data.web`, trafilatura). An input may declare its `licence`, which every document
+carries to the part files and the packed index.
 
 Bad input (undecodable bytes, invalid JSON, a missing or non-string text field, a null Parquet
 value) is never dropped silently: each problem is recorded in an `ErrorLog` with the file, the
@@ -45,7 +48,7 @@ __all__ = [
     "strip_compression",
 ]
 
-Format = Literal["auto", "text", "jsonl", "json", "csv", "tsv", "parquet"]
+Format = Literal["auto", "text", "jsonl", "json", "csv", "tsv", "parquet", "html", "warc"]
 TextMode = Literal["file", "paragraph", "line"]
 OnError = Literal["skip", "raise"]
 
@@ -64,6 +67,7 @@ _FORMAT_BY_SUFFIX = {
     ".tsv": "tsv",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".warc": "warc",
 }
 
 
@@ -87,6 +91,7 @@ class InputSpec:
     id_field: str | None = None
     text_mode: TextMode = "file"
     encoding: str = "utf-8"  # the text encoding of text/JSON/CSV inputs (any Python codec name)
+    licence: str | None = None  # e.g. "CC-BY-4.0": carried by every document of this input into the outputs
     __pydantic_config__ = {"extra": "forbid"}  # pydantic reads this: unknown keys in a config are errors
 
     def __post_init__(self) -> None:
@@ -172,7 +177,7 @@ def detect_format(path: str | Path) -> str:
     if fmt is None:
         raise ConfigError(
             f"cannot tell the format of {path} from its suffix; set format: to one of text, jsonl, json, csv, "
-            "tsv, parquet in the input spec"
+            "tsv, parquet, html, warc in the input spec"
         )
     return fmt
 
@@ -267,7 +272,7 @@ def _decode(raw: bytes, byte_offset: int = 0) -> str:
         ) from None
 
 
-Record = tuple[str, "tuple[str, str | None] | _Bad"]
+Record = tuple[str, "tuple[str, str | None] | tuple[str, str | None, dict[str, Any]] | _Bad"]
 
 
 def _read_text(fh: IO[bytes], mode: TextMode) -> Iterator[Record]:
@@ -402,6 +407,10 @@ def _records(path: Path, spec: InputSpec, fmt: str, fh: IO[bytes] | None) -> Ite
     if fmt == "parquet":
         return _read_parquet(path, spec)
     assert fh is not None
+    if fmt in ("html", "warc"):
+        from lmcraft.data import web
+
+        return (web.read_html if fmt == "html" else web.read_warc)(fh, _Bad)
     if fmt == "text":
         return _read_text(fh, spec.text_mode)
     if fmt == "jsonl":
@@ -435,14 +444,17 @@ def read_file(
             if isinstance(result, _Bad):
                 bad(result, where)
                 continue
-            text, field_id = result
+            text, field_id, *extra = result
             if field_id is not None:
                 ident = field_id
             elif where == "file":
                 ident = str(path)
             else:
                 ident = f"{path}{':' if where.startswith('line') else '#'}{where.split()[-1]}"
-            yield Document(text=text, id=ident, meta={"source": str(path)})
+            meta: dict[str, Any] = {"source": str(path), **(extra[0] if extra else {})}
+            if spec.licence is not None:
+                meta["licence"] = spec.licence
+            yield Document(text=text, id=ident, meta=meta)
     except _Bad as err:  # a whole-file problem (bad header, not JSON at all)
         bad(err, "header" if fmt in ("csv", "tsv") else "file")
     except UnicodeDecodeError as err:  # a file recoded from its declared encoding

@@ -1,8 +1,8 @@
 """The data-preparation report: a markdown table per step and a PNG chart, from run statistics.
 
 `stats` is the dict that `lmcraft prepare` writes to `stats.json`: input documents/bytes, input
-errors, per-step {docs_in, docs_out, bytes_in, bytes_out, modified, reasons}, and optionally the
-packed token counts.
+errors, per-step {docs_in, docs_out, bytes_in, bytes_out, modified, reasons, histogram, tally}, the corpus'
+licences, what it was decontaminated against, and optionally the packed token counts.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def render_markdown(
     if reasons:
         lines += ["", "## Removal reasons", "", "| step | reason | documents |", "|---|---|---:|"]
         lines += [f"| {s} | {r} | {n:,} |" for s, r, n in reasons]
+    lines += _score_sections(stats)
     errors = stats.get("errors", {})
     lines += ["", "## Input errors", ""]
     if errors.get("counts"):
@@ -74,6 +75,40 @@ def render_markdown(
     if image:
         lines += ["", f"![per-step counts]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _bin(edges: list[float], i: int) -> str:
+    if i == 0:
+        return f"< {edges[0]:g}"
+    if i == len(edges):
+        return f">= {edges[-1]:g}"
+    return f"[{edges[i - 1]:g}, {edges[i]:g})"
+
+
+def _score_sections(stats: dict[str, Any], max_items: int = 50) -> list[str]:
+    """Score histograms of annotate steps, the corpus' licences, and the contaminated eval items."""
+    lines: list[str] = []
+    for st in stats["steps"]:
+        hist = st.get("histogram")
+        if hist and sum(hist["counts"]):
+            lines += ["", f"## Scores: {st['name']}", "", "| score | documents |", "|---|---:|"]
+            lines += [f"| {_bin(hist['edges'], i)} | {n:,} |" for i, n in enumerate(hist["counts"]) if n]
+    if stats.get("licences"):
+        lines += ["", "## Licences", "", "| licence | documents | MB |", "|---|---:|---:|"]
+        lines += [f"| {name} | {e['documents']:,} | {_mb(e['bytes'])} |" for name, e in stats["licences"].items()]
+    for check in stats.get("decontamination", []):
+        lines += ["", f"## Decontamination ({check['step']}: {check['n']}-grams, {check['action']})", "",
+                  "| eval set | items | unchecked (short) | contaminated items | fingerprint |",
+                  "|---|---:|---:|---:|---|"]
+        lines += [f"| {s['name']} | {s['items']:,} | {s['unchecked_items']:,} | {s['contaminated_items']:,} "
+                  f"| `{s['fingerprint'][:16]}` |" for s in check["sets"]]
+        found = [(s["name"], item, n) for s in check["sets"] for item, n in s["contaminated"].items()]
+        if found:
+            lines += ["", "| contaminated item | training documents |", "|---|---:|"]
+            lines += [f"| {item} | {n:,} |" for _, item, n in found[:max_items]]
+            if len(found) > max_items:
+                lines.append(f"| ({len(found) - max_items} more in stats.json) | |")
+    return lines
 
 
 def _plot(stats: dict[str, Any], path: Path) -> None:

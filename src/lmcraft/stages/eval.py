@@ -93,6 +93,12 @@ def _evaluate(cfg: EvalConfig, config_path: Path | None) -> None:
         if ref.strategies is not None:
             overrides["strategies"] = [s.model_dump() for s in ref.strategies]
         tasks.append((load_task(_task_ref(ref, config_path), overrides), ref.limit))
+    if Path(cfg.model.path).is_dir():  # a model folder may record its training data (pretrain writes it)
+        from lmcraft.prompting.contamination import overlap_warnings
+
+        for task, _ in tasks:
+            for warning in overlap_warnings(cfg.model.path, task):
+                print(f"warning: {warning}", file=sys.stderr)
     lm = ModelLM.load(
         cfg.model.path,
         dtype=cfg.model.dtype,

@@ -39,8 +39,9 @@ class PrepareConfig(StageConfig):
     output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md, report.png")
     steps: list[Any] = Field(
         [],
-        description="{type: NAME, ...}: html normalize whitespace boilerplate pii min_length language "
-        "gopher_quality gopher_repetition c4 blocklist exact_dedup minhash_dedup augment",
+        description="{type: NAME, ...}: html normalize whitespace boilerplate licence pii min_length language "
+        "gopher_quality gopher_repetition c4 blocklist copyright perplexity classifier toxicity decontaminate "
+        "exact_dedup minhash_dedup augment",
     )
     on_error: Literal["skip", "raise"] = Field("skip", description="bad input records: count and skip, or stop")
     chunk_docs: int = Field(1000, ge=1, description="documents per chunk (the unit of work and of resuming)")
@@ -78,7 +79,15 @@ class PrepareConfig(StageConfig):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="worker processes for per-document steps (default 1)")
-    parser.add_argument("--shard", default="0/1", metavar="i/N", help="process shard i of N (default 0/1: all)")
+    parser.add_argument("--shard", default="0/1", metavar="i/N",
+                        help="process shard i of N (default 0/1: all); one Slurm array task per shard: "
+                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where the per-document steps run: local processes (default) or Ray actors "
+                        "(pip install 'lmcraft[ray]'); the output is the same")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --executor ray: join this running cluster (default: start a local one with "
+                        "--workers CPUs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -101,9 +110,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     identity = cfg if shard == (0, 1) else {**cfg.model_dump(mode="json"), "shard": list(shard)}
     with claim(args, "prepare", shard_folder(cfg.output, shard), identity, "output"):
-        result = prepare(cfg, workers=args.workers, shard=shard, progress=not args.no_progress)
+        if any(step.name == "decontaminate" for step in cfg.steps):
+            from lmcraft.prompting.contamination import attach_eval_tasks
+
+            attach_eval_tasks(cfg.steps, Path(args.config).parent if args.config else None)
+        result = prepare(cfg, workers=args.workers, shard=shard, progress=not args.no_progress,
+                         executor=args.executor, ray_address=args.ray_address)
         _report_skipped(cfg, result)
     print(f"wrote {result['docs_written']:,} documents to {result['output']}; report: {result['report']}")
+    for name, entry in (result.get("licences") or {}).items():
+        print(f"  licence {name}: {entry['documents']:,} documents")
     if result.get("packed"):
         for name, sp in result["packed"]["splits"].items():
             print(f"  {name}: {sp['tokens']:,} tokens in {sp['documents']:,} documents")

@@ -118,6 +118,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, callbacks: Iterable[Cal
     summary: dict[str, Any] = {"is_main": ctx.is_main}
     if ctx.is_main:
         final = save_final(objective, mcfg, state, out / "final", tokenizer_dir)
+        from lmcraft.data.provenance import write_provenance
+
+        write_provenance(final, *sources.train)  # what it was trained on, for `lmcraft eval`'s overlap warning
         summary = run_summary(cfg, objective, trainer, result, final, start)
         if objective.kept_model(model).head_kind == "lm":
             summary["samples"] = samples(cfg.samples, final)
