@@ -35,7 +35,7 @@ from lmcraft.errors import ConfigError
 from lmcraft.io import clean_staging, read_json, write_text
 
 if TYPE_CHECKING:
-    from lmcraft.stages.prepare import PrepareConfig
+    from lmcraft.data.prepare_config import PrepareConfig
 
 __all__ = ["prepare", "shard_folder"]
 

@@ -41,7 +41,7 @@ class TokenizerConfig(StageConfig, TokenizerTraining):
     @field_validator("inputs", mode="before")
     @classmethod
     def _inputs(cls, value: Any) -> list[Any]:
-        from lmcraft.stages.prepare import PrepareConfig
+        from lmcraft.data.prepare_config import PrepareConfig
 
         return PrepareConfig._inputs(value)
 

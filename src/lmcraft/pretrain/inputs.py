@@ -107,8 +107,8 @@ def _input_specs(items: list[Any], text_mode: str) -> list[dict[str, Any]]:
 
 def _file_specs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One input dict per file the specs' globs match."""
+    from lmcraft.data.prepare_config import PrepareConfig
     from lmcraft.data.readers import expand_inputs
-    from lmcraft.stages.prepare import PrepareConfig
 
     return [{**dataclasses.asdict(spec), "path": str(path)}
             for spec, path in expand_inputs(PrepareConfig._inputs(specs))]
@@ -200,7 +200,7 @@ def _pack(inputs: list[dict[str, Any]], tokenizer_path: Path, folder: Path, val_
           progress: bool) -> Path:
     """Tokenise and pack `inputs` into folder/packed with the prepare pipeline (once: a finished folder is reused)."""
     from lmcraft.data.prepare import prepare
-    from lmcraft.stages.prepare import PackConfig, PrepareConfig
+    from lmcraft.data.prepare_config import PackConfig, PrepareConfig
 
     if not ((folder / "stats.json").is_file() and (folder / "packed" / "index.json").is_file()):
         pcfg = PrepareConfig(inputs=inputs, output=folder, steps=[], seed=seed, title="Pre-training data",

@@ -3,7 +3,8 @@
 The steps (`steps:`) run per chunk of `chunk_docs` documents in `--workers` processes and deduplication is
 decided in input order, so the output is byte-identical for any `--workers`; a killed run resumes after its
 last complete part. `--shard i/N` processes a deterministic 1/N of the input into `OUT/shard-i-of-N/`. The
-executor is `lmcraft.data.prepare`; the part files and packing are `lmcraft.data.parts`.
+executor is `lmcraft.data.prepare`, its config `lmcraft.data.prepare_config`; the part files and packing are
+`lmcraft.data.parts`.
 """
 
 from __future__ import annotations
@@ -11,69 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from lmcraft.config import ExistingPath, Section, StageConfig
+from lmcraft.data.prepare_config import PackConfig, PrepareConfig
 from lmcraft.errors import ConfigError, InputFileError
 from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 __all__ = ["PackConfig", "PrepareConfig", "add_arguments", "config_class", "run"]
-
-
-class PackConfig(Section):
-    """Tokenise kept documents and pack them into token shards."""
-
-    tokenizer: ExistingPath = Field(description="a folder with tokenizer.json, or the file itself")
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="documents to the validation split (by id hash)")
-    shard_tokens: int = Field(100_000_000, ge=1, description="start a new shard after this many tokens")
-    sentences: bool = Field(True, description="keep sentence boundaries (needed for NSP/SOP readers)")
-    eos_token: str | None = Field(None, description="default: eos_token, else sep_token, of tokenizer_config.json")
-
-
-class PrepareConfig(StageConfig):
-    inputs: list[Any] = Field(
-        description="paths/globs (asset:NAME/... allowed) or {path, format, text_field, id_field, text_mode}"
-    )
-    output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md, report.png")
-    steps: list[Any] = Field(
-        [],
-        description="{type: NAME, ...}: html normalize whitespace boilerplate licence pii min_length language "
-        "gopher_quality gopher_repetition c4 blocklist copyright perplexity classifier toxicity decontaminate "
-        "exact_dedup minhash_dedup augment",
-    )
-    on_error: Literal["skip", "raise"] = Field("skip", description="bad input records: count and skip, or stop")
-    chunk_docs: int = Field(1000, ge=1, description="documents per chunk (the unit of work and of resuming)")
-    max_document_bytes: int | None = Field(
-        1 << 20, ge=1024, description="documents longer than this (UTF-8 bytes) are cut at paragraph/line/sentence "
-        "breaks so that memory stays bounded (the filters take ~50x a document's size); null: never cut")
-    pack: PackConfig | None = Field(None, description="tokenise and pack into token shards")
-    seed: int = Field(0, description="seed of the train/validation split")
-    title: str = Field("Data preparation report", description="title of report.md")
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _inputs(cls, value: Any) -> list[Any]:
-        from pydantic import TypeAdapter
-
-        from lmcraft.data.readers import InputSpec
-
-        if not isinstance(value, list) or not value:
-            raise ValueError("give a non-empty list of inputs (paths, globs or {path: ..., format: ...})")
-        adapter = TypeAdapter(InputSpec)
-        return [adapter.validate_python({"path": v} if isinstance(v, str) else v) for v in value]
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _steps(cls, value: Any) -> list[Any]:
-        from lmcraft.data.pipeline import build_steps
-
-        if not isinstance(value, list):
-            raise ValueError("steps must be a list of {type: NAME, ...} entries")
-        if any(not isinstance(v, dict) for v in value):
-            return value  # already-built steps (a re-validated config)
-        return build_steps(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
