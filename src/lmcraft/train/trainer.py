@@ -171,6 +171,7 @@ class Trainer:
         self.ctx = init_distributed(cfg.device)
         self.output_dir = Path(output_dir)
         self.model = model
+        apply_memory_switches(model, cfg.activation_checkpointing, cfg.chunked_loss)
         self.wrapped = wrap_model(model, cfg.strategy, self.ctx, cfg.find_unused_parameters)
         self.loss_fn, self.eval_data, self.collate_fn, self.eval_fn = loss_fn, eval_data, collate_fn, eval_fn
         self.weights = weights or ckpt.WeightsFormat()
@@ -184,7 +185,7 @@ class Trainer:
             self.loader = ResumableLoader(train_data, cfg.micro_batch_size, collate_fn, seed=cfg.seed,
                                           shuffle=cfg.shuffle, rank=self.ctx.rank, world_size=self.ctx.world_size)
         groups = (param_groups or (lambda m: _default_groups(m, cfg)))(self.model)
-        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps)
+        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, self.total_steps,
                                          cfg.min_lr_ratio, cfg.decay_fraction)
         builtin: list[Callback] = [JsonlLogger()]
@@ -501,6 +502,18 @@ class Trainer:
         ckpt.restore_rng_state(ckpt.load_torch(state_dir / f"rng_rank{self.ctx.rank}.pt"))
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.state.step)
+
+
+def apply_memory_switches(model: nn.Module, checkpointing: str, chunked_loss: bool | str) -> None:
+    """Set `activation_checkpointing` on every backbone and `chunked_loss` on every language model inside `model`
+    (through PEFT wrappers); the loss functions and the block loop read them."""
+    from lmcraft.models.model import Backbone, LanguageModel
+
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.set_checkpointing(checkpointing)  # type: ignore[arg-type]
+        elif isinstance(module, LanguageModel):
+            module.chunked_loss = chunked_loss
 
 
 def _check_finite_parameters(model: nn.Module, step: int, lr: float) -> None:
