@@ -205,3 +205,83 @@ def test_loading_holds_the_weights_once(tmp_path) -> None:
     base, peak, weights = map(int, proc.stdout.split())
     assert weights > 3.5e8
     assert peak - base < 1.25 * weights, (peak - base, weights)
+
+
+def _sft_rows(n: int = 12) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, 64, (5 + 3 * i,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def _pad(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = pad_sequence([r["input_ids"] for r in rows], batch_first=True)
+    labels = pad_sequence([r["labels"] for r in rows], batch_first=True, padding_value=IGNORE_INDEX)
+    mask = pad_sequence([torch.ones_like(r["input_ids"]) for r in rows], batch_first=True)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_a_run_that_does_not_fit_the_memory_limit_stops_before_step_0_with_the_plan(tmp_path) -> None:
+    from lmcraft.errors import LmcraftError
+    from lmcraft.train import Trainer
+
+    model = _model("lora")
+    cfg = TrainerConfig(max_steps=2, micro_batch_size=4, device="cpu", progress=False, tensorboard=False, plot=False,
+                        memory_limit="1MiB")
+    trainer = Trainer(model, sft_loss, _sft_rows(), config=cfg, output_dir=tmp_path / "run", collate_fn=_pad)
+    with pytest.raises(LmcraftError) as err:
+        trainer.train()
+    text = str(err.value)
+    assert "memory plan for the largest batch 4 x 38 tokens" in text  # the longest row (5 + 3 * 11), not the first
+    assert "predicted peak" in text and "does not fit" in text and "trainer.micro_batch_size=1" in text
+    assert trainer.state.step == 0 and not list((tmp_path / "run").glob("step-*"))
+
+
+def test_the_plan_is_printed_and_a_fitting_run_trains(tmp_path, capsys) -> None:
+    from lmcraft.train import Trainer
+
+    cfg = TrainerConfig(max_steps=1, micro_batch_size=4, device="cpu", progress=False, tensorboard=False, plot=False,
+                        memory_limit="64GiB", activation_checkpointing="full", optimizer="adamw8bit")
+    trainer = Trainer(_model("full"), sft_loss, _sft_rows(), config=cfg, output_dir=tmp_path / "run", collate_fn=_pad)
+    assert trainer.train()["step"] == 1
+    err = capsys.readouterr().err
+    assert "activations (checkpointing full)" in err and "optimizer state (adamw8bit)" in err
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from lmcraft.align.sft import sft_loss
+from lmcraft.models import LanguageModel, ModelConfig
+from lmcraft.train.plan import plan_memory
+def rss(field):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field)) * 1024
+torch.manual_seed(0)
+cfg = ModelConfig(vocab_size=32000, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1408)
+model = LanguageModel(cfg, "lm").train()
+ids = torch.randint(0, 32000, (2, 512))
+plan = plan_memory(model, (2, 512), "none", False, "adamw")
+open('/proc/self/clear_refs', 'w').write('5')  # restart VmHWM: the peak of the training steps alone
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(2):
+    sft_loss(model, {"input_ids": ids, "labels": ids}).loss_sum.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(plan.peak, rss('VmHWM:'))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_planned_peak_is_within_15_percent_of_the_measured_one() -> None:
+    """Full fine-tuning of a 34M model, 2 x 512 tokens, full logits: measured on this machine 0.92 of the peak.
+    (LoRA on the same model is under-predicted by a constant ~350 MiB, 0.61-0.74.)"""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True,
+                          timeout=300)
+    predicted, measured = map(int, proc.stdout.split())
+    assert abs(predicted - measured) < 0.15 * measured, (predicted, measured)

@@ -40,6 +40,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -199,6 +200,7 @@ class Trainer:
         self.callbacks = CallbackList([*builtin, *self.user_callbacks.callbacks])
         self.state = TrainerState()
         self.should_stop = False
+        self.reference_bytes = 0  # frozen reference/old-policy copies an alignment stage holds (for the memory plan)
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -247,6 +249,7 @@ class Trainer:
             log.warning("%s is at step %d, at or past the %d steps this run asks for: nothing left to train. Raise "
                         "max_steps to train on, or pass --overwrite to start afresh.", path, self.state.step,
                         self.total_steps)
+        self.memory_plan()
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
         while self.state.step < self.total_steps and self.state.stopped is None:
@@ -270,6 +273,24 @@ class Trainer:
         self.callbacks.on_train_end(self)
         return {"step": self.state.step, "best_metric": self.state.best_metric, "best_step": self.state.best_step,
                 "stopped": self.state.stopped, "checkpoint": str(self.output_dir / f"step-{self.state.step}")}
+
+    def memory_plan(self) -> None:
+        """Print the planner's table (`train.plan`) for the largest batch of the data; with `memory_limit`, stop here
+        (before step 0) when the predicted peak exceeds it."""
+        from lmcraft.hub.files import parse_size
+        from lmcraft.train.plan import can_plan, largest_batch_shape, plan_memory
+
+        cfg = self.config
+        if not can_plan(self.model):
+            return
+        shape = largest_batch_shape(self.loader.dataset, self.loader.batch_size, self.loader.collate_fn)
+        plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
+                           self.reference_bytes)
+        limit = parse_size(cfg.memory_limit) if cfg.memory_limit else None
+        if limit is not None and plan.peak > limit:
+            raise LmcraftError(f"this run does not fit trainer.memory_limit={cfg.memory_limit}:\n{plan.table(limit)}")
+        if self.is_main:
+            print(plan.table(limit), file=sys.stderr)
 
     def _optimizer_step(self) -> dict[str, float]:
         """One window of micro-batches -> one (or a skipped) optimizer update; returns the step's metrics."""
