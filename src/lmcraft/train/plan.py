@@ -88,7 +88,8 @@ class MemoryPlan:
         lines.append(f"  {'predicted peak':<40} {_gib(self.peak):>11}"
                      + (f"   (limit {_gib(limit)})" if limit is not None else ""))
         lines.append(f"  activations without / with full checkpointing: {_gib(self.activations_plain)} / "
-                     f"{_gib(self.activations_full)}; LM-head loss full / chunked: {_gib(self.logits_full)} / "
+                     f"{_gib(self.activations_full)}")
+        lines.append(f"  LM-head loss with full logits / chunked: {_gib(self.logits_full)} / "
                      f"{_gib(self.logits_chunked)}")
         if limit is not None and self.peak > limit:
             lines.append(f"does not fit {_gib(limit)}; options:")
@@ -210,7 +211,7 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], checkpointing: s
     v = cfg.vocab_size
     head_w = lm_head_weight(model)
     logits_full = 3 * tokens * v * 4 + (tokens * v * es if es != 4 else 0)
-    logits_chunked = tokens * cfg.hidden_size * es + 2 * default_rows(v) * v * 4
+    logits_chunked = tokens * cfg.hidden_size * es + 2 * min(default_rows(v), tokens) * v * 4
     if head_w is not None and head_w.requires_grad:
         logits_chunked += head_w.numel() * 4
     chunked = head_w is not None and chunked_loss is not False
