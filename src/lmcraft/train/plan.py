@@ -120,8 +120,10 @@ def activation_bytes_per_token(model: nn.Module) -> float:
         return t
 
     first = next(model.parameters())
-    vocab = _language_model(model).config.vocab_size
-    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0)).to(first.device)
+    lm = _language_model(model)
+    length = min(PROBE_TOKENS, lm.config.max_position_embeddings)  # learned positions end there
+    vocab = lm.model.embed_tokens.num_embeddings
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(first.device)
     was_training = model.training
     model.train()
     devices = [first.device] if first.device.type == "cuda" else []
@@ -130,7 +132,7 @@ def activation_bytes_per_token(model: nn.Module) -> float:
         out = model(input_ids=ids, logits_to_keep=1)
     del out
     model.train(was_training)
-    return sum(seen.values()) / PROBE_TOKENS
+    return sum(seen.values()) / length
 
 
 def _language_model(model: nn.Module) -> Any:
