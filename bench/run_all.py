@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_generate", "bench.bench_train", "bench.bench_peft", "bench.bench_data")
+BENCHMARKS = ("bench.bench_generate", "bench.bench_train", "bench.bench_peft", "bench.bench_data", "bench.bench_memory")
 
 
 def main() -> int:

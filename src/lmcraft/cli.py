@@ -114,7 +114,9 @@ def _explain(err: BaseException) -> str:
         text = f"error: {err}"
     else:
         text = f"internal error ({type(err).__name__}): {err}. Re-run with --debug for the traceback."
-    return "\n".join(textwrap.wrap(text, width=100, break_long_words=False, break_on_hyphens=False))
+    return "\n".join(wrapped for line in text.split("\n")  # a table in the message (a memory plan) keeps its lines
+                     for wrapped in textwrap.wrap(line, width=100, break_long_words=False, break_on_hyphens=False)
+                     or [""])
 
 
 if __name__ == "__main__":

@@ -83,12 +83,14 @@ def build_sft_data(conversations: Sequence[Conversation], formatter: ChatFormatt
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-    """Summed next-token cross-entropy over labelled tokens (`labels` != -100) and their count."""
-    from lmcraft.objectives.clm import causal_lm_loss
+    """Summed next-token cross-entropy over labelled tokens (`labels` != -100) and their count (`next_token_loss`:
+    chunked through the LM head unless the trainer's `chunked_loss` is false)."""
+    from lmcraft.objectives.lm_head import next_token_loss
     from lmcraft.train import LossOutput
 
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
-    total, count = causal_lm_loss(out.logits, batch["labels"])
+    total, count, _ = next_token_loss(model, batch["labels"], input_ids=batch["input_ids"],
+                                      attention_mask=batch.get("attention_mask"),
+                                      position_ids=batch.get("position_ids"))
     return LossOutput(total, count, {}, num_tokens=batch.get("num_tokens"))
 
 

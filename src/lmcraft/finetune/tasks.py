@@ -172,9 +172,10 @@ class TokenClassificationTask(Task):
 
 @dataclass
 class CausalLMTask(Task):
-    """`fused`: compute the loss through a plain LM head chunk by chunk, without the (B, T, V) logits."""
+    """`fused`: compute the loss through a plain LM head chunk by chunk, without the (B, T, V) logits (None: the
+    trainer's `chunked_loss` switch)."""
 
-    fused: bool = True
+    fused: bool | None = None
     name: ClassVar[str] = "clm"
     head: ClassVar[str] = "lm"
 

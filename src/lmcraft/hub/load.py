@@ -1,10 +1,10 @@
 """Load a Hugging Face-layout model folder (config.json + safetensors) into a `LanguageModel`.
 
 The model is built with its parameters on the meta device (no memory, no init), every checkpoint tensor
-is read once into the target dtype and device, renamed/split by the family's name table and assigned in
-place (`load_state_dict(assign=True)`); then tied weights are re-tied. Head weights a checkpoint lacks
-(a classifier on a bare BertModel) are freshly initialised and reported; missing backbone weights are an
-error.
+is read once (plain reads, no memory map: the weights are held once while loading) into the target dtype and
+device, renamed/split by the family's name table and assigned in place (`load_state_dict(assign=True)`); then
+tied weights are re-tied. Head weights a checkpoint lacks (a classifier on a bare BertModel) are freshly
+initialised and reported; missing backbone weights are an error.
 """
 
 from __future__ import annotations
@@ -127,12 +127,13 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
     with tqdm(total=len(sources), desc=f"loading {folder.name}", unit="tensor", leave=False,
               disable=None) as bar:
         for file, file_entries in by_file.items():
-            with open_tensors(file, device) as f:
+            with open_tensors(file) as f:
                 for e in file_entries:
-                    # a copy of its own: safetensors may hand out views into one file buffer, whose unaligned
-                    # addresses make matmuls slower and their sums differ in the last bit from a fresh tensor's
-                    tensor = f.get_tensor(original[sources[e]]).to(dtype, copy=True)
+                    # read into a fresh tensor of its own (not a view into a file buffer, whose unaligned addresses
+                    # make matmuls slower and their sums differ in the last bit), converted/moved only if needed
+                    tensor = f.get_tensor(original[sources[e]]).to(dtype=dtype, device=device)
                     state.update(e.to_ours(tensor, shapes))
+                    del tensor
                     bar.update()
     if fresh:
         state.update(_fresh_head(model, fresh, dtype, device))

@@ -12,11 +12,13 @@ a `KVCache` (generation) and per-layer `prefix` key/values (prefix tuning), both
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.rope import RoPE, apply_rope
@@ -226,7 +228,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer: attention and MLP sub-layers with residuals, pre- or post-norm."""
+    """One transformer layer: attention and MLP sub-layers with residuals, pre- or post-norm.
+
+    `checkpointed` ("attention" or "mlp", set by `Backbone.checkpointing`) recomputes that sub-layer (with its
+    norm) in the backward pass instead of keeping its intermediate activations (non-reentrant checkpointing).
+    """
+
+    checkpointed: str | None = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -247,10 +255,16 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         drop = self.dropout if self.training else _identity  # eval: skip the no-op module call
         if self.pre_norm:
-            x = x + drop(self.self_attn(self.attn_norm(x), mask, rope, cache, prefix))
-            return x + drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + drop(self.self_attn(x, mask, rope, cache, prefix)))
-        return self.mlp_norm(x + drop(self.mlp(x)))
+            x = x + drop(self._part("attention", lambda y: self.self_attn(self.attn_norm(y), mask, rope, cache,
+                                                                         prefix), x))
+            return x + drop(self._part("mlp", lambda y: self.mlp(self.mlp_norm(y)), x))
+        x = self.attn_norm(x + drop(self._part("attention", lambda y: self.self_attn(y, mask, rope, cache, prefix), x)))
+        return self.mlp_norm(x + drop(self._part("mlp", self.mlp, x)))
+
+    def _part(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed == name and torch.is_grad_enabled():
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

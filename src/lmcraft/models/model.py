@@ -14,9 +14,11 @@ Contract (see ARCHITECTURE.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import LMHead, MLMHead, make_head
@@ -24,6 +26,8 @@ from lmcraft.models.layers import Block, KVCache, build_attention_mask, make_nor
 from lmcraft.models.rope import RotaryEmbedding
 
 Prefix = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (1 or B, kv_heads, P, D)
+Checkpointing = Literal["none", "full", "attention", "mlp"]
+CHECKPOINTING = ("none", "full", "attention", "mlp")
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
@@ -42,7 +46,14 @@ class Backbone(nn.Module):
         h_0 = W_p h_0 + b_p             (ELECTRA, when the embedding width E != hidden_size)
         h_l = Block_l(h_{l-1})          (RoPE models rotate q/k inside attention instead of E_pos)
         h   = norm(h_L)                 (pre-norm models only)
+
+    Activation checkpointing (`checkpointing`, set with `set_checkpointing`): "full" keeps only each block's
+    input and recomputes the block in the backward pass; "attention"/"mlp" recompute only that sub-layer; the
+    gradients are the same as without (non-reentrant `torch.utils.checkpoint`, RNG state replayed for dropout).
+    It applies only when gradients are recorded.
     """
+
+    checkpointing: Checkpointing = "none"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -63,6 +74,14 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         if cfg.final_norm:
             self.norm = make_norm(cfg)
+
+    def set_checkpointing(self, mode: Checkpointing) -> None:
+        """Recompute "full" blocks, only their "attention" or "mlp" sub-layers, or nothing ("none") in backward."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+        self.checkpointing = mode
+        for layer in self.layers:
+            layer.checkpointed = mode if mode in ("attention", "mlp") else None
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
               position_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
@@ -111,8 +130,10 @@ class Backbone(nn.Module):
         rope = None
         if self.config.position == "rope":  # rows sharing positions share one (1, 1, T, D) table, broadcast
             rope = self.rotary(position_ids[:1] if shared_positions else position_ids, h.dtype)
+        full = self.checkpointing == "full" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, rope, past_key_values, prefix[i] if prefix else None)
+            args = (h, mask, rope, past_key_values, prefix[i] if prefix else None)
+            h = checkpoint(layer, *args, use_reentrant=False) if full else layer(*args)
         if past_key_values is not None:
             past_key_values.advance(t)
         return self.norm(h) if self.config.final_norm else h
@@ -126,6 +147,11 @@ class ModelOutput:
 
 
 class LanguageModel(nn.Module):
+    """The backbone plus one head. `chunked_loss` ("auto", True, False; set by the trainer) is read by the causal-LM
+    losses (`objectives.lm_head.next_token_loss`): whether they go through the LM head in chunks."""
+
+    chunked_loss: bool | str = "auto"
+
     def __init__(self, cfg: ModelConfig, head: str | None = None) -> None:
         super().__init__()
         self.config = cfg

@@ -134,7 +134,8 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     `logits` (..., V) and `labels` (...) are flattened. When most positions are labelled (causal LM) the
     loss runs over all rows with `ignore_index`, which needs no copy of the logits and no scatter in the
     backward pass; when few are (MLM's 15%), only the labelled rows are gathered first (`index_select`,
-    whose gradient is a cheap `index_add`), so the softmax work scales with the number of targets.
+    whose gradient is a cheap `index_add`), so the softmax work scales with the number of targets. The per-row
+    losses (fp32) are summed in fp64 (a 0-d fp64 result), the reduction the chunked LM-head loss uses too.
     """
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
@@ -143,9 +144,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     if count == 0:
         return logits.sum() * 0.0, 0
     if 2 * count > flat_labels.numel():
-        return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"), count
-    rows = keep.nonzero().squeeze(1)
-    return F.cross_entropy(flat_logits.index_select(0, rows).float(), flat_labels[rows], reduction="sum"), count
+        per_row = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    else:
+        rows = keep.nonzero().squeeze(1)
+        per_row = F.cross_entropy(flat_logits.index_select(0, rows).float(), flat_labels[rows], reduction="none")
+    return per_row.sum(dtype=torch.float64), count
 
 
 def masked_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

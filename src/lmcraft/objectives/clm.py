@@ -34,6 +34,7 @@ from lmcraft.objectives.base import (
     end_of_document_id,
     token_cross_entropy,
 )
+from lmcraft.objectives.lm_head import next_token_loss
 
 __all__ = ["CausalLM", "causal_lm_loss", "document_attention"]
 
@@ -105,7 +106,8 @@ class CausalLM:
         return out
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"))
-        total, count = causal_lm_loss(out.logits, batch["labels"])
+        """Through `next_token_loss`: chunked through the LM head unless the trainer's `chunked_loss` is false."""
+        total, count, _ = next_token_loss(model, batch["labels"], input_ids=batch["input_ids"],
+                                          attention_mask=batch.get("attention_mask"),
+                                          position_ids=batch.get("position_ids"))
         return LossOutput(total, count, {})

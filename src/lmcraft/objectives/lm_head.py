@@ -40,8 +40,8 @@ from torch import nn
 from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.models.heads import LMHead
 
-__all__ = ["ChunkedLMLoss", "answer_logprobs", "chunked_lm_loss", "chunked_token_logprobs", "default_rows",
-           "lm_head_weight", "model_sequence_logprobs", "next_token_loss", "scoring", "scored_batches",
+__all__ = ["ChunkedLMLoss", "answer_logprobs", "chunked_lm_loss", "chunked_loss_setting", "chunked_token_logprobs",
+           "default_rows", "lm_head_weight", "model_sequence_logprobs", "next_token_loss", "scoring", "scored_batches",
            "sequence_logprobs", "token_logprobs"]
 
 T = TypeVar("T")
@@ -87,7 +87,9 @@ def default_rows(vocab_size: int, budget: int = 2**23) -> int:
 
 
 class ChunkedLMLoss(torch.autograd.Function):
-    """sum of cross-entropies of (h W^T) against y; see the module docstring. Returns a 0-d fp32 tensor."""
+    """sum of cross-entropies of (h W^T) against y; see the module docstring. Returns a 0-d fp64 tensor: the per-row
+    losses (fp32) are summed in fp64, like `token_cross_entropy`, so both paths agree to fp32 rounding of each row
+    rather than to the rounding of a long fp32 sum."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
@@ -96,7 +98,7 @@ class ChunkedLMLoss(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             y = targets[start:start + rows]
             keep = y != IGNORE_INDEX
@@ -107,7 +109,7 @@ class ChunkedLMLoss(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             safe_y = torch.where(keep, y, 0)
             picked = z.gather(1, safe_y[:, None]).squeeze(1)
-            total += ((lse - picked) * keep).sum()
+            total += ((lse - picked) * keep).sum(dtype=torch.float64)
             # dL/dz = softmax(z) - onehot(y) on kept rows, computed in place in z
             z.sub_(lse[:, None]).exp_()
             z[torch.arange(z.shape[0], device=z.device), safe_y] -= 1.0
@@ -119,15 +121,15 @@ class ChunkedLMLoss(torch.autograd.Function):
                 grad_w += (dz.T @ h).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
         has_h, has_w = ctx.has
-        grad_h = next(saved) * grad_out if has_h else None
-        grad_w = (next(saved) * grad_out).to(ctx.weight_dtype) if has_w else None
+        grad_h = next(saved) * grad_out.to(ctx.hidden_dtype) if has_h else None
+        grad_w = (next(saved) * grad_out.float()).to(ctx.weight_dtype) if has_w else None
         return grad_h, grad_w, None, None
 
 
@@ -136,10 +138,18 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor | None:
     cannot be used: another head, a PEFT-wrapped head, or a sharded (distributed) model."""
     if dist.is_available() and dist.is_initialized():
         return None
-    inner = getattr(model, "module", model)
-    base = getattr(inner, "base_model", inner)
-    head = getattr(base, "head", None)
+    head = getattr(_language_model(model), "head", None)
     return head.weight if isinstance(head, LMHead) else None
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)
+    return getattr(inner, "base_model", inner)
+
+
+def chunked_loss_setting(model: nn.Module) -> bool | str:
+    """The model's `chunked_loss` switch (set by the trainer from `TrainerConfig.chunked_loss`): "auto", True, False."""
+    return getattr(_language_model(model), "chunked_loss", "auto")
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -153,16 +163,24 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return ChunkedLMLoss.apply(h, weight, y, rows or default_rows(weight.shape[0])), count
 
 
-def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool = True, **inputs: Any
+def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool | str | None = None, **inputs: Any
                     ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(summed next-token loss, targets, logits) of `model` on `inputs` against `labels` (-100 = ignored).
 
-    With `fused` and a plain LM head (`lm_head_weight`), the loss goes through the head in chunks and the model
-    computes the logits of the last position only; otherwise it is `causal_lm_loss` of the full logits."""
+    `fused` (default: the model's `chunked_loss` switch, "auto" unless the trainer set it): with "auto" or True and
+    a plain LM head (`lm_head_weight`), the loss goes through the head in chunks and the model computes the logits
+    of the last position only; otherwise (False, or "auto" without a plain head) it is `causal_lm_loss` of the full
+    logits. True without a plain LM head is an error. Every causal-LM loss of lmcraft (pre-training's clm, SFT,
+    fine-tuning's clm task) goes through here."""
+    from lmcraft.errors import ConfigError
     from lmcraft.objectives.clm import causal_lm_loss
 
-    weight = lm_head_weight(model) if fused else None
+    mode = chunked_loss_setting(model) if fused is None else fused
+    weight = lm_head_weight(model) if mode else None
     if weight is None:
+        if mode is True:
+            raise ConfigError("trainer.chunked_loss: true needs a model with a plain LM head trained in one process "
+                              "(not a PEFT-wrapped head, not a sharded model); use chunked_loss: auto")
         logits = model(**inputs).logits
         loss, count = causal_lm_loss(logits, labels)
         return loss, count, logits

@@ -39,6 +39,15 @@ class TrainerConfig(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="default: micro_batch_size")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global L2 norm; null = no clipping")
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: Literal["none", "full", "attention", "mlp"] = Field(
+        "none", description="recompute whole blocks (full) or one sub-layer in the backward pass to save memory")
+    chunked_loss: Literal["auto"] | bool = Field(
+        "auto", description="causal-LM losses through the LM head in chunks, without the (B, T, V) logits; auto = "
+                            "whenever the model has a plain LM head")
+    memory_limit: str | None = Field(
+        None, description="e.g. 12GiB: stop before step 0, with the memory plan, when the predicted peak exceeds it")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit keeps AdamW's moments in 8 bits (block-wise absmax), ~4x less state")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations (always at the end)")
     eval_max_batches: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1, description="steps between checkpoints (always at the end)")

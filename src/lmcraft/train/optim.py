@@ -85,12 +85,19 @@ def param_groups(
 
 
 def build_optimizer(
-    groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
-) -> torch.optim.AdamW:
-    """AdamW over pre-built groups (each group's own `lr`/`weight_decay` wins over the defaults)."""
+    groups: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW (`kind="adamw"`, torch's, fused where it can be) or `AdamW8bit` (`"adamw8bit"`, 8-bit moments) over
+    pre-built groups (each group's own `lr`/`weight_decay` wins over the defaults)."""
     groups = list(groups)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    if kind == "adamw8bit":
+        from lmcraft.train.adamw8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    if kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r} (expected adamw or adamw8bit)")
     fused = _fused_adamw_ok([p for g in groups for p in g["params"]])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 

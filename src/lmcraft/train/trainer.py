@@ -40,6 +40,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -171,6 +172,7 @@ class Trainer:
         self.ctx = init_distributed(cfg.device)
         self.output_dir = Path(output_dir)
         self.model = model
+        apply_memory_switches(model, cfg.activation_checkpointing, cfg.chunked_loss)
         self.wrapped = wrap_model(model, cfg.strategy, self.ctx, cfg.find_unused_parameters)
         self.loss_fn, self.eval_data, self.collate_fn, self.eval_fn = loss_fn, eval_data, collate_fn, eval_fn
         self.weights = weights or ckpt.WeightsFormat()
@@ -184,7 +186,7 @@ class Trainer:
             self.loader = ResumableLoader(train_data, cfg.micro_batch_size, collate_fn, seed=cfg.seed,
                                           shuffle=cfg.shuffle, rank=self.ctx.rank, world_size=self.ctx.world_size)
         groups = (param_groups or (lambda m: _default_groups(m, cfg)))(self.model)
-        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps)
+        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, self.total_steps,
                                          cfg.min_lr_ratio, cfg.decay_fraction)
         builtin: list[Callback] = [JsonlLogger()]
@@ -198,6 +200,7 @@ class Trainer:
         self.callbacks = CallbackList([*builtin, *self.user_callbacks.callbacks])
         self.state = TrainerState()
         self.should_stop = False
+        self.reference_bytes = 0  # frozen reference/old-policy copies an alignment stage holds (for the memory plan)
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -246,6 +249,7 @@ class Trainer:
             log.warning("%s is at step %d, at or past the %d steps this run asks for: nothing left to train. Raise "
                         "max_steps to train on, or pass --overwrite to start afresh.", path, self.state.step,
                         self.total_steps)
+        self.memory_plan()
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
         while self.state.step < self.total_steps and self.state.stopped is None:
@@ -269,6 +273,24 @@ class Trainer:
         self.callbacks.on_train_end(self)
         return {"step": self.state.step, "best_metric": self.state.best_metric, "best_step": self.state.best_step,
                 "stopped": self.state.stopped, "checkpoint": str(self.output_dir / f"step-{self.state.step}")}
+
+    def memory_plan(self) -> None:
+        """Print the planner's table (`train.plan`) for the largest batch of the data; with `memory_limit`, stop here
+        (before step 0) when the predicted peak exceeds it."""
+        from lmcraft.hub.files import parse_size
+        from lmcraft.train.plan import can_plan, largest_batch_shape, plan_memory
+
+        cfg = self.config
+        if not can_plan(self.model):
+            return
+        shape = largest_batch_shape(self.loader.dataset, self.loader.batch_size, self.loader.collate_fn)
+        plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
+                           self.reference_bytes)
+        limit = parse_size(cfg.memory_limit) if cfg.memory_limit else None
+        if limit is not None and plan.peak > limit:
+            raise LmcraftError(f"this run does not fit trainer.memory_limit={cfg.memory_limit}:\n{plan.table(limit)}")
+        if self.is_main:
+            print(plan.table(limit), file=sys.stderr)
 
     def _optimizer_step(self) -> dict[str, float]:
         """One window of micro-batches -> one (or a skipped) optimizer update; returns the step's metrics."""
@@ -501,6 +523,18 @@ class Trainer:
         ckpt.restore_rng_state(ckpt.load_torch(state_dir / f"rng_rank{self.ctx.rank}.pt"))
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.state.step)
+
+
+def apply_memory_switches(model: nn.Module, checkpointing: str, chunked_loss: bool | str) -> None:
+    """Set `activation_checkpointing` on every backbone and `chunked_loss` on every language model inside `model`
+    (through PEFT wrappers); the loss functions and the block loop read them."""
+    from lmcraft.models.model import Backbone, LanguageModel
+
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.set_checkpointing(checkpointing)  # type: ignore[arg-type]
+        elif isinstance(module, LanguageModel):
+            module.chunked_loss = chunked_loss
 
 
 def _check_finite_parameters(model: nn.Module, step: int, lr: float) -> None:
