@@ -1,6 +1,7 @@
 """Output heads on top of the backbone's hidden states h (B, T, H).
 
-- `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V)
+- `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V);
+               then / logits_scaling (Granite) and c tanh(logits / c) with c = final_logit_softcap (Gemma 2)
 - `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head; W_t maps
                to the embedding width E (ELECTRA's generator: E < H); act = `mlm_activation` or `activation`
 - `cls`:       encoder: pooled = act(W_p dropout?(h[:, 0]) + b_p), act = tanh (BERT, RoBERTa), gelu (ELECTRA),
@@ -42,9 +43,21 @@ def gather_last(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
 class LMHead(nn.Linear):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.logits_scaling = cfg.logits_scaling
+        self.softcap = cfg.final_logit_softcap
+
+    @property
+    def plain(self) -> bool:
+        """logits = h W^T exactly (no scaling, no cap): what the chunked LM-head loss computes from the weight."""
+        return self.logits_scaling == 1.0 and self.softcap is None
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(h)
+        logits = super().forward(h)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class MLMHead(nn.Module):
