@@ -35,7 +35,9 @@ NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype"
             "hidden_act", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
             "attention_bias", "n_inner", "hidden_activation", "no_rope_layers", "no_rope_layer_interval",
             "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern", "use_bidirectional_attention",
-            "attention_multiplier", "mlp_bias", "embedding_size"}
+            "attention_multiplier", "mlp_bias", "embedding_size",
+            "classifier_activation", "classifier_pooling", "local_attention", "global_rope_theta",
+            "local_rope_theta", "global_attn_every_n_layers"}
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,47 @@ def _write_electra(cfg: ModelConfig) -> dict[str, Any]:
     return {**_write_bert(cfg), "embedding_size": cfg.embedding_size or cfg.hidden_size}
 
 
+def _read_modernbert(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModernBERT: every `global_attn_every_n_layers`-th layer (from 0) attends globally with RoPE base
+    `global_rope_theta` (160000), the others to keys within local_attention // 2 on either side with base
+    `local_rope_theta` (10000); the 5.x spelling is `rope_parameters` keyed by layer kind."""
+    params = hf.get("rope_parameters") or {}
+    full = _read_rope({"rope_parameters": {"rope_theta": hf.get("global_rope_theta", 160000.0),
+                                           **(params.get(_FULL) or {})}})
+    local = _read_rope({"rope_parameters": {"rope_theta": hf.get("local_rope_theta", 10000.0),
+                                            **(params.get(_SLIDING) or {})}})
+    if full["rope_scaling"] or local["rope_scaling"]:
+        raise ModelLoadError("it scales ModernBERT's RoPE (rope_type other than default); not supported.")
+    every = hf.get("global_attn_every_n_layers", 3)
+    types = hf.get("layer_types") or [_SLIDING if i % every else _FULL for i in range(hf["num_hidden_layers"])]
+    head_act = hf.get("classifier_activation", "gelu")
+    if ACTIVATIONS_IN.get(head_act) not in ("gelu", "relu"):
+        raise ModelLoadError(f"it sets classifier_activation={head_act!r}; lmcraft supports gelu and relu there.")
+    pooling = hf.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ModelLoadError(f"it sets classifier_pooling={pooling!r}; expected 'cls' or 'mean'.")
+    bias = bool(hf.get("attention_bias", False))
+    return {"rope_theta": full["rope_theta"], "rope_local_theta": local["rope_theta"], "layer_types": tuple(types),
+            "sliding_window": hf.get("local_attention", 128), "qkv_bias": bias, "out_bias": bias,
+            "pooler_activation": ACTIVATIONS_IN[head_act], "mlm_activation": ACTIVATIONS_IN[head_act],
+            "cls_pooling": "first" if pooling == "cls" else "mean"}
+
+
+def _write_modernbert(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.qkv_bias == cfg.out_bias, "modernbert has one attention_bias for Wqkv and Wo")
+    _require(cfg, cfg.mlm_activation in (None, cfg.pooler_activation),
+             "modernbert has one classifier_activation for its MLM and classification heads")
+    _require(cfg, cfg.rope_scaling is None, "lmcraft writes ModernBERT's default RoPE only")
+    _require(cfg, cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.hidden_size,
+             "modernbert has neither grouped-query attention nor a separate head_dim")
+    layer_types = list(cfg.layer_types or [_FULL] * cfg.num_layers)
+    _require(cfg, _SLIDING not in layer_types or cfg.sliding_window is not None, "sliding layers need a window")
+    return {"attention_bias": cfg.qkv_bias, "classifier_activation": _BERT_ACT_OUT[cfg.pooler_activation],
+            "classifier_pooling": "cls" if cfg.cls_pooling == "first" else "mean", "layer_types": layer_types,
+            "local_attention": cfg.sliding_window or 128, "global_rope_theta": cfg.rope_theta,
+            "local_rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+
+
 def _rope_spec(read: Callable, write: Callable, prefix: str, renames: tuple[tuple[str, str, Any], ...],
                layout: dict[str, Any] | None = None, act_key: str = "hidden_act", lm_class: str | None = None,
                heads: tuple[str, ...] = ("lm", "cls", "reward", "token_cls", "value")) -> ConfigSpec:
@@ -472,12 +515,33 @@ FAMILIES: dict[str, ConfigSpec] = {
         "hidden_act", _BERT_ACT_OUT,
         _read_electra, _write_electra, {**_encoder_archs("Electra"), "rtd": "ElectraForPreTraining"},
     ),
+    "modernbert": ConfigSpec(
+        (
+            ("pad_token_id", "pad_token_id", 50283), ("initializer_range", "initializer_range", 0.02),
+            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
+            ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
+            ("intermediate_size", "intermediate_size", REQUIRED),
+            ("max_position_embeddings", "max_position_embeddings", 8192), ("norm_eps", "norm_eps", 1e-5),
+            ("norm_bias", "norm_bias", False), ("mlp_bias", "mlp_bias", False), ("dropout", "mlp_dropout", 0.0),
+            ("attention_dropout", "attention_dropout", 0.0), ("classifier_dropout", "classifier_dropout", 0.0),
+            ("head_bias", "classifier_bias", False), ("mlm_decoder_bias", "decoder_bias", True),
+            ("tie_word_embeddings", "tie_word_embeddings", True), ("bos_token_id", "bos_token_id", 50281),
+            ("eos_token_id", "eos_token_id", 50282),
+        ),
+        {**{k: v for k, v in _NO_SWITCHES.items() if k not in ("layer_types", "rope_local_theta")},
+         "arch": "encoder", "norm": "layernorm", "pre_norm": True, "final_norm": True, "mlp": "gated",
+         "position": "rope", "embed_norm": True, "type_vocab_size": 0, "first_attn_norm": False, "head_norm": True,
+         "pooler_dropout": False, "embedding_size": None, "position_offset": 0},
+        "hidden_activation", _SILU_OUT, _read_modernbert, _write_modernbert,
+        {"mlm": "ModernBertForMaskedLM", "cls": "ModernBertForSequenceClassification",
+         "token_cls": "ModernBertForTokenClassification"},
+    ),
 }
 ACT_DEFAULTS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3"), "silu"),
                 **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), "gelu_pytorch_tanh"), "gpt2": "gelu_new",
                 "bert": "gelu",
                 # encoder families beyond BERT
-                "roberta": "gelu", "distilbert": "gelu", "electra": "gelu"}
+                "roberta": "gelu", "distilbert": "gelu", "electra": "gelu", "modernbert": "gelu"}
 
 # Endings of HF architecture class names -> the head they carry. Bare backbones (LlamaModel, BertModel) have none.
 ARCH_SUFFIX_HEADS = (("ElectraForPreTraining", "rtd"),  # before ForPreTraining (BERT's MLM + NSP checkpoints)

@@ -339,10 +339,39 @@ ELECTRA = NameTable(
     ignored=(r"electra\.embeddings\.(position_ids|token_type_ids)",),
 )
 
+_MB = "model.layers.{i}"
+MODERNBERT = NameTable(
+    prefix="model.",
+    backbone=(
+        rule("model.embed_tokens.weight", "model.embeddings.tok_embeddings.weight"),
+        rule("model.embed_norm.{param}", "model.embeddings.norm.{param}"),
+        rule(tuple(f"{_L}.self_attn.{p}_proj.{{param}}" for p in "qkv"), f"{_MB}.attn.Wqkv.{{param}}"),
+        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{_MB}.attn.Wo.{{param}}"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{_MB}.attn_norm.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{_MB}.mlp_norm.{{param}}"),
+        rule((f"{_L}.mlp.gate_proj.{{param}}", f"{_L}.mlp.up_proj.{{param}}"), f"{_MB}.mlp.Wi.{{param}}"),
+        rule(f"{_L}.mlp.down_proj.{{param}}", f"{_MB}.mlp.Wo.{{param}}"),
+        rule("model.norm.{param}", "model.final_norm.{param}"),
+    ),
+    heads={
+        "mlm": (
+            rule("head.transform.{param}", "head.dense.{param}"),
+            rule("head.norm.{param}", "head.norm.{param}"),
+            rule("head.bias", "decoder.bias"),
+            rule("head.decoder.weight", "decoder.weight"),
+        ),
+        "cls": (rule("head.pooler.{param}", "head.dense.{param}"), rule("head.pool_norm.{param}", "head.norm.{param}"),
+                rule("head.classifier.{param}", "classifier.{param}")),
+        "token_cls": (rule("head.dense.{param}", "head.dense.{param}"), rule("head.norm.{param}", "head.norm.{param}"),
+                      rule("head.classifier.{param}", "classifier.{param}")),
+    },
+    tied={"mlm": "decoder.weight"},
+)
+
 # model_type -> its table (the rope-family table also stands for models of an unknown type)
 NAME_TABLES: dict[str, NameTable] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"), ROPE_FAMILY),
     "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2, "bert": BERT,
     # encoder families beyond BERT
-    "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA,
+    "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA, "modernbert": MODERNBERT,
 }

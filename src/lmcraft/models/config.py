@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 Arch = Literal["decoder", "encoder"]
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3", "gemma", "gemma2",
-                    "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra"]
+                    "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
 
@@ -80,6 +80,12 @@ class ModelConfig:
     pooler_activation: Literal["tanh", "gelu", "relu"] = "tanh"  # encoder cls head: act(W_p h[:, 0] + b_p)
     pooler_dropout: bool = False  # encoder cls head: dropout before W_p too (RoBERTa, ELECTRA)
     mlm_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] | None = None  # MLM head's; None: `activation`
+    # ModernBERT (with `layer_types`, `rope_local_theta` and a bidirectional `sliding_window`)
+    first_attn_norm: bool = True  # False: layer 0 feeds the embeddings' norm straight into attention
+    cls_pooling: Literal["first", "mean"] = "first"  # encoder cls head pools h[:, 0] or the mean of real tokens
+    head_norm: bool = False  # encoder cls/token_cls heads: norm(act(W_p h + b_p)) before the classifier
+    head_bias: bool = True  # the bias of the MLM transform and of that W_p (ModernBERT's classifier_bias)
+    mlm_decoder_bias: bool = True  # the MLM output bias b
     # regularisation and init
     dropout: float = 0.0
     attention_dropout: float = 0.0

@@ -122,6 +122,9 @@ def build_attention_mask(
 ) -> AttentionMask:
     """Combine causality, padding (B, past_len + q_len; 1 = real token), prefix and sliding window.
 
+    A sliding window w lets a causal query see its last w keys (itself included), a bidirectional one the keys
+    within w // 2 on either side (ModernBERT's local attention, w = local_attention).
+
     Keys are laid out as [prefix | past | current]. Prefix keys are visible to every real query. A query
     always sees its own key, so rows of padding queries never become all-masked (which gives NaN).
 
@@ -136,7 +139,8 @@ def build_attention_mask(
             raise ValueError(f"an explicit attention mask must be bool of shape (B, {', '.join(map(str, expected))}); "
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
         return AttentionMask(padding_mask, False)
-    window_matters = sliding_window is not None and kv_len > sliding_window
+    reach = None if sliding_window is None else sliding_window - 1 if causal else sliding_window // 2
+    window_matters = reach is not None and kv_len - 1 > reach  # the farthest key distance exceeds the reach
     if padding_mask is None and prefix_len == 0 and not window_matters:
         if not causal or q_len == 1:
             return AttentionMask(None, False)
@@ -148,7 +152,7 @@ def build_attention_mask(
     if causal:
         allowed = k_pos <= q_pos
     if window_matters:
-        allowed = allowed & (q_pos - k_pos < sliding_window)
+        allowed = allowed & ((q_pos - k_pos).abs() <= reach)
     allowed = allowed[None, None]  # (1, 1, T, S)
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
@@ -290,7 +294,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm, self.post_norms = cfg.pre_norm, cfg.post_norms
         if cfg.pre_norm or not cfg.post_norms:
-            self.attn_norm = make_norm(cfg)
+            self.attn_norm = make_norm(cfg) if layer_idx or cfg.first_attn_norm else nn.Identity()
             self.mlp_norm = make_norm(cfg)
         if cfg.post_norms:
             self.attn_out_norm = make_norm(cfg)
