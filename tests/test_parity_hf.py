@@ -453,7 +453,8 @@ def test_electra_objective_saves_its_discriminator(transformers, tmp_path: Path)
 
 @pytest.mark.parametrize(("case", "targets"), [("roberta-mlm", ["query", "value", "dense"]),
                                                ("distilbert-token_cls", ["q_lin", "v_lin", "lin1"]),
-                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"])])
+                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"]),
+                                               ("modernbert-mlm", ["Wo", "head.dense"])])
 def test_encoder_lora_in_hf_names_opens_in_peft(transformers, tmp_path: Path, case: str, targets: list[str]) -> None:
     """LoRA on modules named the Hugging Face way, saved by lmcraft, gives the same logits under `peft`."""
     pytest.importorskip("peft")
