@@ -23,6 +23,11 @@ ROBERTA = dict(model_type="roberta", pad_token_id=1, position_offset=2, pooler_d
 DISTILBERT = dict(model_type="distilbert", type_vocab_size=0, pooler_activation="relu")
 ELECTRA = dict(model_type="electra", embedding_size=16, pooler_activation="gelu", pooler_dropout=True,
                mlm_activation="gelu")
+MODERNBERT = dict(model_type="modernbert", arch="encoder", norm="layernorm", norm_eps=1e-5, norm_bias=False,
+                  pre_norm=True, final_norm=True, mlp="gated", activation="gelu", position="rope", embed_norm=True,
+                  first_attn_norm=False, head_norm=True, head_bias=False, pooler_activation="gelu",
+                  mlm_activation="gelu", layer_types=("full_attention", "sliding_attention"), sliding_window=4,
+                  rope_theta=160000.0, rope_local_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODELS = {
     "llama": (dict(TINY, num_kv_heads=2, tie_word_embeddings=False), "lm"),
     "llama-tied": (dict(TINY, num_kv_heads=2), "lm"),
@@ -46,6 +51,9 @@ MODELS = {
     "electra-rtd": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA}, "rtd"),
     "electra-mlm": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA}, "mlm"),
     "electra-cls": ({**preset("bert-tiny").to_dict(), **TINY, **ELECTRA, "embedding_size": None}, "cls"),
+    "modernbert": (dict(TINY, **MODERNBERT), "mlm"),
+    "modernbert-cls": (dict(TINY, **MODERNBERT, cls_pooling="mean", num_labels=3), "cls"),
+    "modernbert-token-cls": (dict(TINY, **MODERNBERT, num_labels=5), "token_cls"),
 }
 
 

@@ -1,8 +1,8 @@
 """Parity with transformers: tiny random HF models load into lmcraft with the same logits, and the reverse.
 
 Every family (llama, mistral with a sliding window that matters, qwen2 with q/k/v biases, gpt2, bert MLM
-and sequence classification; roberta, distilbert and electra with each of their heads), RoPE scaling (llama3,
-linear), tied/untied embeddings, GQA and shards.
+and sequence classification; roberta, distilbert, electra and modernbert with each of their heads), RoPE
+scaling (llama3, linear), tied/untied embeddings, GQA and shards.
 Weights are re-drawn with std 0.1 (norm gains 1 +- 0.1) so that logits are O(1) and 1e-4 is a real bound.
 """
 
@@ -341,11 +341,15 @@ def test_real_smollm2_llama(transformers) -> None:
 
 # ---- encoder families beyond BERT: roberta, distilbert, electra (HF -> lmcraft -> HF) -------------------
 
+MODERNBERT = dict(SMALL, num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=6, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
 ENCODER_CLASSES = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", "token_cls": "ForTokenClassification",
                    "rtd": "ForPreTraining"}
 ENCODER_CASES = ["roberta-mlm", "roberta-mlm-untied", "roberta-cls", "roberta-token_cls", "distilbert-mlm",
                  "distilbert-cls", "distilbert-token_cls", "electra-rtd", "electra-mlm", "electra-cls",
-                 "electra-token_cls", "electra-rtd-same-width", "roberta-mlm-relu", "electra-mlm-relu"]
+                 "electra-token_cls", "electra-rtd-same-width", "roberta-mlm-relu", "electra-mlm-relu",
+                 "modernbert-mlm", "modernbert-cls", "modernbert-cls-mean", "modernbert-token_cls",
+                 "modernbert-mlm-biases"]
 
 
 def encoder_model(transformers, case: str) -> nn.Module:  # noqa: ANN001
@@ -361,6 +365,12 @@ def encoder_model(transformers, case: str) -> nn.Module:  # noqa: ANN001
     elif family == "roberta":
         config = transformers.RobertaConfig(**SMALL, type_vocab_size=2, **kw)
         prefix = "Roberta"
+    elif family == "modernbert":  # T=12 > local_attention // 2 = 3: the local window changes the logits
+        biases = dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True) \
+            if "biases" in case else {}
+        pooling = "mean" if "mean" in case else "cls"
+        config = transformers.ModernBertConfig(**{**MODERNBERT, **kw, **biases}, classifier_pooling=pooling)
+        prefix = "ModernBert"
     else:  # narrower embeddings, projected to the hidden width (embeddings_project), unless same-width
         config = transformers.ElectraConfig(**SMALL, embedding_size=64 if "same-width" in case else 32, **kw)
         prefix = "Electra"
@@ -396,6 +406,15 @@ def test_encoder_family_both_ways(transformers, tmp_path: Path, case: str) -> No
         assert ours.config.embedding_size == 32 and hasattr(ours.model, "embed_proj")
     if head == "mlm":
         assert (ours.head.decoder.weight is ours.model.embed_tokens.weight) == ("untied" not in case)
+    if family == "modernbert":
+        full, local = "full_attention", "sliding_attention"
+        assert ours.config.layer_types == (full, local, full) and ours.config.sliding_window == 6
+        assert (ours.config.rope_theta, ours.config.rope_local_theta) == (160000.0, 10000.0)
+        global_only = LanguageModel(ModelConfig(**{**ours.config.to_dict(), "layer_types": None,
+                                                   "sliding_window": None}), head).eval()
+        global_only.load_state_dict(ours.state_dict())
+        ids, _ = batch(None)  # the local window and the local RoPE base both change the logits
+        assert (our_logits(global_only, ids, None) - our_logits(ours, ids, None)).abs().max() > 1e-3
     compare_encoder(case, hf_model, ours)
 
     hub.save_model(ours, tmp_path / "out")
@@ -434,7 +453,8 @@ def test_electra_objective_saves_its_discriminator(transformers, tmp_path: Path)
 
 @pytest.mark.parametrize(("case", "targets"), [("roberta-mlm", ["query", "value", "dense"]),
                                                ("distilbert-token_cls", ["q_lin", "v_lin", "lin1"]),
-                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"])])
+                                               ("electra-rtd", ["query", "embeddings_project", "dense_prediction"]),
+                                               ("modernbert-mlm", ["Wo", "head.dense"])])
 def test_encoder_lora_in_hf_names_opens_in_peft(transformers, tmp_path: Path, case: str, targets: list[str]) -> None:
     """LoRA on modules named the Hugging Face way, saved by lmcraft, gives the same logits under `peft`."""
     pytest.importorskip("peft")

@@ -1,6 +1,7 @@
 """The decode fast path: equivalent, faster arithmetic for single-token steps, swapped in for a generation run.
 
-`fast_decoding(model)` replaces, for the duration of a `with` block, every `Attention` of the model by a
+`fast_decoding(model)` replaces, for the duration of a `with` block, every plain `Attention` (`Attention.plain`:
+no q/k norms, RoPE on the layer, default scale, no soft cap; the others keep the reference path) by a
 `DecodeAttention` around it and (with `fuse=True`) every gated `MLP` by a `FusedGatedMLP`; on exit the
 original modules are put back. The model files keep one reference path; only generation uses these.
 
@@ -136,7 +137,7 @@ class FusedGatedMLP(nn.Module):
 
 def _fast_module(module: nn.Module, rotation: RotationMatrix, fuse: bool) -> nn.Module | None:
     """The fast stand-in for `module`, or None when it has none."""
-    if isinstance(module, Attention):
+    if isinstance(module, Attention) and module.plain:
         return DecodeAttention(module, rotation, fuse).train(module.training)
     if fuse and isinstance(module, MLP) and module.gated:
         fused = stack_linears(module.gate_proj, module.up_proj)

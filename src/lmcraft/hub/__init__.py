@@ -1,5 +1,5 @@
-"""Hugging Face-layout load/save for the llama, mistral, qwen2, gpt2, bert, roberta, distilbert and electra
-families.
+"""Hugging Face-layout load/save for the llama, mistral, qwen2, gpt2, bert, roberta, distilbert, electra and
+modernbert families.
 
     from lmcraft import hub
     model = hub.load_model("path/to/hf-folder")              # head from config.json `architectures`

@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, gpt2, bert, roberta, distilbert and
-electra families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, olmo2, granite, smollm3,
+phi3, gemma, gemma2, gemma3_text, gpt2, bert, roberta, distilbert and electra families.
 
 Each family is a table of one-to-one key renames (our field, HF key, HF's default when the key is absent)
 plus the layout switches that define the family (norm type and place, MLP shape, how positions enter,
@@ -33,7 +33,11 @@ ACTIVATIONS_IN = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "
 NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
             "lmcraft_head", "num_labels", "rope_theta", "rope_scaling", "rope_parameters", "layer_types",
             "hidden_act", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
-            "attention_bias", "n_inner", "embedding_size"}
+            "attention_bias", "n_inner", "hidden_activation", "no_rope_layers", "no_rope_layer_interval",
+            "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern", "use_bidirectional_attention",
+            "attention_multiplier", "mlp_bias", "embedding_size",
+            "classifier_activation", "classifier_pooling", "local_attention", "global_rope_theta",
+            "local_rope_theta", "global_attn_every_n_layers"}
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,11 @@ class ConfigSpec:
 _TOKENS = (("pad_token_id", "pad_token_id", None), ("initializer_range", "initializer_range", 0.02))
 
 
-def _rope_family_renames(max_pos: int, bos: int | None, eos: int | None) -> tuple[tuple[str, str, Any], ...]:
-    return _TOKENS + (
+def _rope_family_renames(max_pos: int, bos: int | None, eos: int | None, *more: tuple[str, str, Any],
+                         **defaults: Any) -> tuple[tuple[str, str, Any], ...]:
+    """The renames Llama-like configs share, `more` family keys, and `defaults` (our field -> the family's HF default
+    where it differs: a key equal to the class default may be absent from config.json)."""
+    base = _TOKENS + (
         ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
         ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
         ("num_kv_heads", "num_key_value_heads", None), ("head_dim", "head_dim", None),
@@ -62,11 +69,28 @@ def _rope_family_renames(max_pos: int, bos: int | None, eos: int | None) -> tupl
         ("norm_eps", "rms_norm_eps", 1e-6), ("attention_dropout", "attention_dropout", 0.0),
         ("tie_word_embeddings", "tie_word_embeddings", False), ("bos_token_id", "bos_token_id", bos),
         ("eos_token_id", "eos_token_id", eos),
-    )
+    ) + more
+    return tuple((ours, key, defaults.get(ours, default)) for ours, key, default in base)
 
 
-_ROPE_LAYOUT = dict(arch="decoder", norm="rmsnorm", pre_norm=True, final_norm=True, mlp="gated", position="rope")
+# The switches of the newer families, off unless a family's layout or keys turn them on: saving checks them, so that
+# e.g. a model with q/k norms is never written as a llama checkpoint.
+_NO_SWITCHES = dict(post_norms=False, norm_unit_offset=False, qk_norm=None, layer_types=None, nope_layers=(),
+                    rope_local_theta=None, embedding_multiplier=1.0, residual_multiplier=1.0, attention_scale=None,
+                    attn_logit_softcap=None, logits_scaling=1.0, final_logit_softcap=None)
+
+
+def _rope_layout(*variable: str, **switches: Any) -> dict[str, Any]:
+    """The layout of a RoPE decoder: pre-norm RMSNorm, gated MLP, the `switches` set, `variable` fields read from
+    config.json (not fixed by the family) left out."""
+    fixed = dict(arch="decoder", norm="rmsnorm", pre_norm=True, final_norm=True, mlp="gated", position="rope",
+                 **_NO_SWITCHES)
+    fixed.update(switches)
+    return {k: v for k, v in fixed.items() if k not in variable}
+
+
 _SILU_OUT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_FULL, _SLIDING = "full_attention", "sliding_attention"
 
 
 def _read_rope(hf: dict[str, Any]) -> dict[str, Any]:
@@ -90,35 +114,100 @@ def _read_rope(hf: dict[str, Any]) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": None if rope_type == "default" else params}
 
 
-def _read_window(hf: dict[str, Any], default_window: int | None) -> int | None:
-    """One sliding window for every layer, or None; per-layer mixes are not supported."""
+def _windows(window: int | None, types: list[str], mixed: bool) -> dict[str, Any]:
+    """`sliding_window` and `layer_types` from one window and the per-layer kinds; None when uniform."""
+    if window is None or set(types) <= {_FULL}:
+        return {"sliding_window": None, "layer_types": None}
+    if set(types) == {_SLIDING}:
+        return {"sliding_window": window, "layer_types": None}
+    if not mixed:
+        raise ModelLoadError("it mixes sliding-window and full-attention layers (layer_types), which this family's "
+                             "lmcraft mapping does not support.")
+    return {"sliding_window": window, "layer_types": tuple(types)}
+
+
+def _read_window(hf: dict[str, Any], default_window: int | None, mixed: bool = False) -> dict[str, Any]:
+    """Sliding windows from `sliding_window` (+ qwen2's `use_sliding_window`/`max_window_layers`) or `layer_types`."""
     window = hf.get("sliding_window", default_window)
+    layers = hf["num_hidden_layers"]
     if "use_sliding_window" in hf or "max_window_layers" in hf:  # qwen2: layers >= max_window_layers slide
-        layers = hf["num_hidden_layers"]
         first = hf.get("max_window_layers", 28) if hf.get("use_sliding_window") and window is not None else layers
-        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                          for i in range(layers)]
+        types = hf.get("layer_types") or [_SLIDING if i >= first else _FULL for i in range(layers)]
     else:
-        types = hf.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"]
-    if set(types) == {"full_attention"}:
-        return None
-    if set(types) == {"sliding_attention"}:
-        return window
-    raise ModelLoadError("it mixes sliding-window and full-attention layers (layer_types); lmcraft "
-                         "supports one attention kind for all layers.")
+        types = hf.get("layer_types") or [_SLIDING if window is not None else _FULL] * layers
+    return _windows(window, types, mixed)
+
+
+def _attention_bias(hf: dict[str, Any]) -> dict[str, Any]:
+    bias = bool(hf.get("attention_bias", False))
+    return {"qkv_bias": bias, "out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
 
 
 def _read_llama(hf: dict[str, Any]) -> dict[str, Any]:
-    bias = bool(hf.get("attention_bias", False))
-    return {**_read_rope(hf), "qkv_bias": bias, "out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
+    return {**_read_rope(hf), **_attention_bias(hf)}
 
 
 def _read_mistral(hf: dict[str, Any]) -> dict[str, Any]:
-    return {**_read_rope(hf), "sliding_window": _read_window(hf, 4096)}
+    return {**_read_rope(hf), **_read_window(hf, 4096)}
 
 
 def _read_qwen2(hf: dict[str, Any]) -> dict[str, Any]:
-    return {**_read_rope(hf), "qkv_bias": True, "sliding_window": _read_window({"max_window_layers": 28, **hf}, 4096)}
+    return {**_read_rope(hf), "qkv_bias": True, **_read_window({"max_window_layers": 28, **hf}, 4096, mixed=True)}
+
+
+def _read_qwen3(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_read_llama(hf), **_read_window({"max_window_layers": 28, **hf}, 4096, mixed=True)}
+
+
+def _read_smollm3(hf: dict[str, Any]) -> dict[str, Any]:
+    """SmolLM3: `no_rope_layers[i]` = 1 when layer i rotates (default: every `no_rope_layer_interval`-th does not)."""
+    layers = hf["num_hidden_layers"]
+    interval = hf.get("no_rope_layer_interval", 4)
+    rotates = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(rotates) != layers:
+        raise ModelLoadError(f"no_rope_layers has {len(rotates)} entries for {layers} layers.")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    types = hf.get("layer_types") or [_SLIDING if window is not None and not r else _FULL for r in rotates]
+    return {**_read_llama(hf), **_windows(window, types, mixed=True),
+            "nope_layers": tuple(i for i, r in enumerate(rotates) if not r)}
+
+
+def _read_phi3(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_read_rope(hf), **_read_window(hf, None)}
+
+
+def _gemma_common(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 1/2/3 beyond RoPE: h_0 = sqrt(hidden) E[x]; Gemma 2/3 score by query_pre_attn_scalar^-1/2 and
+    interleave sliding-window layers (every `sliding_window_pattern`-th layer global when layer_types is absent)."""
+    if hf.get("use_bidirectional_attention"):
+        raise ModelLoadError("it sets use_bidirectional_attention=true; lmcraft reads causal Gemma models only.")
+    out = {**_attention_bias(hf), "embedding_multiplier": float(hf["hidden_size"]) ** 0.5}
+    if hf.get("model_type") == "gemma":
+        return out
+    layers, every = hf["num_hidden_layers"], hf.get("sliding_window_pattern", 2 if hf["model_type"] == "gemma2" else 6)
+    types = hf.get("layer_types") or [_SLIDING if (i + 1) % every else _FULL for i in range(layers)]
+    out.update(_windows(hf.get("sliding_window", 4096), types, mixed=True))
+    out["attention_scale"] = float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
+    return out
+
+
+def _read_gemma(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_read_rope(hf), **_gemma_common(hf)}
+
+
+def _read_gemma3(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3 text: global RoPE as usual (base 1e6 by default), a plain one of base `rope_local_base_freq` (1e4)
+    on sliding-window layers."""
+    params = hf.get("rope_parameters") or {}
+    if _FULL in params or _SLIDING in params:  # 5.x: one rope dict per layer kind
+        rope = _read_rope({**hf, "rope_parameters": {"rope_theta": 1e6, **(params.get(_FULL) or {})}})
+        local = _read_rope({"rope_parameters": {"rope_theta": 1e4, **(params.get(_SLIDING) or {})}})
+    else:
+        rope = _read_rope({**hf, "rope_theta": hf.get("rope_theta", 1e6)})
+        local = {"rope_theta": float(hf.get("rope_local_base_freq", 1e4)), "rope_scaling": None}
+    if local["rope_scaling"] is not None:
+        raise ModelLoadError("its sliding-window layers use a scaled RoPE; lmcraft supports plain local RoPE only.")
+    return {**rope, **_gemma_common(hf), "rope_local_theta": local["rope_theta"]}
 
 
 def _write_rope(cfg: ModelConfig) -> dict[str, Any]:
@@ -133,22 +222,77 @@ def _require(cfg: ModelConfig, ok: bool, what: str) -> None:
                              f"checkpoint: {what}.")
 
 
+def _layer_types(cfg: ModelConfig) -> list[str]:
+    return list(cfg.layer_types or [_SLIDING if cfg.sliding_window is not None else _FULL] * cfg.num_layers)
+
+
+def _write_bias(cfg: ModelConfig, mlp_bias: bool = True) -> dict[str, Any]:
+    """`attention_bias` (one switch for q, k, v and o) and, where the family has it, `mlp_bias`."""
+    _require(cfg, cfg.qkv_bias == cfg.out_bias, f"{cfg.model_type} has one attention_bias for q, k, v and o")
+    _require(cfg, mlp_bias or not cfg.mlp_bias, f"{cfg.model_type} has no MLP biases")
+    return {"attention_bias": cfg.qkv_bias, **({"mlp_bias": cfg.mlp_bias} if mlp_bias else {})}
+
+
 def _write_llama(cfg: ModelConfig) -> dict[str, Any]:
-    _require(cfg, cfg.qkv_bias == cfg.out_bias, "llama has one attention_bias for q, k, v and o")
-    _require(cfg, cfg.sliding_window is None, "llama has no sliding window")
-    return {**_write_rope(cfg), "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+    _require(cfg, cfg.sliding_window is None, f"{cfg.model_type} has no sliding window")
+    return {**_write_rope(cfg), **_write_bias(cfg)}
+
+
+def _write_olmo2(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.sliding_window is None, "olmo2 has no sliding window")
+    return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False)}
+
+
+def _write_granite(cfg: ModelConfig) -> dict[str, Any]:
+    scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+    return {**_write_llama(cfg), "attention_multiplier": scale}
 
 
 def _write_mistral(cfg: ModelConfig) -> dict[str, Any]:
-    _require(cfg, not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "mistral has no biases")
+    _require(cfg, not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), f"{cfg.model_type} has no biases")
     return {**_write_rope(cfg), "sliding_window": cfg.sliding_window}
+
+
+def _qwen_windows(cfg: ModelConfig) -> dict[str, Any]:
+    sliding = cfg.sliding_window is not None
+    return {"use_sliding_window": sliding, "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if sliding else cfg.num_layers, "layer_types": _layer_types(cfg)}
 
 
 def _write_qwen2(cfg: ModelConfig) -> dict[str, Any]:
     _require(cfg, cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias, "qwen2 has q/k/v biases only")
-    sliding = cfg.sliding_window is not None
-    return {**_write_rope(cfg), "use_sliding_window": sliding, "sliding_window": cfg.sliding_window,
-            "max_window_layers": 0 if sliding else cfg.num_layers}
+    return {**_write_rope(cfg), **_qwen_windows(cfg)}
+
+
+def _write_qwen3(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False), **_qwen_windows(cfg)}
+
+
+def _write_smollm3(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_write_rope(cfg), **_write_bias(cfg), "use_sliding_window": cfg.sliding_window is not None,
+            "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg),
+            "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]}
+
+
+def _write_gemma(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, abs(cfg.embedding_multiplier - cfg.hidden_size**0.5) < 1e-6 * cfg.hidden_size**0.5,
+             "gemma scales the embeddings by sqrt(hidden_size)")
+    out = {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False)}
+    if cfg.model_type == "gemma":
+        _require(cfg, cfg.sliding_window is None, "gemma has no sliding window")
+        return out
+    scalar = (cfg.attention_scale or cfg.head_dim**-0.5) ** -2
+    return {**out, "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+            "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg)}
+
+
+def _write_gemma3(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_write_gemma(cfg), "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta}
+
+
+def _write_phi3(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "phi3 has no biases")
+    return {**_write_rope(cfg), "sliding_window": cfg.sliding_window}
 
 
 def _read_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
@@ -212,13 +356,68 @@ def _write_electra(cfg: ModelConfig) -> dict[str, Any]:
     return {**_write_bert(cfg), "embedding_size": cfg.embedding_size or cfg.hidden_size}
 
 
-def _rope_spec(read: Callable, write: Callable, max_pos: int, bos: int | None, eos: int | None,
-               prefix: str) -> ConfigSpec:
-    archs = {"lm": f"{prefix}ForCausalLM", "cls": f"{prefix}ForSequenceClassification",
-             "reward": f"{prefix}ForSequenceClassification", "token_cls": f"{prefix}ForTokenClassification",
-             "value": f"{prefix}ForTokenClassification"}
-    return ConfigSpec(_rope_family_renames(max_pos, bos, eos), _ROPE_LAYOUT, "hidden_act", _SILU_OUT, read, write,
-                      archs)
+def _read_modernbert(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModernBERT: every `global_attn_every_n_layers`-th layer (from 0) attends globally with RoPE base
+    `global_rope_theta` (160000), the others to keys within local_attention // 2 on either side with base
+    `local_rope_theta` (10000); the 5.x spelling is `rope_parameters` keyed by layer kind."""
+    params = hf.get("rope_parameters") or {}
+    full = _read_rope({"rope_parameters": {"rope_theta": hf.get("global_rope_theta", 160000.0),
+                                           **(params.get(_FULL) or {})}})
+    local = _read_rope({"rope_parameters": {"rope_theta": hf.get("local_rope_theta", 10000.0),
+                                            **(params.get(_SLIDING) or {})}})
+    if full["rope_scaling"] or local["rope_scaling"]:
+        raise ModelLoadError("it scales ModernBERT's RoPE (rope_type other than default); not supported.")
+    every = hf.get("global_attn_every_n_layers", 3)
+    types = hf.get("layer_types") or [_SLIDING if i % every else _FULL for i in range(hf["num_hidden_layers"])]
+    head_act = hf.get("classifier_activation", "gelu")
+    if ACTIVATIONS_IN.get(head_act) not in ("gelu", "relu"):
+        raise ModelLoadError(f"it sets classifier_activation={head_act!r}; lmcraft supports gelu and relu there.")
+    pooling = hf.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ModelLoadError(f"it sets classifier_pooling={pooling!r}; expected 'cls' or 'mean'.")
+    bias = bool(hf.get("attention_bias", False))
+    return {"rope_theta": full["rope_theta"], "rope_local_theta": local["rope_theta"], "layer_types": tuple(types),
+            "sliding_window": hf.get("local_attention", 128), "qkv_bias": bias, "out_bias": bias,
+            "pooler_activation": ACTIVATIONS_IN[head_act], "mlm_activation": ACTIVATIONS_IN[head_act],
+            "cls_pooling": "first" if pooling == "cls" else "mean"}
+
+
+def _write_modernbert(cfg: ModelConfig) -> dict[str, Any]:
+    _require(cfg, cfg.qkv_bias == cfg.out_bias, "modernbert has one attention_bias for Wqkv and Wo")
+    _require(cfg, cfg.mlm_activation in (None, cfg.pooler_activation),
+             "modernbert has one classifier_activation for its MLM and classification heads")
+    _require(cfg, cfg.rope_scaling is None, "lmcraft writes ModernBERT's default RoPE only")
+    _require(cfg, cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.hidden_size,
+             "modernbert has neither grouped-query attention nor a separate head_dim")
+    layer_types = list(cfg.layer_types or [_FULL] * cfg.num_layers)
+    _require(cfg, _SLIDING not in layer_types or cfg.sliding_window is not None, "sliding layers need a window")
+    return {"attention_bias": cfg.qkv_bias, "classifier_activation": _BERT_ACT_OUT[cfg.pooler_activation],
+            "classifier_pooling": "cls" if cfg.cls_pooling == "first" else "mean", "layer_types": layer_types,
+            "local_attention": cfg.sliding_window or 128, "global_rope_theta": cfg.rope_theta,
+            "local_rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+
+
+def _rope_spec(read: Callable, write: Callable, prefix: str, renames: tuple[tuple[str, str, Any], ...],
+               layout: dict[str, Any] | None = None, act_key: str = "hidden_act", lm_class: str | None = None,
+               heads: tuple[str, ...] = ("lm", "cls", "reward", "token_cls", "value")) -> ConfigSpec:
+    classes = {"lm": lm_class or f"{prefix}ForCausalLM", "cls": f"{prefix}ForSequenceClassification",
+               "reward": f"{prefix}ForSequenceClassification", "token_cls": f"{prefix}ForTokenClassification",
+               "value": f"{prefix}ForTokenClassification"}
+    return ConfigSpec(renames, _rope_layout() if layout is None else layout, act_key, _SILU_OUT, read, write,
+                      {head: classes[head] for head in heads})
+
+
+_GRANITE_KEYS = (("embedding_multiplier", "embedding_multiplier", 1.0),
+                 ("residual_multiplier", "residual_multiplier", 1.0),
+                 ("attention_scale", "attention_multiplier", 1.0), ("logits_scaling", "logits_scaling", 1.0))
+_GEMMA = dict(tie_word_embeddings=True, pad_token_id=0)
+_GEMMA_VARIABLE = ("embedding_multiplier", "attention_scale", "attn_logit_softcap", "final_logit_softcap",
+                   "layer_types")
+
+
+def _softcaps(attn: float | None, final: float | None) -> tuple[tuple[str, str, Any], ...]:
+    return (("attn_logit_softcap", "attn_logit_softcapping", attn),
+            ("final_logit_softcap", "final_logit_softcapping", final))
 
 
 _BERT_RENAMES = (
@@ -231,7 +430,7 @@ _BERT_RENAMES = (
     ("tie_word_embeddings", "tie_word_embeddings", True),
 )
 _BERT_LAYOUT = dict(arch="encoder", norm="layernorm", pre_norm=False, final_norm=False, mlp="plain",
-                    position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True)
+                    position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, embed_norm=True, **_NO_SWITCHES)
 _BERT_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}
 
 
@@ -241,9 +440,33 @@ def _encoder_archs(prefix: str) -> dict[str, str]:
 
 
 FAMILIES: dict[str, ConfigSpec] = {
-    "llama": _rope_spec(_read_llama, _write_llama, 2048, 1, 2, "Llama"),
-    "mistral": _rope_spec(_read_mistral, _write_mistral, 32768, 1, 2, "Mistral"),
-    "qwen2": _rope_spec(_read_qwen2, _write_qwen2, 32768, None, None, "Qwen2"),
+    "llama": _rope_spec(_read_llama, _write_llama, "Llama", _rope_family_renames(2048, 1, 2)),
+    "mistral": _rope_spec(_read_mistral, _write_mistral, "Mistral", _rope_family_renames(32768, 1, 2)),
+    "qwen2": _rope_spec(_read_qwen2, _write_qwen2, "Qwen2", _rope_family_renames(32768, None, None),
+                        _rope_layout("layer_types")),
+    "qwen3": _rope_spec(_read_qwen3, _write_qwen3, "Qwen3", _rope_family_renames(32768, None, None, head_dim=128),
+                        _rope_layout("layer_types", qk_norm="head")),
+    "olmo2": _rope_spec(_read_llama, _write_olmo2, "Olmo2",
+                        _rope_family_renames(2048, None, 50279, norm_eps=1e-5, pad_token_id=1),
+                        _rope_layout(pre_norm=False, post_norms=True, qk_norm="full"), heads=("lm", "cls", "reward")),
+    "granite": _rope_spec(_read_llama, _write_granite, "Granite", _rope_family_renames(2048, 1, 2, *_GRANITE_KEYS),
+                          _rope_layout(*(ours for ours, _, _ in _GRANITE_KEYS)), heads=("lm",)),
+    "smollm3": _rope_spec(_read_smollm3, _write_smollm3, "SmolLM3",
+                          _rope_family_renames(32768, 128000, 128001, tie_word_embeddings=True, pad_token_id=128004),
+                          _rope_layout("layer_types", "nope_layers")),
+    "phi3": _rope_spec(_read_phi3, _write_phi3, "Phi3",
+                       _rope_family_renames(4096, 1, 32000, norm_eps=1e-5, pad_token_id=32000)),
+    "gemma": _rope_spec(_read_gemma, _write_gemma, "Gemma", _rope_family_renames(8192, 2, 1, head_dim=256, **_GEMMA),
+                        _rope_layout("embedding_multiplier", norm_unit_offset=True)),
+    "gemma2": _rope_spec(_read_gemma, _write_gemma, "Gemma2",
+                         _rope_family_renames(8192, 2, 1, *_softcaps(50.0, 30.0), head_dim=256, **_GEMMA),
+                         _rope_layout(*_GEMMA_VARIABLE, norm_unit_offset=True, post_norms=True),
+                         act_key="hidden_activation"),
+    "gemma3_text": _rope_spec(_read_gemma3, _write_gemma3, "Gemma3Text",
+                              _rope_family_renames(131072, 2, 1, *_softcaps(None, None), head_dim=256, **_GEMMA),
+                              _rope_layout(*_GEMMA_VARIABLE, "rope_local_theta", norm_unit_offset=True,
+                                           post_norms=True, qk_norm="head"),
+                              act_key="hidden_activation", lm_class="Gemma3ForCausalLM", heads=("lm", "cls", "reward")),
     "gpt2": ConfigSpec(
         _TOKENS + (
             ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "n_embd", REQUIRED),
@@ -254,7 +477,7 @@ FAMILIES: dict[str, ConfigSpec] = {
             ("eos_token_id", "eos_token_id", 50256),
         ),
         dict(arch="decoder", norm="layernorm", pre_norm=True, final_norm=True, mlp="plain", position="learned",
-             qkv_bias=True, out_bias=True, mlp_bias=True),
+             qkv_bias=True, out_bias=True, mlp_bias=True, **_NO_SWITCHES),
         "activation_function", {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"},
         _read_gpt2, _write_gpt2,
         {"lm": "GPT2LMHeadModel", "cls": "GPT2ForSequenceClassification", "reward": "GPT2ForSequenceClassification",
@@ -292,10 +515,33 @@ FAMILIES: dict[str, ConfigSpec] = {
         "hidden_act", _BERT_ACT_OUT,
         _read_electra, _write_electra, {**_encoder_archs("Electra"), "rtd": "ElectraForPreTraining"},
     ),
+    "modernbert": ConfigSpec(
+        (
+            ("pad_token_id", "pad_token_id", 50283), ("initializer_range", "initializer_range", 0.02),
+            ("vocab_size", "vocab_size", REQUIRED), ("hidden_size", "hidden_size", REQUIRED),
+            ("num_layers", "num_hidden_layers", REQUIRED), ("num_heads", "num_attention_heads", REQUIRED),
+            ("intermediate_size", "intermediate_size", REQUIRED),
+            ("max_position_embeddings", "max_position_embeddings", 8192), ("norm_eps", "norm_eps", 1e-5),
+            ("norm_bias", "norm_bias", False), ("mlp_bias", "mlp_bias", False), ("dropout", "mlp_dropout", 0.0),
+            ("attention_dropout", "attention_dropout", 0.0), ("classifier_dropout", "classifier_dropout", 0.0),
+            ("head_bias", "classifier_bias", False), ("mlm_decoder_bias", "decoder_bias", True),
+            ("tie_word_embeddings", "tie_word_embeddings", True), ("bos_token_id", "bos_token_id", 50281),
+            ("eos_token_id", "eos_token_id", 50282),
+        ),
+        {**{k: v for k, v in _NO_SWITCHES.items() if k not in ("layer_types", "rope_local_theta")},
+         "arch": "encoder", "norm": "layernorm", "pre_norm": True, "final_norm": True, "mlp": "gated",
+         "position": "rope", "embed_norm": True, "type_vocab_size": 0, "first_attn_norm": False, "head_norm": True,
+         "pooler_dropout": False, "embedding_size": None, "position_offset": 0},
+        "hidden_activation", _SILU_OUT, _read_modernbert, _write_modernbert,
+        {"mlm": "ModernBertForMaskedLM", "cls": "ModernBertForSequenceClassification",
+         "token_cls": "ModernBertForTokenClassification"},
+    ),
 }
-ACT_DEFAULTS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gpt2": "gelu_new", "bert": "gelu",
+ACT_DEFAULTS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3"), "silu"),
+                **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), "gelu_pytorch_tanh"), "gpt2": "gelu_new",
+                "bert": "gelu",
                 # encoder families beyond BERT
-                "roberta": "gelu", "distilbert": "gelu", "electra": "gelu"}
+                "roberta": "gelu", "distilbert": "gelu", "electra": "gelu", "modernbert": "gelu"}
 
 # Endings of HF architecture class names -> the head they carry. Bare backbones (LlamaModel, BertModel) have none.
 ARCH_SUFFIX_HEADS = (("ElectraForPreTraining", "rtd"),  # before ForPreTraining (BERT's MLM + NSP checkpoints)

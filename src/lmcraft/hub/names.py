@@ -154,29 +154,49 @@ def plan(table: NameTable, head: str, names: Iterable[str], family: str) -> list
     return entries
 
 
-# Llama, Mistral and Qwen2 share their names with ours except the two norms and the heads.
-ROPE_FAMILY = NameTable(
-    prefix="model.",
-    backbone=(
-        rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
-        rule("model.layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        rule("model.layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        rule("model.layers.{i}.{block}.{proj}.{param}", "model.layers.{i}.{block}.{proj}.{param}"),
-        rule("model.norm.weight", "model.norm.weight"),
-    ),
-    heads={
-        "lm": (rule("head.weight", "lm_head.weight"),),
-        "cls": (rule("head.classifier.weight", "score.weight"),),
-        "reward": (rule("head.score.weight", "score.weight"),),
-        "token_cls": (rule("head.classifier.{param}", "score.{param}"),),
-        "value": (rule("head.score.{param}", "score.{param}"),),
-    },
-    tied={"lm": "lm_head.weight"},
-    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+_L = "model.layers.{i}"
+
+
+def _rope_table(norms: dict[str, str], *fused: Rule) -> NameTable:
+    """The Llama-like layout: HF names equal ours except the block norms (`norms`: ours -> HF, per layer) and the
+    heads; `fused` rules (tried first) pack several of our projections into one HF matrix."""
+    return NameTable(
+        prefix="model.",
+        backbone=(
+            rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
+            *(rule(f"{_L}.{ours}.weight", f"{_L}.{hf}.weight") for ours, hf in norms.items()),
+            *fused,
+            rule(f"{_L}.{{block}}.{{proj}}.{{param}}", f"{_L}.{{block}}.{{proj}}.{{param}}"),  # q/k norms too
+            rule("model.norm.weight", "model.norm.weight"),
+        ),
+        heads={
+            "lm": (rule("head.weight", "lm_head.weight"),),
+            "cls": (rule("head.classifier.weight", "score.weight"),),
+            "reward": (rule("head.score.weight", "score.weight"),),
+            "token_cls": (rule("head.classifier.{param}", "score.{param}"),),
+            "value": (rule("head.score.{param}", "score.{param}"),),
+        },
+        tied={"lm": "lm_head.weight"},
+        ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+    )
+
+
+# Llama, Mistral, Qwen2/3, Granite, SmolLM3 and Gemma share their names with ours except the two norms and the heads.
+ROPE_FAMILY = _rope_table({"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"})
+# OLMo 2 norms the sub-layer outputs only.
+OLMO2 = _rope_table({"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"})
+# Gemma 2/3 sandwich each sub-layer between two norms.
+GEMMA2 = _rope_table({"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+                      "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"})
+# Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (rows stacked in that order); lmcraft
+# splits them on load and stacks them on save, and PEFT's `qkv_proj`/`gate_up_proj` name the projections they pack.
+PHI3 = _rope_table(
+    {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    rule(tuple(f"{_L}.self_attn.{p}_proj.weight" for p in "qkv"), f"{_L}.self_attn.qkv_proj.weight"),
+    rule((f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"), f"{_L}.mlp.gate_up_proj.weight"),
 )
 
 _H = "transformer.h.{i}"
-_L = "model.layers.{i}"
 GPT2 = NameTable(
     prefix="transformer.",
     backbone=(
@@ -319,8 +339,39 @@ ELECTRA = NameTable(
     ignored=(r"electra\.embeddings\.(position_ids|token_type_ids)",),
 )
 
+_MB = "model.layers.{i}"
+MODERNBERT = NameTable(
+    prefix="model.",
+    backbone=(
+        rule("model.embed_tokens.weight", "model.embeddings.tok_embeddings.weight"),
+        rule("model.embed_norm.{param}", "model.embeddings.norm.{param}"),
+        rule(tuple(f"{_L}.self_attn.{p}_proj.{{param}}" for p in "qkv"), f"{_MB}.attn.Wqkv.{{param}}"),
+        rule(f"{_L}.self_attn.o_proj.{{param}}", f"{_MB}.attn.Wo.{{param}}"),
+        rule(f"{_L}.attn_norm.{{param}}", f"{_MB}.attn_norm.{{param}}"),
+        rule(f"{_L}.mlp_norm.{{param}}", f"{_MB}.mlp_norm.{{param}}"),
+        rule((f"{_L}.mlp.gate_proj.{{param}}", f"{_L}.mlp.up_proj.{{param}}"), f"{_MB}.mlp.Wi.{{param}}"),
+        rule(f"{_L}.mlp.down_proj.{{param}}", f"{_MB}.mlp.Wo.{{param}}"),
+        rule("model.norm.{param}", "model.final_norm.{param}"),
+    ),
+    heads={
+        "mlm": (
+            rule("head.transform.{param}", "head.dense.{param}"),
+            rule("head.norm.{param}", "head.norm.{param}"),
+            rule("head.bias", "decoder.bias"),
+            rule("head.decoder.weight", "decoder.weight"),
+        ),
+        "cls": (rule("head.pooler.{param}", "head.dense.{param}"), rule("head.pool_norm.{param}", "head.norm.{param}"),
+                rule("head.classifier.{param}", "classifier.{param}")),
+        "token_cls": (rule("head.dense.{param}", "head.dense.{param}"), rule("head.norm.{param}", "head.norm.{param}"),
+                      rule("head.classifier.{param}", "classifier.{param}")),
+    },
+    tied={"mlm": "decoder.weight"},
+)
+
 # model_type -> its table (the rope-family table also stands for models of an unknown type)
-NAME_TABLES: dict[str, NameTable] = {"llama": ROPE_FAMILY, "mistral": ROPE_FAMILY, "qwen2": ROPE_FAMILY,
-                                     "gpt2": GPT2, "bert": BERT,
-                                     # encoder families beyond BERT
-                                     "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA}
+NAME_TABLES: dict[str, NameTable] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"), ROPE_FAMILY),
+    "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2, "bert": BERT,
+    # encoder families beyond BERT
+    "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA, "modernbert": MODERNBERT,
+}

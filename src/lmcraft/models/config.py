@@ -1,9 +1,10 @@
-"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2, GPT-2) and encoders (BERT, RoBERTa,
-DistilBERT, ELECTRA).
+"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2/3, Phi-3, Granite, OLMo 2,
+SmolLM3, Gemma 1/2/3, GPT-2) and encoders (BERT, RoBERTa, DistilBERT, ELECTRA).
 
-The families differ only in switches: which norm, where it sits (pre/post), the MLP shape, how
-positions enter (rotary or learned), which projections carry biases, and whether embeddings are
-tied. `lmcraft.hub` maps each family's Hugging Face `config.json` onto these fields and back.
+The families differ only in switches: which norm, where it sits (pre/post/sandwich), the MLP shape, how
+positions enter (rotary, learned, or none on some layers), which projections carry biases, q/k norms,
+scalar multipliers and soft caps, per-layer sliding windows, and whether embeddings are tied.
+`lmcraft.hub` maps each family's Hugging Face `config.json` onto these fields and back.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Arch = Literal["decoder", "encoder"]
-ModelType = Literal["llama", "mistral", "qwen2", "gpt2", "bert",
-                    "roberta", "distilbert", "electra"]
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3", "gemma", "gemma2",
+                    "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
+LayerType = Literal["full_attention", "sliding_attention"]
 
 
 @dataclass
@@ -23,6 +25,12 @@ class ModelConfig:
 
     `head_dim` defaults to `hidden_size // num_heads`; `num_kv_heads` < `num_heads` is grouped-query
     attention (each key/value head serves `num_heads // num_kv_heads` query heads).
+
+    Where the norms sit in a block (f = attention or MLP, n = a norm, n' = a norm of the sub-layer's output):
+    `pre_norm`: x + f(n x) (Llama); `pre_norm` + `post_norms`: x + n'(f(n x)) (Gemma 2/3 "sandwich");
+    `post_norms` alone: x + n'(f(x)) (OLMo 2); neither: n(x + f(x)) (BERT's post-LN).
+    `layer_types` gives each layer full or sliding-window attention (None: `sliding_window`, if set, applies
+    to every layer); `nope_layers` are layers whose attention has no rotary positions (SmolLM3).
     """
 
     vocab_size: int
@@ -53,12 +61,31 @@ class ModelConfig:
     sliding_window: int | None = None
     type_vocab_size: int = 0  # BERT token types (segment A/B)
     embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    post_norms: bool = False  # a norm on each sub-layer's output before the residual add (see above)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + w) instead of w (Gemma)
+    qk_norm: Literal["head", "full"] | None = None  # RMSNorm of q and k: per head (Qwen3, Gemma 3) or whole (OLMo 2)
+    layer_types: tuple[LayerType, ...] | None = None
+    nope_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: rope_theta
+    # scalar multipliers and soft caps (Granite, Gemma)
+    embedding_multiplier: float = 1.0  # h_0 = m * E[x]
+    residual_multiplier: float = 1.0  # x = x + m * f(x)
+    attention_scale: float | None = None  # softmax(scale * q k^T); None: 1 / sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # scores = c * tanh(scores / c) before the mask (Gemma 2)
+    logits_scaling: float = 1.0  # LM head logits = W h / s (Granite)
+    final_logit_softcap: float | None = None  # LM head logits = c * tanh(logits / c) (Gemma 2)
     # encoder families beyond BERT
     embedding_size: int | None = None  # embedding width E when it differs from hidden_size: h_0 = W_p LN(emb) + b_p
     position_offset: int = 0  # learned positions look up E_pos[p + offset] (RoBERTa: padding_idx + 1)
     pooler_activation: Literal["tanh", "gelu", "relu"] = "tanh"  # encoder cls head: act(W_p h[:, 0] + b_p)
     pooler_dropout: bool = False  # encoder cls head: dropout before W_p too (RoBERTa, ELECTRA)
     mlm_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] | None = None  # MLM head's; None: `activation`
+    # ModernBERT (with `layer_types`, `rope_local_theta` and a bidirectional `sliding_window`)
+    first_attn_norm: bool = True  # False: layer 0 feeds the embeddings' norm straight into attention
+    cls_pooling: Literal["first", "mean"] = "first"  # encoder cls head pools h[:, 0] or the mean of real tokens
+    head_norm: bool = False  # encoder cls/token_cls heads: norm(act(W_p h + b_p)) before the classifier
+    head_bias: bool = True  # the bias of the MLM transform and of that W_p (ModernBERT's classifier_bias)
+    mlm_decoder_bias: bool = True  # the MLM output bias b
     # regularisation and init
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -78,6 +105,24 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.nope_layers = tuple(self.nope_layers)
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"unknown layer_types {sorted(unknown)}; use full_attention or sliding_attention")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers {list(self.nope_layers)} name layers outside 0..{self.num_layers - 1}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None = full attention)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def is_causal(self) -> bool:

@@ -1,12 +1,15 @@
 """Output heads on top of the backbone's hidden states h (B, T, H).
 
-- `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V)
+- `lm`:        logits = h W_E^T (tied) or h W^T                       (B, T, V);
+               then / logits_scaling (Granite) and c tanh(logits / c) with c = final_logit_softcap (Gemma 2)
 - `mlm`:       logits = LN(act(h W_t + b_t)) W_E^T + b                 (B, T, V), BERT's prediction head; W_t maps
                to the embedding width E (ELECTRA's generator: E < H); act = `mlm_activation` or `activation`
 - `cls`:       encoder: pooled = act(W_p dropout?(h[:, 0]) + b_p), act = tanh (BERT, RoBERTa), gelu (ELECTRA),
                relu (DistilBERT), the inner dropout for RoBERTa/ELECTRA; decoder: h at the last real token;
                logits = W_c dropout(pooled) (+ b_c)                    (B, num_labels)
-- `token_cls`: logits = W dropout(h) + b                               (B, T, num_labels)
+               ModernBERT: pooled = LN(act(W_p p + b_p)), p = h[:, 0] or the mean over real tokens (`cls_pooling`)
+- `token_cls`: logits = W dropout(h) + b                               (B, T, num_labels); ModernBERT first
+               h = LN(act(W_d h + b_d))
 - `qa`:        [start, end] logits = h W + b, W: (H, 2)                 (B, T, 2)  (extractive QA span)
 - `value`:     v = h w + b, one scalar per token                        (B, T)  (PPO critic)
 - `reward`:    r = h_last w, one scalar per sequence at the last real token   (B,)
@@ -34,6 +37,14 @@ def last_token_index(
     return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values.clamp_min(0)
 
 
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of h over the real tokens of each row (B, H)."""
+    if attention_mask is None:
+        return h.mean(dim=1)
+    mask = attention_mask.to(h.dtype).unsqueeze(-1)
+    return (h * mask).sum(dim=1) / mask.sum(dim=1)
+
+
 def gather_last(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     idx = last_token_index(attention_mask, h.shape[0], h.shape[1], h.device)
     return h[torch.arange(h.shape[0], device=h.device), idx]
@@ -42,23 +53,37 @@ def gather_last(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
 class LMHead(nn.Linear):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.logits_scaling = cfg.logits_scaling
+        self.softcap = cfg.final_logit_softcap
+
+    @property
+    def plain(self) -> bool:
+        """logits = h W^T exactly (no scaling, no cap): what the chunked LM-head loss computes from the weight."""
+        return self.logits_scaling == 1.0 and self.softcap is None
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(h)
+        logits = super().forward(h)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class MLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         width = cfg.embedding_size or cfg.hidden_size
-        self.transform = nn.Linear(cfg.hidden_size, width)
+        self.transform = nn.Linear(cfg.hidden_size, width, bias=cfg.head_bias)
         self.act = ACTIVATIONS[cfg.mlm_activation or cfg.activation]
         self.norm = make_norm(cfg, width)
         self.decoder = nn.Linear(width, cfg.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.mlm_decoder_bias:
+            self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(self.norm(self.act(self.transform(h)))) + self.bias
+        logits = self.decoder(self.norm(self.act(self.transform(h))))
+        return logits + self.bias if hasattr(self, "bias") else logits
 
 
 class SequenceClassificationHead(nn.Module):
@@ -66,17 +91,23 @@ class SequenceClassificationHead(nn.Module):
         super().__init__()
         self.pool_first = cfg.arch == "encoder"
         if self.pool_first:
-            self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
             self.pool_act = ACTIVATIONS[cfg.pooler_activation]
             self.pool_dropout = cfg.pooler_dropout
+            self.pool_mean = cfg.cls_pooling == "mean"
+            if cfg.head_norm:
+                self.pool_norm = make_norm(cfg)
         dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.dropout
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=self.pool_first)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pool_first:
-            first = self.dropout(h[:, 0]) if self.pool_dropout else h[:, 0]
+            first = mean_pool(h, attention_mask) if self.pool_mean else h[:, 0]
+            first = self.dropout(first) if self.pool_dropout else first
             pooled = self.pool_act(self.pooler(first))
+            if hasattr(self, "pool_norm"):
+                pooled = self.pool_norm(pooled)
         else:
             pooled = gather_last(h, attention_mask)
         return self.classifier(self.dropout(pooled))
@@ -87,9 +118,15 @@ class TokenClassificationHead(nn.Module):
         super().__init__()
         dropout = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.dropout
         self.dropout = nn.Dropout(dropout)
+        if cfg.head_norm:  # ModernBERT: norm(act(W h + b)) first
+            self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+            self.act = ACTIVATIONS[cfg.pooler_activation]
+            self.norm = make_norm(cfg)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self, "dense"):
+            h = self.norm(self.act(self.dense(h)))
         return self.classifier(self.dropout(h))
 
 

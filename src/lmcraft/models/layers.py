@@ -1,9 +1,11 @@
 """Transformer building blocks shared by decoders and encoders.
 
-    attention:  softmax(Q K^T / sqrt(d) + mask) V       (torch scaled_dot_product_attention)
-    gated MLP:  down(act(gate x) * up x)                (SwiGLU when act = silu)
+    attention:  softmax(s Q K^T + mask) V, s = 1/sqrt(d) by default   (torch scaled_dot_product_attention)
+    gated MLP:  down(act(gate x) * up x)                (SwiGLU when act = silu, GeGLU when gelu)
     plain MLP:  down(act(up x))                         (GPT-2, BERT)
-    pre-norm block:   x = x + attn(norm1 x);  x = x + mlp(norm2 x)
+    pre-norm block:   x = x + m attn(norm1 x);  x = x + m mlp(norm2 x)       (m = residual_multiplier, 1 mostly)
+    sandwich block:   x = x + m out1(attn(norm1 x));  x = x + m out2(mlp(norm2 x))   (Gemma 2/3)
+    output-norm block: x = x + m out1(attn x);  x = x + m out2(mlp x)            (OLMo 2)
     post-norm block:  x = norm1(x + attn x);  x = norm2(x + mlp x)  (BERT)
 
 Keys/values may be extended in two ways without touching these modules from outside:
@@ -33,14 +35,21 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    With `unit_offset` (Gemma) the gain is (1 + w), w starting at 0, and the product is taken in fp32 before
+    casting back: y = (x / sqrt(mean(x^2) + eps) * (1 + w)).to(dtype).
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same math in one call
         dtype = x.dtype
@@ -50,10 +59,10 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The family's norm over `dim` features (default: hidden_size); ELECTRA's embedding norm passes its width."""
+    """The family's norm over `dim` features (default: hidden_size); q/k norms pass their width."""
     dim = dim or cfg.hidden_size
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
@@ -115,6 +124,9 @@ def build_attention_mask(
 ) -> AttentionMask:
     """Combine causality, padding (B, past_len + q_len; 1 = real token), prefix and sliding window.
 
+    A sliding window w lets a causal query see its last w keys (itself included), a bidirectional one the keys
+    within w // 2 on either side (ModernBERT's local attention, w = local_attention).
+
     Keys are laid out as [prefix | past | current]. Prefix keys are visible to every real query. A query
     always sees its own key, so rows of padding queries never become all-masked (which gives NaN).
 
@@ -129,7 +141,8 @@ def build_attention_mask(
             raise ValueError(f"an explicit attention mask must be bool of shape (B, {', '.join(map(str, expected))}); "
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
         return AttentionMask(padding_mask, False)
-    window_matters = sliding_window is not None and kv_len > sliding_window
+    reach = None if sliding_window is None else sliding_window - 1 if causal else sliding_window // 2
+    window_matters = reach is not None and kv_len - 1 > reach  # the farthest key distance exceeds the reach
     if padding_mask is None and prefix_len == 0 and not window_matters:
         if not causal or q_len == 1:
             return AttentionMask(None, False)
@@ -141,7 +154,7 @@ def build_attention_mask(
     if causal:
         allowed = k_pos <= q_pos
     if window_matters:
-        allowed = allowed & (q_pos - k_pos < sliding_window)
+        allowed = allowed & ((q_pos - k_pos).abs() <= reach)
     allowed = allowed[None, None]  # (1, 1, T, S)
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, -kv_len:].bool()
@@ -156,12 +169,16 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads, RoPE, KV cache and prefix keys.
 
         q, k, v = W_q x, W_k x, W_v x           (B, heads, T, D); k, v have kv_heads <= heads heads
-        q, k    = rope(q), rope(k)               (RoPE models; `rope` = (cos, sin))
+        q, k    = n_q(q), n_k(k)                 (`qk_norm`: RMSNorm over each head's D, or over all heads)
+        q, k    = rope(q), rope(k)               (RoPE models, except `nope_layers`; `rope` = (cos, sin))
         k, v    = [prefix | cache | k, v]        (keys/values seen by the new queries)
-        out     = W_o softmax(q k^T / sqrt(D) + mask) v
+        out     = W_o softmax(s q k^T + mask) v   (s = attention_scale, default 1 / sqrt(D))
+
+    With `attn_logit_softcap` c the scores become c tanh(s q k^T / c) before the mask; SDPA has no hook for
+    that, so this one case computes softmax(scores) v explicitly (`softcapped_attention`).
 
     Query head h reads key/value head h // (heads / kv_heads). Generation swaps in a faster equivalent for
-    single-token steps (`lmcraft.generate.fast_decode`); this is the one reference path.
+    single-token steps of plain attentions (`lmcraft.generate.fast_decode`); this is the one reference path.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -173,6 +190,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.dropout = cfg.attention_dropout
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, cfg.head_dim if per_head else cfg.num_heads * cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim if per_head else cfg.num_kv_heads * cfg.head_dim)
+        self.use_rope = layer_idx not in cfg.nope_layers
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
+
+    @property
+    def plain(self) -> bool:
+        """q, k, v are bare projections, rotated (if at all) on every layer, scored by 1/sqrt(D) without a cap:
+        the attention the decode fast path reproduces."""
+        return self.qk_norm is None and self.use_rope and self.scale is None and self.softcap is None
 
     def forward(
         self,
@@ -183,20 +214,47 @@ class Attention(nn.Module):
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
+        if rope is not None and self.use_rope:
             q, k = apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if prefix is not None:
             k, v = with_prefix(k, v, prefix)
-        out = F.scaled_dot_product_attention(  # enable_gqa: query head h reads kv head h // groups, uncopied
-            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(  # enable_gqa: query head h reads kv head h // groups, uncopied
+                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, dropout_p=dropout, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        else:
+            out = softcapped_attention(q, k, v, mask, self.scale or self.head_dim**-0.5, self.softcap, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
+                         softcap: float, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(c tanh(s q k^T / c) + mask) v for q (B, H, T, D) and k, v (B, KV, S, D); softmax in fp32."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    allowed = mask.mask
+    if mask.is_causal:
+        t, s = scores.shape[-2:]
+        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(scores.float().softmax(-1), dropout).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 def with_prefix(
@@ -228,22 +286,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer: attention and MLP sub-layers with residuals, pre- or post-norm.
+    """One transformer layer: attention and MLP sub-layers with residuals; pre-, sandwich, output- or post-norm.
 
-    `checkpointed` ("attention" or "mlp", set by `Backbone.checkpointing`) recomputes that sub-layer (with its
-    norm) in the backward pass instead of keeping its intermediate activations (non-reentrant checkpointing).
+    `attn_norm`/`mlp_norm` are the sub-layers' input norms (BERT: the norms after the residual add);
+    `attn_out_norm`/`mlp_out_norm` norm the sub-layers' outputs (`post_norms`). `checkpointed` ("attention" or
+    "mlp", set by `Backbone.checkpointing`) recomputes that sub-layer (with its norm) in the backward pass instead of
+    keeping its intermediate activations (non-reentrant checkpointing).
     """
 
     checkpointed: str | None = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.pre_norm = cfg.pre_norm
-        self.attn_norm = make_norm(cfg)
+        self.pre_norm, self.post_norms = cfg.pre_norm, cfg.post_norms
+        if cfg.pre_norm or not cfg.post_norms:
+            self.attn_norm = make_norm(cfg) if layer_idx or cfg.first_attn_norm else nn.Identity()
+            self.mlp_norm = make_norm(cfg)
+        if cfg.post_norms:
+            self.attn_out_norm = make_norm(cfg)
+            self.mlp_out_norm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(
         self,
@@ -254,17 +319,23 @@ class Block(nn.Module):
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         drop = self.dropout if self.training else _identity  # eval: skip the no-op module call
-        if self.pre_norm:
-            x = x + drop(self._part("attention", lambda y: self.self_attn(self.attn_norm(y), mask, rope, cache,
-                                                                         prefix), x))
-            return x + drop(self._part("mlp", lambda y: self.mlp(self.mlp_norm(y)), x))
-        x = self.attn_norm(x + drop(self._part("attention", lambda y: self.self_attn(y, mask, rope, cache, prefix), x)))
-        return self.mlp_norm(x + drop(self._part("mlp", self.mlp, x)))
+        if not (self.pre_norm or self.post_norms):
+            x = self.attn_norm(x + drop(self._part("attention", lambda y: self.self_attn(y, mask, rope, cache, prefix),
+                                                   x)))
+            return self.mlp_norm(x + drop(self._part("mlp", self.mlp, x)))
+        a = self._part("attention", lambda y: self.self_attn(self.attn_norm(y) if self.pre_norm else y, mask, rope,
+                                                             cache, prefix), x)
+        x = x + self._residual(drop(self.attn_out_norm(a) if self.post_norms else a))
+        m = self._part("mlp", lambda y: self.mlp(self.mlp_norm(y) if self.pre_norm else y), x)
+        return x + self._residual(drop(self.mlp_out_norm(m) if self.post_norms else m))
 
     def _part(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.checkpointed == name and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False)
         return fn(x)
+
+    def _residual(self, f: torch.Tensor) -> torch.Tensor:
+        return f if self.residual_multiplier == 1.0 else f * self.residual_multiplier
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

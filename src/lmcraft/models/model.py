@@ -13,6 +13,7 @@ Contract (see ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,10 +43,14 @@ def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len:
 class Backbone(nn.Module):
     """The trunk shared by every model: embeddings -> blocks -> final norm.
 
-        h_0 = E_tok[x] (+ E_pos[p + offset] if learned positions) (+ E_type[s] if token types), then LN (BERT)
+        h_0 = m E_tok[x] (+ E_pos[p + offset] if learned positions) (+ E_type[s] if token types), then LN (BERT)
         h_0 = W_p h_0 + b_p             (ELECTRA, when the embedding width E != hidden_size)
         h_l = Block_l(h_{l-1})          (RoPE models rotate q/k inside attention instead of E_pos)
         h   = norm(h_L)                 (pre-norm models only)
+
+    m = `embedding_multiplier` (1; Gemma: sqrt(hidden_size)). Layers of `layer_types` "sliding_attention" get
+    the sliding-window mask and, with `rope_local_theta`, a rotary table of that base (Gemma 3); the others
+    the full mask and the global table.
 
     Activation checkpointing (`checkpointing`, set with `set_checkpointing`): "full" keeps only each block's
     input and recomputes the block in the backward pass; "attention"/"mlp" recompute only that sub-layer; the
@@ -64,6 +69,9 @@ class Backbone(nn.Module):
             self.embed_positions = nn.Embedding(cfg.max_position_embeddings, width)
         else:
             self.rotary = RotaryEmbedding(cfg)
+            if cfg.rope_local_theta is not None:
+                self.rotary_local = RotaryEmbedding(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta,
+                                                                        rope_scaling=None))
         if cfg.type_vocab_size:
             self.embed_types = nn.Embedding(cfg.type_vocab_size, width)
         if cfg.embed_norm:
@@ -86,6 +94,8 @@ class Backbone(nn.Module):
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
               position_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
         if self.config.position == "learned":
             h = h + self.embed_positions(position_ids + self.config.position_offset)
         if self.config.type_vocab_size:
@@ -123,16 +133,20 @@ class Backbone(nn.Module):
         h = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)
         if not explicit and attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: keep the fast SDPA paths
-        mask = build_attention_mask(
-            attention_mask, t, past_len, prefix[0][0].shape[2] if prefix else 0,
-            self.config.is_causal, self.config.sliding_window, ref.device,
-        )
-        rope = None
-        if self.config.position == "rope":  # rows sharing positions share one (1, 1, T, D) table, broadcast
-            rope = self.rotary(position_ids[:1] if shared_positions else position_ids, h.dtype)
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+        masks = {w: build_attention_mask(attention_mask, t, past_len, prefix[0][0].shape[2] if prefix else 0,
+                                         cfg.is_causal, w, ref.device) for w in set(windows)}
+        rope = local_rope = None
+        if cfg.position == "rope":  # rows sharing positions share one (1, 1, T, D) table, broadcast
+            rope_positions = position_ids[:1] if shared_positions else position_ids
+            rope = local_rope = self.rotary(rope_positions, h.dtype)
+            if cfg.rope_local_theta is not None:
+                local_rope = self.rotary_local(rope_positions, h.dtype)
+        ropes = [local_rope if w is not None else rope for w in windows]  # sliding layers: the local table
         full = self.checkpointing == "full" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            args = (h, mask, rope, past_key_values, prefix[i] if prefix else None)
+            args = (h, masks[windows[i]], ropes[i], past_key_values, prefix[i] if prefix else None)
             h = checkpoint(layer, *args, use_reentrant=False) if full else layer(*args)
         if past_key_values is not None:
             past_key_values.advance(t)

@@ -135,11 +135,12 @@ class ChunkedLMLoss(torch.autograd.Function):
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor | None:
     """The weight of a plain LM head (through a PeftModel or DDP wrapper), or None when the fused loss
-    cannot be used: another head, a PEFT-wrapped head, or a sharded (distributed) model."""
+    cannot be used: another head, a PEFT-wrapped head, a head that scales or caps its logits, or a sharded
+    (distributed) model."""
     if dist.is_available() and dist.is_initialized():
         return None
     head = getattr(_language_model(model), "head", None)
-    return head.weight if isinstance(head, LMHead) else None
+    return head.weight if isinstance(head, LMHead) and head.plain else None
 
 
 def _language_model(model: nn.Module) -> nn.Module:
