@@ -141,13 +141,17 @@ def test_family_keys() -> None:
     qwen = {"model_type": "qwen2", **rope, "sliding_window": 8}
     assert hub.config_from_hf(qwen).sliding_window is None  # use_sliding_window defaults to false
     assert hub.config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 0}).sliding_window == 8
-    with pytest.raises(ModelLoadError, match="mixes sliding-window and full-attention"):
-        hub.config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
+    mixed = hub.config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})  # layer 0 full
+    assert mixed.sliding_window == 8 and mixed.layer_types[0] == "full_attention"
+    with pytest.raises(ModelLoadError, match="mixes sliding-window and full-attention"):  # mistral: one kind
+        layers = ["full_attention"] + ["sliding_attention"] * (rope["num_hidden_layers"] - 1)
+        hub.config_from_hf({"model_type": "mistral", **rope, "sliding_window": 8, "layer_types": layers})
     assert hub.config_from_hf({"model_type": "llama", **rope, "pretraining_tp": 1}).extra == {"pretraining_tp": 1}
 
 
 def test_unsupported_configs() -> None:
     with pytest.raises(ModelLoadError, match="'falcon' is not supported; supported types: llama, mistral, qwen2, "
+                                             "qwen3, olmo2, granite, smollm3, phi3, gemma, gemma2, gemma3_text, "
                                              "gpt2, bert"):
         hub.config_from_hf({"model_type": "falcon"})
     with pytest.raises(ModelLoadError, match="lacks the required key 'hidden_size'"):
@@ -382,7 +386,7 @@ def test_unsupported_model_type_folder(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ModelLoadError) as err:
         hub.load_model(tmp_path)
-    assert "model_type 't5' is not supported; supported types: llama, mistral, qwen2, gpt2, bert" in one_paragraph(err)
+    assert "model_type 't5' is not supported; supported types: llama, mistral, qwen2, qwen3" in one_paragraph(err)
 
 
 def test_cli_prints_load_errors_as_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture, make) -> None:

@@ -1,8 +1,10 @@
 """Parity with transformers: tiny random HF models load into lmcraft with the same logits, and the reverse.
 
 Every family (llama, mistral with a sliding window that matters, qwen2 with q/k/v biases, gpt2, bert MLM
-and sequence classification; roberta, distilbert, electra and modernbert with each of their heads), RoPE
-scaling (llama3, linear), tied/untied embeddings, GQA and shards.
+and sequence classification; roberta, distilbert, electra and modernbert with each of their heads; qwen3, olmo2,
+granite, smollm3, phi3, gemma, gemma2, gemma3 text with each of their switches set so that it matters), RoPE
+scaling (llama3, linear), tied/untied embeddings, GQA and shards; for the newer decoder families also saving back,
+cached decoding and PEFT target names.
 Weights are re-drawn with std 0.1 (norm gains 1 +- 0.1) so that logits are O(1) and 1e-4 is a real bound.
 """
 
@@ -80,7 +82,7 @@ def our_logits(model: LanguageModel, ids: torch.Tensor, mask: torch.Tensor | Non
 
 
 def compare_causal_lm(name: str, hf_model: nn.Module, ours: LanguageModel) -> None:
-    for padding in (None, "left"):
+    for padding in (None, "left", "right"):
         ids, mask = batch(padding)
         theirs = hf_logits(hf_model, ids, mask, position_ids=positions(mask))
         where = None if mask is None else mask
@@ -237,6 +239,120 @@ def test_sharded_hf_checkpoint(transformers, tmp_path: Path) -> None:
     ours = hf_to_ours(tmp_path, hf_model, max_shard_size="40KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     compare_causal_lm("llama-sharded", hf_model, ours)
+
+
+# ---- newer families: HF -> lmcraft -> HF, cached decoding, PEFT target names ----------------------------
+
+_WINDOWED = ("full_attention", "sliding_attention")  # layer 0 global, layer 1 a 4-token window (T = 12)
+_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# case: (HF config class, HF causal-LM class, config keys beyond ROPE, what lmcraft must read, PEFT targets)
+FAMILY_CASES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+              dict(qk_norm="head", layer_types=_WINDOWED), _PROJECTIONS),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(eos_token_id=2),
+              dict(qk_norm="full", pre_norm=False, post_norms=True), _PROJECTIONS),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+                dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_scale=0.1, logits_scaling=4.0),
+                _PROJECTIONS),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4, bos_token_id=1,
+                     eos_token_id=2),
+                dict(nope_layers=(1,), layer_types=_WINDOWED), _PROJECTIONS),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(eos_token_id=2), dict(qkv_bias=False),
+             ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16),
+              dict(norm_unit_offset=True, embedding_multiplier=8.0, activation="gelu_tanh"), _PROJECTIONS),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=3.0),
+               dict(post_norms=True, attention_scale=24**-0.5, attn_logit_softcap=2.0, final_logit_softcap=3.0,
+                    layer_types=_WINDOWED[::-1]), _PROJECTIONS),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, layer_types=list(_WINDOWED[::-1])),
+               dict(qk_norm="head", post_norms=True, rope_theta=1e6, rope_local_theta=1e4), _PROJECTIONS),
+}
+
+
+def cached_logits(model: LanguageModel, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of a prefill of `prompt` tokens, then one cached step per token, through the decode fast path."""
+    from lmcraft.generate import fast_decoding
+
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    with torch.no_grad(), fast_decoding(model):
+        out = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache).logits]
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+    return torch.cat(out, dim=1)
+
+
+def hf_lora_modules(transformers, hf_model: nn.Module, targets: list[str]) -> set[str]:  # noqa: ANN001
+    """The modules PEFT (the reference) wraps in the HF model for these target names."""
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(hf_model, peft.LoraConfig(r=2, target_modules=targets)).base_model.model
+    return {name for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_parity(transformers, tmp_path: Path, case: str) -> None:
+    from lmcraft import peft
+    from lmcraft.generate import GenerationConfig, generate
+    from lmcraft.peft.layers import hf_module_names
+
+    config_name, model_name, keys, switches, targets = FAMILY_CASES[case]
+    hf_model = getattr(transformers, model_name)(getattr(transformers, config_name)(**ROPE, **keys))
+    ours = hf_to_ours(tmp_path, hf_model)
+    assert {k: getattr(ours.config, k) for k in switches} == switches
+    compare_causal_lm(case, hf_model, ours)
+
+    # saved by lmcraft, read by transformers, logits equal; and read back by lmcraft unchanged
+    hub.save_model(ours, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again) is type(hf_model)
+    compare_causal_lm(f"save:{case}", again, ours)
+    reread = hub.load_model(tmp_path / "out").config
+    assert {**reread.to_dict(), "extra": {}} == {**ours.config.to_dict(), "extra": {}}  # extra gains id2label
+
+    # the KV cache (prefill 6, then 6 single-token steps, window 4) computes what the full forward does
+    ids, mask = batch("left")
+    diff(f"cache:{case}", cached_logits(ours, ids, mask, 6), our_logits(ours, ids, mask), mask)
+    # greedy generation (cached) = transformers' greedy tokens
+    prompt = batch(None)[0][1:, :6]
+    tokens = generate(ours, prompt, GenerationConfig(max_new_tokens=5, eos_token_ids=())).tokens[0]
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, 6:]
+    assert tokens == expected.tolist()
+
+    # PEFT target names: the HF names lmcraft wraps are the modules PEFT wraps in the HF model
+    hf_names = hf_module_names(ours)
+    lora = peft.apply(ours, {"method": "lora", "r": 2, "target_modules": targets})
+    mine = {hf_names(path.replace(".base_layer", "")) for path, _ in lora.adapter_layers()}
+    assert mine == hf_lora_modules(transformers, hf_model, targets)
+
+
+@pytest.mark.parametrize("switch", ["qk_norm", "post_norms", "norm_unit_offset", "nope_layers", "rope_local_theta",
+                                    "embedding_multiplier", "residual_multiplier", "attention_scale",
+                                    "attn_logit_softcap", "logits_scaling", "final_logit_softcap", "layer_types"])
+def test_switches_matter(switch: str) -> None:
+    """Guards the family cases above: each switch, on the same weights, changes the logits."""
+    base = dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                sliding_window=4, layer_types=("full_attention", "full_attention"))
+    value = {"qk_norm": "head", "post_norms": True, "norm_unit_offset": True, "nope_layers": (1,),
+             "rope_local_theta": 50.0, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+             "attention_scale": 0.5, "attn_logit_softcap": 1.0, "logits_scaling": 4.0, "final_logit_softcap": 1.0,
+             "layer_types": _WINDOWED}[switch]
+    if switch == "rope_local_theta":
+        base["layer_types"] = _WINDOWED
+        base["sliding_window"] = 64  # a window that masks nothing: only the local RoPE base differs
+    on = randomize(LanguageModel(ModelConfig(**{**base, switch: value})))
+    off = LanguageModel(ModelConfig(**base)).eval()
+    state = on.state_dict()
+    off.load_state_dict({k: v for k, v in state.items() if k in off.state_dict()})
+    ids, _ = batch(None)
+    assert (our_logits(on, ids, None) - our_logits(off, ids, None)).abs().max() > 1e-2
 
 
 # ---- lmcraft -> HF ---------------------------------------------------------------------------------------
