@@ -141,19 +141,22 @@ def _language_model(model: nn.Module) -> Any:
 
 
 def largest_batch_shape(dataset: Any, batch_size: int, collate_fn: Any = None, scan_limit: int = 50_000
-                        ) -> tuple[int, int]:
+                        ) -> tuple[int, int] | None:
     """(rows, tokens) of the largest micro-batch: `batch_size` rows of the longest item (items with `input_ids`, as
     objects, dicts or lists of them for packed rows); for datasets whose items say nothing of their length, or larger
-    than `scan_limit`, the shape of the first batch."""
+    than `scan_limit`, the shape of the first batch; None when the batches are made during training (GRPO's
+    rollouts: their length is not known before sampling)."""
     n = len(dataset)
     lengths = [_length(dataset[i]) for i in range(n)] if n <= scan_limit else [None]
     if lengths and all(x is not None for x in lengths):
         return batch_size, max(lengths)  # type: ignore[type-var]
     from torch.utils.data import default_collate
 
+    if n == 0 or collate_fn is False:
+        return None
     batch = (collate_fn or default_collate)([dataset[i] for i in range(min(batch_size, n))])
-    ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-    return batch_size, int(ids.shape[-1])
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch[0]
+    return (batch_size, int(ids.shape[-1])) if isinstance(ids, torch.Tensor) else None
 
 
 def _length(item: Any) -> int | None:

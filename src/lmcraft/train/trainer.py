@@ -284,6 +284,8 @@ class Trainer:
         if not can_plan(self.model):
             return
         shape = largest_batch_shape(self.loader.dataset, self.loader.batch_size, self.loader.collate_fn)
+        if shape is None:
+            return
         plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
                            self.reference_bytes)
         limit = parse_size(cfg.memory_limit) if cfg.memory_limit else None
