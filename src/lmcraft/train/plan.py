@@ -121,7 +121,8 @@ def activation_bytes_per_token(model: nn.Module) -> float:
 
     first = next(model.parameters())
     lm = _language_model(model)
-    length = min(PROBE_TOKENS, lm.config.max_position_embeddings)  # learned positions end there
+    # learned positions end at max_position_embeddings, and prompt tuning puts virtual tokens before the row
+    length = min(PROBE_TOKENS, lm.config.max_position_embeddings // 2)
     vocab = lm.model.embed_tokens.num_embeddings
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(first.device)
     was_training = model.training
