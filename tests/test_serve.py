@@ -1,0 +1,124 @@
+"""`lmcraft serve`: the official `openai` client against the server in a subprocess on a free local port. Answers
+must equal greedy `generate_text` on the same prompt; concurrent requests must be decoded in shared batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model, save_chat_tokenizer
+from lmcraft.generate import GenerationConfig, generate_text
+from lmcraft.hub import load_model, save_model
+from lmcraft.tokenizer.load import load_tokenizer
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    vocab_size = save_chat_tokenizer(root / "tok", ["hello there, how are you today? fine thanks"] * 10, 320)
+    model = build_tiny_model(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=64, tie_word_embeddings=False, initializer_range=0.2, eos_token_id=0)
+    return save_model(model, root / "model", tokenizer_dir=root / "tok")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "serve", str(model_dir), "--port", str(port),
+                             "--api-key", KEY, "--max-batch", "16"], env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/metrics").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+
+def expected(folder: Path, prompt: str, n: int, chat: bool) -> str:
+    return generate_text(load_model(folder), load_tokenizer(folder), prompt, GenerationConfig(max_new_tokens=n),
+                         chat=chat).texts[0]
+
+
+@pytest.mark.slow
+def test_chat_and_completion_match_greedy_generate(server, model_dir: Path) -> None:
+    url, _ = server
+    c = client(url)
+    assert [m.id for m in c.models.list()] == [str(model_dir)]
+    chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello there"}],
+                                     max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == expected(model_dir, "hello there", 12, chat=True)
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0, stream=True)
+        if ch.choices]
+    assert "".join(pieces) == chat.choices[0].message.content
+    done = c.completions.create(model="m", prompt="how are you", max_tokens=10, temperature=0)
+    assert done.choices[0].text == expected(model_dir, "how are you", 10, chat=False)
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="m", prompt="how are you", max_tokens=10, temperature=0, stream=True) if ch.choices)
+    assert streamed == done.choices[0].text
+    two = c.completions.create(model="m", prompt="how are you", max_tokens=10, temperature=0, n=2)
+    assert [ch.text for ch in two.choices] == [done.choices[0].text] * 2
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_batches(server, model_dir: Path) -> None:
+    url, _ = server
+    prompts = ["hello", "how are you", "fine thanks", "hello there, how"] * 4
+    want = {p: expected(model_dir, p, 8, chat=False) for p in set(prompts)}
+
+    def ask(prompt: str) -> str:
+        return client(url).completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == [want[p] for p in prompts]
+    assert httpx.get(url + "/metrics").json()["largest_batch"] > 1
+
+
+@pytest.mark.slow
+def test_errors_and_sigterm(server) -> None:
+    url, proc = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    bad = httpx.post(url + "/v1/chat/completions", headers=headers, json={"messages": [], "max_tokens": 4})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "messages" and set(bad.json()["error"]) == {"message", "type", "param",
+                                                                                       "code"}
+    bad = httpx.post(url + "/v1/completions", headers=headers, json={"prompt": "hi", "temperature": "hot"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+    bad = httpx.post(url + "/v1/completions", headers=headers, content=b"{not json")
+    assert bad.status_code == 400 and json.loads(bad.text)["error"]["type"] == "invalid_request_error"
+    denied = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer wrong"}, json={"prompt": "hi"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
