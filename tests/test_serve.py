@@ -3,6 +3,8 @@ must equal greedy `generate_text` on the same prompt; concurrent requests must b
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import signal
@@ -17,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_model, save_chat_tokenizer
-from lmcraft.generate import GenerationConfig, generate_text
+from lmcraft.cli import main
+from lmcraft.generate import GenerationConfig, generate_text, stop_token_ids
 from lmcraft.hub import load_model, save_model
+from lmcraft.stages.serve import add_arguments, load_served_model
 from lmcraft.tokenizer.load import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -122,3 +126,55 @@ def test_errors_and_sigterm(server) -> None:
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def lora_adapter(folder: Path, model_dir: Path, trained: bool) -> Path:
+    import torch
+
+    from lmcraft import peft
+
+    adapted = peft.apply(load_model(model_dir), {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    if trained:
+        with torch.no_grad():
+            for _, param in adapted.named_adapter_parameters():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    peft.save_adapter(adapted, folder, base_model_name_or_path=str(model_dir))
+    return folder
+
+
+def test_untrained_adapter_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    zero = lora_adapter(tmp_path / "zero", model_dir, trained=False)
+    assert main(["serve", str(model_dir), "--adapter", str(zero), "--port", "1"]) == 2
+    assert "Refusing to serve" in capsys.readouterr().err
+
+
+def test_adapter_served_and_full_queue_answers_429(model_dir: Path, tmp_path: Path) -> None:
+    from lmcraft.serve.app import build_app
+
+    adapter = lora_adapter(tmp_path / "lora", model_dir, trained=True)
+    model, tokenizer, template = load_served_model(serve_args(str(model_dir), "--adapter", str(adapter)))
+    want = generate_text(model, tokenizer, "hello", GenerationConfig(max_new_tokens=8)).texts[0]
+    assert want != expected(model_dir, "hello", 8, chat=False)
+    app = build_app(model, tokenizer, stop_token_ids(model, tokenizer), model_name="m", template=template,
+                    api_key=None, max_queue=1, max_batch=4)
+    body = {"prompt": "hello", "max_tokens": 8, "temperature": 0}
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            assert (await http.post("/v1/completions", json=body)).json()["choices"][0]["text"] == want
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            waiting = asyncio.create_task(http.post("/v1/completions", json=body))  # no worker: it stays queued
+            while not (await http.get("/metrics")).json()["queued"]:
+                await asyncio.sleep(0.01)
+            full = await http.post("/v1/completions", json=body)
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            waiting.cancel()
+
+    asyncio.run(scenario())
