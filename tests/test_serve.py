@@ -72,7 +72,6 @@ def expected(folder: Path, prompt: str, n: int, chat: bool) -> str:
                          chat=chat).texts[0]
 
 
-@pytest.mark.slow
 def test_chat_and_completion_match_greedy_generate(server, model_dir: Path) -> None:
     url, _ = server
     c = client(url)
@@ -95,7 +94,6 @@ def test_chat_and_completion_match_greedy_generate(server, model_dir: Path) -> N
     assert [ch.text for ch in two.choices] == [done.choices[0].text] * 2
 
 
-@pytest.mark.slow
 def test_concurrent_requests_share_batches(server, model_dir: Path) -> None:
     url, _ = server
     prompts = ["hello", "how are you", "fine thanks", "hello there, how"] * 4
@@ -110,7 +108,6 @@ def test_concurrent_requests_share_batches(server, model_dir: Path) -> None:
     assert httpx.get(url + "/metrics").json()["largest_batch"] > 1
 
 
-@pytest.mark.slow
 def test_errors_and_sigterm(server) -> None:
     url, proc = server
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -1,6 +1,7 @@
 """Request batching: one worker takes every waiting request (up to `max_batch` rows) and decodes them together.
 
-Rows in one batch share the sampling settings (temperature, top_p, seed), so waiting requests are grouped by them;
+Rows in one batch share the sampling settings (temperature, top_p, seed), so waiting requests are grouped by them
+(a seeded sampling request decodes alone, so that its answer is reproducible);
 each row keeps its own `max_tokens` and stop strings: the batch decodes with `lmcraft.generate.Generation` (the one
 decoding loop) up to the largest `max_tokens`, and a per-row `TextTracker` cuts each row at its own limit and stop
 string. Decoding stops as soon as every row is done. Greedy rows are independent of their batch mates, so a row's
@@ -35,8 +36,11 @@ class Job:
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
     @property
-    def sampling_key(self) -> tuple[float, float, int | None]:
-        return (self.temperature, self.top_p, self.seed)
+    def sampling_key(self) -> tuple[float, float, int | None, int | None]:
+        """Jobs with equal keys may share a batch. A seeded sampling job decodes alone: its random draws (one
+        generator per batch) must not depend on which other requests happened to arrive with it."""
+        alone = id(self) if self.seed is not None and self.temperature > 0 else None
+        return (self.temperature, self.top_p, self.seed, alone)
 
     def emit(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -69,7 +73,7 @@ class Batcher:
             while not self.queue.empty() and rows + len(self.queue._queue[0].rows) <= self.max_batch:  # type: ignore[attr-defined]
                 jobs.append(self.queue.get_nowait())
                 rows += len(jobs[-1].rows)
-            groups: dict[tuple[float, float, int | None], list[Job]] = {}
+            groups: dict[tuple[float, float, int | None, int | None], list[Job]] = {}
             for job in jobs:
                 groups.setdefault(job.sampling_key, []).append(job)
             for group in groups.values():
