@@ -79,8 +79,9 @@ def _prompts(body: dict[str, Any]) -> list[str]:
 
 
 def build_app(model: Any, tokenizer: Any, eos_ids: list[int], *, model_name: str, template: str | None,
-              api_key: str | None, max_queue: int, max_batch: int) -> FastAPI:
-    """The FastAPI app serving `model`; its worker task runs while the app is up."""
+              api_key: str | None, max_queue: int, max_batch: int, system: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model`; its worker task runs while the app is up. `system` is put before chat
+    requests that bring no system message of their own."""
     batcher = Batcher(model, tokenizer, eos_ids, max_queue, max_batch)
     context = model.config.max_position_embeddings
 
@@ -127,7 +128,7 @@ def build_app(model: Any, tokenizer: Any, eos_ids: list[int], *, model_name: str
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise BadRequest("'stream' must be true or false.", "stream")
-            ids = encode_prompts(tokenizer, prompts, chat=chat, template=template)
+            ids = encode_prompts(tokenizer, prompts, chat=chat, system=system, template=template)
             for i, row in enumerate(ids):
                 if not row or len(row) + max_tokens > context:
                     raise BadRequest(f"prompt {i} has {len(row)} tokens; with {limit}={max_tokens} it must fit the "

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer, template = load_served_model(args)
     app = build_app(model, tokenizer, stop_token_ids(model, tokenizer), model_name=args.model, template=template,
-                    api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch)
+                    api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,
+                    system=args.system)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding {args.host} exposes the model to the network"
               f"{'' if args.api_key else ' WITHOUT an --api-key'}.", file=sys.stderr)
