@@ -58,6 +58,7 @@ class Batcher:
         self.max_batch = max_batch
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self._held: Job | None = None
 
     def submit(self, job: Job) -> None:
         try:
@@ -68,11 +69,16 @@ class Batcher:
     async def work(self) -> None:
         """Forever: wait for a request, take every other waiting one (up to `max_batch` rows), decode by group."""
         while True:
-            jobs = [await self.queue.get()]
+            jobs = [self._held or await self.queue.get()]
+            self._held = None
             rows = len(jobs[0].rows)
-            while not self.queue.empty() and rows + len(self.queue._queue[0].rows) <= self.max_batch:  # type: ignore[attr-defined]
-                jobs.append(self.queue.get_nowait())
-                rows += len(jobs[-1].rows)
+            while not self.queue.empty():
+                job = self.queue.get_nowait()
+                if rows + len(job.rows) > self.max_batch:
+                    self._held = job  # first in the next batch
+                    break
+                jobs.append(job)
+                rows += len(job.rows)
             groups: dict[tuple[float, float, int | None, int | None], list[Job]] = {}
             for job in jobs:
                 groups.setdefault(job.sampling_key, []).append(job)
