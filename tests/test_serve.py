@@ -90,6 +90,11 @@ def test_chat_and_completion_match_greedy_generate(server, model_dir: Path) -> N
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="m", prompt="how are you", max_tokens=10, temperature=0, stream=True) if ch.choices)
     assert streamed == done.choices[0].text
+    stop = done.choices[0].text[3:5]
+    cut = c.completions.create(model="m", prompt="how are you", max_tokens=10, temperature=0, stop=[stop])
+    reference = generate_text(load_model(model_dir), load_tokenizer(model_dir), "how are you",
+                              GenerationConfig(max_new_tokens=10, stop_strings=(stop,))).texts[0]
+    assert cut.choices[0].text == reference and cut.choices[0].finish_reason == "stop" and stop not in reference
     two = c.completions.create(model="m", prompt="how are you", max_tokens=10, temperature=0, n=2)
     assert [ch.text for ch in two.choices] == [done.choices[0].text] * 2
 
