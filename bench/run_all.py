@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_generate", "bench.bench_train", "bench.bench_peft", "bench.bench_data", "bench.bench_memory")
+BENCHMARKS = ("bench.bench_generate", "bench.bench_train", "bench.bench_peft", "bench.bench_data", "bench.bench_memory",
+              "bench.bench_serve")
 
 
 def main() -> int:

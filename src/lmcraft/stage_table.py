@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("lmcraft.stages.export", "export a model or adapter as GGUF (f16, q8_0, q4_k_m, ...) + Modelfile"),
     "verify-export": ("lmcraft.stages.verify_export", "check an exported GGUF against its source model (table)"),
     "generate": ("lmcraft.stages.generate", "generate text from a model folder or asset name"),
+    "serve": ("lmcraft.stages.serve", "OpenAI-compatible HTTP server (chat/completions, streaming, batching)"),
     "chat": ("lmcraft.stages.chat", "interactive multi-turn chat with a model (chat template)"),
     "eval": ("lmcraft.stages.eval", "evaluate prompting strategies on tasks; results JSON + markdown/HTML report"),
     "pipeline": ("lmcraft.stages.pipeline", "run the whole life cycle (a list of stages) and write one report"),
