@@ -27,7 +27,7 @@ import numpy as np
 
 from lmcraft.errors import LmcraftError
 
-__all__ = ["LOGIT_TOLERANCE", "PPL_TOLERANCE", "Check", "format_table", "quant_of_file", "verify_export"]
+__all__ = ["LOGIT_TOLERANCE", "PPL_TOLERANCE", "Check", "format_table", "quant_of_file", "report", "verify_export"]
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew to the Moon and back!"
 HELD_TEXT = (
@@ -56,6 +56,17 @@ def format_table(checks: list[Check]) -> str:
     rows = [("check", "value", "tolerance", "status"), *((c.name, c.value, c.limit, c.status) for c in checks)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
+
+
+def report(checks: list[Check]) -> int:
+    """Print the check table (and the failed checks on stderr); the exit code: 1 when any check failed, else 0."""
+    import sys
+
+    print(format_table(checks))
+    failed = [c.name for c in checks if c.failed]
+    if failed:
+        print(f"verification FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def quant_of_file(metadata: dict[str, Any], path: Path) -> str:

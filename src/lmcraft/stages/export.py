@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmcraft.gguf_export import export_gguf, load_source
     from lmcraft.gguf_modelfile import modelfile_text
-    from lmcraft.gguf_verify import format_table, verify_export
+    from lmcraft.gguf_verify import report, verify_export
     from lmcraft.io import write_text
     from lmcraft.run_folder import OutputFolderError, claim_output_file
 
@@ -57,10 +57,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {modelfile} has no TEMPLATE: the chat template was not converted ({conversion.reason}).",
               file=sys.stderr)
     print(f"wrote {modelfile} (chat template: {conversion.shape or 'not converted'})")
-    checks = verify_export(out, source)
-    print(format_table(checks))
-    failed = [c.name for c in checks if c.failed]
-    if failed:
-        print(f"verification FAILED: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return report(verify_export(out, source))

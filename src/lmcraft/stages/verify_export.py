@@ -8,7 +8,6 @@ perplexity when `llama_cpp` is installed. Exit code 1 when a check is outside it
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmcraft.gguf_export import load_source
-    from lmcraft.gguf_verify import format_table, verify_export
+    from lmcraft.gguf_verify import report, verify_export
 
-    checks = verify_export(args.gguf, load_source(args.against))
-    print(format_table(checks))
-    failed = [c.name for c in checks if c.failed]
-    if failed:
-        print(f"verification FAILED: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return report(verify_export(args.gguf, load_source(args.against)))
