@@ -41,6 +41,9 @@ class TrainerConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast or fp32; auto = bf16 on CUDA with bf16, on CPU bf16 only where a cached "
                             "micro-benchmark shows bf16 matmul clearly faster (lmcraft.precision)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model's forward; auto = only when the run is long enough to amortise "
+                            "it (lmcraft.train.compile)")
     activation_checkpointing: Literal["none", "full", "attention", "mlp"] = Field(
         "none", description="recompute whole blocks (full) or one sub-layer in the backward pass to save memory")
     chunked_loss: Literal["auto"] | bool = Field(

@@ -58,6 +58,7 @@ from lmcraft.objectives.base import LossOutput  # the loss contract lives with t
 from lmcraft.precision import resolve_precision
 from lmcraft.train import checkpoint as ckpt
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
+from lmcraft.train.compile import compile_model, should_compile
 from lmcraft.train.config import EarlyStopping, TrainerConfig
 from lmcraft.train.distributed import (
     all_reduce_sum,
@@ -264,11 +265,19 @@ class Trainer:
         self.memory_plan()
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
+        compile_pending = self.config.compile == "auto"
+        if self.config.compile is True:
+            compile_model(self.model)
         while self.state.step < self.total_steps and self.state.stopped is None:
             if self.should_stop:
                 self.state.stopped = "callback"
                 break
+            t0 = time.perf_counter()
             metrics = self._optimizer_step()
+            if compile_pending:  # auto: decide from the measured eager step (rule in lmcraft.train.compile)
+                compile_pending = False
+                if should_compile("auto", self.total_steps - self.state.step, time.perf_counter() - t0):
+                    compile_model(self.model)
             self.callbacks.on_step_end(self, metrics)
             self._maybe_log(metrics)
             step, cfg = self.state.step, self.config
