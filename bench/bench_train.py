@@ -1,7 +1,7 @@
 """Training speed and memory: lmcraft vs transformers, one full step (forward + backward + AdamW step), same model.
 
     python -m bench.bench_train [--batch 8] [--seq-len 256] [--repeats 5] [--threads N] [--clock wall|cpu]
-                                [--matmul-size 2048] [--precisions fp32 bf16] [--skip-memory]
+                                [--matmul-size 2048] [--precisions fp32 bf16 auto] [--skip-memory] [--compile]
 
 Model: the llama-14m preset (14.6M parameters, vocabulary 8192) with random weights, saved once in Hugging Face
 layout and loaded by both libraries: the same weights, the same batch (random token ids), the same thread count.
@@ -10,7 +10,10 @@ Each side runs its own training path:
   Trainer minimises) and AdamW from `lmcraft.train.optim.build_optimizer` (what the Trainer uses);
 - transformers: `LlamaForCausalLM` (sdpa attention), `model(input_ids, labels=input_ids).loss`, and fused AdamW
   (`adamw_torch_fused`, the HF Trainer's default optimizer with torch >= 2.8).
-Precisions: fp32, and bf16 autocast (fp32 weights and optimizer, bf16 matmuls) on both sides.
+Precisions: fp32, and bf16 autocast (fp32 weights and optimizer, bf16 matmuls) on both sides; `auto` resolves,
+for both sides alike, to what `lmcraft.precision` picks on this machine (each side at its best precision: bf16
+where it is measured faster, e.g. CPUs with AMX). `--compile` adds a column: lmcraft with `torch.compile` of the
+forward (lmcraft.train.compile), timed after its compiling warm-up step.
 
 Throughput: tokens per step / best time over interleaved repeats (A B A B ...). `--clock cpu` times with this
 process's CPU time instead of wall time: with `--threads 1` that is the time the step ran, whatever other
@@ -50,13 +53,18 @@ def matmul_candidate(size: int) -> tuple[Callable[[], object], float]:
     return (lambda: a @ b), 2 * size**3
 
 
-def lmcraft_step(folder: Path, batch: torch.Tensor, precision: str) -> tuple[Callable[[], float], int]:
+def lmcraft_step(folder: Path, batch: torch.Tensor, precision: str,
+                 compiled: bool = False) -> tuple[Callable[[], float], int]:
     """(one training step returning the loss, parameter count) on lmcraft's training path."""
     from lmcraft.hub import load_model
     from lmcraft.objectives.clm import CausalLM
     from lmcraft.train.optim import build_optimizer, param_groups
 
     model = load_model(folder, dtype=torch.float32).train()
+    if compiled:
+        from lmcraft.train.compile import compile_model
+
+        compile_model(model)
     objective = CausalLM()
     optimizer = build_optimizer(param_groups(model, lr=LR, weight_decay=0.0), LR, (0.9, 0.999), 1e-8)
     data = objective.transform({"input_ids": batch})
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="intra-op threads for both sides (default: all cores)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this process's CPU time")
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "auto"), default=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="add lmcraft with torch.compile (lmcraft.train.compile)")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, metavar=("LIBRARY", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,9 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     clock = CLOCKS[args.clock]
     matmul, matmul_flops = matmul_candidate(args.matmul_size)
     tokens = args.batch * args.seq_len
+    from lmcraft.precision import has_amx, resolve_precision
+
     print(f"# training step (forward + backward + AdamW), llama-14m, batch {args.batch} x {args.seq_len} tokens, "
-          f"{args.clock} clock — {machine()}, transformers {transformers.__version__}", flush=True)
+          f"{args.clock} clock — {machine()}, transformers {transformers.__version__}, "
+          f"CPU AMX: {'yes' if has_amx() else 'no'}", flush=True)
+    builders = dict(BUILDERS)
+    if args.compile:
+        builders["lmcraft compiled"] = lambda folder, batch, precision: lmcraft_step(folder, batch, precision, True)
     columns = ["precision", "lmcraft tok/s", "transformers tok/s", "ratio", "lmcraft MFU", "transformers MFU"]
+    if args.compile:
+        columns.insert(2, "lmcraft compiled tok/s")
     if not args.skip_memory:
         columns += ["lmcraft peak MB", "transformers peak MB", "memory ratio"]
     table = Table(columns)
@@ -159,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     batch = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = llama_14m_folder(Path(tmp))
-        for precision in args.precisions:
+        for asked in args.precisions:
+            choice = resolve_precision(asked, torch.device("cpu"))
+            precision = choice.precision
+            if asked == "auto":
+                print(f"  auto -> {precision} ({choice.reason})", file=sys.stderr, flush=True)
             steps, params = {}, 0
-            for name, build in BUILDERS.items():
+            for name, build in builders.items():
                 steps[name], params = build(folder, batch, precision)
             first = {name: step() for name, step in steps.items()}  # warm-up; the same weights give the same loss
             print(f"  {precision}: first-step loss lmcraft {first['lmcraft']:.6f}, "
@@ -175,14 +196,16 @@ def main(argv: list[str] | None = None) -> int:
                 mem = {name: peak_memory_mb(name, folder, args, precision) for name in BUILDERS}
                 memory = [fmt(mem["lmcraft"], 0), fmt(mem["transformers"], 0),
                           f"{mem['lmcraft'] / mem['transformers']:.2f}x"]
-            measured.append((precision, tps, params, memory))
+            measured.append((precision if asked != "auto" else f"auto={precision}", tps, params, memory))
             del steps
     peak = matmul_flops / peak_seconds / 1e9
     print(f"# fp32 matmul peak ({args.matmul_size}^2, best of the interleaved rounds): {peak:.1f} GFLOP/s", flush=True)
     for precision, tps, params, memory in measured:
         mfu = {name: 6 * params * tps[name] / (peak * 1e9) for name in tps}
-        table.add([precision, fmt(tps["lmcraft"]), fmt(tps["transformers"]), ratio(tps["lmcraft"], tps["transformers"]),
-                   f"{mfu['lmcraft']:.0%}", f"{mfu['transformers']:.0%}", *memory])
+        compiled = [fmt(tps["lmcraft compiled"])] if args.compile else []
+        table.add([precision, fmt(tps["lmcraft"]), *compiled, fmt(tps["transformers"]),
+                   ratio(tps["lmcraft"], tps["transformers"]), f"{mfu['lmcraft']:.0%}", f"{mfu['transformers']:.0%}",
+                   *memory])
     table.print()
     print("ratio > 1: lmcraft faster; memory ratio < 1: lmcraft uses less. MFU = 6 N tok/s / measured fp32 peak.")
     return 0

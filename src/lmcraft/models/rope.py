@@ -103,8 +103,19 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos(), emb.sin()
 
+    def reserve(self, length: int) -> None:
+        """Grow the cached table to `length` positions now; call it before torch.compile with the longest
+        position the run can use (max_position_embeddings): a compiled forward then never sizes the table from
+        the data (`int(position_ids.max())` would break the graph)."""
+        if length > self.cos_cached.shape[0]:
+            cos, sin = self._table(length, seq_len=length)
+            self.cos_cached, self.sin_cached = cos.to(self.cos_cached.device), sin.to(self.sin_cached.device)
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RoPE:
         """cos, sin of shape (B, 1, T, D) for position ids (B, T)."""
+        if torch.compiler.is_compiling() and not self.dynamic:  # table sized by reserve() before compiling
+            return (self.cos_cached[position_ids].unsqueeze(1).to(dtype),
+                    self.sin_cached[position_ids].unsqueeze(1).to(dtype))
         needed = int(position_ids.max()) + 1
         if self.dynamic and needed > self.max_pos:
             cos_t, sin_t = (t.to(position_ids.device) for t in self._table(needed, seq_len=needed))

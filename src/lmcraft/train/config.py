@@ -38,7 +38,12 @@ class TrainerConfig(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
     eval_batch_size: int | None = Field(None, ge=1, description="default: micro_batch_size")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global L2 norm; null = no clipping")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast or fp32; auto = bf16 on CUDA with bf16, on CPU bf16 only where a cached "
+                            "micro-benchmark shows bf16 matmul clearly faster (lmcraft.precision)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model's forward; auto = only when the run is long enough to amortise "
+                            "it (lmcraft.train.compile)")
     activation_checkpointing: Literal["none", "full", "attention", "mlp"] = Field(
         "none", description="recompute whole blocks (full) or one sub-layer in the backward pass to save memory")
     chunked_loss: Literal["auto"] | bool = Field(

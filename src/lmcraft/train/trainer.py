@@ -55,8 +55,10 @@ from torch import nn
 from lmcraft import io
 from lmcraft.errors import LmcraftError
 from lmcraft.objectives.base import LossOutput  # the loss contract lives with the losses (a lower floor)
+from lmcraft.precision import resolve_precision
 from lmcraft.train import checkpoint as ckpt
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
+from lmcraft.train.compile import compile_model, should_compile
 from lmcraft.train.config import EarlyStopping, TrainerConfig
 from lmcraft.train.distributed import (
     all_reduce_sum,
@@ -118,6 +120,7 @@ class TrainerState:
     stopped: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     log_acc: dict[str, float] = field(default_factory=dict)
+    precision: str | None = None  # the resolved fp32/bf16, kept by a resume
 
 
 def set_seed(seed: int) -> None:
@@ -224,8 +227,18 @@ class Trainer:
             return cfg.grad_accum
         return min(cfg.grad_accum, cfg.epochs * len(self.loader) - self.state.micro_batches)
 
+    @property
+    def precision(self) -> str:
+        """The resolved precision: from the checkpoint on a resume, else `resolve_precision` (logged once)."""
+        if self.state.precision is None:
+            choice = resolve_precision(self.config.precision, self.device)
+            self.state.precision = choice.precision
+            if self.is_main:
+                log.info("precision %s (%s: %s)", choice.precision, self.config.precision, choice.reason)
+        return self.state.precision
+
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ---------------------------------------------------------------------------------- main loop
     def train(self, resume_from: str | Path | None = "auto") -> dict[str, Any]:
@@ -252,11 +265,19 @@ class Trainer:
         self.memory_plan()
         self.callbacks.on_train_begin(self)
         last_saved = self.state.step if path is not None else None
+        compile_pending = self.config.compile == "auto"
+        if self.config.compile is True:
+            compile_model(self.model)
         while self.state.step < self.total_steps and self.state.stopped is None:
             if self.should_stop:
                 self.state.stopped = "callback"
                 break
+            t0 = time.perf_counter()
             metrics = self._optimizer_step()
+            if compile_pending:  # auto: decide from the measured eager step (rule in lmcraft.train.compile)
+                compile_pending = False
+                if should_compile("auto", self.total_steps - self.state.step, time.perf_counter() - t0):
+                    compile_model(self.model)
             self.callbacks.on_step_end(self, metrics)
             self._maybe_log(metrics)
             step, cfg = self.state.step, self.config

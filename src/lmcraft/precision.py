@@ -1,0 +1,120 @@
+"""`precision: auto`: choose bf16 autocast or fp32 for the device at hand, by measurement on CPUs.
+
+Rule: CUDA with bf16 support -> bf16; CUDA without -> fp32; CPU -> a sub-second micro-benchmark (a fixed
+N x N matmul in fp32 and in bf16, best of a few repeats each) -> bf16 when its best time t_bf16 satisfies
+t_bf16 * MARGIN < t_fp32 (bf16 clearly faster, e.g. CPUs with AMX), else fp32 (e.g. AVX2-only CPUs, where bf16
+matmul runs at about half fp32 speed). The CPU result is cached in `<cache>/precision/<key>.json`, the key being a
+hash of the CPU model name, its flags and the torch version, so the measurement runs once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmcraft import io
+
+__all__ = ["MARGIN", "PrecisionChoice", "cpu_key", "measure_cpu_matmul", "resolve_precision"]
+
+log = logging.getLogger("lmcraft.precision")
+
+MARGIN = 1.15  # bf16 must be at least 15% faster than fp32 to be chosen
+_SIZE = 512
+_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The resolved precision ("fp32" or "bf16") and why it was chosen."""
+
+    precision: str
+    reason: str
+
+
+def _cpu_info() -> tuple[str, str]:
+    """(CPU model name, flags) from /proc/cpuinfo where there is one, else platform's description."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name == "model name" and value.strip():
+            model = value.strip()
+        elif name in ("flags", "Features") and not flags:
+            flags = value.strip()
+    return model, flags
+
+
+def cpu_key() -> str:
+    """Hash of CPU model name + flags + torch version: one cached measurement per (machine kind, torch)."""
+    model, flags = _cpu_info()
+    return hashlib.sha256(f"{model}\n{flags}\n{torch.__version__}".encode()).hexdigest()[:16]
+
+
+def has_amx() -> bool:
+    """Whether the CPU reports AMX tile instructions (amx_bf16)."""
+    return "amx_bf16" in _cpu_info()[1].split()
+
+
+def _best_time(dtype: torch.dtype) -> float:
+    a = torch.randn(_SIZE, _SIZE).to(dtype)
+    b = torch.randn(_SIZE, _SIZE).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(_REPEATS):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_cpu_matmul() -> dict[str, float]:
+    """Best-of-`_REPEATS` seconds of one `_SIZE`x`_SIZE` matmul in fp32 and in bf16 on the CPU."""
+    return {"fp32": _best_time(torch.float32), "bf16": _best_time(torch.bfloat16)}
+
+
+def _cpu_choice(cache_dir: str | Path | None) -> PrecisionChoice:
+    from lmcraft.assets import cache_root
+
+    path = cache_root(cache_dir) / "precision" / f"{cpu_key()}.json"
+    cached = ""
+    times = None
+    if path.is_file():
+        try:
+            times = {k: float(v) for k, v in json.loads(path.read_text(encoding="utf-8"))["seconds"].items()}
+            cached = f" (cached in {path})"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            times = None
+    if times is None:
+        times = measure_cpu_matmul()
+        try:
+            io.write_json(path, {"cpu": _cpu_info()[0], "torch": torch.__version__, "seconds": times})
+        except OSError as err:
+            log.warning("cannot cache the precision measurement in %s (%s)", path, err)
+    fast = times["bf16"] * MARGIN < times["fp32"]
+    ratio = times["fp32"] / times["bf16"] if times["bf16"] > 0 else float("inf")
+    return PrecisionChoice("bf16" if fast else "fp32",
+                           f"CPU {_SIZE}x{_SIZE} matmul: fp32 {times['fp32'] * 1e3:.2f} ms, bf16 "
+                           f"{times['bf16'] * 1e3:.2f} ms (bf16 {ratio:.2f}x fp32 speed; needs > {MARGIN}x){cached}")
+
+
+def resolve_precision(requested: str, device: torch.device, cache_dir: str | Path | None = None) -> PrecisionChoice:
+    """"fp32"/"bf16" as asked; "auto" -> bf16 on CUDA with bf16 support, measured on CPU (see module doc)."""
+    if requested != "auto":
+        return PrecisionChoice(requested, "set in the config")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return PrecisionChoice("bf16" if ok else "fp32", f"CUDA {'supports' if ok else 'lacks'} bf16")
+    if device.type == "cpu":
+        return _cpu_choice(cache_dir)
+    return PrecisionChoice("fp32", f"no bf16 rule for device {device.type}")

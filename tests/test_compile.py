@@ -1,0 +1,55 @@
+"""torch.compile readiness: a tiny llama forward traces as one graph (no data-dependent graph break in RoPE)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from lmcraft.models.rope import RotaryEmbedding
+
+
+@pytest.mark.slow
+def test_tiny_llama_forward_has_no_graph_breaks(tiny_model: Callable[..., torch.nn.Module]) -> None:
+    model = tiny_model().eval()
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reserve(model.config.max_position_embeddings)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_auto_rule_amortises() -> None:
+    from lmcraft.train.compile import AMORTISE, TYPICAL_COMPILE_S, should_compile
+
+    assert should_compile(True, 1, 0.0) and not should_compile(False, 10**9, 10.0)
+    assert not should_compile("auto", 100, 0.05)  # a short run stays eager
+    assert should_compile("auto", int(AMORTISE * TYPICAL_COMPILE_S) + 1, 1.0)
+
+
+@pytest.mark.slow
+def test_compiled_loss_equals_eager(tiny_model: Callable[..., torch.nn.Module], tmp_path, monkeypatch) -> None:
+    import torch.nn.functional as F
+
+    from lmcraft.train.compile import compile_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    eager, compiled = tiny_model(), tiny_model()
+    ids = torch.randint(0, eager.config.vocab_size, (2, 8))
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        logits = model(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    assert compile_model(compiled)
+    ref, got = loss(eager), loss(compiled)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got, ref)
+    ref.backward()
+    got.backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
