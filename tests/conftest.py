@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+# `precision: auto` resolves to bf16 on CPUs where bf16 is fast (AMX); the suite's numbers are fp32 everywhere
+os.environ.setdefault("LMCRAFT_AUTO_PRECISION", "fp32")
 
 if TYPE_CHECKING:
     from lmcraft.models import LanguageModel, ModelConfig

@@ -15,6 +15,19 @@ from lmcraft.train.config import TrainerConfig
 from lmcraft.train.trainer import Trainer
 
 
+@pytest.fixture(autouse=True)
+def measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the measurement, which conftest's fixed choice would bypass."""
+    monkeypatch.delenv("LMCRAFT_AUTO_PRECISION", raising=False)
+
+
+def test_environment_fixes_the_auto_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMCRAFT_AUTO_PRECISION", "bf16")
+    monkeypatch.setattr(precision, "measure_cpu_matmul", lambda: pytest.fail("measured despite the override"))
+    choice = precision.resolve_precision("auto", torch.device("cpu"))
+    assert (choice.precision, choice.reason) == ("bf16", "LMCRAFT_AUTO_PRECISION")
+
+
 def _fake(times: dict[str, float], calls: list[int]):
     def measure() -> dict[str, float]:
         calls.append(1)

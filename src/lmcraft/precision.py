@@ -5,6 +5,9 @@ N x N matmul in fp32 and in bf16, best of a few repeats each) -> bf16 when its b
 t_bf16 * MARGIN < t_fp32 (bf16 clearly faster, e.g. CPUs with AMX), else fp32 (e.g. AVX2-only CPUs, where bf16
 matmul runs at about half fp32 speed). The CPU result is cached in `<cache>/precision/<key>.json`, the key being a
 hash of the CPU model name, its flags and the torch version, so the measurement runs once per machine.
+
+`LMCRAFT_AUTO_PRECISION=fp32|bf16` fixes what `auto` resolves to (the same numbers on every kind of machine: the
+test suite sets fp32).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -112,6 +116,9 @@ def resolve_precision(requested: str, device: torch.device, cache_dir: str | Pat
     """"fp32"/"bf16" as asked; "auto" -> bf16 on CUDA with bf16 support, measured on CPU (see module doc)."""
     if requested != "auto":
         return PrecisionChoice(requested, "set in the config")
+    fixed = os.environ.get("LMCRAFT_AUTO_PRECISION")
+    if fixed in ("fp32", "bf16"):
+        return PrecisionChoice(fixed, "LMCRAFT_AUTO_PRECISION")
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return PrecisionChoice("bf16" if ok else "fp32", f"CUDA {'supports' if ok else 'lacks'} bf16")
