@@ -304,7 +304,9 @@ def test_ctrl_c_with_workers_exits_130_quietly(tmp_path: Path) -> None:
             "steps": [{"type": "language", "languages": ["en"], "min_score": 0.5}, {"type": "minhash_dedup"}]}
     path.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "prepare", str(path), "--no-progress", "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            # a background job of a non-interactive shell (CI) inherits SIGINT ignored: undo that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     marker = tmp_path / "out" / "parts" / "part-00003.json"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
