@@ -29,6 +29,7 @@ from lmcraft.gguf_layout import (
 )
 from lmcraft.gguf_quant import QUANTS, file_type, quantize, tensor_type
 from lmcraft.io import atomic_file
+from lmcraft.models.config import ModelConfig
 
 __all__ = ["ExportError", "Source", "expected_tensors", "export_gguf", "gguf_tensors", "load_source"]
 
@@ -180,7 +181,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_chat_template(resolve_template(tokenizer.chat_template))
 
 
-def _add_hyper_parameters(writer: Any, arch: str, cfg: Any) -> None:
+def _add_hyper_parameters(writer: Any, arch: str, cfg: ModelConfig) -> None:
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
