@@ -15,8 +15,8 @@ from lmcraft.config import load_config, validate_config
 from lmcraft.errors import ConfigError
 from lmcraft.scaling.config import ScalingConfig
 from lmcraft.scaling.plan import plan_runs
-from lmcraft.scaling.run import scaling
 from lmcraft.scaling.sections import GridSection
+from lmcraft.stages.scaling import scaling
 
 CAST = ["ALICE", "BOB", "CAROL", "DAVE", "EVE", "FRANK", "GRACE"]
 WORDS = "the a good lord king night day sword crown love death fair sweet my thy heart speak come go now".split()

@@ -6,19 +6,14 @@
     top_p: 1.0             # keep the smallest set with probability >= p (1 = off)
 
 A stage section subclasses one of them to add its own keys or a different default. No torch here (stage configs
-import it); `generation_config` builds `lmcraft.generate.GenerationConfig` lazily.
+import it); `lmcraft.generate.GenerationConfig.from_settings` turns a section into the decode loop's config.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from pydantic import Field
 
 from lmcraft.config import Section
-
-if TYPE_CHECKING:
-    from lmcraft.generate import GenerationConfig
 
 __all__ = ["GenerationSettings", "SamplingSettings"]
 
@@ -28,12 +23,6 @@ class GenerationSettings(Section):
 
     max_new_tokens: int = Field(64, ge=1)
 
-    def generation_config(self, **fixed: Any) -> GenerationConfig:
-        """The `GenerationConfig` of these settings; `fixed` adds the caller's (seed, eos/pad ids)."""
-        from lmcraft.generate import GenerationConfig
-
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, **fixed)
-
 
 class SamplingSettings(GenerationSettings):
     """Sampled answers: temperature, then top-k, then top-p."""
@@ -41,9 +30,3 @@ class SamplingSettings(GenerationSettings):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-
-    def generation_config(self, **fixed: Any) -> GenerationConfig:
-        from lmcraft.generate import GenerationConfig
-
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p, **fixed)

@@ -76,12 +76,14 @@ def generate_samples(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[s
 def record_samples(out: Path, key: str, model: nn.Module, tokenizer: Tokenizer, samples: SamplesSection) -> None:
     """Generate the samples and store them as `key` ("before"/"after") in OUT/samples.json, keeping other keys.
     "before" is generated once: a resumed run keeps the first run's."""
+    from lmcraft.generate import GenerationConfig
+
     path = out / "samples.json"
     data: dict[str, Any] = read_json(path) if path.is_file() else {}
     if not samples.prompts or (key == "before" and key in data):
         return
     data["prompts"] = samples.prompts
-    data[key] = generate_samples(model, tokenizer, samples.prompts, samples.generation_config())
+    data[key] = generate_samples(model, tokenizer, samples.prompts, GenerationConfig.from_settings(samples))
     write_json(path, data)
 
 

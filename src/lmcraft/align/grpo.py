@@ -130,11 +130,11 @@ class GroupRolloutEngine:
 
     def sample(self, items: Sequence[dict[str, Any]], seed: int) -> list[_Group]:
         """G completions for each item (one batched decode) and their rewards."""
-        from lmcraft.generate import generate
+        from lmcraft.generate import GenerationConfig, generate
 
         s, g = self.settings, self.settings.num_generations
         prompts = [list(item["ids"]) for item in items for _ in range(g)]
-        config = s.generation_config(eos_token_ids=self.eos, pad_token_id=self.pad_id, seed=seed)
+        config = GenerationConfig.from_settings(s, eos_token_ids=self.eos, pad_token_id=self.pad_id, seed=seed)
         answers = generate(self.policy, prompts, config).tokens
         ended = [bool(a) and a[-1] in self.eos for a in answers]
         texts = [self.tokenizer.decode(a[:-1] if e else a, skip_special_tokens=True) for a, e in zip(answers, ended,

@@ -248,9 +248,10 @@ class RolloutEngine:
 
     @torch.no_grad()
     def _generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
-        from lmcraft.generate import generate
+        from lmcraft.generate import GenerationConfig, generate
 
-        config = self.settings.generation_config(eos_token_ids=self.eos, pad_token_id=self.pad_id, seed=seed)
+        config = GenerationConfig.from_settings(self.settings, eos_token_ids=self.eos, pad_token_id=self.pad_id,
+                                                seed=seed)
         return generate(self.model.policy, prompt_ids, config).tokens
 
     def _score_old(self, ids: torch.Tensor, mask: torch.Tensor, width: int, answer_ids: torch.Tensor

@@ -32,6 +32,7 @@ from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
 from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
+from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.model import Prefix
 
@@ -81,6 +82,16 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_settings(cls, settings: GenerationSettings, **fixed: Any) -> GenerationConfig:
+        """The config of a stage's generation section (`lmcraft.generation_settings`): greedy for
+        `GenerationSettings`, sampled (temperature, then top-k, then top-p) for `SamplingSettings`; `fixed` adds the
+        caller's seed and eos/pad ids."""
+        if isinstance(settings, SamplingSettings):
+            return cls(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
+                       top_k=settings.top_k, top_p=settings.top_p, **fixed)
+        return cls(max_new_tokens=settings.max_new_tokens, **fixed)
 
 
 @dataclass

@@ -31,15 +31,14 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lmcraft.errors import LmcraftError
-from lmcraft.train.callbacks import Callback
-from lmcraft.train.checkpoint import WeightsFormat
+from lmcraft.hooks import Callback, WeightsFormat
 
 if TYPE_CHECKING:
     import torch
 
     from lmcraft.models.model import LanguageModel
+    from lmcraft.objectives.base import LossOutput
     from lmcraft.tokenizer.load import Tokenizer
-    from lmcraft.train import LossOutput
 
 __all__ = ["REGULARIZER_METRIC", "AdaLoraAllocator", "AdapterWeights", "PeftTraining", "ReferencePolicy",
            "fit_head", "is_peft", "method_config", "prepare_for_training", "reference_policy", "save_final", "unwrap"]

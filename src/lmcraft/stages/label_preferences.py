@@ -89,8 +89,9 @@ def _part(cfg: LabelConfig, index: int, prompts: list[tuple[Any, str]], policy: 
     import numpy as np
 
     from lmcraft.align.rlaif import DEFAULT_PRINCIPLES, Principle, critique_and_revise, rank_samples, sample_answers
+    from lmcraft.generate import GenerationConfig
     seed = int(np.random.SeedSequence([cfg.generation.seed, index]).generate_state(1)[0])
-    config = cfg.generation.generation_config(seed=seed)
+    config = GenerationConfig.from_settings(cfg.generation, seed=seed)
     if cfg.constitution is None:
         k = cfg.samples_per_prompt
         answers = sample_answers(policy, tokenizer, [p for p, _ in prompts for _ in range(k)], config, cfg.batch_size)

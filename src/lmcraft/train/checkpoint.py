@@ -32,6 +32,7 @@ from torch import nn
 
 from lmcraft import io
 from lmcraft.errors import LmcraftError
+from lmcraft.hooks import WeightsFormat
 
 __all__ = [
     "WeightsFormat",
@@ -52,32 +53,6 @@ __all__ = [
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
-
-class WeightsFormat:
-    """Which model tensors a checkpoint stores, in which file, and how strictly they load back.
-
-    `WeightsFormat()` stores the whole state dict in `model.safetensors` and loads it strictly.
-    `WeightsFormat("adapter_model.safetensors", trainable_only=True)` stores only parameters with
-    `requires_grad` (adapters, a head) and loads them onto a model rebuilt with the same frozen
-    base. PEFT methods subclass it and override `select` / `write_extra` (e.g. adapter_config.json).
-    """
-
-    def __init__(self, filename: str = "model.safetensors", trainable_only: bool = False) -> None:
-        self.filename, self.trainable_only = filename, trainable_only
-
-    @property
-    def strict(self) -> bool:
-        return not self.trainable_only
-
-    def select(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors to write, from the full state dict (names as in `model.state_dict()`)."""
-        if not self.trainable_only:
-            return state
-        keep = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in state.items() if k in keep}
-
-    def write_extra(self, model: nn.Module, directory: Path) -> None:
-        """Hook for extra files next to the weights; nothing by default."""
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
