@@ -59,16 +59,22 @@ def scoring(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def scored_batches(model: nn.Module, num_rows: int, batch_size: int, score: Callable[[slice], T]) -> list[T]:
+def scored_batches(model: nn.Module, num_rows: int, batch_size: int, score: Callable[[slice], T],
+                   progress: str | None = None) -> list[T]:
     """[score(rows) for consecutive slices of `batch_size` rows out of `num_rows`], all under `scoring(model)`: the
-    one batched no-grad loop of every scorer (reward models, judges, reference log-probs, PPO's rollout pass)."""
+    one batched no-grad loop of every scorer (reward models, judges, reference log-probs, PPO's rollout pass, the
+    evaluation's log-likelihoods). `progress`: a bar over the batches with this label."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, num_rows, batch_size)
     with scoring(model):
-        return [score(slice(lo, lo + batch_size)) for lo in range(0, num_rows, batch_size)]
+        return [score(slice(lo, lo + batch_size))
+                for lo in tqdm(starts, desc=progress, leave=False, disable=progress is None)]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[tokens] in fp32; logits (B, n, V) already aligned with tokens (B, n)."""
-    logp = (logits.float() / temperature).log_softmax(-1)
+    """log softmax(logits / T)[tokens] in fp32 (fp64 logits stay fp64); logits (B, n, V) aligned with tokens (B, n)."""
+    logp = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).log_softmax(-1)
     return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError
 from lmcraft.generate import GenerationConfig, generate, stop_token_ids
+from lmcraft.objectives.lm_head import scored_batches, token_logprobs
 from lmcraft.prompting.lm import GenSettings
 
 __all__ = ["ModelLM"]
@@ -126,25 +126,21 @@ class ModelLM:
     def _score(self, items: Sequence[tuple[list[int], int]], desc: str) -> list[tuple[float, int]]:
         """items: (token ids, n): sum of log p(ids[t] | ids[:t]) over the last n tokens of each sequence."""
         scores: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-        batches = self._batches([len(ids) for ids, _ in items])
-        for rows in tqdm(batches, desc=desc, leave=False, disable=not self.progress):
-            inputs = [items[i][0][:-1] for i in rows]
+        order = [i for rows in self._batches([len(ids) for ids, _ in items]) for i in rows]
+
+        def score(part: slice) -> None:
+            rows = order[part]
             keep = max(items[i][1] for i in rows)
-            ids, mask = pad_with_mask(inputs, self.pad_id, side="left")
+            ids, mask = pad_with_mask([items[i][0][:-1] for i in rows], self.pad_id, side="left")
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            with torch.inference_mode():
-                logits = self.model(
-                    ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=positions.to(self.device),
-                    logits_to_keep=keep,
-                ).logits
-                logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+            logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), logits_to_keep=keep).logits
             for r, i in enumerate(rows):
                 seq, n = items[i]
-                targets = torch.tensor(seq[-n:], device=logp.device)
-                picked = logp[r, keep - n :].gather(-1, targets[:, None])
-                scores[i] = (float(picked.sum()), n)
+                targets = torch.tensor([seq[-n:]], device=logits.device)
+                scores[i] = (float(token_logprobs(logits[r:r + 1, keep - n:], targets).sum()), n)
+
+        scored_batches(self.model, len(order), self.batch_size, score, progress=desc if self.progress else None)
         return scores
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
