@@ -48,12 +48,11 @@ from lmcraft.align.grpo_loss import (
     sequence_loss,
     token_loss,
 )
-from lmcraft.align.ppo import layout, masked_mean, minibatch_plan
+from lmcraft.align.ppo import OnDemandRollouts, layout, masked_mean, minibatch_plan
 from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
 from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.objectives.lm_head import answer_logprobs, scored_batches
 from lmcraft.train import Callback
-from lmcraft.train.loader import ResumableLoader
 
 if TYPE_CHECKING:
     from lmcraft.align.grpo_config import GRPOSection
@@ -241,13 +240,15 @@ class GRPOLoss:
         return LossOutput(loss_sum, count, metrics, num_tokens=int(batch["attention_mask"].sum()))
 
 
-class GroupRolloutLoader(ResumableLoader):
+class GroupRolloutLoader(OnDemandRollouts):
     """The trainer's data: micro-batches of minibatches over rollouts generated on demand.
 
     Prompt batches of `prompts_per_rollout` items come from the parent's seeded order over the prompts; `draws`
     counts the batches drawn so far (more than one per rollout with dynamic sampling). A rollout serves `mu` passes
     of shuffled rows cut into micro-batches (`minibatch_plan`). The state (rollout index, draws, rollout history) is
     saveable only at rollout boundaries."""
+
+    method = "GRPO"
 
     def __init__(self, prompts: Sequence[dict[str, Any]], engine: GroupRolloutEngine, micro_batch_size: int,
                  seed: int = 0, shuffle: bool = True) -> None:
@@ -256,11 +257,8 @@ class GroupRolloutLoader(ResumableLoader):
             raise LmcraftError(f"grpo minibatch rows ({s.minibatch_rows}) must be a multiple of micro_batch_size "
                                f"({micro_batch_size})")
         self.engine, self.micro_batch_size = engine, micro_batch_size
-        super().__init__(prompts, s.prompts_per_rollout, collate_fn=list, seed=seed, shuffle=shuffle)
-        self.rollout_index, self.draws, self.position = 0, 0, 0
-        self.rollout: GroupRollout | None = None
-        self.plan: list[list[int]] = []
-        self.history: list[dict[str, float]] = []
+        super().__init__(prompts, s.prompts_per_rollout, seed, shuffle)
+        self.draws = 0
 
     @property
     def micro_batches_per_rollout(self) -> int:
@@ -277,38 +275,21 @@ class GroupRolloutLoader(ResumableLoader):
     def _seed(self, round_: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.rollout_index, round_]).generate_state(1)[0])
 
-    def next_batch(self) -> dict[str, Any]:
-        if self.rollout is None:
-            self.rollout = self.engine.make(self._draw, self._seed)
-            self.history.append({"rollout": self.rollout_index, **self.rollout.stats})
-            s = self.engine.settings
-            self.plan = minibatch_plan(self.seed, self.rollout_index, s.mu, s.rows, self.micro_batch_size)
-        batch = self.rollout.select(self.plan[self.position])
-        self.position += 1
-        if self.position == len(self.plan):
-            self.rollout, self.position = None, 0
-            self.rollout_index += 1
-        return batch
+    def new_rollout(self) -> tuple[GroupRollout, list[list[int]]]:
+        s = self.engine.settings
+        plan = minibatch_plan(self.seed, self.rollout_index, s.mu, s.rows, self.micro_batch_size)
+        return self.engine.make(self._draw, self._seed), plan
+
+    def resume_keys(self) -> dict[str, Any]:
+        s = self.engine.settings
+        return {**super().resume_keys(), "rows": s.rows, "steps_per_rollout": s.steps_per_rollout}
 
     def state_dict(self) -> dict[str, Any]:
-        if self.position:
-            raise LmcraftError("internal: a GRPO checkpoint was requested in the middle of a rollout; checkpoints are "
-                               "only taken at rollout boundaries (save_every / eval_every are counted in rollouts)")
-        s = self.engine.settings
-        return {"rollout_index": self.rollout_index, "draws": self.draws, "seed": self.seed,
-                "num_prompts": len(self.dataset), "rows": s.rows, "steps_per_rollout": s.steps_per_rollout,
-                "history": self.history}
+        return {**super().state_dict(), "draws": self.draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        s = self.engine.settings
-        for key, mine in (("seed", self.seed), ("num_prompts", len(self.dataset)), ("rows", s.rows),
-                          ("steps_per_rollout", s.steps_per_rollout)):
-            if state[key] != mine:
-                raise LmcraftError(f"cannot resume GRPO exactly: the checkpoint was made with {key}={state[key]!r}, "
-                                   f"this run has {key}={mine!r}; resume with the same task and grpo settings")
-        self.rollout_index, self.draws = int(state["rollout_index"]), int(state["draws"])
-        self.history = list(state["history"])
-        self.rollout, self.position = None, 0
+        super().load_state_dict(state)
+        self.draws = int(state["draws"])
 
 
 class PeakMemory(Callback):

@@ -59,6 +59,7 @@ __all__ = [
     "PolicyWithValue",
     "Rollout",
     "RolloutEngine",
+    "OnDemandRollouts",
     "RolloutLoader",
     "gae",
     "layout",
@@ -333,7 +334,56 @@ class PPOLoss:
         return LossOutput((per_token * mask).sum(), count, metrics, num_tokens=int(batch["attention_mask"].sum()))
 
 
-class RolloutLoader(ResumableLoader):
+class OnDemandRollouts(ResumableLoader):
+    """A trainer loader over rollouts generated on demand: when the current rollout's micro-batch plan is used up,
+    the next call makes a new rollout (`new_rollout`: the rollout and its plan of row lists) and records its stats
+    in `history`. The state is saveable only at rollout boundaries; `resume_keys` are the settings a checkpoint
+    must share with this run to resume exactly."""
+
+    method = "rollout"  # the stage's name in messages
+
+    def __init__(self, prompts: Sequence[dict[str, Any]], batch_size: int, seed: int, shuffle: bool) -> None:
+        super().__init__(prompts, batch_size, collate_fn=list, seed=seed, shuffle=shuffle)
+        self.rollout_index, self.position = 0, 0
+        self.rollout: Any = None
+        self.plan: list[list[int]] = []
+        self.history: list[dict[str, float]] = []  # stats of every rollout (kept in checkpoints)
+
+    def new_rollout(self) -> tuple[Any, list[list[int]]]:
+        raise NotImplementedError
+
+    def resume_keys(self) -> dict[str, Any]:
+        return {"seed": self.seed, "num_prompts": len(self.dataset)}
+
+    def next_batch(self) -> dict[str, Any]:
+        if self.rollout is None:
+            self.rollout, self.plan = self.new_rollout()
+            self.history.append({"rollout": self.rollout_index, **self.rollout.stats})
+        batch = self.rollout.select(self.plan[self.position])
+        self.position += 1
+        if self.position == len(self.plan):
+            self.rollout, self.position = None, 0
+            self.rollout_index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.position:
+            raise LmcraftError(f"internal: a {self.method} checkpoint was requested in the middle of a rollout; "
+                               "checkpoints are only taken at rollout boundaries (save_every / eval_every are counted "
+                               "in rollouts)")
+        return {"rollout_index": self.rollout_index, "history": self.history, **self.resume_keys()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in self.resume_keys().items():
+            if state[key] != mine:
+                raise LmcraftError(f"cannot resume {self.method} exactly: the checkpoint was made with "
+                                   f"{key}={state[key]!r}, this run has {key}={mine!r}; resume with the same prompts "
+                                   f"and {self.method.lower()} settings")
+        self.rollout_index, self.history = int(state["rollout_index"]), list(state["history"])
+        self.rollout, self.position = None, 0
+
+
+class RolloutLoader(OnDemandRollouts):
     """The trainer's data: micro-batches of PPO minibatches over rollouts generated on demand.
 
     A rollout takes the next `rollout_batch_size` prompts (the parent loader's seeded order over the prompt set),
@@ -343,6 +393,8 @@ class RolloutLoader(ResumableLoader):
     rollout boundaries.
     """
 
+    method = "PPO"
+
     def __init__(self, prompts: Sequence[dict[str, Any]], engine: RolloutEngine, rollout_batch_size: int,
                  minibatch_size: int, micro_batch_size: int, ppo_epochs: int = 1, seed: int = 0,
                  shuffle: bool = True) -> None:
@@ -351,11 +403,7 @@ class RolloutLoader(ResumableLoader):
                                f"({minibatch_size}), itself a multiple of micro_batch_size ({micro_batch_size})")
         self.engine = engine  # set before the parent's checks, which call len()
         self.minibatch_size, self.micro_batch_size, self.ppo_epochs = minibatch_size, micro_batch_size, ppo_epochs
-        super().__init__(prompts, rollout_batch_size, collate_fn=list, seed=seed, shuffle=shuffle)
-        self.rollout_index, self.position = 0, 0
-        self.rollout: Rollout | None = None
-        self.plan: list[list[int]] = []
-        self.history: list[dict[str, float]] = []  # stats of every rollout (kept in checkpoints)
+        super().__init__(prompts, rollout_batch_size, seed, shuffle)
 
     @property
     def prompt_batches(self) -> int:
@@ -372,39 +420,23 @@ class RolloutLoader(ResumableLoader):
     def __len__(self) -> int:
         return self.prompt_batches * self.micro_batches_per_rollout
 
-    def next_batch(self) -> dict[str, Any]:
-        if self.rollout is None:
-            epoch, index = divmod(self.rollout_index, self.prompt_batches)
-            prompts = [self.dataset[int(i)] for i in self.indices(epoch, index)]
-            seed = int(np.random.SeedSequence([self.seed, self.rollout_index]).generate_state(1)[0])
-            self.rollout = self.engine.make(prompts, seed)
-            self.history.append({"rollout": self.rollout_index, **self.rollout.stats})
-            self.plan = minibatch_plan(self.seed, self.rollout_index, self.ppo_epochs, self.batch_size,
-                                       self.micro_batch_size)
-        batch = self.rollout.select(self.plan[self.position])
-        self.position += 1
-        if self.position == len(self.plan):
-            self.rollout, self.position = None, 0
-            self.rollout_index += 1
-        return batch
+    def new_rollout(self) -> tuple[Rollout, list[list[int]]]:
+        epoch, index = divmod(self.rollout_index, self.prompt_batches)
+        prompts = [self.dataset[int(i)] for i in self.indices(epoch, index)]
+        seed = int(np.random.SeedSequence([self.seed, self.rollout_index]).generate_state(1)[0])
+        plan = minibatch_plan(self.seed, self.rollout_index, self.ppo_epochs, self.batch_size, self.micro_batch_size)
+        return self.engine.make(prompts, seed), plan
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.position:
-            raise LmcraftError("internal: a PPO checkpoint was requested in the middle of a rollout; checkpoints are "
-                               "only taken at rollout boundaries (save_every / eval_every are counted in rollouts)")
-        return {"rollout_index": self.rollout_index, "beta": self.engine.kl.beta, "seed": self.seed,
-                "num_prompts": len(self.dataset), "rollout_batch_size": self.batch_size, "history": self.history,
+    def resume_keys(self) -> dict[str, Any]:
+        return {**super().resume_keys(), "rollout_batch_size": self.batch_size,
                 "steps_per_rollout": self.steps_per_rollout}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "beta": self.engine.kl.beta}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("seed", self.seed), ("num_prompts", len(self.dataset)),
-                          ("rollout_batch_size", self.batch_size), ("steps_per_rollout", self.steps_per_rollout)):
-            if state[key] != mine:
-                raise LmcraftError(f"cannot resume PPO exactly: the checkpoint was made with {key}={state[key]!r}, "
-                                   f"this run has {key}={mine!r}; resume with the same prompts and ppo settings")
-        self.rollout_index, self.engine.kl.beta = int(state["rollout_index"]), float(state["beta"])
-        self.history = list(state["history"])
-        self.rollout, self.position = None, 0
+        super().load_state_dict(state)
+        self.engine.kl.beta = float(state["beta"])
 
 
 def load_ppo_prompts(section: PromptsSection, formatter: ChatFormatter, rollout_batch_size: int
