@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from lmcraft.errors import LmcraftError
-from lmcraft.io import replace_dir, temp_path, write_json
+from lmcraft.io import cache_root, replace_dir, temp_path, write_json
 
 __all__ = [
     "AssetError",
@@ -191,6 +191,20 @@ _ASSETS: list[AssetInfo] = [
         size_mb=35,
         license="Apache-2.0",
     ),
+    AssetInfo(
+        "django-locale",
+        "dataset",
+        "Parallel text: Django's gettext catalogues (English -> 99 languages, po/**.po) and per language "
+        "LANG/train.jsonl + LANG/test.jsonl (instruction format, split by a hash of the English message)",
+        "pypi",
+        "Django",
+        "5.2.19",
+        (Member("django/conf/locale/*/LC_MESSAGES/*.po", "po/core", min_files=90),
+         Member("django/contrib/*/locale/*/LC_MESSAGES/*.po", "po/contrib", min_files=500)),
+        convert="gettext-splits",
+        size_mb=30,
+        license="BSD-3-Clause",
+    ),
     _lf("alpaca-en-demo", "dataset", "alpaca_en_demo.json", "999 English instructions (alpaca format)", 0.9),
     _lf("alpaca-zh-demo", "dataset", "alpaca_zh_demo.json", "1000 Chinese instructions (alpaca format)", 0.6),
     _lf("identity", "dataset", "identity.json", "assistant self-identity instructions ({{name}}, {{author}})", 0.02),
@@ -247,16 +261,6 @@ REGISTRY: dict[str, AssetInfo] = {a.name: a for a in _ASSETS}
 # ----------------------------------------------------------------------------------------------
 # Locations and the manifest
 # ----------------------------------------------------------------------------------------------
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir`, else $LMCRAFT_CACHE, else $XDG_CACHE_HOME/lmcraft, else ~/.cache/lmcraft."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("LMCRAFT_CACHE"):
-        return Path(os.environ["LMCRAFT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lmcraft"
 
 
 def _make_writable(root: Path) -> None:
@@ -493,8 +497,28 @@ def _gpt2_tokenizer(folder: Path, progress: bool) -> None:
     Tokenizer(backend, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=1024).save(folder)
 
 
+def _gettext_splits(folder: Path, progress: bool) -> None:
+    """Per language of the `.po` catalogues: LANG/train.jsonl and LANG/test.jsonl in the instruction (alpaca) format,
+    `{instruction, input, output, source_lang, target_lang}`. Messages are deduplicated by their English text
+    (the first translation kept), then split by `lmcraft.data.gettext.held_out` (a hash of the English text, the
+    same on every machine), so that no test message appears in training."""
+    from lmcraft.data.gettext import held_out, translation_records
+    from lmcraft.data.records import read_records
+    from lmcraft.io import write_jsonl
+
+    by_language: dict[str, dict[str, dict[str, str]]] = {}
+    for record in read_records(str(folder / "po" / "**" / "*.po"), "po"):
+        lang = record.fields["target_lang"] or record.path.parent.parent.name
+        by_language.setdefault(lang, {}).setdefault(record.fields["source"], record.fields)
+    for lang, messages in by_language.items():
+        rows = translation_records(messages.values())
+        write_jsonl(folder / lang / "train.jsonl", [r for r in rows if not held_out(r["input"])])
+        write_jsonl(folder / lang / "test.jsonl", [r for r in rows if held_out(r["input"])])
+
+
 # name -> converter(staging folder, progress); runs after the members are copied, before the manifest.
-CONVERTERS: dict[str, Callable[[Path, bool], None]] = {"gguf": _convert_gguf, "gpt2-tokenizer": _gpt2_tokenizer}
+CONVERTERS: dict[str, Callable[[Path, bool], None]] = {"gguf": _convert_gguf, "gpt2-tokenizer": _gpt2_tokenizer,
+                                                       "gettext-splits": _gettext_splits}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ run killed at any moment) sees the old file or the new one, never half of one. F
 way (`staged_dir`). `clean_staging` removes what a killed writer left behind.
 
 Reads raise `InputFileError` naming the file and the line/column where the text stops being valid, and YAML
-alias expansion is bounded (a 1 kB "billion laughs" file cannot expand into gigabytes).
+alias expansion is bounded (a 1 kB "billion laughs" file cannot expand into gigabytes). `cache_root` is where
+lmcraft keeps what it fetches, converts or measures once (assets, the precision measurement, compiled kernels).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lmcraft.errors import InputFileError
 
 __all__ = [
     "TMP_PREFIX",
+    "cache_root",
     "OLD_PREFIX",
     "TRASH_PREFIX",
     "temp_path",
@@ -314,3 +316,13 @@ def parse_yaml(text: str, source: str = "<text>") -> Any:
 def read_yaml(path: Path, what: str = "YAML file") -> Any:
     """Parse a YAML file with `parse_yaml`; errors name the file, line and column."""
     return parse_yaml(read_text(path, what), str(path))
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """`cache_dir`, else $LMCRAFT_CACHE, else $XDG_CACHE_HOME/lmcraft, else ~/.cache/lmcraft."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("LMCRAFT_CACHE"):
+        return Path(os.environ["LMCRAFT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lmcraft"

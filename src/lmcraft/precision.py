@@ -88,7 +88,7 @@ def measure_cpu_matmul() -> dict[str, float]:
 
 
 def _cpu_choice(cache_dir: str | Path | None) -> PrecisionChoice:
-    from lmcraft.assets import cache_root
+    from lmcraft.io import cache_root
 
     path = cache_root(cache_dir) / "precision" / f"{cpu_key()}.json"
     cached = ""

@@ -1,5 +1,6 @@
-"""The one record reader: labelled or structured examples from JSONL, JSON, CSV/TSV, Parquet, CoNLL, plain text,
-or a folder with one subfolder per class, for every stage that reads examples (fine-tuning, alignment, prompting).
+"""The one record reader: labelled or structured examples from JSONL, JSON, CSV/TSV, Parquet, CoNLL, gettext `.po`
+catalogues (parallel text: `lmcraft.data.gettext`), plain text, or a folder with one subfolder per class, for
+every stage that reads examples (fine-tuning, alignment, prompting).
 
 Each record is a dict of fields plus where it came from (`line N` for line-based files, `record N` for JSON arrays
 and Parquet, `file` for whole files), so that any later problem (a missing label, a tag list of the wrong length)
@@ -38,8 +39,8 @@ from lmcraft.errors import ConfigError, InputFileError
 
 __all__ = ["RECORD_FORMATS", "Record", "RecordFormat", "RecordLayout", "read_records"]
 
-RecordFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll", "text", "folder"]
-RECORD_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "text", "folder")
+RecordFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll", "po", "text", "folder"]
+RECORD_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "po", "text", "folder")
 _CONLL_SUFFIXES = (".conll", ".bio", ".iob")
 
 
@@ -82,6 +83,8 @@ def record_format(path: Path, declared: RecordFormat = "auto") -> str:
     base, _ = strip_compression(path.name.lower())
     if Path(base).suffix in _CONLL_SUFFIXES:
         return "conll"
+    if Path(base).suffix == ".po":
+        return "po"
     try:
         return detect_format(path)
     except ConfigError:
@@ -112,6 +115,8 @@ def read_records(path: str, format: RecordFormat = "auto", layout: RecordLayout 
                     yield from _json(fh, file)
                 elif fmt in ("csv", "tsv"):
                     yield from _csv(fh, file, "\t" if fmt == "tsv" else ",")
+                elif fmt == "po":
+                    yield from _po(fh, file)
                 else:
                     yield from _conll(fh, file, layout)
 
@@ -153,6 +158,13 @@ def _jsonl(fh: IO[bytes], path: Path) -> Iterator[Record]:
             raise InputFileError(path, where, f"expected one JSON object per line ({err.msg} at column "
                                               f"{err.colno})") from None
         yield _object(value, path, where)
+
+
+def _po(fh: IO[bytes], path: Path) -> Iterator[Record]:
+    from lmcraft.data.gettext import po_messages
+
+    for line, fields in po_messages(_utf8(fh, path), path):
+        yield Record(fields, path, f"line {line}")
 
 
 def _json(fh: IO[bytes], path: Path) -> Iterator[Record]:

@@ -13,7 +13,7 @@ answers are read and scored (in the spirit of lm-evaluation-harness task files).
 
 Data sources (`data.source`): `reasoning_gym` (a seeded procedural data set of the `reasoning-gym` package),
 `arithmetic` (seeded sums and differences generated here, with worked reasoning),
-`jsonl` (a JSON-lines or JSON-list file, relative to the task file), `inline` (records in the YAML), and
+`jsonl` (a JSON-lines or JSON-list file, relative to the task file or `asset:`), `inline` (records in the YAML), and
 `files` (text or e-mail files under a folder or a named asset `asset:NAME[/sub/dir]`, labelled by path
 pattern, optionally cut into chunks). Every source may rename / flatten fields (`fields: {new: dotted.path}`),
 shuffle with a seed, and keep the first `limit` records.
@@ -139,13 +139,15 @@ class ArithmeticData(_Source):
 
 
 class JsonlData(_Source):
-    """Records from a `.jsonl` file (one JSON object per line) or a `.json` list of objects."""
+    """Records from a `.jsonl` file (one JSON object per line) or a `.json` list of objects: a path relative to the
+    task file, or `asset:NAME/file` (a fetched lmcraft asset)."""
 
     source: Literal["jsonl"]
     path: Path
 
     def records(self, base_dir: Path) -> list[dict[str, Any]]:
-        path = self.path if self.path.is_absolute() else base_dir / self.path
+        given = str(self.path)
+        path = resolve_path(given) if given.startswith("asset:") else base_dir / self.path
         if not path.is_file():
             raise ConfigError(f"task data file not found: {path}")
         return [record.fields for record in read_records(str(path), "json" if path.suffix == ".json" else "jsonl")]

@@ -35,7 +35,7 @@ def compile_model(model: nn.Module) -> bool:
     import torch
     import torch._dynamo
 
-    from lmcraft.assets import cache_root
+    from lmcraft.io import cache_root
     from lmcraft.models.rope import RotaryEmbedding
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
