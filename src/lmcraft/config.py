@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from lmcraft.errors import ConfigError, InputFileError
+from lmcraft.errors import ConfigError, InputFileError, LmcraftError
 from lmcraft.io import excerpt, parse_yaml, read_yaml
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "Section",
     "ExistingPath",
     "ExistingFile",
+    "PeftOptions",
+    "named_options",
     "load_config",
     "parse_overrides",
     "apply_overrides",
@@ -58,6 +60,29 @@ def _must_be_file(path: Path) -> Path:
 
 ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 ExistingFile = Annotated[Path, AfterValidator(_must_be_file)]
+
+
+def named_options(builder: str) -> Any:
+    """The type of a "name -> that thing's options" block (`peft: {method: lora, r: 8}`), checked while the config
+    loads by building the thing: `builder` is the dotted path `module:function` of the registry's constructor,
+    imported only when a config is validated (so config classes stay torch-free). Whatever the builder refuses
+    becomes the key's error in the one config-error format (`key 'peft': ...`)."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        import importlib
+
+        module, function = builder.split(":")
+        try:
+            getattr(importlib.import_module(module), function)(value)
+        except (LmcraftError, TypeError, ValueError) as err:
+            raise ValueError(str(err).rstrip(".")) from None
+        return value
+
+    return Annotated[dict[str, Any], AfterValidator(check)]
+
+
+# A PEFT method and its options (`lmcraft.peft`'s registry), in every stage that trains with one.
+PeftOptions = named_options("lmcraft.peft.registry:check_stage_options")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

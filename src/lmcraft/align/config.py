@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.align.scoring import ScorerSpec
-from lmcraft.config import Section, StageConfig
+from lmcraft.config import PeftOptions, Section, StageConfig
 from lmcraft.errors import ConfigError
 from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 
@@ -85,7 +85,7 @@ class AlignmentConfig(StageConfig):
 
     model: ModelSource
     template: str | None = None
-    peft: dict[str, Any] | None = None
+    peft: PeftOptions | None = None
 
 
 def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmcraft.config import Section, StageConfig
+from lmcraft.config import PeftOptions, Section, StageConfig
 from lmcraft.data.readers import text_encoding
 from lmcraft.train.config import TrainerConfig
 
@@ -116,7 +116,7 @@ class FinetuneConfig(StageConfig):
     output_dir: Path = Path("runs/finetune")
     data: DataConfig
     trainer: TrainerConfig = TrainerConfig()
-    peft: dict[str, Any] | None = None
+    peft: PeftOptions | None = None
     layer_lr_decay: float | None = Field(None, gt=0, le=1)
     head_lr: float | None = Field(None, gt=0)
     freeze: FreezeConfig = FreezeConfig()
@@ -127,18 +127,6 @@ class FinetuneConfig(StageConfig):
     metric: str | None = Field(None, description="headline validation metric; default per task")
     threads: int | None = Field(None, ge=1, description="CPU intra-op threads (default: torch's choice)")
     resume: bool = True
-
-    @field_validator("peft")
-    @classmethod
-    def _peft_method_known(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is None:
-            return v
-        from lmcraft.peft import REGISTRY
-
-        method = v.get("method")
-        if method not in REGISTRY:
-            raise ValueError(f"peft.method must be one of {', '.join(sorted(REGISTRY))}, got {method!r}")
-        return v
 
     @model_validator(mode="after")
     def _task_fits(self) -> FinetuneConfig:

@@ -89,3 +89,11 @@ def config_from_dict(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     if method not in REGISTRY:
         raise ConfigError(f"unknown peft method {method!r}; known methods: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[method].from_dict(data)
+
+
+def check_stage_options(data: dict[str, Any]) -> MethodConfig:
+    """A stage config's `peft:` block, checked as the run will complete it (AdaLoRA's `total_step` is filled in
+    from the run's length by `lmcraft.peft.training.method_config`, so it may be missing here)."""
+    if isinstance(data, dict) and data.get("method") == "adalora" and not data.get("total_step"):
+        data = {**data, "total_step": 10**9}  # any length that leaves room for the schedule: checked at run time
+    return config_from_dict(data)
