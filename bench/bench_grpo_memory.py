@@ -12,13 +12,18 @@ with the log-probs gathered from `model(...).logits` (what a plain implementatio
 
 Each candidate runs in its own process: build the model and the batch, take one warm-up step (optimizer state,
 lazily built kernels), then reset the peak resident set (/proc/self/clear_refs) and take the measured step;
-"peak above baseline" = VmHWM after the step - VmRSS before it (Linux).
+"peak above baseline" = VmHWM after the step - VmRSS before it (Linux). The children run with glibc's mmap threshold
+fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_, `--malloc mapped`): by default glibc raises the threshold to the size of
+the last freed mapped block (up to 32 MiB), after which blocks of a chunk's size (~32 MiB) come from the heap and
+stay resident after they are freed, so the resident set measures the allocator's retention rather than the live
+tensors; `--malloc default` measures it that way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=256, help="completion tokens n")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    parser.add_argument("--malloc", choices=("mapped", "default"), default="mapped",
+                        help="glibc's mmap threshold in the children: fixed at 64 KiB (mapped) or glibc's dynamic one")
     parser.add_argument("--child", choices=CANDIDATES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -111,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                    "--length", str(args.length), "--prompt", str(args.prompt)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if args.malloc == "mapped" else None
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {generations} x {args.length}, {name}: {r}", file=sys.stderr, flush=True)
             table.add([f"{generations} x {args.length}", name, f"{r['peak'] / 2**20:,.0f}", f"{logits / 2**20:,.0f}",
                        f"{r['peak'] / logits:.2f}", f"{r['seconds']:.1f}"])
     print(f"GRPO step (LoRA r 16), vocabulary {MODEL['vocab_size']:,}, hidden {MODEL['hidden_size']}, "
-          f"{MODEL['num_layers']} layers, prompt {args.prompt} tokens; {machine()}")
+          f"{MODEL['num_layers']} layers, prompt {args.prompt} tokens, malloc {args.malloc}; {machine()}")
     table.print()
     return 0
 
