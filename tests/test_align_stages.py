@@ -153,6 +153,10 @@ def test_every_preference_loss_through_the_stage(task: Path, tmp_path: Path, los
         copy.deepcopy(model)))
     summary = run_stage("dpo", cfg, tmp_path / "dpo.yaml")
     assert summary["step"] == 2 and summary["loss"] == loss and summary["eval_reward_accuracy"] is not None
+    if loss not in REFERENCE_FREE:  # the start model is its own reference: every implicit reward is 0, none wins
+        assert summary["start_eval_reward_accuracy"] == 0.0
+    else:  # the start model's own ranking of the held-out pairs
+        assert 0.0 <= summary["start_eval_reward_accuracy"] <= 1.0
     assert built == ([] if loss in REFERENCE_FREE else [1])
     assert (tmp_path / "dpo" / "reference_train.json").is_file() == (loss in ("hinge", "robust"))
     records = [json.loads(r) for r in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
@@ -180,6 +184,8 @@ def test_full_finetuning_chain_sft_reward_ppo_and_dpo(task: Path, tmp_path: Path
                          "prompts": [str(task / "eval_prompts.jsonl")], "max_new_tokens": 4}
     summary = run_stage("dpo", {**dpo, "trainer": {**dpo["trainer"], "eval_every": 3}}, tmp_path / "dpo.yaml")
     assert summary["start_score"] is not None and summary["eval_score"] is not None
+    # the start evaluation reuses the start score instead of sampling the held-out answers again
+    assert json.loads((tmp_path / "dpo" / "start_eval.json").read_text())["eval_score"] == summary["start_score"]
     # the DPO adapter's base is the SFT adapter folder: loading it rebuilds SFT + DPO
     assert json.loads((tmp_path / "dpo" / "final" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(sft.resolve())

@@ -10,7 +10,10 @@ reference. KTO runs it in every step: its reference point z comes from mismatche
 micro-batch, which `UnpairedData.collate` appends as extra rows (scored without gradient).
 
 Metrics per pair: reward accuracy [r_c > r_r], margin r_c - r_r, and the mean implicit rewards; for KTO the signed
-margin s = +-(r - beta z) (+ for desirable answers), its accuracy [s > 0], and z (`kl`).
+margin s = +-(r - beta z) (+ for desirable answers), its accuracy [s > 0], and z (`kl`). The held-out pairs are
+evaluated once before step 1 too (OUT/start_eval.json; summary.json's start_eval_*): for the reference-free losses
+this is the start model's own ranking [avg pi(y_c|x) > avg pi(y_r|x)] (or of summed log-probs for cpo); for the
+reference-based losses every implicit reward is 0 at the start.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from lmcraft.align.config import DPOSection, PairsData
     from lmcraft.align.data import LabelledAnswer
     from lmcraft.peft.training import ReferencePolicy
-    from lmcraft.train import LossOutput
+    from lmcraft.train import LossOutput, Trainer
 
 __all__ = ["DPO", "DPOLoss", "UnpairedData", "WithReference", "build_unpaired_data", "dpo_loss", "load_unpaired",
            "mismatched", "precompute_reference", "reference_logps"]
@@ -298,18 +301,25 @@ class DPO(AlignmentMethod):
                     model, reference, evaluation, batch, run.out / "reference_eval.json", t.progress))
             reference = None  # the copy (if any) is no longer needed
         scorer = run.scorer
-        eval_fn = (lambda trainer: {"score": scorer(trainer.model)}) if scorer is not None else None
-        return TrainPlan(DPOLoss(d, reference), train, evaluation, eval_fn=eval_fn)
+        eval_fn = None
+        if scorer is not None:  # the start model's score is run.start_score (computed before the adapters)
+            def eval_fn(trainer: Trainer) -> dict[str, float]:
+                return {"score": run.start_score if trainer.state.step == 0 else scorer(trainer.model)}
+        return TrainPlan(DPOLoss(d, reference), train, evaluation, eval_fn=eval_fn, start_evaluation=True)
 
     def summary(self, run: Run) -> dict[str, Any]:
         from lmcraft.align.plots import plot_dpo
 
         history = run.trainer.state.history
         if run.cfg.trainer.plot:
-            plot_dpo(history, run.start_score, run.out / "dpo_curves.png")
+            plot_dpo(history, run.start_score, run.out / "dpo_curves.png", run.start_eval,
+                     "DPO" if self.settings.loss == "sigmoid" else self.settings.loss.upper())
         evals = [r for r in history if r["split"] == "eval"]
         last = evals[-1] if evals else {}
         count = "examples" if self.settings.loss == "kto" else "pairs"
+        start = run.start_eval
         return {"loss": self.settings.loss, count: len(run.train), "start_score": run.start_score,
                 "eval_score": last.get("eval_score"), "eval_reward_accuracy": last.get("eval_reward_accuracy"),
-                "eval_loss": last.get("eval_loss")}
+                "eval_loss": last.get("eval_loss"), "eval_count": len(run.evaluation or ()),
+                "start_eval_reward_accuracy": start.get("eval_reward_accuracy"),
+                "start_eval_loss": start.get("eval_loss")}

@@ -365,7 +365,8 @@ class GRPO(AlignmentMethod):
                             run.start.model.config.max_position_embeddings), file=sys.stderr)
         self.rewards = Rewards(cfg.rewards, task_answer_spec(cfg.task))
         if held_out:
-            self.accuracy = HeldOutAccuracy(held_out, self.rewards, run.start.tokenizer, g.max_new_tokens)
+            self.accuracy = HeldOutAccuracy(held_out, self.rewards, run.start.tokenizer, g.max_new_tokens,
+                                            g.forward_batch_size)
             run.start_score = self.accuracy.baseline(run.out, run.start.model)
         return train, None
 

@@ -93,7 +93,8 @@ class GRPOSection(SamplingSettings):
     overlong_buffer: int | None = Field(None, ge=1, description="DAPO's soft overlong penalty over the last tokens")
     overlong_penalty: float = Field(1.0, ge=0)
     max_new_tokens: int = Field(64, ge=1)
-    forward_batch_size: int = Field(16, ge=1, description="rows per no-grad forward while scoring a rollout")
+    forward_batch_size: int = Field(16, ge=1, description="rows per no-grad forward while scoring a rollout, and "
+                                    "prompts per batch of the held-out accuracy's greedy decode")
     save_every: int | None = Field(None, ge=1, description="rollouts between checkpoints (always at the end)")
     eval_every: int | None = Field(None, ge=1, description="rollouts between held-out accuracy evaluations")
 

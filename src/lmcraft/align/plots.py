@@ -103,16 +103,20 @@ def plot_training(history: Sequence[dict[str, Any]], path: Path, title: str = ""
     _save(fig, path)
 
 
-def plot_dpo(history: Sequence[dict[str, Any]], start_score: float | None, path: Path) -> None:
-    """Train loss and implicit-reward margin, held-out reward accuracy, and the held-out score (from the start)."""
+def plot_dpo(history: Sequence[dict[str, Any]], start_score: float | None, path: Path,
+             start_eval: dict[str, float] | None = None, title: str = "DPO") -> None:
+    """Train loss and implicit-reward margin, held-out reward accuracy (from `start_eval`, the start model's, at
+    step 0), and the held-out score (from the start)."""
     train = [r for r in history if r["split"] == "train"]
     evals = [r for r in history if r["split"] == "eval"]
-    series = {"DPO loss (train)": ([r["step"] for r in train], [r["loss"] for r in train]),
+    accuracy = [(r["step"], r["eval_reward_accuracy"]) for r in evals]
+    if start_eval and "eval_reward_accuracy" in start_eval:
+        accuracy.insert(0, (0, start_eval["eval_reward_accuracy"]))
+    series = {f"{title} loss (train)": ([r["step"] for r in train], [r["loss"] for r in train]),
               "reward margin (train)": ([r["step"] for r in train], [r["reward_margin"] for r in train]),
-              "reward accuracy (held-out pairs)": ([r["step"] for r in evals],
-                                                   [r["eval_reward_accuracy"] for r in evals])}
+              "reward accuracy (held-out pairs)": ([s for s, _ in accuracy], [v for _, v in accuracy])}
     scored = [(r["step"], r["eval_score"]) for r in evals if "eval_score" in r]
     if scored:
         scored.insert(0, (0, start_score))
         series["held-out score (sampled answers)"] = ([s for s, _ in scored], [v for _, v in scored])
-    plot_metrics(series, path, "DPO")
+    plot_metrics(series, path, title)

@@ -198,9 +198,10 @@ def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool | str | 
 
 def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    logp = (head(h).float() / temperature).log_softmax(-1)
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+    z = head(h).float()
+    logp = (z if temperature == 1 else z / temperature).log_softmax(-1)
+    with torch.no_grad():  # in place: one rows x V temporary
+        entropy = -logp.exp().mul_(logp).sum(-1)
     return logp.gather(1, y[:, None]).squeeze(1), entropy
 
 
