@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.config import Section, StageConfig
+from lmcraft.errors import LmcraftError
 from lmcraft.tokenizer.train import TokenizerTraining
 from lmcraft.train.config import TrainerConfig
 
@@ -67,7 +68,10 @@ class ObjectiveSection(Section):
     def _buildable(self) -> ObjectiveSection:
         from lmcraft.objectives import build_objective
 
-        build_objective(self.name, _PLACEHOLDER_TOKENIZER, **self.options)  # fails early on bad names and options
+        try:  # fails early on bad names and options, in the config-error format (key 'objective': ...)
+            build_objective(self.name, _PLACEHOLDER_TOKENIZER, **self.options)
+        except (LmcraftError, TypeError) as err:
+            raise ValueError(str(err).rstrip(".")) from None
         return self
 
 
