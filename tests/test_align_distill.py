@@ -198,7 +198,6 @@ def test_on_policy_sample_keeps_prompts_and_labels_only_completions(task: Path) 
 
 def test_different_vocabularies_are_refused(task: Path, tmp_path: Path) -> None:
     from conftest import save_chat_tokenizer
-
     from lmcraft.align.distill import check_same_vocabulary
     from lmcraft.errors import ConfigError
     from lmcraft.tokenizer.load import load_tokenizer
