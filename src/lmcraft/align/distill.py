@@ -115,8 +115,9 @@ class TeacherCache:
 
     @classmethod
     def build(cls, teacher: nn.Module, examples: list[Tokenized], k: int, pad_id: int, batch_size: int) -> TeacherCache:
-        """One no-grad pass of the teacher over the examples; top-k through the LM head in chunks of positions."""
-        rows = default_rows(teacher.config.vocab_size)
+        """One no-grad pass of the teacher over the examples; top-k (k at most V) through the LM head in chunks of
+        positions."""
+        rows, k = default_rows(teacher.config.vocab_size), min(k, teacher.config.vocab_size)
 
         def score(part: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
             batch = collate_padded(examples[part], pad_id)
