@@ -76,6 +76,9 @@ class DistillConfig(AlignmentConfig):
     def _prompts(self) -> DistillConfig:
         if self.data.format == "text" and self.distill.on_policy.fraction > 0:
             raise ValueError("distill.on_policy needs prompts: chat data, not data.format: text")
+        if self.peft is not None and self.distill.student_layers is not None:
+            raise ValueError("distill.student_layers with peft: an adapter records model.from (all its layers) as its "
+                             "base; train the cut student in full, or start from a saved cut model")
         return self
 
 
