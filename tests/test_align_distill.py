@@ -273,3 +273,17 @@ def test_distill_resumes_exactly_after_sigkill(task: Path, tmp_path: Path) -> No
     a, b = (load_file(tmp_path / d / "step-4" / "adapter_model.safetensors") for d in ("full", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(tmp_path / "full") == metrics(tmp_path / "killed")
+
+
+def test_text_examples_are_windows_of_every_token(task: Path) -> None:
+    from lmcraft.align.distill import text_examples
+    from lmcraft.tokenizer.load import load_tokenizer
+
+    tok = load_tokenizer(task / "base")
+    text = "red blue green apple pear cat dog " * 5
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    examples = text_examples([("doc", text)], tok, 8)
+    joined = [i for ex in examples for i in ex.input_ids]
+    assert joined in (ids, ids[:-1]) and joined[-1] == ids[len(joined) - 1]  # a last 1-token window predicts nothing
+    assert [len(ex.input_ids) for ex in examples[:-1]] == [8] * (len(examples) - 1)
+    assert all(all(ex.trained) for ex in examples) and examples[-1].input_ids[-1] in (tok.eos_token_id, ids[-2])
