@@ -287,3 +287,19 @@ def test_text_examples_are_windows_of_every_token(task: Path) -> None:
     assert joined in (ids, ids[:-1]) and joined[-1] == ids[len(joined) - 1]  # a last 1-token window predicts nothing
     assert [len(ex.input_ids) for ex in examples[:-1]] == [8] * (len(examples) - 1)
     assert all(all(ex.trained) for ex in examples) and examples[-1].input_ids[-1] in (tok.eos_token_id, ids[-2])
+
+
+def test_recipe_validates_and_inconsistent_settings_are_refused(tmp_path: Path) -> None:
+    from lmcraft.config import load_config
+    from lmcraft.errors import LmcraftError
+    from lmcraft.stages.distill import DistillConfig
+
+    recipe = Path(__file__).parents[1] / "recipes" / "distill-smollm2.yaml"
+    cfg = load_config(DistillConfig, recipe, [])
+    assert cfg.distill.student_layers == 4 and cfg.data.format == "text"
+    for overrides, message in ((["distill.on_policy.fraction=0.5"], "teacher_cache"),
+                               (["distill.beta=0.3"], "gkd only"),
+                               (["distill.teacher_cache=null", "distill.on_policy.fraction=0.5"], "chat data"),
+                               (["peft={method: lora}"], "student_layers with peft")):
+        with pytest.raises(LmcraftError, match=message):
+            load_config(DistillConfig, recipe, overrides)
