@@ -1,12 +1,12 @@
 """Distillation vs training on the data alone: a 4-layer student cut from SmolLM2-135M-Instruct, same data and steps.
 
-    python docs/results/distill-smollm2.py [RUNS]     # RUNS default runs/distill-smollm2-compare; ~20 min on 2 cores
+    python docs/results/distill-smollm2.py [RUNS] [--report-only]   # RUNS default runs/distill-smollm2-compare
 
 1. `kd`: `recipes/distill-smollm2.yaml` as it is (forward KL to the cached top-32 teacher, alpha = 0.5);
 2. `ce`: the same with `distill.alpha=1` (cross-entropy on the text only, no teacher);
 3. held-out perplexity (the student's CE on the held-out speech) at step 0 and every `eval_every` steps, as a table
    and RUNS/distill-smollm2.png (copied next to this script by hand when published).
-A run whose summary.json exists is not run again.
+A run whose summary.json exists is not run again; `--report-only` draws and tabulates what the runs logged so far.
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ def curve(run: Path) -> list[tuple[int, float]]:
     return [(0, start)] + [(r["step"], r["eval_ppl"]) for r in rows if r["split"] == "eval" and "eval_ppl" in r]
 
 
-def main(root: Path) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def run(root: Path) -> int:
     from lmcraft.cli import main as cli
-    from lmcraft.io import save_figure
 
     for name, overrides in RUNS.items():
         out = root / name
@@ -41,6 +35,17 @@ def main(root: Path) -> int:
             args = [f"output_dir={out}", f"distill.teacher_cache={root / 'teacher-topk'}", *overrides]
             if cli(["distill", str(RECIPE), *args, "--no-progress"]) != 0:
                 return 1
+    return 0
+
+
+def report(root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmcraft.io import save_figure
+
     curves = {name: curve(root / name) for name in RUNS}
     fig, ax = plt.subplots(figsize=(6.5, 4))
     labels = {"kd": "distilled (forward KL to top-32 teacher, alpha 0.5)", "ce": "data alone (CE)"}
@@ -53,11 +58,15 @@ def main(root: Path) -> int:
     ax.legend()
     fig.tight_layout()
     save_figure(fig, root / "distill-smollm2.png")
+    by_step = {name: dict(points) for name, points in curves.items()}
     print("| step | " + " | ".join(RUNS) + " |\n|---|" + "---|" * len(RUNS))
-    for i, (step, _) in enumerate(curves["kd"]):
-        print(f"| {step} | " + " | ".join(f"{curves[n][i][1]:.2f}" for n in RUNS) + " |")
-    return 0
+    for step in sorted(set.intersection(*(set(p) for p in by_step.values()))):
+        print(f"| {step} | " + " | ".join(f"{by_step[n][step]:.1f}" for n in RUNS) + " |")
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/distill-smollm2-compare")))
+    args = [a for a in sys.argv[1:] if a != "--report-only"]
+    folder = Path(args[0]) if args else Path("runs/distill-smollm2-compare")
+    if "--report-only" not in sys.argv and run(folder):
+        sys.exit(1)
+    report(folder)
