@@ -208,7 +208,7 @@ RECIPE_STAGES = {  # stage -> (recipe, the config key of its output folder)
     "reward": ("reward-toy.yaml", "output_dir"), "dpo": ("dpo-toy.yaml", "output_dir"),
     "ppo": ("ppo-toy.yaml", "output_dir"), "eval": ("eval-smollm2-quick.yaml", "output_dir"),
     "scaling": ("scaling-shakespeare.yaml", "output_dir"), "pipeline": ("demo.yaml", "run_dir"),
-    "tokenizer": ("tokenizer-shakespeare.yaml", "output"),
+    "tokenizer": ("tokenizer-shakespeare.yaml", "output"), "distill": ("distill-smollm2.yaml", "output_dir"),
 }
 
 

@@ -27,6 +27,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("lmcraft.stages.grpo", "GRPO / DAPO / Dr.GRPO / RLOO on verifiable rewards (group advantages, "
              "no value model)"),
     "dpo": ("lmcraft.stages.dpo", "preference tuning: DPO / IPO / hinge / robust / SimPO / CPO / ORPO / KTO"),
+    "distill": ("lmcraft.stages.distill", "knowledge distillation: a student trained on a teacher's token "
+                "distributions (KL / reverse KL / GKD; on-policy; cached top-k teacher)"),
     "label-preferences": ("lmcraft.stages.label_preferences", "RLAIF: sample answers, rank them with an AI judge, "
                           "write preference pairs"),
     "convert": ("lmcraft.stages.convert", "convert a GGUF file into a Hugging Face-layout model folder"),
