@@ -31,7 +31,7 @@ class HubWarning(UserWarning):
     """Something in a checkpoint was skipped or newly initialised; the model still loaded."""
 
 
-class _ParametersOnMeta(TorchFunctionMode):
+class ParametersOnMeta(TorchFunctionMode):
     """Build a model whose parameters live on the meta device (no memory, no init), all else for real.
 
     Parameters come from torch.empty/ones/zeros without a device (nn.Linear, nn.Embedding, norms), which
@@ -105,7 +105,7 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
     dtype = _as_dtype(dtype) or common_float_dtype(found_raw)
     device = torch.device(device or "cpu")
 
-    with _ParametersOnMeta():
+    with ParametersOnMeta():
         model = LanguageModel(cfg, head)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     entries = plan(table, head, shapes, cfg.model_type)
