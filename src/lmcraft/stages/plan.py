@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="the config of a training stage (as given to that stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. "
                         "trainer.micro_batch_size=4 trainer.activation_checkpointing=full")
-    parser.add_argument("--stage", dest="planned_stage", choices=TRAINING_STAGES, help="the stage the config is for (default: the file's "
-                        "`stage:` key)")
+    parser.add_argument("--stage", dest="planned_stage", choices=TRAINING_STAGES,
+                        help="the stage the config is for (default: the file's `stage:` key)")
     parser.add_argument("--memory-limit", metavar="SIZE", help="e.g. 24GiB: say whether the run fits and, if not, "
                         "which switch saves how much (default: trainer.memory_limit)")
     parser.epilog = ("examples:\n  lmcraft plan recipes/sft-smollm2-lora.yaml --stage sft --memory-limit 2GiB\n"
