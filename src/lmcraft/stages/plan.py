@@ -83,7 +83,7 @@ def _load(args: argparse.Namespace) -> tuple[str, Any]:
 
 def plan_stage(stage: str, cfg: Any) -> Any:
     """The `MemoryPlan` of the stage `stage` run with the validated config `cfg`, its model on the meta device."""
-    from lmcraft.train.plan import can_plan, plan_memory, stand_in_activations
+    from lmcraft.train.plan import can_plan, plan_memory, resident_bytes, stand_in_activations
 
     build, shape, extras = _PLANNERS[stage](cfg)
     model = build(None)
@@ -91,9 +91,10 @@ def plan_stage(stage: str, cfg: Any) -> Any:
         raise ConfigError(f"{stage}: the planner knows models built on lmcraft's LanguageModel; this config builds "
                           f"a {type(model).__name__}")
     t = cfg.trainer
+    runtime = resident_bytes()  # the model is on meta: all of it is the process's own
     per_token = stand_in_activations(build, _language_model(model).config.num_layers, t.activation_checkpointing)
     return plan_memory(model, shape, t.activation_checkpointing, t.chunked_loss, t.optimizer, extras(model),
-                       per_token)
+                       per_token, runtime)
 
 
 Builder = Callable[[int | None], Any]  # layers (None: as configured) -> the model, parameters on meta

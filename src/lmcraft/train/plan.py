@@ -12,8 +12,8 @@
   each block's input (L x tokens x H) plus one block's (or sub-layer's) activations while it is recomputed;
 - LM-head loss: full logits keep the (B, T, V) logits and their fp32 log-softmax, and at the start of the backward
   pass the gradients of both exist too (4 B T V x 4 bytes in fp32; measured on CPU at 100M parameters x 512 tokens:
-  one (T, V) fp32 tensor more at the backward peak than the 3 assumed before); the chunked loss keeps dL/dh (B T H) and two chunks of rows x V fp32 logits
-  (plus dL/dW in fp32 when the head trains);
+  one (T, V) fp32 tensor more at the backward peak than the 3 assumed before); the chunked loss keeps dL/dh
+  (B T H) and two chunks of rows x V fp32 logits (plus dL/dW in fp32 when the head trains);
 - runtime: on CPU the process's resident memory besides the weights when the plan is made (libraries, allocator);
 - extras: what a stage holds besides the trained model (a frozen reference or reward model, old-policy log-probs).
 
@@ -244,11 +244,12 @@ def stand_in_activations(build: Callable[[int], nn.Module], num_layers: int, che
 
 def plan_memory(model: nn.Module, batch_shape: tuple[int, int], checkpointing: str = "none",
                 chunked_loss: bool | str = "auto", optimizer: str = "adamw", extras: Sequence[tuple[str, int]] = (),
-                per_token: dict[str, float] | None = None) -> MemoryPlan:
+                per_token: dict[str, float] | None = None, runtime: int | None = None) -> MemoryPlan:
     """The `MemoryPlan` of training `model` (a LanguageModel or PeftModel) on batches of `batch_shape`.
 
     per_token: the `activation_profile` to use (default: measured on `model`; give `stand_in_activations` for a
-    model on the meta device); extras: (what, bytes) the stage holds besides the model."""
+    model on the meta device, with the `runtime` read before the stand-ins ran: their freed memory may stay resident);
+    extras: (what, bytes) the stage holds besides the model."""
     from lmcraft.objectives.lm_head import default_rows, lm_head_weight
 
     lm = _language_model(model)
@@ -284,7 +285,8 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], checkpointing: s
         logits_chunked += head_w.numel() * 4
     chunked = head_w is not None and chunked_loss is not False
     device = next(iter(uniq)).device.type
-    runtime = max(0, resident_bytes() - resident) if device in ("cpu", "meta") else 0
+    if runtime is None:
+        runtime = max(0, resident_bytes() - resident) if device in ("cpu", "meta") else 0
     return MemoryPlan((b, t), weights, grads, adamw8 if optimizer == "adamw8bit" else adamw, activations, plain, full,
                       logits_chunked if chunked else logits_full, logits_chunked, logits_full, runtime,
                       list(extras), checkpointing, chunked, optimizer, adamw8, [])
