@@ -4,12 +4,13 @@ transformers + peft with gradient checkpointing, on one Llama-family config with
     python -m bench.bench_memory                       # ~1.1B parameters (TinyLlama's shape), sequence 2048, batch 1
     python -m bench.bench_memory --size 100m --seq 256  # a quick check
 
-Each candidate runs in its own process: load the saved folder, apply LoRA (r 8 on q_proj/v_proj), take `--steps`
-optimizer steps on one row of `--seq` tokens (every token a target). Peak = the process's peak resident memory
-(VmHWM, Linux), which includes loading (for transformers, from after the lmcraft model used for its plan is
-freed); step time = the last step's seconds. Beside each peak stands the
-planner's prediction (`lmcraft.train.plan`; for transformers the plan of lmcraft with full checkpointing and full
-logits, the same memory layout).
+Each candidate runs in its own process, one after the other (so their peaks do not mix): load the saved folder,
+apply LoRA (r 8 on q_proj/v_proj), take one warm-up optimizer step and then `--steps` timed ones on one row of
+`--seq` tokens (every token a target). Peak = the process's peak resident memory (VmHWM, Linux), which includes
+loading (for transformers, from after the lmcraft model used for its plan is freed); step time = the best timed
+step. Beside each peak stands the planner's prediction (`lmcraft.train.plan`; for transformers the plan of lmcraft
+with full checkpointing and full logits, the same memory layout). Ratios are against transformers + peft; the
+issue's goal is lmcraft's peak <= 0.7x at <= 1.3x its step time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,8 +38,8 @@ SIZES = {  # Llama-family shapes with random weights
 CANDIDATES = {"lmcraft": ("none", False), "lmcraft ckpt+chunked": ("full", True), "transformers+peft ckpt": None}
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _rss(field: str, file: str = "/proc/self/status") -> int:
+    with open(file) as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
@@ -45,8 +47,8 @@ def _batch(seq: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
 
 
-def child(name: str, folder: Path, seq: int, steps: int) -> dict[str, float]:
-    """Run one candidate in this process; returns its peak, prediction and step time."""
+def child(name: str, folder: Path, seq: int, steps: int) -> dict[str, Any]:
+    """Run one candidate in this process; returns its peak, prediction and step time (or why it was skipped)."""
     from lmcraft import peft
     from lmcraft.align.sft import sft_loss
     from lmcraft.hub import load_model
@@ -59,6 +61,9 @@ def child(name: str, folder: Path, seq: int, steps: int) -> dict[str, float]:
     ckpt, chunked = setting if setting is not None else ("full", False)
     apply_memory_switches(model, ckpt, chunked)
     predicted = plan_memory(model, (1, seq), ckpt, chunked, "adamw").peak
+    room = _rss("MemAvailable:", "/proc/meminfo") + _rss("VmRSS:")
+    if predicted > 0.9 * room:  # a shared machine: do not push the neighbours into the OOM killer
+        return {"skipped": f"planned {predicted / 2**30:.1f} GiB, {room / 2**30:.1f} GiB available"}
     ids = _batch(seq, model.config.vocab_size)
     if setting is None:  # transformers + peft, the same weights
         import peft as hf_peft
@@ -78,21 +83,31 @@ def child(name: str, folder: Path, seq: int, steps: int) -> dict[str, float]:
             out = sft_loss(model, {"input_ids": ids, "labels": ids})
             return out.loss_sum / out.num_targets
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    seconds = 0.0
-    for _ in range(steps):
+    times = []
+    for i in range(steps + 1 if steps else 1):  # the first step warms up (allocator, optimizer state)
         start = time.perf_counter()
         loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+        print(f"  {name} step {i}: {times[-1]:.2f} s, peak so far {_rss('VmHWM:') / 2**30:.2f} GiB", file=sys.stderr,
+              flush=True)
+    seconds = min(times[1:] or times)
     return {"peak": _rss("VmHWM:"), "predicted": predicted, "seconds": seconds}
+
+
+def _name(row: dict[str, float], results: dict[str, dict[str, float]]) -> str:
+    return next(name for name, r in results.items() if r is row)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per candidate (the last is timed)")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per candidate, after one warm-up "
+                        "step (the best is reported); 0 = one step, warm-up included (slow machines)")
+    parser.add_argument("--candidates", nargs="+", choices=sorted(CANDIDATES), default=list(CANDIDATES),
+                        metavar="NAME", help=f"which to run, in this order (default: all: {', '.join(CANDIDATES)})")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     parser.add_argument("--child", choices=sorted(CANDIDATES), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -112,18 +127,25 @@ def main(argv: list[str] | None = None) -> int:
         save_model(model, folder)
         del model
         results = {}
-        for name in CANDIDATES:
+        for name in args.candidates:
             cmd = [sys.executable, "-m", "bench.bench_memory", "--child", name, "--folder", str(folder),
                    "--seq", str(args.seq), "--steps", str(args.steps)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)  # stderr: the step times
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
-    base = results["lmcraft"]
-    table = Table(["candidate", "peak GiB", "planned GiB", "planned/peak", "step s", "peak vs lmcraft",
-                   "step vs lmcraft"])
+    measured = {name: r for name, r in results.items() if "skipped" not in r}
+    if not measured:
+        print(f"nothing measured: {results}", file=sys.stderr)
+        return 1
+    base = measured.get("transformers+peft ckpt", next(iter(measured.values())))
+    table = Table(["candidate", "peak GiB", "planned GiB", "planned/peak", "step s", f"peak vs {_name(base, results)}",
+                   f"step vs {_name(base, results)}"])
     for name, r in results.items():
+        if "skipped" in r:
+            table.add([name, f"skipped: {r['skipped']}", "", "", "", "", ""])
+            continue
         table.add([name, f"{r['peak'] / 2**30:.2f}", f"{r['predicted'] / 2**30:.2f}",
                    f"{r['predicted'] / r['peak']:.2f}", f"{r['seconds']:.2f}", f"{r['peak'] / base['peak']:.2f}x",
                    f"{r['seconds'] / base['seconds']:.2f}x"])

@@ -285,3 +285,77 @@ def test_the_planned_peak_is_within_15_percent_of_the_measured_one() -> None:
                           timeout=300)
     predicted, measured = map(int, proc.stdout.split())
     assert abs(predicted - measured) < 0.15 * measured, (predicted, measured)
+
+
+def _device_limit(max_tokens: int):  # noqa: ANN202 - a loss_fn
+    """sft_loss on a device that holds at most `max_tokens` tokens per batch: a simulated out-of-memory error."""
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):  # noqa: ANN202
+        if batch["input_ids"].numel() > max_tokens:
+            raise torch.OutOfMemoryError(f"simulated: {batch['input_ids'].numel()} tokens > {max_tokens}")
+        return sft_loss(model, batch)
+    return loss_fn
+
+
+def _limited_trainer(tmp_path, preflight: bool, **fields):  # noqa: ANN001, ANN202
+    from lmcraft.train import Trainer
+
+    cfg = TrainerConfig(**{"max_steps": 6, "micro_batch_size": 2, "shuffle": False, "device": "cpu", "progress": False,
+                           "tensorboard": False, "plot": False, "preflight": preflight, "save_every": 1, **fields})
+    # rows of 5, 8, ..., 38 tokens in order: batches of 16, 28, 40, 52, 64 and 76 tokens; the device holds 60
+    return Trainer(_model("lora"), _device_limit(60), _sft_rows(), config=cfg, output_dir=tmp_path / "run",
+                   collate_fn=_pad)
+
+
+def test_without_preflight_a_batch_too_long_for_the_device_fails_mid_run(tmp_path) -> None:
+    trainer = _limited_trainer(tmp_path, preflight=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    assert trainer.state.step == 4  # the first batches of the normal order fit; the fifth does not
+    assert len(list((tmp_path / "run").glob("step-*"))) == 2
+
+
+def test_preflight_runs_the_longest_batch_so_the_run_fails_at_step_0_with_the_plan(tmp_path) -> None:
+    from lmcraft.errors import LmcraftError
+
+    trainer = _limited_trainer(tmp_path, preflight=True)
+    with pytest.raises(LmcraftError) as err:
+        trainer.train()
+    text = str(err.value)
+    assert "the longest batch (2 x 38 tokens) does not fit in memory: it ran out at step 0" in text
+    assert "memory plan for the largest batch 2 x 38 tokens" in text and "predicted peak" in text
+    assert trainer.state.step == 0 and not list((tmp_path / "run").glob("step-*"))
+
+
+def test_preflight_leaves_the_results_and_resume_unchanged(tmp_path) -> None:
+    """Dropout in LoRA, shuffled data: with the pre-flight step (RNG restored, gradients dropped, no data consumed)
+    the losses and weights are bitwise those without it, and a run resumed from step 2 (its pre-flight runs again)
+    ends where the whole run does."""
+    from lmcraft.train import Trainer
+
+    def run(folder: str, preflight: bool, steps: int) -> Trainer:
+        cfg = TrainerConfig(max_steps=steps, micro_batch_size=3, device="cpu", progress=False, tensorboard=False,
+                            plot=False, preflight=preflight, log_every=1, save_every=2, memory_limit=None)
+        trainer = Trainer(_model("lora", dropout=0.1), sft_loss, _sft_rows(), config=cfg,
+                          output_dir=tmp_path / folder, collate_fn=_pad)
+        trainer.train()
+        return trainer
+
+    import shutil
+
+    plain, checked = run("plain", False, 4), run("checked", True, 4)
+    run("resumed", True, 4)
+    shutil.rmtree(tmp_path / "resumed" / "step-4")  # as if killed after step 3: the rerun resumes from step-2
+    resumed = run("resumed", True, 4)
+    losses = [r["loss"] for r in plain.state.history]
+    assert len(losses) == 4
+    for other in (checked, resumed):
+        assert [r["loss"] for r in other.state.history] == losses
+        for (name, a), b in zip(plain.model.state_dict().items(), other.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_preflight_measures_the_peak_against_the_memory_limit(tmp_path, capsys) -> None:
+    trainer = _limited_trainer(tmp_path, preflight="auto", memory_limit="64GiB", max_steps=1)
+    trainer.loss_fn = sft_loss
+    trainer.train()
+    assert "pre-flight: the longest batch (2 x 38 tokens) ran; measured peak" in capsys.readouterr().err

@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "finetune": ("lmcraft.stages.finetune", "fine-tune on classification, NER, regression or text: full or PEFT"),
     "merge": ("lmcraft.stages.merge", "fold a PEFT adapter into its base model; write a Hugging Face folder"),
     "compare": ("lmcraft.stages.compare", "run one task with several fine-tuning methods; table + plot"),
+    "plan": ("lmcraft.stages.plan", "will a training run fit? its memory plan from the config, no weights loaded"),
     "sft": ("lmcraft.stages.sft", "supervised instruction tuning on chat data (loss on assistant tokens)"),
     "reward": ("lmcraft.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "ppo": ("lmcraft.stages.ppo", "RLHF with PPO against a reward model or rule (KL to a reference policy)"),

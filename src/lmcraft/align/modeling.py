@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from lmcraft.tokenizer.load import Tokenizer
     from lmcraft.train import TrainerConfig
 
-__all__ = ["base_source_of", "load_start_model", "load_stage_tokenizer", "planned_steps", "reward_head",
+__all__ = ["base_source_of", "load_start_model", "load_stage_tokenizer", "model_folder", "planned_steps", "reward_head",
            "tokenizer_folder"]
 
 
@@ -40,12 +40,12 @@ def _adapter_base(folder: Path) -> str:
     return str(base)
 
 
-def _model_folder(source: str | Path) -> Path:
+def model_folder(source: str | Path) -> Path:
     """The Hugging Face folder at the root of `source` (following adapter folders to their bases)."""
     from lmcraft.assets import resolve_model
 
     path = Path(str(source)).expanduser()
-    return _model_folder(_adapter_base(path)) if (path / "adapter_config.json").is_file() else resolve_model(source)
+    return model_folder(_adapter_base(path)) if (path / "adapter_config.json").is_file() else resolve_model(source)
 
 
 def tokenizer_folder(source: str | Path) -> Path:
@@ -63,7 +63,7 @@ def reward_head(source: str | Path) -> tuple[str, int | None]:
     or for encoders a one-label `cls` head (pooled [CLS]), the layout Hugging Face knows for BERT."""
     from lmcraft.hub import load_config
 
-    return ("reward", None) if load_config(_model_folder(source)).arch == "decoder" else ("cls", 1)
+    return ("reward", None) if load_config(model_folder(source)).arch == "decoder" else ("cls", 1)
 
 
 def load_start_model(source: str | Path, head: str | None = None, dtype: str | None = None,

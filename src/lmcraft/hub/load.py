@@ -23,6 +23,7 @@ from lmcraft.hub.files import TensorInfo, common_float_dtype, index_tensors, ope
 from lmcraft.hub.hf_config import config_from_hf, default_head, head_from_config, read_config_json
 from lmcraft.hub.names import NAME_TABLES, Entry, plan
 from lmcraft.io import listing
+from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import make_head
 from lmcraft.models.model import LanguageModel
 
@@ -31,7 +32,7 @@ class HubWarning(UserWarning):
     """Something in a checkpoint was skipped or newly initialised; the model still loaded."""
 
 
-class _ParametersOnMeta(TorchFunctionMode):
+class ParametersOnMeta(TorchFunctionMode):
     """Build a model whose parameters live on the meta device (no memory, no init), all else for real.
 
     Parameters come from torch.empty/ones/zeros without a device (nn.Linear, nn.Embedding, norms), which
@@ -82,6 +83,28 @@ def _check_shapes(sources: dict[Entry, str], found: dict[str, TensorInfo], shape
         raise ModelLoadError(f"{folder}: {len(wrong)} tensor(s) do not match config.json: {listing(wrong, 5)}.")
 
 
+def folder_spec(path: str | Path, head: str | None = None, dtype: torch.dtype | str | None = None
+                ) -> tuple[ModelConfig, str, torch.dtype]:
+    """(config, head, dtype) that `load_model` builds for the folder `path`, from config.json and the safetensors
+    headers only (no weights are read); the defaults are `load_model`'s."""
+    folder = Path(path)
+    hf_config = read_config_json(folder)
+    cfg = config_from_hf(hf_config, str(folder / "config.json"))
+    return (cfg, head or head_from_config(hf_config) or default_head(cfg.arch),
+            _as_dtype(dtype) or common_float_dtype(index_tensors(folder)))
+
+
+def model_on_meta(cfg: ModelConfig, head: str, dtype: torch.dtype) -> LanguageModel:
+    """A `LanguageModel` whose parameters are on the meta device in `dtype` (shapes, no memory; buffers real):
+    what `lmcraft plan` counts without loading a checkpoint."""
+    with ParametersOnMeta():
+        model = LanguageModel(cfg, head)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model.eval()
+
+
 def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None) -> LanguageModel:
     """A `LanguageModel` from a Hugging Face folder of a supported family, in eval mode.
@@ -105,7 +128,7 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
     dtype = _as_dtype(dtype) or common_float_dtype(found_raw)
     device = torch.device(device or "cpu")
 
-    with _ParametersOnMeta():
+    with ParametersOnMeta():
         model = LanguageModel(cfg, head)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     entries = plan(table, head, shapes, cfg.model_type)

@@ -25,7 +25,7 @@ from lmcraft.pretrain.config import DataSection, PretrainConfig
 from lmcraft.tokenizer.train import TokenizerTraining
 
 __all__ = ["RESOLVED", "DataSources", "Resolved", "check_input_files", "data_inputs", "load_resolved", "packed_folder",
-           "resolve_inputs"]
+           "resolve_inputs", "resolve_tokenizer"]
 
 RESOLVED = "resolved.json"
 
@@ -61,7 +61,7 @@ class Resolved:
 def resolve_inputs(cfg: PretrainConfig, out: Path, progress: bool) -> Resolved:
     """Train the tokenizer and pack the documents where the config asks for it; record both in OUT/resolved.json."""
     packed = packed_folder(cfg.data.packed) if cfg.data.packed is not None else None
-    tokenizer = _resolve_tokenizer(cfg, out, packed, progress)
+    tokenizer = resolve_tokenizer(cfg, out, packed, progress)
     resolved = Resolved(tokenizer, _data_sources(cfg.data, tokenizer, out, progress))
     write_json(out / RESOLVED, {"tokenizer": str(resolved.tokenizer),
                                 "train": [str(x) for x in resolved.sources.train],
@@ -138,7 +138,7 @@ def data_inputs(data: DataSection) -> tuple[list[dict[str, Any]], list[dict[str,
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
-def _resolve_tokenizer(cfg: PretrainConfig, out: Path, packed: Path | None, progress: bool) -> Path:
+def resolve_tokenizer(cfg: PretrainConfig, out: Path, packed: Path | None, progress: bool) -> Path:
     """The folder (or tokenizer.json) of the tokenizer this run uses, training it first if configured."""
     from lmcraft.assets import resolve
 

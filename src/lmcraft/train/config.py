@@ -50,7 +50,12 @@ class TrainerConfig(Section):
         "auto", description="causal-LM losses through the LM head in chunks, without the (B, T, V) logits; auto = "
                             "whenever the model has a plain LM head")
     memory_limit: str | None = Field(
-        None, description="e.g. 12GiB: stop before step 0, with the memory plan, when the predicted peak exceeds it")
+        None, description="e.g. 12GiB: stop before step 0, with the memory plan, when the predicted peak (or the "
+                          "peak measured in the pre-flight step) exceeds it")
+    preflight: Literal["auto"] | bool = Field(
+        "auto", description="before step 0, one forward + backward of the longest batch without an update (results "
+                            "unchanged), so a run that cannot fit fails at step 0 with the memory plan; auto = on "
+                            "accelerators (CUDA) and whenever memory_limit is set")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw8bit keeps AdamW's moments in 8 bits (block-wise absmax), ~4x less state")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations (always at the end)")

@@ -203,7 +203,7 @@ class Trainer:
         self.callbacks = CallbackList([*builtin, *self.user_callbacks.callbacks])
         self.state = TrainerState()
         self.should_stop = False
-        self.reference_bytes = 0  # frozen reference/old-policy copies an alignment stage holds (for the memory plan)
+        self.memory_extras: list[tuple[str, int]] = []  # (what, bytes) a stage holds besides the model (memory plan)
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -297,7 +297,7 @@ class Trainer:
 
     def memory_plan(self) -> None:
         """Print the planner's table (`train.plan`) for the largest batch of the data; with `memory_limit`, stop here
-        (before step 0) when the predicted peak exceeds it."""
+        (before step 0) when the predicted peak exceeds it. Then the pre-flight step (`preflight`)."""
         from lmcraft.hub.files import parse_size
         from lmcraft.train.plan import can_plan, largest_batch_shape, plan_memory
 
@@ -308,12 +308,55 @@ class Trainer:
         if shape is None:
             return
         plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
-                           self.reference_bytes)
+                           self.memory_extras)
         limit = parse_size(cfg.memory_limit) if cfg.memory_limit else None
         if limit is not None and plan.peak > limit:
             raise LmcraftError(f"this run does not fit trainer.memory_limit={cfg.memory_limit}:\n{plan.table(limit)}")
         if self.is_main:
             print(plan.table(limit), file=sys.stderr)
+        if cfg.preflight is True or (cfg.preflight == "auto" and (limit is not None or self.device.type != "cpu")):
+            self._preflight(plan, limit)
+
+    def _preflight(self, plan: Any, limit: int | None) -> None:
+        """One forward + backward of the epoch's longest micro-batch, without an update: gradients are dropped and
+        the RNG states restored, so the run's results and its data position are exactly those of a run without it.
+        A batch that runs out of device memory, or a measured peak (plus the optimizer state, which the first update
+        allocates) over `limit`, stops the run here, at step 0, with the plan."""
+        from lmcraft.train.plan import longest_batch, reset_peak_resident, resident_bytes
+
+        indices = longest_batch(self.loader.dataset, self.loader.batch_size)
+        if indices is None:  # lengths unknown (fixed-length windows, rollouts made during training)
+            return
+        rng = ckpt.capture_rng_state()  # collating (MLM masks) and dropout draw from the global generators
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_resident()
+        rows = f"{len(indices)} x {plan.batch_shape[1]} tokens"
+        try:
+            batch = move_to(self.loader.collate_fn([self.loader.dataset[i] for i in indices]), self.device)
+            self.wrapped.train()
+            with grad_sync(self.wrapped, False), self._autocast():
+                out = _as_loss_output(self.loss_fn(self.wrapped, batch))
+            with grad_sync(self.wrapped, False):
+                out.loss_sum.backward()
+            del batch, out
+        except torch.OutOfMemoryError as err:
+            raise LmcraftError(f"the longest batch ({rows}) does not fit in memory: it ran out at step 0, in the "
+                               f"pre-flight step ({io.excerpt(str(err), 200)}):\n{plan.table(limit)}") from None
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
+            ckpt.restore_rng_state(rng)
+        measured = (torch.cuda.max_memory_allocated(self.device) if cuda else resident_bytes("VmHWM:")) + plan.optimizer
+        if self.is_main:
+            print(f"pre-flight: the longest batch ({rows}) ran; measured peak {measured / 2**30:.2f} GiB with the "
+                  f"optimizer state (planned {plan.peak / 2**30:.2f} GiB)", file=sys.stderr)
+        if limit is not None and measured > limit:
+            raise LmcraftError(f"this run does not fit trainer.memory_limit={self.config.memory_limit}: the pre-flight "
+                               f"step on the longest batch ({rows}) measured {measured / 2**30:.2f} GiB with the "
+                               f"optimizer state:\n{plan.table(limit)}")
 
     def _optimizer_step(self) -> dict[str, float]:
         """One window of micro-batches -> one (or a skipped) optimizer update; returns the step's metrics."""
