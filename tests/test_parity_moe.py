@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parity_hf import MEASURED, ROPE, batch, diff, hf_to_ours, our_logits, positions
 
 from lmcraft import hub
 from lmcraft.models.moe import SparseMoE
+from test_parity_hf import MEASURED, ROPE, batch, diff, hf_to_ours, our_logits, positions
 
 pytestmark = pytest.mark.parity
 

@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, qwen3_moe, olmo2, granite, smollm3,
-phi3, gemma, gemma2, gemma3_text, gpt2, bert, roberta, distilbert and electra families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, qwen3_moe, olmo2, granite,
+smollm3, phi3, gemma, gemma2, gemma3_text, gpt2, bert, roberta, distilbert and electra families.
 
 Each family is a table of one-to-one key renames (our field, HF key, HF's default when the key is absent)
 plus the layout switches that define the family (norm type and place, MLP shape, how positions enter,
@@ -279,8 +279,9 @@ def _write_qwen3(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _write_qwen3_moe(cfg: ModelConfig) -> dict[str, Any]:
-    return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False), "use_sliding_window": cfg.sliding_window is not None,
-            "sliding_window": cfg.sliding_window, "mlp_only_layers": list(cfg.mlp_only_layers),
+    return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False),
+            "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+            "mlp_only_layers": list(cfg.mlp_only_layers),
             "num_experts": cfg.num_experts}
 
 

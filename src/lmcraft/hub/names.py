@@ -410,7 +410,8 @@ MODERNBERT = NameTable(
 # model_type -> its table (the rope-family table also stands for models of an unknown type)
 NAME_TABLES: dict[str, NameTable] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"), ROPE_FAMILY),
-    "qwen3_moe": QWEN3_MOE, "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2, "bert": BERT,
+    "qwen3_moe": QWEN3_MOE, "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2,
+    "bert": BERT,
     # encoder families beyond BERT
     "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA, "modernbert": MODERNBERT,
 }

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Arch = Literal["decoder", "encoder"]
-ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "granite", "smollm3", "phi3", "gemma", "gemma2",
-                    "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "granite", "smollm3", "phi3", "gemma",
+                    "gemma2", "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
 

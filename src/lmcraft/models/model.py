@@ -233,7 +233,8 @@ class LanguageModel(nn.Module):
         padding = attention_mask[:, -hidden.shape[1]:] if attention_mask is not None and attention_mask.dim() == 2 \
             else None  # an explicit 4-D mask marks no padding: every token counts for the router statistics
         router = collect_routing(self.model.layers, padding, self.config.router_aux_loss_coef)
-        return ModelOutput(logits, hidden, past_key_values if use_cache or past_key_values is not None else None, router)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        return ModelOutput(logits, hidden, cache, router)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0
