@@ -133,13 +133,16 @@ class ModelConfig:
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(f"nope_layers {list(self.nope_layers)} name layers outside 0..{self.num_layers - 1}")
         self.mlp_only_layers = tuple(self.mlp_only_layers)
-        if self.moe_intermediate_size is None:
-            self.moe_intermediate_size = self.intermediate_size
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                              f"{self.num_experts}")
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be at least 1")
+
+    @property
+    def expert_size(self) -> int:
+        """The intermediate width of one expert."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer `layer`'s MLP is a sparse mixture of experts."""
@@ -172,7 +175,7 @@ class ModelConfig:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
         mlp = h * self.intermediate_size * (3 if self.mlp == "gated" else 2)
-        moe = self.num_experts * 3 * h * (self.moe_intermediate_size or 0) + self.num_experts * h  # experts + router
+        moe = self.num_experts * 3 * h * self.expert_size + self.num_experts * h  # experts + router
         total = sum(attn + (moe if self.is_moe_layer(i) else mlp) + 2 * h for i in range(self.num_layers))
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

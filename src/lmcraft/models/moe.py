@@ -54,7 +54,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_size)
         self.act = act
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
