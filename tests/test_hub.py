@@ -151,8 +151,8 @@ def test_family_keys() -> None:
 
 def test_unsupported_configs() -> None:
     with pytest.raises(ModelLoadError, match="'falcon' is not supported; supported types: llama, mistral, qwen2, "
-                                             "qwen3, qwen3_moe, olmo2, granite, smollm3, phi3, gemma, gemma2, gemma3_text, "
-                                             "gpt2, bert"):
+                                             "qwen3, qwen3_moe, olmo2, granite, smollm3, phi3, gemma, gemma2, "
+                                             "gemma3_text, gpt2, bert"):
         hub.config_from_hf({"model_type": "falcon"})
     with pytest.raises(ModelLoadError, match="lacks the required key 'hidden_size'"):
         hub.config_from_hf({"model_type": "llama", "vocab_size": 3})

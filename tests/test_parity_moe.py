@@ -120,3 +120,89 @@ def test_clm_objective_adds_the_weighted_aux_loss(transformers, tmp_path: Path) 
     assert abs(float(out.metrics["aux_loss"]) - float(theirs.aux_loss)) < 1e-5
     loads = [float(out.metrics[f"expert_load/{e}"]) for e in range(4)]
     assert abs(sum(loads) - 1.0) < 1e-6 and len(out.metrics) == 5
+
+
+# ---- LoRA on experts -------------------------------------------------------------------------------------------
+LORA = {"method": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "gate", "experts"]}
+
+
+def test_lora_on_experts_equals_peft_param_wrapper(transformers, tmp_path: Path) -> None:
+    """The same A, B in PEFT's `target_parameters` LoRA (ParamWrapper on the stacked experts and the router) and in
+    lmcraft's `LoRAExperts`/`LoRALinear` give the same logits."""
+    hf_peft = pytest.importorskip("peft")
+    from lmcraft import peft
+
+    hf_model = hf_moe(transformers)
+    ours = peft.apply(hf_to_ours(tmp_path, hf_model), LORA)
+    wrapped = hf_peft.get_peft_model(hf_model, hf_peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"],
+        target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).eval()
+    g = torch.Generator().manual_seed(3)
+    copied = 0
+    for path, module in wrapped.base_model.model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        a, b = (torch.randn(m["default"].weight.shape, generator=g) * 0.3 for m in (module.lora_A, module.lora_B))
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+        name = getattr(module, "parameter_name", "weight")
+        target = ours.base_model.get_submodule(".".join(p for p in path.split(".") if p != "base_layer"))
+        mine = (target.lora_A["default"][name], target.lora_B["default"][name]) if name.endswith("_proj") else (
+            target.lora_A["default"], target.lora_B["default"])
+        with torch.no_grad():
+            mine[0].weight.copy_(a)
+            mine[1].weight.copy_(b)
+        copied += 1
+    assert copied == 3 + 2 * 3  # q_proj in 3 layers; router, gate_up and down stacks in 2 MoE layers
+    ids, mask = batch("right")
+    with torch.no_grad():
+        theirs = wrapped(input_ids=ids, attention_mask=mask).logits
+        with wrapped.disable_adapter():
+            base = wrapped(input_ids=ids, attention_mask=mask).logits
+    diff("qwen3_moe:lora", our_logits(ours, ids, mask), theirs, mask)
+    assert float((theirs - base).abs().max()) > 0.1  # the adapters matter
+
+
+def test_lora_on_experts_trains_and_merges(transformers, tmp_path: Path) -> None:
+    """LoRA on experts + router + q_proj: the loss falls, only adapter tensors change, the adapter saves and loads,
+    and merging gives the adapted model's logits."""
+    from lmcraft import peft
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.peft.lora import LoRAExperts
+
+    base = hf_to_ours(tmp_path, hf_moe(transformers))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.apply(base, LORA)
+    assert sum(isinstance(m, LoRAExperts) for m in model.modules()) == 2
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts.lora_A.default.gate_up_proj" in n for n in trainable)
+    assert all(".lora_" in n for n in trainable)
+    ids, mask = batch("right")
+    objective = CausalLM()
+    example = objective.transform({"input_ids": ids, "attention_mask": mask})
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        out = objective.loss(model, example)
+        loss = out.loss_sum / out.num_targets
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    model.eval()
+    for k, v in model.base_model.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, before[k.replace(".base_layer", "")]), k
+    adapted = our_logits(model, ids, mask)
+
+    peft.save_adapter(model, tmp_path / "adapter")
+    again = peft.load_adapter(hf_to_ours(tmp_path / "again", hf_moe(transformers)), tmp_path / "adapter")
+    assert torch.equal(our_logits(again.eval(), ids, mask), adapted)
+    merged = peft.merge(model)
+    assert not any(isinstance(m, LoRAExperts) for m in merged.modules())
+    diff("qwen3_moe:lora-merged", our_logits(merged, ids, mask), adapted, mask)
+    plain = our_logits(hf_to_ours(tmp_path / "base", hf_moe(transformers)), ids, mask)
+    assert float((adapted - plain).abs().max()) > 1e-3
