@@ -191,6 +191,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": dict(model_type="gpt2", vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8,
                       intermediate_size=1024, norm="layernorm", mlp="plain", activation="gelu_tanh",
                       position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, max_position_embeddings=512),
+    # a seconds-per-step Qwen3-MoE (8 experts, top-2) for the MoE recipe and its load-balance experiment
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", qk_norm="head", vocab_size=8192, hidden_size=128, num_layers=4,
+                           num_heads=4, num_kv_heads=2, intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=64, norm_topk_prob=True, router_aux_loss_coef=0.01,
+                           max_position_embeddings=1024),
     "bert-tiny": dict(arch="encoder", model_type="bert", vocab_size=8192, hidden_size=256, num_layers=4,
                       num_heads=4, intermediate_size=1024, norm="layernorm", norm_eps=1e-12, pre_norm=False,
                       final_norm=False, mlp="plain", activation="gelu", position="learned", qkv_bias=True,
