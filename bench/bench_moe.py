@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
-    print(f"{machine()}, {threads} threads")
+    print(machine(), f"(set_threads: {threads})")
     table = Table(["case", "lmcraft bmm ms", "expert loop ms", "loop / bmm"])
     for name, e, k, h, i, n, backward in CASES:
         torch.manual_seed(0)
