@@ -151,8 +151,8 @@ def test_family_keys() -> None:
 
 def test_unsupported_configs() -> None:
     with pytest.raises(ModelLoadError, match="'falcon' is not supported; supported types: llama, mistral, qwen2, "
-                                             "qwen3, olmo2, granite, smollm3, phi3, gemma, gemma2, gemma3_text, "
-                                             "gpt2, bert"):
+                                             "qwen3, qwen3_moe, olmo2, granite, smollm3, phi3, gemma, gemma2, "
+                                             "gemma3_text, gpt2, bert"):
         hub.config_from_hf({"model_type": "falcon"})
     with pytest.raises(ModelLoadError, match="lacks the required key 'hidden_size'"):
         hub.config_from_hf({"model_type": "llama", "vocab_size": 3})
@@ -164,6 +164,8 @@ def test_unsupported_configs() -> None:
 def test_unsavable_models() -> None:
     with pytest.raises(LmcraftError, match="mistral has no biases"):
         hub.to_hf_config(ModelConfig(**dict(TINY, model_type="mistral", qkv_bias=True)))
+    with pytest.raises(LmcraftError, match="num_experts=4 \\(the family needs 0\\)"):  # a MoE is no llama
+        hub.to_hf_config(ModelConfig(**dict(TINY, model_type="llama", num_experts=4, num_experts_per_tok=2)))
     with pytest.raises(LmcraftError, match="'reward' head cannot be written as a Hugging Face bert"):
         hub.to_hf_config(preset("bert-tiny"), "reward")
 

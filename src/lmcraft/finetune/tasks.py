@@ -183,9 +183,9 @@ class CausalLMTask(Task):
         return "ppl", "min"
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
-        loss, count, logits = next_token_loss(model, batch["labels"], self.fused, input_ids=batch["input_ids"],
-                                              attention_mask=batch["attention_mask"])
-        return LossOutput(loss, count, {}, batch["attention_mask"].sum()), logits
+        loss, count, out = next_token_loss(model, batch["labels"], self.fused, input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"])
+        return LossOutput(loss, count, {}, batch["attention_mask"].sum()), out.logits
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, olmo2, granite, smollm3,
-phi3, gemma, gemma2, gemma3_text, gpt2, bert, roberta, distilbert and electra families.
+"""Hugging Face `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, qwen3_moe, olmo2, granite,
+smollm3, phi3, gemma, gemma2, gemma3_text, gpt2, bert, roberta, distilbert and electra families.
 
 Each family is a table of one-to-one key renames (our field, HF key, HF's default when the key is absent)
 plus the layout switches that define the family (norm type and place, MLP shape, how positions enter,
@@ -37,7 +37,8 @@ NOT_KEPT = {"architectures", "model_type", "transformers_version", "torch_dtype"
             "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern", "use_bidirectional_attention",
             "attention_multiplier", "mlp_bias", "embedding_size",
             "classifier_activation", "classifier_pooling", "local_attention", "global_rope_theta",
-            "local_rope_theta", "global_attn_every_n_layers"}
+            "local_rope_theta", "global_attn_every_n_layers", "mlp_only_layers",
+            "num_experts", "num_local_experts"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _rope_family_renames(max_pos: int, bos: int | None, eos: int | None, *more: 
 # e.g. a model with q/k norms is never written as a llama checkpoint.
 _NO_SWITCHES = dict(post_norms=False, norm_unit_offset=False, qk_norm=None, layer_types=None, nope_layers=(),
                     rope_local_theta=None, embedding_multiplier=1.0, residual_multiplier=1.0, attention_scale=None,
-                    attn_logit_softcap=None, logits_scaling=1.0, final_logit_softcap=None)
+                    attn_logit_softcap=None, logits_scaling=1.0, final_logit_softcap=None, num_experts=0)
 
 
 def _rope_layout(*variable: str, **switches: Any) -> dict[str, Any]:
@@ -157,6 +158,15 @@ def _read_qwen2(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _read_qwen3(hf: dict[str, Any]) -> dict[str, Any]:
     return {**_read_llama(hf), **_read_window({"max_window_layers": 28, **hf}, 4096, mixed=True)}
+
+
+def _read_qwen3_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE: one sliding window for every layer when `use_sliding_window`; `mlp_only_layers` may be null;
+    the expert count is `num_experts` (Hub checkpoints) or `num_local_experts` (transformers 5 writes that)."""
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+    return {**_read_llama(hf), **_windows(window, [_SLIDING] * hf["num_hidden_layers"], mixed=False),
+            "mlp_only_layers": tuple(hf.get("mlp_only_layers") or ()),
+            "num_experts": hf.get("num_experts", hf.get("num_local_experts", 128))}
 
 
 def _read_smollm3(hf: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +276,13 @@ def _write_qwen2(cfg: ModelConfig) -> dict[str, Any]:
 
 def _write_qwen3(cfg: ModelConfig) -> dict[str, Any]:
     return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False), **_qwen_windows(cfg)}
+
+
+def _write_qwen3_moe(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_write_rope(cfg), **_write_bias(cfg, mlp_bias=False),
+            "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+            "mlp_only_layers": list(cfg.mlp_only_layers),
+            "num_experts": cfg.num_experts}
 
 
 def _write_smollm3(cfg: ModelConfig) -> dict[str, Any]:
@@ -411,6 +428,9 @@ _GRANITE_KEYS = (("embedding_multiplier", "embedding_multiplier", 1.0),
                  ("residual_multiplier", "residual_multiplier", 1.0),
                  ("attention_scale", "attention_multiplier", 1.0), ("logits_scaling", "logits_scaling", 1.0))
 _GEMMA = dict(tie_word_embeddings=True, pad_token_id=0)
+_MOE_KEYS = (("num_experts_per_tok", "num_experts_per_tok", 8),
+             ("moe_intermediate_size", "moe_intermediate_size", 768), ("norm_topk_prob", "norm_topk_prob", False),
+             ("decoder_sparse_step", "decoder_sparse_step", 1), ("router_aux_loss_coef", "router_aux_loss_coef", 0.001))
 _GEMMA_VARIABLE = ("embedding_multiplier", "attention_scale", "attn_logit_softcap", "final_logit_softcap",
                    "layer_types")
 
@@ -446,6 +466,9 @@ FAMILIES: dict[str, ConfigSpec] = {
                         _rope_layout("layer_types")),
     "qwen3": _rope_spec(_read_qwen3, _write_qwen3, "Qwen3", _rope_family_renames(32768, None, None, head_dim=128),
                         _rope_layout("layer_types", qk_norm="head")),
+    "qwen3_moe": _rope_spec(_read_qwen3_moe, _write_qwen3_moe, "Qwen3Moe",
+                            _rope_family_renames(32768, None, None, *_MOE_KEYS),
+                            _rope_layout("num_experts", *(ours for ours, _, _ in _MOE_KEYS), qk_norm="head")),
     "olmo2": _rope_spec(_read_llama, _write_olmo2, "Olmo2",
                         _rope_family_renames(2048, None, 50279, norm_eps=1e-5, pad_token_id=1),
                         _rope_layout(pre_norm=False, post_norms=True, qk_norm="full"), heads=("lm", "cls", "reward")),
@@ -537,7 +560,8 @@ FAMILIES: dict[str, ConfigSpec] = {
          "token_cls": "ModernBertForTokenClassification"},
     ),
 }
-ACT_DEFAULTS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3"), "silu"),
+ACT_DEFAULTS = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "granite", "smollm3",
+                                 "phi3"), "silu"),
                 **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), "gelu_pytorch_tanh"), "gpt2": "gelu_new",
                 "bert": "gelu",
                 # encoder families beyond BERT
@@ -601,7 +625,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 
 _POSITIVE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
-             "head_dim", "max_position_embeddings", "norm_eps", "rope_theta", "num_labels")
+             "head_dim", "max_position_embeddings", "norm_eps", "rope_theta", "num_labels", "num_experts_per_tok",
+             "moe_intermediate_size", "decoder_sparse_step")
 _FRACTIONS = ("dropout", "attention_dropout", "classifier_dropout")
 
 

@@ -155,7 +155,7 @@ def load_model(path: str | Path, head: str | None = None, dtype: torch.dtype | s
                     # read into a fresh tensor of its own (not a view into a file buffer, whose unaligned addresses
                     # make matmuls slower and their sums differ in the last bit), converted/moved only if needed
                     tensor = f.get_tensor(original[sources[e]]).to(dtype=dtype, device=device)
-                    state.update(e.to_ours(tensor, shapes))
+                    e.put(tensor, shapes, state)
                     del tensor
                     bar.update()
     if fresh:

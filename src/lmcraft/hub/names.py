@@ -10,6 +10,12 @@ our keys fuses them: HF stores them concatenated along dim 0 (GPT-2's `c_attn` h
 `aliases` are further HF keys holding the same tensor: all are written, the first one present is read
 (BERT's MLM bias is both `cls.predictions.bias` and `cls.predictions.decoder.bias`).
 
+`chunk=(k, n)` marks a stacked tensor of ours, (E, ...) with one slice per expert, that HF stores per expert under
+a key with `{e}`: HF tensor e is chunk k of n of our slice e along its first dim (Qwen3-MoE's
+`experts.{e}.gate_proj`/`up_proj` are the two halves of our `experts.gate_up_proj[e]`):
+
+    hf_e = chunk_k(ours[e], n)          ours[e] = cat_k(hf_e of every rule with that chunk)
+
 Every family uses this one mechanism in both directions; `plan` expands a table over a concrete model.
 """
 
@@ -40,6 +46,7 @@ class Rule:
     hf: str
     transpose: bool = False
     aliases: tuple[str, ...] = ()
+    chunk: tuple[int, int] | None = None
 
     def match(self, name: str) -> dict[str, str] | None:
         for template in self.ours:
@@ -49,18 +56,21 @@ class Rule:
         return None
 
 
-def rule(ours: str | tuple[str, ...], hf: str, transpose: bool = False, aliases: tuple[str, ...] = ()) -> Rule:
-    return Rule(ours if isinstance(ours, tuple) else (ours,), hf, transpose, aliases)
+def rule(ours: str | tuple[str, ...], hf: str, transpose: bool = False, aliases: tuple[str, ...] = (),
+         chunk: tuple[int, int] | None = None) -> Rule:
+    return Rule(ours if isinstance(ours, tuple) else (ours,), hf, transpose, aliases, chunk)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One HF tensor and the parameter(s) of ours it holds."""
+    """One HF tensor and the parameter(s) of ours it holds (or, with `expert`, the slice of our stacked one)."""
 
     hf: str
     ours: tuple[str, ...]
     transpose: bool = False
     aliases: tuple[str, ...] = ()
+    expert: int | None = None
+    chunk: tuple[int, int] = (0, 1)
 
     @property
     def hf_keys(self) -> tuple[str, ...]:
@@ -68,6 +78,9 @@ class Entry:
 
     def hf_shape(self, shapes: Mapping[str, torch.Size]) -> tuple[int, ...]:
         """The shape the HF tensor must have, given the shapes of our parameters."""
+        if self.expert is not None:
+            rows, *rest = shapes[self.ours[0]][1:]
+            return (rows // self.chunk[1], *rest)
         first = tuple(shapes[self.ours[0]])
         shape = (sum(shapes[o][0] for o in self.ours), *first[1:])
         return tuple(reversed(shape)) if self.transpose else shape
@@ -79,7 +92,19 @@ class Entry:
         parts = t.split([shapes[o][0] for o in self.ours], dim=0)
         return {o: p.clone(memory_format=torch.contiguous_format) for o, p in zip(self.ours, parts, strict=True)}
 
+    def put(self, tensor: torch.Tensor, shapes: Mapping[str, torch.Size], state: dict[str, torch.Tensor]) -> None:
+        """Store the HF `tensor` in `state` under our name(s): an expert slice goes into our stacked tensor."""
+        if self.expert is None:
+            state.update(self.to_ours(tensor, shapes))
+            return
+        name = self.ours[0]
+        if name not in state:
+            state[name] = tensor.new_empty(shapes[name])
+        state[name][self.expert].chunk(self.chunk[1])[self.chunk[0]].copy_(tensor)
+
     def to_hf(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.expert is not None:
+            return tensors[self.ours[0]][self.expert].chunk(self.chunk[1])[self.chunk[0]].contiguous()
         parts = [tensors[o] for o in self.ours]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return (t.t() if self.transpose else t).contiguous()
@@ -126,13 +151,13 @@ class NameTable:
         return None
 
 
-def plan(table: NameTable, head: str, names: Iterable[str], family: str) -> list[Entry]:
-    """The HF tensors for a model whose (deduplicated) parameter names are `names`, in model order."""
+def plan(table: NameTable, head: str, shapes: Mapping[str, torch.Size], family: str) -> list[Entry]:
+    """The HF tensors for a model whose (deduplicated) parameters have these shapes, in model order."""
     if head not in table.heads:
         raise ModelLoadError(f"a {head!r} head has no Hugging Face {family} layout; heads that do: "
                              f"{', '.join(table.heads)}.")
     rules = table.backbone + table.heads[head]
-    names = list(names)
+    names = list(shapes)
     present, entries, seen = set(names), [], set()
     for name in names:
         for r in rules:
@@ -142,6 +167,11 @@ def plan(table: NameTable, head: str, names: Iterable[str], family: str) -> list
         else:
             raise ModelLoadError(f"parameter {name!r} has no place in the Hugging Face {family} layout (merge or "
                                  "remove adapters before saving, or pick a head the family supports).")
+        if r.chunk is not None:  # one entry per expert and chunk, from every chunk rule of this name
+            parts = [c for c in rules if c.chunk is not None and c.match(name) is not None]
+            entries += [Entry(c.hf.format(**groups, e=e), (name,), expert=e, chunk=c.chunk)
+                        for e in range(shapes[name][0]) for c in parts]
+            continue
         hf = r.hf.format(**groups)
         if hf in seen:
             continue
@@ -188,6 +218,15 @@ OLMO2 = _rope_table({"attn_out_norm": "post_attention_layernorm", "mlp_out_norm"
 # Gemma 2/3 sandwich each sub-layer between two norms.
 GEMMA2 = _rope_table({"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
                       "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"})
+# Qwen3-MoE: a MoE layer's router is `mlp.gate` (our name too); HF stores each expert's projections separately
+# (`mlp.experts.{e}.gate_proj.weight`, ...), lmcraft (like transformers 5 in memory) stacks them over experts.
+_X = f"{_L}.mlp.experts"
+QWEN3_MOE = _rope_table(
+    {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    rule(f"{_X}.gate_up_proj", f"{_X}.{{e}}.gate_proj.weight", chunk=(0, 2)),
+    rule(f"{_X}.gate_up_proj", f"{_X}.{{e}}.up_proj.weight", chunk=(1, 2)),
+    rule(f"{_X}.down_proj", f"{_X}.{{e}}.down_proj.weight", chunk=(0, 1)),
+)
 # Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (rows stacked in that order); lmcraft
 # splits them on load and stacks them on save, and PEFT's `qkv_proj`/`gate_up_proj` name the projections they pack.
 PHI3 = _rope_table(
@@ -371,7 +410,8 @@ MODERNBERT = NameTable(
 # model_type -> its table (the rope-family table also stands for models of an unknown type)
 NAME_TABLES: dict[str, NameTable] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"), ROPE_FAMILY),
-    "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2, "bert": BERT,
+    "qwen3_moe": QWEN3_MOE, "olmo2": OLMO2, "phi3": PHI3, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "gpt2": GPT2,
+    "bert": BERT,
     # encoder families beyond BERT
     "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA, "modernbert": MODERNBERT,
 }

@@ -32,7 +32,8 @@ def hf_state_dict(model: LanguageModel) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"model_type {cfg.model_type!r} has no Hugging Face layout; supported: "
                              f"{', '.join(NAME_TABLES)}.")
     params = {name: p.detach() for name, p in model.named_parameters()}  # tied duplicates appear once
-    entries = plan(NAME_TABLES[cfg.model_type], model.head_kind, params, cfg.model_type)
+    entries = plan(NAME_TABLES[cfg.model_type], model.head_kind, {n: p.shape for n, p in params.items()},
+                   cfg.model_type)
     out = {}
     for e in entries:
         out[e.hf] = e.to_hf(params).cpu()

@@ -1,7 +1,8 @@
-"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2/3, Phi-3, Granite, OLMo 2,
+"""One config for every model lmcraft builds: decoders (Llama, Mistral, Qwen2/3, Qwen3-MoE, Phi-3, Granite, OLMo 2,
 SmolLM3, Gemma 1/2/3, GPT-2) and encoders (BERT, RoBERTa, DistilBERT, ELECTRA).
 
-The families differ only in switches: which norm, where it sits (pre/post/sandwich), the MLP shape, how
+The families differ only in switches: which norm, where it sits (pre/post/sandwich), the MLP shape (dense, or a
+sparse mixture of experts on some layers), how
 positions enter (rotary, learned, or none on some layers), which projections carry biases, q/k norms,
 scalar multipliers and soft caps, per-layer sliding windows, and whether embeddings are tied.
 `lmcraft.hub` maps each family's Hugging Face `config.json` onto these fields and back.
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Arch = Literal["decoder", "encoder"]
-ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "phi3", "gemma", "gemma2",
-                    "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "granite", "smollm3", "phi3", "gemma",
+                    "gemma2", "gemma3_text", "gpt2", "bert", "roberta", "distilbert", "electra", "modernbert"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
 
@@ -31,6 +32,12 @@ class ModelConfig:
     `post_norms` alone: x + n'(f(x)) (OLMo 2); neither: n(x + f(x)) (BERT's post-LN).
     `layer_types` gives each layer full or sliding-window attention (None: `sliding_window`, if set, applies
     to every layer); `nope_layers` are layers whose attention has no rotary positions (SmolLM3).
+
+    Mixture of experts (Qwen3-MoE): with `num_experts` > 0, layer i's MLP is a sparse MoE (`models.moe`) unless i is
+    in `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; each token goes to its
+    `num_experts_per_tok` best experts (gated MLPs of width `moe_intermediate_size`), weighted by their router
+    probabilities (renormalised over the chosen ones with `norm_topk_prob`). `router_aux_loss_coef` weighs the
+    load-balancing loss in training.
     """
 
     vocab_size: int
@@ -67,6 +74,14 @@ class ModelConfig:
     layer_types: tuple[LayerType, ...] | None = None
     nope_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: rope_theta
+    # mixture of experts (Qwen3-MoE); 0 experts = every MLP dense
+    num_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
     # scalar multipliers and soft caps (Granite, Gemma)
     embedding_multiplier: float = 1.0  # h_0 = m * E[x]
     residual_multiplier: float = 1.0  # x = x + m * f(x)
@@ -117,6 +132,22 @@ class ModelConfig:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(f"nope_layers {list(self.nope_layers)} name layers outside 0..{self.num_layers - 1}")
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                             f"{self.num_experts}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be at least 1")
+
+    @property
+    def expert_size(self) -> int:
+        """The intermediate width of one expert."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is a sparse mixture of experts."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer (None = full attention)."""
@@ -144,8 +175,8 @@ class ModelConfig:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
         mlp = h * self.intermediate_size * (3 if self.mlp == "gated" else 2)
-        per_layer = attn + mlp + 2 * h
-        total = self.num_layers * per_layer
+        moe = self.num_experts * 3 * h * self.expert_size + self.num_experts * h  # experts + router
+        total = sum(attn + (moe if self.is_moe_layer(i) else mlp) + 2 * h for i in range(self.num_layers))
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
             if self.position == "learned":
@@ -160,6 +191,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": dict(model_type="gpt2", vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8,
                       intermediate_size=1024, norm="layernorm", mlp="plain", activation="gelu_tanh",
                       position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, max_position_embeddings=512),
+    # a seconds-per-step Qwen3-MoE (8 experts, top-2) for the MoE recipe and its load-balance experiment
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", qk_norm="head", vocab_size=8192, hidden_size=128, num_layers=4,
+                           num_heads=4, num_kv_heads=2, intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=64, norm_topk_prob=True, router_aux_loss_coef=0.01,
+                           max_position_embeddings=1024),
     "bert-tiny": dict(arch="encoder", model_type="bert", vocab_size=8192, hidden_size=256, num_layers=4,
                       num_heads=4, intermediate_size=1024, norm="layernorm", norm_eps=1e-12, pre_norm=False,
                       final_norm=False, mlp="plain", activation="gelu", position="learned", qkv_bias=True,

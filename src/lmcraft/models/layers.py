@@ -3,6 +3,7 @@
     attention:  softmax(s Q K^T + mask) V, s = 1/sqrt(d) by default   (torch scaled_dot_product_attention)
     gated MLP:  down(act(gate x) * up x)                (SwiGLU when act = silu, GeGLU when gelu)
     plain MLP:  down(act(up x))                         (GPT-2, BERT)
+    sparse MoE: sum over the top-k experts of p_e * gated MLP_e(x)   (Qwen3-MoE layers; `models.moe`)
     pre-norm block:   x = x + m attn(norm1 x);  x = x + m mlp(norm2 x)       (m = residual_multiplier, 1 mostly)
     sandwich block:   x = x + m out1(attn(norm1 x));  x = x + m out2(mlp(norm2 x))   (Gemma 2/3)
     output-norm block: x = x + m out1(attn x);  x = x + m out2(mlp x)            (OLMo 2)
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmcraft.models.config import ModelConfig
+from lmcraft.models.moe import SparseMoE
 from lmcraft.models.rope import RoPE, apply_rope
 
 ACTIVATIONS = {
@@ -306,7 +308,7 @@ class Block(nn.Module):
             self.attn_out_norm = make_norm(cfg)
             self.mlp_out_norm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg, ACTIVATIONS[cfg.activation]) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_multiplier = cfg.residual_multiplier
 

@@ -4,11 +4,14 @@ Decoders (`arch="decoder"`, causal attention) and encoders (`arch="encoder"`, bi
 Contract (see ARCHITECTURE.md):
 
     forward(input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
-            past_key_values=None, prefix=None, use_cache=False) -> ModelOutput(logits, hidden_states, past_key_values)
+            past_key_values=None, prefix=None, use_cache=False) -> ModelOutput(logits, hidden_states, past_key_values,
+                                                                              router)
 
 - `past_key_values`: a `KVCache`; with `use_cache=True` and none given, one is created for this call.
 - `prefix`: per-layer (key, value) tensors (1 or B, kv_heads, P, head_dim) seen by every query (prefix tuning).
 - `inputs_embeds`: used instead of the token embeddings (prompt tuning).
+- `router`: a mixture-of-experts model's routing in this call (`models.moe.RouterOutput`: the load-balancing
+  `aux_loss()` and the per-expert `expert_load()`, over the tokens a 2-D `attention_mask` marks real); None when dense.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import LMHead, MLMHead, make_head
 from lmcraft.models.layers import Block, KVCache, build_attention_mask, make_norm
+from lmcraft.models.moe import Experts, RouterOutput, collect_routing
 from lmcraft.models.rope import RotaryEmbedding
 
 Prefix = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (1 or B, kv_heads, P, D)
@@ -158,6 +162,7 @@ class ModelOutput:
     logits: torch.Tensor
     hidden_states: torch.Tensor
     past_key_values: KVCache | None = None
+    router: RouterOutput | None = None
 
 
 class LanguageModel(nn.Module):
@@ -183,6 +188,9 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
 
     def tie_weights(self) -> None:
         """Share the token embedding with the output projection (LM head, MLM decoder) when configured."""
@@ -222,7 +230,11 @@ class LanguageModel(nn.Module):
                             token_type_ids)
         head_input = hidden[:, -logits_to_keep:] if logits_to_keep and self.head_kind == "lm" else hidden
         logits = self.head(head_input, attention_mask)
-        return ModelOutput(logits, hidden, past_key_values if use_cache or past_key_values is not None else None)
+        padding = attention_mask[:, -hidden.shape[1]:] if attention_mask is not None and attention_mask.dim() == 2 \
+            else None  # an explicit 4-D mask marks no padding: every token counts for the router statistics
+        router = collect_routing(self.model.layers, padding, self.config.router_aux_loss_coef)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        return ModelOutput(logits, hidden, cache, router)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0

@@ -106,8 +106,11 @@ class CausalLM:
         return out
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        """Through `next_token_loss`: chunked through the LM head unless the trainer's `chunked_loss` is false."""
-        total, count, _ = next_token_loss(model, batch["labels"], input_ids=batch["input_ids"],
-                                          attention_mask=batch.get("attention_mask"),
-                                          position_ids=batch.get("position_ids"))
-        return LossOutput(total, count, {})
+        """Through `next_token_loss`: chunked through the LM head unless the trainer's `chunked_loss` is false.
+        A mixture-of-experts model's loss includes coef * aux (see `next_token_loss`); the metrics then hold
+        `aux_loss` and `expert_load/<e>` (the fraction of routed tokens expert e got, mean over MoE layers)."""
+        total, count, out = next_token_loss(model, batch["labels"], input_ids=batch["input_ids"],
+                                            attention_mask=batch.get("attention_mask"),
+                                            position_ids=batch.get("position_ids"))
+        router = getattr(out, "router", None)
+        return LossOutput(total, count, router.metrics() if router is not None else {})

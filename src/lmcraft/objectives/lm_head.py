@@ -171,14 +171,18 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool | str | None = None, **inputs: Any
-                    ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(summed next-token loss, targets, logits) of `model` on `inputs` against `labels` (-100 = ignored).
+                    ) -> tuple[torch.Tensor, int, Any]:
+    """(summed next-token loss, targets, the model's output) of `model` on `inputs` against `labels` (-100 = ignored).
 
     `fused` (default: the model's `chunked_loss` switch, "auto" unless the trainer set it): with "auto" or True and
     a plain LM head (`lm_head_weight`), the loss goes through the head in chunks and the model computes the logits
     of the last position only; otherwise (False, or "auto" without a plain head) it is `causal_lm_loss` of the full
     logits. True without a plain LM head is an error. Every causal-LM loss of lmcraft (pre-training's clm, SFT,
-    fine-tuning's clm task) goes through here."""
+    fine-tuning's clm task) goes through here.
+
+    A mixture-of-experts model in training mode adds its load-balancing loss as a mean over the targets:
+    loss + coef * aux * targets (coef = `router_aux_loss_coef`), so that loss / targets = CE + coef * aux, as
+    transformers' Qwen3-MoE loss."""
     from lmcraft.errors import ConfigError
     from lmcraft.objectives.clm import causal_lm_loss
 
@@ -188,12 +192,15 @@ def next_token_loss(model: nn.Module, labels: torch.Tensor, fused: bool | str | 
         if mode is True:
             raise ConfigError("trainer.chunked_loss: true needs a model with a plain LM head trained in one process "
                               "(not a PEFT-wrapped head, not a sharded model); use chunked_loss: auto")
-        logits = model(**inputs).logits
-        loss, count = causal_lm_loss(logits, labels)
-        return loss, count, logits
-    out = model(**inputs, logits_to_keep=1)
-    loss, count = chunked_lm_loss(out.hidden_states, weight, labels)
-    return loss, count, out.logits
+        out = model(**inputs)
+        loss, count = causal_lm_loss(out.logits, labels)
+    else:
+        out = model(**inputs, logits_to_keep=1)
+        loss, count = chunked_lm_loss(out.hidden_states, weight, labels)
+    router = getattr(out, "router", None)
+    if router is not None and model.training and router.coef:
+        loss = loss + router.coef * router.aux_loss().to(loss.dtype) * count
+    return loss, count, out
 
 
 def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float

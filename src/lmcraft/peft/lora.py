@@ -8,6 +8,7 @@ For a frozen linear layer y = W0 x + b (W0: out x in), adapter `a` adds a rank-r
              m (out,) starts at ||W0||_row, so again y = base at init; the row norm is treated as a constant in the
              backward pass (DoRA section 4.3, as PEFT does).
     gated:   y = W0 x + b + sigmoid(g^T x + c) s B A drop(x)      (UniPELT's LoRA gate; not mergeable)
+    experts: W_e = W0_e + s B_e A_e for each expert e of a stacked (E, out, in) weight (`LoRAExperts`, below)
 
 Merging: W = W0 + s B A, and for DoRA W = m / ||W0 + s B A||_row * (W0 + s B A).
 
@@ -20,6 +21,7 @@ reference model of DPO). A layer wrapped by one variant cannot take an adapter o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcraft.peft.layers import AdapterLayer, PeftError, wrap_targets
+from lmcraft.models.moe import Experts
+from lmcraft.peft.layers import AdapterLayer, PeftError, find_modules, wrap_targets
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.nf4 import NF4Linear, dense_weight
 from lmcraft.peft.registry import MethodConfig, register
@@ -169,18 +172,103 @@ class GatedLoRALinear(LoRALinear):
                         "merged into the weight.")
 
 
+class LoRAExperts(AdapterLayer):
+    """LoRA on a mixture-of-experts layer's stacked expert weights (`models.moe.Experts`): for each stacked
+    W0 (E, out, in) — `gate_up_proj` and `down_proj` — and each expert e,
+
+        W_e = W0_e + s B_e A_e,     A_e: r x in (Kaiming-uniform), B_e: out x r (zeros)
+
+    The experts keep computing as batched products, on W0 + s B A (formed once per forward by one bmm per stack).
+    A and B are stored as PEFT's `ParamWrapper`
+    stores them (`target_parameters`): A as one (r E, in) matrix whose rows e r .. e r + r - 1 are A_e, B as one
+    (out, r E) matrix whose column j E + e is column j of B_e. No dropout: the update is applied to the weight,
+    not to the input (PEFT refuses dropout there too)."""
+
+    adapter_containers = ("lora_A", "lora_B")
+    PARAMS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def add(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+            zero_init_b: bool = True) -> None:
+        if dropout:
+            raise PeftError("LoRA on experts changes the expert weights, so it cannot drop out their input; set "
+                            "lora_dropout: 0 (or leave the experts out of target_modules).")
+        a, b = nn.ModuleDict(), nn.ModuleDict()
+        for name, w in zip(self.PARAMS, self.base_layer.weights(), strict=True):
+            experts, out, inp = w.shape
+            a[name] = nn.Linear(inp, r * experts, bias=False, device=w.device, dtype=w.dtype)
+            b[name] = nn.Linear(r * experts, out, bias=False, device=w.device, dtype=w.dtype)
+            if zero_init_b:
+                nn.init.zeros_(b[name].weight)
+        self.lora_A[adapter], self.lora_B[adapter] = a, b
+        self.scaling[adapter] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self.scaling.pop(adapter, None)
+
+    def delta_weights(self, adapter: str) -> list[torch.Tensor]:
+        """s B_e A_e for each stack, each (E, out, in)."""
+        out = []
+        for name, w in zip(self.PARAMS, self.base_layer.weights(), strict=True):
+            experts = w.shape[0]
+            a = self.lora_A[adapter][name].weight.view(experts, -1, w.shape[2])  # (E, r, in)
+            b = self.lora_B[adapter][name].weight.view(w.shape[1], -1, experts).permute(2, 0, 1)  # (E, out, r)
+            out.append(self.scaling[adapter] * torch.bmm(b, a))
+        return out
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacks the MoE layer computes with: W0 + s B A with the active adapter, W0 without."""
+        base = self.base_layer.weights()
+        if self.active is None or self.active not in self.lora_A:
+            return base
+        gate_up, down = (w + d.to(w.dtype) for w, d in zip(base, self.delta_weights(self.active), strict=True))
+        return gate_up, down
+
+    def merge_adapter(self, adapter: str) -> nn.Module:
+        with torch.no_grad():
+            base = self.base_layer.weights()
+            merged = Experts(base[0].shape[0], base[1].shape[1], base[1].shape[2])
+            for name, w, d in zip(self.PARAMS, base, self.delta_weights(adapter), strict=True):
+                setattr(merged, name, nn.Parameter(w + d.to(w.dtype), requires_grad=False))
+        return merged
+
+
 def attach_lora(model: PeftModel, adapter: str, cfg: LoraConfig, gated: bool = False) -> None:
-    """Wrap every target linear layer of `model` in the LoRA variant `cfg` asks for and add adapter `adapter`."""
+    """Wrap every target linear layer of `model` in the LoRA variant `cfg` asks for and add adapter `adapter`;
+    targets that name a mixture-of-experts layer's `experts` get `LoRAExperts` (plain LoRA/rsLoRA only)."""
     targets = LLAMA_LINEARS if cfg.target_modules == "all-linear" else cfg.target_modules
     wrapper = GatedLoRALinear if gated else DoRALinear if cfg.use_dora else LoRALinear
-    for layer, _ in wrap_targets(model.base_model, targets, LINEAR_TYPES, wrapper, f"LoRA ({adapter})"):
-        layer.add(adapter, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, zero_init_b=cfg.init_lora_weights)
+    root, what = model.base_model, f"LoRA ({adapter})"
+    groups = [(LINEAR_TYPES, wrapper, targets)]
+    experts = [path for *_, path in find_modules(root, targets, (Experts, LoRAExperts))]
+    if experts:  # the expert stacks and the linear layers among the targets, each group pinned to its own paths
+        if wrapper is not LoRALinear:
+            raise PeftError(f"{what}: DoRA and gated LoRA have no expert form; target the experts with plain LoRA.")
+        linears = [path for *_, path in find_modules(root, targets, (*LINEAR_TYPES, wrapper))]
+        groups = [((Experts,), LoRAExperts, _exactly(experts))] + ([(LINEAR_TYPES, wrapper, _exactly(linears))]
+                                                                    if linears else [])
+    for accept, kind, paths in groups:
+        for layer, _ in wrap_targets(root, paths, accept, kind, what):
+            layer.add(adapter, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                      zero_init_b=cfg.init_lora_weights)
+
+
+def _exactly(paths: list[str]) -> str:
+    """A target regex matching exactly these module paths."""
+    return "|".join(re.escape(p) for p in paths)
 
 
 @register
 @dataclass(kw_only=True)
 class LoraConfig(MethodConfig):
     """LoRA / rsLoRA / DoRA. `target_modules`: names, one regex, or "all-linear" (every projection in the blocks).
+    In a mixture-of-experts model `experts` names the stacked expert weights and `gate` the router.
 
     `init_lora_weights=False` starts B random instead of zero (the update is then non-zero at init; for tests).
     """

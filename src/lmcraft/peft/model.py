@@ -200,7 +200,7 @@ class PeftModel(nn.Module):
         logits = out.logits
         if getattr(self.base_model, "head_kind", "lm") in PER_TOKEN_HEADS and logits.shape[1] > t:
             logits = logits[:, logits.shape[1] - t:]
-        return ModelOutput(logits, out.hidden_states[:, p:], out.past_key_values)
+        return ModelOutput(logits, out.hidden_states[:, p:], out.past_key_values, out.router)
 
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache with room for the virtual tokens of a prompt-style adapter as well."""
