@@ -91,3 +91,10 @@ def test_compiled_greedy_equals_eager(tiny_model: Callable[..., torch.nn.Module]
     assert compiled.tokens == greedy(model, prompts).tokens
     again = greedy(model, prompts, compile="auto")  # this shape is compiled now: auto uses it
     assert again.path == "static+compiled" and again.tokens == compiled.tokens
+
+
+def test_stage_settings_pass_compile_through() -> None:
+    from lmcraft.generation_settings import GenerationSettings, SamplingSettings
+
+    assert GenerationSettings().generation_config().compile == "auto"
+    assert SamplingSettings(compile=False).generation_config(seed=1).compile is False

@@ -1,6 +1,8 @@
 """The one generation-settings section of the stages that generate answers.
 
     max_new_tokens: 64     # answer length limit (tokens); alone: greedy answers (sft/dpo/ppo `samples`)
+    compile: auto          # torch.compile the decode step on a fixed-shape cache: true, false, or auto (when the
+                           # tokens to generate amortise the measured compile time; see lmcraft.generate.static)
     temperature: 1.0       # SamplingSettings (ppo rollouts, label-preferences): logits / T before sampling (> 0)
     top_k: 0               # keep the k most likely tokens (0 = off)
     top_p: 1.0             # keep the smallest set with probability >= p (1 = off)
@@ -11,7 +13,7 @@ import it); `generation_config` builds `lmcraft.generate.GenerationConfig` lazil
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -27,12 +29,13 @@ class GenerationSettings(Section):
     """Greedy answers of at most `max_new_tokens` tokens."""
 
     max_new_tokens: int = Field(64, ge=1)
+    compile: bool | Literal["auto"] = "auto"
 
     def generation_config(self, **fixed: Any) -> GenerationConfig:
         """The `GenerationConfig` of these settings; `fixed` adds the caller's (seed, eos/pad ids)."""
         from lmcraft.generate import GenerationConfig
 
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, **fixed)
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, compile=self.compile, **fixed)
 
 
 class SamplingSettings(GenerationSettings):
@@ -46,4 +49,4 @@ class SamplingSettings(GenerationSettings):
         from lmcraft.generate import GenerationConfig
 
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p, **fixed)
+                                top_k=self.top_k, top_p=self.top_p, compile=self.compile, **fixed)
