@@ -273,7 +273,7 @@ class Generation:
         capacity = static_capacity(self.input_ids.shape[1], c.max_new_tokens)
         why = static_unsupported(self.model, capacity, self.prefix is not None)
         if why is not None:
-            log.info("decoding on the dynamic cache: %s", why)
+            (log.warning if c.compile is True else log.info)("decoding eager on the dynamic cache: %s", why)
             return None
         return capacity
 

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -144,7 +145,7 @@ def shape_key(model: nn.Module, batch: int, capacity: int, dtype: torch.dtype, d
     return (id(model), batch, capacity, str(dtype), str(device))
 
 
-def _record_path(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):  # noqa: ANN202
+def _record_path(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> Path:
     from lmcraft.assets import cache_root
 
     text = json.dumps([asdict(model.config), batch, capacity, str(dtype), device.type, torch.__version__],
