@@ -38,11 +38,13 @@ def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:  # no
     return out[:, width:].tolist()
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("prompts", [[[1, 5, 9, 33, 70]], [[1, 5, 9, 33, 70, 11, 3], [1, 40], [1, 99, 7, 7]]])
-def test_greedy_tokens_equal_transformers(hf_llama, prompts: list[list[int]]) -> None:  # noqa: ANN001
+def test_greedy_tokens_equal_transformers(hf_llama, prompts: list[list[int]], cache: str) -> None:  # noqa: ANN001
     hf_model, folder = hf_llama
     ours = load_model(folder)
-    result = generate(ours, prompts, GenerationConfig(max_new_tokens=20, eos_token_ids=()))
+    result = generate(ours, prompts, GenerationConfig(max_new_tokens=20, eos_token_ids=(), cache=cache))
+    assert result.path == cache
     assert result.tokens == hf_greedy(hf_model, prompts, 20)
 
 

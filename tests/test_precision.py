@@ -51,6 +51,20 @@ def test_auto_follows_measurement_and_caches(tmp_path: Path, monkeypatch: pytest
     assert precision.resolve_precision("fp32", torch.device("cpu"), tmp_path).precision == "fp32"
 
 
+def test_decode_workload_measures_the_matrix_vector_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(precision, "measure_cpu_matmul", lambda: pytest.fail("decode measured the training matmul"))
+    monkeypatch.setattr(precision, "measure_cpu_matvec", _fake({"fp32": 2.0, "bf16": 1.0}, calls))
+    dtype, choice = precision.weights_dtype("auto", torch.device("cpu"), cache_dir=tmp_path)
+    assert dtype == torch.bfloat16 and "matrix-vector" in choice.reason
+    assert precision.weights_dtype("auto", torch.device("cpu"), cache_dir=tmp_path)[0] == torch.bfloat16
+    assert len(calls) == 1
+    assert (tmp_path / "precision" / f"{precision.cpu_key()}-decode.json").is_file()
+    assert precision.weights_dtype("fp32", torch.device("cpu"), cache_dir=tmp_path)[0] == torch.float32
+    with pytest.raises(ValueError, match="workload"):
+        precision.resolve_precision("auto", torch.device("cpu"), tmp_path, workload="serve")
+
+
 def test_real_measurement_is_sane() -> None:
     times = precision.measure_cpu_matmul()
     assert set(times) == {"fp32", "bf16"} and all(0 < t < 1 for t in times.values())

@@ -1,6 +1,8 @@
 """The one generation-settings section of the stages that generate answers.
 
     max_new_tokens: 64     # answer length limit (tokens); alone: greedy answers (sft/dpo/ppo `samples`)
+    compile: auto          # torch.compile the decode step on a fixed-shape cache: true, false, or auto (when the
+                           # tokens to generate amortise the measured compile time; see lmcraft.generate.static)
     temperature: 1.0       # SamplingSettings (ppo rollouts, label-preferences): logits / T before sampling (> 0)
     top_k: 0               # keep the k most likely tokens (0 = off)
     top_p: 1.0             # keep the smallest set with probability >= p (1 = off)
@@ -10,6 +12,8 @@ import it); `lmcraft.generate.GenerationConfig.from_settings` turns a section in
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -22,6 +26,7 @@ class GenerationSettings(Section):
     """Greedy answers of at most `max_new_tokens` tokens."""
 
     max_new_tokens: int = Field(64, ge=1)
+    compile: bool | Literal["auto"] = "auto"
 
 
 class SamplingSettings(GenerationSettings):

@@ -1,10 +1,17 @@
-"""`precision: auto`: choose bf16 autocast or fp32 for the device at hand, by measurement on CPUs.
+"""`precision: auto`: choose bf16 or fp32 for the device and the work at hand, by measurement on CPUs.
 
-Rule: CUDA with bf16 support -> bf16; CUDA without -> fp32; CPU -> a sub-second micro-benchmark (a fixed
-N x N matmul in fp32 and in bf16, best of a few repeats each) -> bf16 when its best time t_bf16 satisfies
-t_bf16 * MARGIN < t_fp32 (bf16 clearly faster, e.g. CPUs with AMX), else fp32 (e.g. AVX2-only CPUs, where bf16
-matmul runs at about half fp32 speed). The CPU result is cached in `<cache>/precision/<key>.json`, the key being a
-hash of the CPU model name, its flags and the torch version, so the measurement runs once per machine.
+Rule: CUDA with bf16 support -> bf16; CUDA without -> fp32; CPU -> a sub-second micro-benchmark of the product
+that dominates the work, in fp32 and in bf16, best of a few repeats each -> bf16 when its best time t_bf16
+satisfies t_bf16 * MARGIN < t_fp32, else fp32. Two workloads:
+
+- "train" (training, batched scoring): a fixed N x N matmul, compute-bound. bf16 wins on CPUs with AMX; on
+  AVX2-only CPUs bf16 matmul runs at about half fp32 speed.
+- "decode" (token-by-token generation, whose steps read every weight once): y = W x with W (8192 x 4096), 128 MiB
+  in fp32, larger than CPU caches, so memory-bound: bf16 weights halve the bytes read, which can win even where
+  bf16 arithmetic is slow.
+
+Each CPU result is cached in `<cache>/precision/<key>.json` ("decode": `<key>-decode.json`), the key being a
+hash of the CPU model name, its flags and the torch version, so a measurement runs once per machine.
 
 `LMCRAFT_AUTO_PRECISION=fp32|bf16` fixes what `auto` resolves to (the same numbers on every kind of machine: the
 test suite sets fp32).
@@ -25,13 +32,16 @@ import torch
 
 from lmcraft import io
 
-__all__ = ["MARGIN", "PrecisionChoice", "cpu_key", "measure_cpu_matmul", "resolve_precision"]
+__all__ = ["DTYPES", "MARGIN", "WORKLOADS", "PrecisionChoice", "cpu_key", "measure_cpu_matmul",
+           "measure_cpu_matvec", "resolve_precision", "weights_dtype"]
 
 log = logging.getLogger("lmcraft.precision")
 
 MARGIN = 1.15  # bf16 must be at least 15% faster than fp32 to be chosen
 _SIZE = 512
 _REPEATS = 5
+_MATVEC = (8192, 4096)  # (out, in) features of the decode benchmark's weight: 128 MiB in fp32
+WORKLOADS = ("train", "decode")
 
 
 @dataclass(frozen=True)
@@ -70,27 +80,40 @@ def has_amx() -> bool:
     return "amx_bf16" in _cpu_info()[1].split()
 
 
-def _best_time(dtype: torch.dtype) -> float:
-    a = torch.randn(_SIZE, _SIZE).to(dtype)
-    b = torch.randn(_SIZE, _SIZE).to(dtype)
-    torch.mm(a, b)  # warm-up
+def _best_time(dtype: torch.dtype, batch: int, out_features: int, in_features: int) -> float:
+    """Best seconds of x @ W^T, x (batch, in), W (out, in), in `dtype`."""
+    x = torch.randn(batch, in_features).to(dtype)
+    w = torch.randn(out_features, in_features).to(dtype)
+    torch.nn.functional.linear(x, w)  # warm-up
     best = float("inf")
     for _ in range(_REPEATS):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        torch.nn.functional.linear(x, w)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def measure_cpu_matmul() -> dict[str, float]:
     """Best-of-`_REPEATS` seconds of one `_SIZE`x`_SIZE` matmul in fp32 and in bf16 on the CPU."""
-    return {"fp32": _best_time(torch.float32), "bf16": _best_time(torch.bfloat16)}
+    return {name: _best_time(dtype, _SIZE, _SIZE, _SIZE) for name, dtype in (("fp32", torch.float32),
+                                                                            ("bf16", torch.bfloat16))}
 
 
-def _cpu_choice(cache_dir: str | Path | None) -> PrecisionChoice:
+def measure_cpu_matvec() -> dict[str, float]:
+    """Best-of-`_REPEATS` seconds of one matrix-vector product with a `_MATVEC` weight in fp32 and in bf16."""
+    return {name: _best_time(dtype, 1, *_MATVEC) for name, dtype in (("fp32", torch.float32),
+                                                                    ("bf16", torch.bfloat16))}
+
+
+def _describe(workload: str) -> str:
+    return f"{_SIZE}x{_SIZE} matmul" if workload == "train" else f"{_MATVEC[0]}x{_MATVEC[1]} matrix-vector product"
+
+
+def _cpu_choice(cache_dir: str | Path | None, workload: str) -> PrecisionChoice:
     from lmcraft.io import cache_root
 
-    path = cache_root(cache_dir) / "precision" / f"{cpu_key()}.json"
+    suffix = "" if workload == "train" else f"-{workload}"
+    path = cache_root(cache_dir) / "precision" / f"{cpu_key()}{suffix}.json"
     cached = ""
     times = None
     if path.is_file():
@@ -100,20 +123,25 @@ def _cpu_choice(cache_dir: str | Path | None) -> PrecisionChoice:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             times = None
     if times is None:
-        times = measure_cpu_matmul()
+        times = measure_cpu_matmul() if workload == "train" else measure_cpu_matvec()
         try:
-            io.write_json(path, {"cpu": _cpu_info()[0], "torch": torch.__version__, "seconds": times})
+            io.write_json(path, {"cpu": _cpu_info()[0], "torch": torch.__version__, "workload": workload,
+                                 "seconds": times})
         except OSError as err:
             log.warning("cannot cache the precision measurement in %s (%s)", path, err)
     fast = times["bf16"] * MARGIN < times["fp32"]
     ratio = times["fp32"] / times["bf16"] if times["bf16"] > 0 else float("inf")
     return PrecisionChoice("bf16" if fast else "fp32",
-                           f"CPU {_SIZE}x{_SIZE} matmul: fp32 {times['fp32'] * 1e3:.2f} ms, bf16 "
+                           f"CPU {_describe(workload)}: fp32 {times['fp32'] * 1e3:.2f} ms, bf16 "
                            f"{times['bf16'] * 1e3:.2f} ms (bf16 {ratio:.2f}x fp32 speed; needs > {MARGIN}x){cached}")
 
 
-def resolve_precision(requested: str, device: torch.device, cache_dir: str | Path | None = None) -> PrecisionChoice:
-    """"fp32"/"bf16" as asked; "auto" -> bf16 on CUDA with bf16 support, measured on CPU (see module doc)."""
+def resolve_precision(requested: str, device: torch.device, cache_dir: str | Path | None = None,
+                      workload: str = "train") -> PrecisionChoice:
+    """"fp32"/"bf16" as asked; "auto" -> bf16 on CUDA with bf16 support, measured for `workload` ("train" or
+    "decode") on CPU (see module doc)."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"precision workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     if requested != "auto":
         return PrecisionChoice(requested, "set in the config")
     fixed = os.environ.get("LMCRAFT_AUTO_PRECISION")
@@ -123,5 +151,18 @@ def resolve_precision(requested: str, device: torch.device, cache_dir: str | Pat
         ok = torch.cuda.is_bf16_supported()
         return PrecisionChoice("bf16" if ok else "fp32", f"CUDA {'supports' if ok else 'lacks'} bf16")
     if device.type == "cpu":
-        return _cpu_choice(cache_dir)
+        return _cpu_choice(cache_dir, workload)
     return PrecisionChoice("fp32", f"no bf16 rule for device {device.type}")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def weights_dtype(requested: str, device: torch.device, workload: str = "decode",
+                  cache_dir: str | Path | None = None) -> tuple[torch.dtype, PrecisionChoice]:
+    """(dtype to load the weights in, the choice) for inference: "fp32"/"bf16" as asked, "auto" resolved for
+    `workload` (default "decode": generation), logged."""
+    choice = resolve_precision(requested, device, cache_dir, workload)
+    if requested == "auto":
+        log.info("precision auto -> %s for %s (%s)", choice.precision, workload, choice.reason)
+    return DTYPES[choice.precision], choice

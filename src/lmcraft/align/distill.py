@@ -282,8 +282,11 @@ class Distillation(AlignmentMethod):
             teacher = self._teacher(run)
         generation = None
         if s.on_policy.fraction > 0:
+            from lmcraft.generate import GenerationConfig
+
             tok = run.start.tokenizer
-            generation = s.on_policy.generation_config(eos_token_ids=tok.eos_token_ids, pad_token_id=run.train.pad_id)
+            generation = GenerationConfig.from_settings(s.on_policy, eos_token_ids=tok.eos_token_ids,
+                                                        pad_token_id=run.train.pad_id)
         return TrainPlan(DistillLossFn(spec, teacher, s.on_policy.fraction, generation), run.train, run.evaluation,
                          start_evaluation=True)
 

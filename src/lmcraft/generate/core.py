@@ -15,12 +15,19 @@ The cache holds `P + max_new_tokens` positions from the start (no reallocation),
 logits for one position only, and each decode step runs one forward and one `tolist()`. During a run the
 decode fast path of `fast_decode.py` is installed (single-token attention; q/k/v and gate/up weights of plain
 linear layers held stacked, one matrix product each instead of three and two; `fuse=False` saves that memory).
+
+`cache="static"` or `compile` (True/"auto") decodes on the fixed-shape cache of `static.py`, where one decode step
+has the same shapes at every position and `torch.compile` compiles it once (`compile: auto` compiles only when
+the run amortises it). Models it does not cover (adapters, prefix tuning, short sliding windows) decode on the
+path above, with a log line saying why.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +38,17 @@ from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
+from lmcraft.generate.static import StaticDecoder, StaticKVCache, static_capacity, static_unsupported
 from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
 from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 from lmcraft.models.config import ModelConfig
+from lmcraft.models.layers import KVCache
 from lmcraft.models.model import Prefix
 
+log = logging.getLogger("lmcraft.generate")
+
+COMPILE_MODES = (False, True, "auto")
+CACHE_KINDS = ("dynamic", "static")
 
 class GenerationError(LmcraftError):
     """Generation cannot run with these inputs (empty prompt, too long for the model, not a decoder)."""
@@ -61,6 +74,8 @@ class GenerationConfig:
     stop_strings: Sequence[str] = ()
     pad_token_id: int | None = None
     seed: int | None = None
+    compile: bool | str = False
+    cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +91,9 @@ class GenerationConfig:
                 raise ConfigError(
                     f"generation setting {name}={getattr(self, name)!r} is out of range: expected {expected}."
                 )
+        if self.compile not in COMPILE_MODES or self.cache not in CACHE_KINDS:
+            raise ConfigError(f"generation setting compile={self.compile!r} / cache={self.cache!r}: expected compile "
+                              "true, false or 'auto' and cache 'dynamic' or 'static'.")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
 
@@ -90,8 +108,8 @@ class GenerationConfig:
         caller's seed and eos/pad ids."""
         if isinstance(settings, SamplingSettings):
             return cls(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
-                       top_k=settings.top_k, top_p=settings.top_p, **fixed)
-        return cls(max_new_tokens=settings.max_new_tokens, **fixed)
+                       top_k=settings.top_k, top_p=settings.top_p, compile=settings.compile, **fixed)
+        return cls(max_new_tokens=settings.max_new_tokens, compile=settings.compile, **fixed)
 
 
 @dataclass
@@ -104,6 +122,7 @@ class GenerationResult:
     elapsed_s: float
     prefill_s: float
     texts: list[str] | None = None  # decoded new text per row when a tokenizer was given (stop string cut)
+    path: str = "dynamic"  # the decode path that ran: "dynamic", "static" or "static+compiled"
 
     @property
     def num_new_tokens(self) -> int:
@@ -172,6 +191,7 @@ class Generation:
             contexts = self._prompt_contexts()
             self.trackers = [TextTracker(tokenizer, self.config.stop_strings, c) for c in contexts]
         self.elapsed_s = self.prefill_s = 0.0
+        self.path = "dynamic"
         self._done = False
 
     # ----------------------------------------------------------------------------------------- inputs
@@ -250,13 +270,27 @@ class Generation:
         model.eval()
         start = time.perf_counter()
         try:
-            with fast_decoding(model, fuse=self.fuse):
-                yield from self._decode()
+            with ExitStack() as stack:
+                yield from self._decode(stack)
         finally:
             self.elapsed_s = time.perf_counter() - start
             model.train(was_training)
 
-    def _decode(self) -> Iterator[list[int | None]]:
+    def _static_capacity(self) -> int | None:
+        """The static cache's capacity when this run decodes on it, else None (with the reason logged)."""
+        c = self.config
+        if c.compile is False and c.cache == "dynamic":
+            return None
+        capacity = static_capacity(self.input_ids.shape[1], c.max_new_tokens)
+        why = static_unsupported(self.model, capacity, self.prefix is not None)
+        if why is not None:
+            (log.warning if c.compile is True else log.info)("decoding eager on the dynamic cache: %s", why)
+            return None
+        return capacity
+
+    def _decode(self, stack: ExitStack) -> Iterator[list[int | None]]:
+        """Prefill, then one step per token: on the dynamic cache with the fast-decode modules, or on the static
+        cache through a `StaticDecoder`; `stack` holds the fast-decode modules while they are installed."""
         model, c = self.model, self.config
         if c.max_new_tokens == 0:
             return
@@ -264,34 +298,65 @@ class Generation:
         ids, mask = self.input_ids, self.attention_mask
         rows, width = ids.shape
         extra = {} if self.prefix is None else {"prefix": self.prefix}
+        capacity = self._static_capacity()
+
+        def install_fast() -> None:
+            stack.enter_context(fast_decoding(model, fuse=self.fuse))
+
         with torch.inference_mode():
-            cache = model.new_cache(rows, width + c.max_new_tokens)
+            if capacity is None:
+                install_fast()
+                cache = model.new_cache(rows, width + c.max_new_tokens)
+            else:
+                param = model.get_input_embeddings().weight
+                cache = StaticKVCache(model.config, rows, capacity, param.dtype, param.device)
             if mask is None:
                 positions = torch.arange(width, device=ids.device).expand(rows, -1)
-                full_mask = None
             else:
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
-                full_mask[:, :width] = mask
             logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            logits_to_keep=1, **extra).logits[:, -1]
             chooser = self._chooser()
             chooser.observe_prompt(ids, mask, logits.shape[-1])
             next_pos = positions[:, -1:] + 1
+            if capacity is None:
+                step = self._dynamic_step(cache, mask, next_pos, extra)
+            else:
+                visible = torch.zeros(rows, capacity, dtype=torch.bool, device=ids.device)
+                visible[:, :width] = True if mask is None else mask.bool()
+                cache.start_decoding()
+                step = StaticDecoder(model, cache, visible, next_pos, c.compile, c.max_new_tokens - 1, install_fast)
         self.prefill_s = time.perf_counter() - start
-        for step in range(c.max_new_tokens):
+        for i in range(c.max_new_tokens):
             with torch.inference_mode():
                 chosen = chooser(logits)
                 chooser.observe(chosen)
                 entries = self._record(chosen.tolist())
             yield entries
-            if step == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
+            if i == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
                 break
             with torch.inference_mode():
-                step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
-                logits = model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
-                               past_key_values=cache, **extra).logits[:, -1]
-                next_pos = next_pos + 1
+                logits = step(chosen)
+        self.path = getattr(step, "path", "dynamic")
+
+    def _dynamic_step(self, cache: KVCache, mask: torch.Tensor | None, next_pos: torch.Tensor,
+                      extra: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One decode step on the dynamic cache: the attention mask grows by a column per step."""
+        rows, width = self.input_ids.shape
+        full_mask = None
+        if mask is not None:
+            full_mask = torch.ones(rows, width + self.config.max_new_tokens, dtype=mask.dtype, device=mask.device)
+            full_mask[:, :width] = mask
+        positions = [next_pos]
+
+        def step(chosen: torch.Tensor) -> torch.Tensor:
+            step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+            logits = self.model(chosen[:, None], attention_mask=step_mask, position_ids=positions[0],
+                                past_key_values=cache, **extra).logits[:, -1]
+            positions[0] = positions[0] + 1
+            return logits
+
+        return step
 
     def result(self) -> GenerationResult:
         reasons = [r or "length" for r in self.finish_reasons]
@@ -304,7 +369,8 @@ class Generation:
             else:
                 texts = [decode_continuation(self.tokenizer, ctx, toks)
                          for ctx, toks in zip(self._prompt_contexts(), self.tokens, strict=True)]
-        return GenerationResult(self.tokens, reasons, self.prompt_lengths, self.elapsed_s, self.prefill_s, texts)
+        return GenerationResult(self.tokens, reasons, self.prompt_lengths, self.elapsed_s, self.prefill_s, texts,
+                                self.path)
 
 
 def generate(

@@ -26,7 +26,8 @@ from lmcraft.stages import add_config_arguments, claim, load_stage_config
 
 class ModelSection(Section):
     """path: model folder, .gguf file or model asset name. adapter: a PEFT adapter folder (LoRA, prompt tuning,
-    prefix tuning...) put on the model. chat: use the chat template (default: when the tokenizer has one)."""
+    prefix tuning...) put on the model. chat: use the chat template (default: when the tokenizer has one).
+    dtype: fp32, bf16, auto (bf16 where measured faster for batched scoring) or unset (the checkpoint's dtype)."""
 
     path: str
     adapter: Path | None = None

@@ -1,8 +1,9 @@
 """`compile: auto | true | false`: torch.compile of the model's forward for training, with a persistent cache.
 
 Rule of `auto`: compile only when it pays back. After the first (eager) optimizer step, with its measured time
-t_step, compile when remaining_steps * t_step > AMORTISE * TYPICAL_COMPILE_S, i.e. the eager run left is at
-least 20 times longer than a typical compile (TYPICAL_COMPILE_S seconds), so tests and short runs stay eager.
+t_step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run left is at least 20
+times longer than the compile (t_compile: TYPICAL_COMPILE_S seconds unless the caller knows better, e.g.
+generation's measured compile times), so tests and short runs stay eager.
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
 second run of the same model skips most of the work. A failure to compile is reported and the run goes on eager.
 """
@@ -15,7 +16,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "should_compile"]
+__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "prepare_compile", "should_compile"]
 
 log = logging.getLogger("lmcraft.train")
 
@@ -23,27 +24,34 @@ AMORTISE = 20
 TYPICAL_COMPILE_S = 60.0
 
 
-def should_compile(mode: str | bool, remaining_steps: int, step_seconds: float) -> bool:
+def should_compile(mode: str | bool, remaining_steps: int, step_seconds: float,
+                   compile_seconds: float = TYPICAL_COMPILE_S) -> bool:
     """True/False as asked; "auto" by the amortisation rule in the module doc."""
     if mode != "auto":
         return bool(mode)
-    return remaining_steps * step_seconds > AMORTISE * TYPICAL_COMPILE_S
+    return remaining_steps * step_seconds > AMORTISE * compile_seconds
+
+
+def prepare_compile() -> None:
+    """Before any torch.compile: the persistent inductor cache under the lmcraft cache (unless
+    TORCHINDUCTOR_CACHE_DIR is set), and graphs that fail to compile run eager instead of stopping the run."""
+    import torch._dynamo
+
+    from lmcraft.io import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    torch._dynamo.config.suppress_errors = True
 
 
 def compile_model(model: nn.Module) -> bool:
     """Compile `model`'s forward in place (names and state dict unchanged); False, with a message, on failure."""
-    import torch
-    import torch._dynamo
-
-    from lmcraft.io import cache_root
     from lmcraft.models.rope import RotaryEmbedding
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    prepare_compile()
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding) and max_pos:
             m.reserve(int(max_pos))  # no data-dependent table sizing inside the graph
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eager instead of stopping
     try:
         model.compile()
     except Exception as err:  # noqa: BLE001 - any compiler failure: say so and train eager

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One command on a fresh CUDA machine: install lmcraft, run the parity and device tests, the generation and training
+# benchmarks on the GPU, and print one summary table (the benchmarks' own tables come above it).
+#
+#   bash bench/gpu_check.sh            # from the repository root; PYTHON=python3.12 to choose the interpreter
+#   SKIP_INSTALL=1 bash bench/gpu_check.sh
+#
+# torch: the one already installed is kept when it sees a GPU; otherwise the CUDA wheel is installed first
+# (TORCH_INDEX, default the cu126 index of download.pytorch.org). Budget: under 5 minutes on one recent GPU
+# (tests ~1 min, generation ~2 min with its compile warm-up, training ~1 min). Logs: $OUT (default
+# /tmp/lmcraft-gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-${TMPDIR:-/tmp}/lmcraft-gpu-check}
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu126}
+mkdir -p "$OUT"
+declare -a ROWS=()
+
+step() {  # step NAME LOG COMMAND...: run, time, record "| NAME | ok/FAILED (rc) | seconds | last summary line |"
+  local name=$1 log=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name" >&2
+  "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  local status="ok"; [ "$rc" -ne 0 ] && status="FAILED (rc $rc)"
+  local summary
+  summary=$(grep -E "passed|failed|^ratio:|error" "$OUT/$log" | tail -n 1 | cut -c1-150)
+  ROWS+=("| $name | $status | $((SECONDS - start)) | ${summary:-see $OUT/$log} |")
+}
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  if [ -z "${SKIP_INSTALL:-}" ]; then
+    step "install torch (CUDA wheel)" install-torch.log "$PY" -m pip install -q torch --index-url "$TORCH_INDEX"
+  fi
+fi
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  step "install lmcraft[dev,bench]" install.log "$PY" -m pip install -q -e '.[dev,bench]'
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')" | tee "$OUT/device.log"
+
+step "device + parity tests" tests.log "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+  tests/test_devices.py tests/test_generate_static.py tests/test_generate_parity.py tests/test_precision.py
+step "generation bench (cuda)" generate.log "$PY" -m bench.bench_generate --device cuda --precisions auto fp32 \
+  --compile --new-tokens 64 --repeats 3
+step "training bench (cuda)" train.log "$PY" -m bench.bench_train --device cuda --precisions fp32 bf16 \
+  --batch 16 --seq-len 512 --repeats 5 --matmul-size 8192
+
+echo
+echo "| check | status | seconds | summary |"
+echo "|---|---|---|---|"
+printf '%s\n' "${ROWS[@]}"
+grep -q FAILED <<<"${ROWS[*]}" && exit 1
+exit 0

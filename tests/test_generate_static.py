@@ -1,0 +1,100 @@
+"""The static decode path (`generate/static.py`): the same tokens as the dynamic-cache path, eager and compiled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcraft.errors import ConfigError
+from lmcraft.generate import GenerationConfig, generate
+from lmcraft.generate.static import BUCKET, StaticKVCache, static_capacity
+
+BATCH_1 = [[5, 6, 7, 8, 9, 10, 11]]
+PADDED_3 = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13]]  # left-padded to width 5
+
+
+def greedy(model: torch.nn.Module, prompts: list[list[int]], **settings: object):  # noqa: ANN201 - a result
+    return generate(model, prompts, GenerationConfig(max_new_tokens=24, eos_token_ids=(), **settings))
+
+
+@pytest.mark.parametrize("prompts", [BATCH_1, PADDED_3], ids=["batch1", "padded3"])
+@pytest.mark.parametrize("fields", [{}, {"num_kv_heads": 2}, {"position": "learned", "mlp": "plain",
+                                                             "norm": "layernorm", "activation": "gelu"}],
+                         ids=["mha", "gqa", "gpt2-like"])
+def test_static_eager_equals_dynamic_eager(tiny_model: Callable[..., torch.nn.Module], prompts: list[list[int]],
+                                           fields: dict) -> None:
+    model = tiny_model(vocab_size=97, **fields).eval()
+    dynamic, static = greedy(model, prompts), greedy(model, prompts, cache="static")
+    assert (dynamic.path, static.path) == ("dynamic", "static")
+    assert static.tokens == dynamic.tokens
+
+
+def test_static_step_logits_match_the_full_forward(tiny_model: Callable[..., torch.nn.Module]) -> None:
+    """One static step's logits for each row equal the uncached forward over the row's whole (unpadded) sequence."""
+    from lmcraft.generate.static import decode_step
+
+    model = tiny_model(vocab_size=97, num_kv_heads=2).eval()
+    ids = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    nxt = torch.tensor([9, 10])
+    cache = StaticKVCache(model.config, 2, 64, torch.float32)
+    with torch.inference_mode():
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        visible = torch.zeros(2, 64, dtype=torch.bool)
+        visible[:, :4] = mask.bool()
+        cache.start_decoding()
+        logits = decode_step(model, nxt[:, None], positions[:, -1:] + 1, cache, visible)
+        assert int(cache.index) == 5 and bool(visible[:, 4].all())
+        for row, real in enumerate(([3, 4], [5, 6, 7, 8])):
+            full = model(torch.tensor([[*real, int(nxt[row])]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], full, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_is_bucketed() -> None:
+    assert static_capacity(5, 24) == BUCKET and static_capacity(BUCKET, 1) == 2 * BUCKET
+
+
+def test_unsupported_models_decode_on_the_dynamic_cache(tiny_model: Callable[..., torch.nn.Module]) -> None:
+    model = tiny_model(vocab_size=97, sliding_window=4).eval()
+    assert greedy(model, BATCH_1, cache="static").path == "dynamic"
+
+
+def test_compile_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match="compile"):
+        GenerationConfig(compile="yes")
+    with pytest.raises(ConfigError, match="cache"):
+        GenerationConfig(cache="paged")
+
+
+def test_auto_stays_eager_when_compiling_does_not_pay(tiny_model: Callable[..., torch.nn.Module], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path))  # no recorded compile time: the typical 60 s applies
+    model = tiny_model(vocab_size=97).eval()
+    result = greedy(model, BATCH_1, compile="auto")
+    assert result.path == "static"
+    assert result.tokens == greedy(model, BATCH_1).tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", [BATCH_1, PADDED_3], ids=["batch1", "padded3"])
+def test_compiled_greedy_equals_eager(tiny_model: Callable[..., torch.nn.Module], prompts: list[list[int]],
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = tiny_model(vocab_size=97, num_kv_heads=2).eval()
+    compiled = greedy(model, prompts, compile=True)
+    assert compiled.path == "static+compiled"
+    assert compiled.tokens == greedy(model, prompts).tokens
+    again = greedy(model, prompts, compile="auto")  # this shape is compiled now: auto uses it
+    assert again.path == "static+compiled" and again.tokens == compiled.tokens
+
+
+def test_stage_settings_pass_compile_through() -> None:
+    from lmcraft.generation_settings import GenerationSettings, SamplingSettings
+
+    assert GenerationSettings().generation_config().compile == "auto"
+    assert SamplingSettings(compile=False).generation_config(seed=1).compile is False
