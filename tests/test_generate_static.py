@@ -96,5 +96,5 @@ def test_compiled_greedy_equals_eager(tiny_model: Callable[..., torch.nn.Module]
 def test_stage_settings_pass_compile_through() -> None:
     from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 
-    assert GenerationSettings().generation_config().compile == "auto"
-    assert SamplingSettings(compile=False).generation_config(seed=1).compile is False
+    assert GenerationConfig.from_settings(GenerationSettings()).compile == "auto"
+    assert GenerationConfig.from_settings(SamplingSettings(compile=False), seed=1).compile is False
