@@ -303,4 +303,9 @@ def test_model_steps_in_prepare_write_scores_and_histograms(models: dict[str, Pa
     buckets = [r["meta"]["perplexity_bucket"] for r in rows]
     assert buckets.count("head") == 3 and buckets.count("middle") == 3 and buckets.count("tail") == 2
     assert all(0 <= r["meta"]["toxicity"] <= 1 for r in rows)
-    assert "## Scores: perplexity" in (tmp_path / "w1" / "report.md").read_text()
+    report = (tmp_path / "w1" / "report.md").read_text()
+    assert "## Scores: perplexity" in report and "![score histograms](report-scores.png)" in report
+    assert (tmp_path / "w1" / "report-scores.png").stat().st_size > 0
+    (removed,) = stats["perplexity"]["examples"]  # the one document above `max`, with its score
+    assert removed["reason"] == "too_high" and removed["score"] == pytest.approx(ppl[-1], rel=1e-4)
+    assert texts[int(removed["id"].rsplit(":", 1)[-1]) - 1].startswith(removed["text"])

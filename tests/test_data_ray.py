@@ -18,7 +18,7 @@ pytest.importorskip("ray", reason="the Ray executor needs Ray (pip install 'lmcr
 def _files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "report.png" and not p.name.startswith(".lmcraft")}
+            if p.is_file() and p.suffix != ".png" and not p.name.startswith(".lmcraft")}
 
 
 @pytest.mark.slow  # starting a local Ray cluster with 2 workers: about 30 s on a shared 2-core machine
