@@ -12,7 +12,7 @@ import pytest
 from lmcraft.cli import main
 from test_data_prepare import _paragraph
 
-pytest.importorskip("ray", reason="the Ray executor needs Ray (pip install 'lmcraft[ray]'); not in the dev extra")
+pytest.importorskip("ray", reason="the Ray executor needs Ray (pip install 'lmcraft[ray]', also in the dev extra)")
 
 
 def _files(folder: Path) -> dict[str, str]:
