@@ -123,6 +123,11 @@ def _one_line(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _short_id(doc_id: str) -> str:
+    """A document id without its folders (`/data/a/speech.txt#3` -> `speech.txt#3`)."""
+    return doc_id.rsplit("/", 1)[-1]
+
+
 def _scores(meta: dict[str, Any]) -> str:
     """The numeric metadata of a document (model scores), `key=value` joined."""
     return ", ".join(f"{k}={v:g}" for k, v in meta.items() if isinstance(v, int | float) and not isinstance(v, bool))
@@ -139,7 +144,7 @@ def _example_sections(stats: dict[str, Any], width: int = 160) -> list[str]:
     esc = str.maketrans({"|": "\\|", "<": "&lt;", ">": "&gt;"})
 
     def row(kind: str, where: str, ex: dict[str, Any], score: str) -> str:
-        return f"| {kind} | {where} | `{ex['id']}` | {score} | {_one_line(ex['text'], width).translate(esc)} |"
+        return f"| {kind} | {where} | `{_short_id(ex['id'])}` | {score} | {_one_line(ex['text'], width).translate(esc)} |"
 
     lines += [row("kept", "", ex, _scores(ex.get("meta", {}))) for ex in kept]
     lines += [row("removed", f"{name}: {ex['reason']}", ex, "" if ex.get("score") is None else f"{ex['score']:.4g}")
@@ -188,9 +193,9 @@ def _plot_examples(stats: dict[str, Any], path: Path, chars: int = 300, width: i
         body = textwrap.fill(_one_line(text, chars), width)
         return f"{header}\n{body}"
 
-    left = [box(f"{ex['id']}  {_scores(ex.get('meta', {}))}", ex["text"]) for ex in kept]
+    left = [box(f"{_short_id(ex['id'])}  {_scores(ex.get('meta', {}))}", ex["text"]) for ex in kept]
     right = [box(f"{name}: {ex['reason']}" + ("" if ex.get("score") is None else f" ({ex['score']:.4g})")
-                 + f"  {ex['id']}", ex["text"]) for name, ex in removed]
+                 + f"  {_short_id(ex['id'])}", ex["text"]) for name, ex in removed]
     rows = max(len(left), len(right))
     plt = _pyplot()
     fig, axes = plt.subplots(rows, 2, figsize=(16, 1.9 * rows + 0.6), squeeze=False)
