@@ -1,7 +1,7 @@
 """Quality filtering on real corpora, and whether it pays: `recipes/prepare-quality.yaml` end to end.
 
     python docs/results/prepare-quality.py [PHASE ...]   # tokenizer reference classifier thresholds
-    #   prepare compare publish (default: all, in that order)
+    #   prepare unfiltered filtered publish (default: all, in that order)
 
 Corpora: State of the Union speeches 1790-2016, Moby-Dick, Shakespeare's plays, the c4-demo web sample and the
 wiki-demo articles (lmcraft assets). The speeches of 2017-2021 are held out of everything (tokenizer, scoring
@@ -15,9 +15,9 @@ models, both pre-training corpora): they are the clean evaluation text.
   mechanically by source: `high` = 75 passages of speeches before 2017 + 75 passages of wiki-demo (120 words each),
   `low` = the 150 even-numbered c4-demo documents. It learns "encyclopaedic/oratorical prose vs generic web
   text", the FineWeb-Edu recipe with source labels instead of LLM ratings.
-`prepare` runs the recipe; `compare` pre-trains the same 1.3M GPT with the same token budget (steps x batch x
-seq_len) on the kept documents and on the unfiltered training corpora, two seeds each, and reads the loss on the
-held-out speeches; `publish` writes docs/results/prepare-quality.md and its PNGs.
+`prepare` runs the recipe; `unfiltered` and `filtered` pre-train the same 0.36M GPT with the same token budget
+(steps x batch x seq_len) on the unfiltered training corpora and on the kept documents, two seeds side by side,
+and read the loss on the held-out speeches; `publish` writes docs/results/prepare-quality.md and its PNGs.
 """
 
 from __future__ import annotations
@@ -158,21 +158,26 @@ def pretrain(name: str, inputs: list, seed: int) -> subprocess.Popen:
         "output_dir": str(RUNS / f"prepare-quality-{name}-seed{seed}")}), "--overwrite", wait=False)
 
 
-def compare() -> None:
-    """Both corpora side by side (two single-threaded processes), one seed after the other; the loss (nats per
-    token) on the held-out speeches at the end of each run goes to compare.json."""
-    filtered = [{"path": str(RUNS / "prepare-quality" / "parts" / "*.jsonl.zst"), "format": "jsonl"}]
-    results = {}
-    for seed in SEEDS:
-        procs = {name: pretrain(name, inputs, seed) for name, inputs in (("filtered", filtered),
-                                                                          ("unfiltered", train_inputs()))}
-        for name, proc in procs.items():
-            if proc.wait() != 0:
-                raise SystemExit(f"pre-training {name} (seed {seed}) failed")
-            metrics = RUNS / f"prepare-quality-{name}-seed{seed}" / "metrics.jsonl"
-            evals = [json.loads(line) for line in metrics.read_text().splitlines() if "eval_loss" in line]
-            results[f"{name}/{seed}"] = evals[-1]["eval_loss"]
-        (WORK / "compare.json").write_text(json.dumps(results, indent=2))
+def _compare(name: str, inputs: list) -> None:
+    """Pre-train on one corpus, the seeds side by side (single-threaded processes); the loss (nats per token) on
+    the held-out speeches at the end of each run goes into compare.json."""
+    procs = {seed: pretrain(name, inputs, seed) for seed in SEEDS}
+    file = WORK / "compare.json"
+    results = json.loads(file.read_text()) if file.is_file() else {}
+    for seed, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"pre-training {name} (seed {seed}) failed")
+        metrics = RUNS / f"prepare-quality-{name}-seed{seed}" / "metrics.jsonl"
+        results[f"{name}/{seed}"] = _last(metrics, "eval_loss")["eval_loss"]
+    file.write_text(json.dumps(results, indent=2))
+
+
+def unfiltered() -> None:
+    _compare("unfiltered", train_inputs())
+
+
+def filtered() -> None:
+    _compare("filtered", [{"path": str(RUNS / "prepare-quality" / "parts" / "*.jsonl.zst"), "format": "jsonl"}])
 
 
 TEMPLATE = """# Quality filtering on five real corpora, and whether it pays
@@ -295,7 +300,8 @@ def publish() -> None:
 
 
 if __name__ == "__main__":
-    table = {f.__name__: f for f in (tokenizer, reference, classifier, thresholds, prepare, compare, publish)}
+    table = {f.__name__: f for f in (tokenizer, reference, classifier, thresholds, prepare, unfiltered, filtered,
+                                      publish)}
     WORK.mkdir(parents=True, exist_ok=True)
     for phase in sys.argv[1:] or list(table):
         table[phase]()
