@@ -3,20 +3,20 @@
     python docs/results/prepare-quality.py [PHASE ...]   # tokenizer reference classifier thresholds
     #   prepare unfiltered filtered publish (default: all, in that order)
 
-Corpora: State of the Union speeches 1790-2016, Moby-Dick, Shakespeare's plays, the c4-demo web sample and the
-wiki-demo articles (lmcraft assets). The speeches of 2017-2021 are held out of everything (tokenizer, scoring
-models, both pre-training corpora): they are the clean evaluation text.
+Corpora: the samples of State of the Union speeches, Moby-Dick, Shakespeare's plays, the c4-demo web pages and
+the wiki-demo articles that the recipe names (lmcraft assets). The speeches of 2017-2021 are held out of
+everything (tokenizer, scoring models, both pre-training corpora): they are the clean evaluation text.
 
 `tokenizer`, `reference` and `classifier` train what the recipe's model steps use:
 - a 4,096-token byte-level BPE on the training corpora;
-- the perplexity reference: a 1.3M-parameter GPT pre-trained on wiki-demo only (CCNet scores against a
+- the perplexity reference: a 0.36M-parameter GPT pre-trained on wiki-demo only (CCNet scores against a
   Wikipedia-trained model);
 - the quality classifier: MiniLM-L6 fine-tuned (`lmcraft finetune`, task cls) on 300 examples labelled
   mechanically by source: `high` = 75 passages of speeches before 2017 + 75 passages of wiki-demo (120 words each),
   `low` = the 150 even-numbered c4-demo documents. It learns "encyclopaedic/oratorical prose vs generic web
   text", the FineWeb-Edu recipe with source labels instead of LLM ratings.
 `prepare` runs the recipe; `unfiltered` and `filtered` pre-train the same 0.36M GPT with the same token budget
-(steps x batch x seq_len) on the unfiltered training corpora and on the kept documents, two seeds side by side,
+(steps x batch x seq_len) on the recipe's inputs read raw and on the kept documents, two seeds side by side,
 and read the loss on the held-out speeches; `publish` writes docs/results/prepare-quality.md and its PNGs.
 """
 
@@ -41,7 +41,7 @@ HELD_OUT = ["asset:sotu/texts/201[7-9]*.txt", "asset:sotu/texts/202*.txt"]
 OTHERS = ["asset:moby-dick/texts/*.txt", "asset:shakespeare/texts/*.txt"]
 GPT = {"preset": "llama-14m", "overrides": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
                                             "intermediate_size": 192, "max_position_embeddings": 128}}
-STEPS, BATCH, SEQ = 400, 8, 64  # the token budget of each compared pre-training: 204,800 tokens
+STEPS, BATCH, SEQ = 300, 8, 64  # the token budget of each compared pre-training: 153,600 tokens
 SEEDS = (0, 1)
 
 
@@ -89,8 +89,14 @@ def labels() -> Path:
 
 
 def train_inputs() -> list[dict]:
+    """All five training corpora (the tokenizer's data)."""
     return ([{"path": p, "text_mode": "paragraph"} for p in TRAIN_SOTU + OTHERS]
             + [{"path": "asset:wiki-demo/wiki_demo.txt", "text_mode": "line"}, {"path": "asset:c4-demo/c4_demo.jsonl"}])
+
+
+def recipe_inputs() -> list[dict]:
+    """The recipe's inputs (a sample of each corpus) without their licences: the unfiltered pre-training corpus."""
+    return [{k: v for k, v in spec.items() if k != "licence"} for spec in yaml.safe_load(RECIPE.read_text())["inputs"]]
 
 
 def tokenizer() -> None:
@@ -132,6 +138,10 @@ def thresholds() -> None:
 
     raw = yaml.safe_load(RECIPE.read_text())
     raw["steps"] = [s for s in raw["steps"] if s["type"] not in ("perplexity", "classifier")]
+    # run on all five corpora (file mode), before the recipe became a sample of them
+    raw["inputs"] = ([{"path": p} for p in TRAIN_SOTU + OTHERS]
+                     + [{"path": "asset:wiki-demo/wiki_demo.txt", "text_mode": "line"},
+                        {"path": "asset:c4-demo/c4_demo.jsonl"}])
     cfg = PrepareConfig.model_validate(raw)
     docs = list(LongDocumentSplitter(cfg.max_document_bytes)(read_documents(expand_inputs(cfg.inputs))))[::3]
     step = Perplexity(model=str(RUNS / "prepare-quality-reference" / "final"), max_tokens=256, batch_size=16)
@@ -159,21 +169,15 @@ def pretrain(name: str, inputs: list, seed: int) -> subprocess.Popen:
 
 
 def _compare(name: str, inputs: list) -> None:
-    """Pre-train on one corpus, the seeds side by side (single-threaded processes); the loss (nats per token) on
-    the held-out speeches at the end of each run goes into compare.json."""
+    """Pre-train on one corpus, the seeds side by side (single-threaded processes)."""
     procs = {seed: pretrain(name, inputs, seed) for seed in SEEDS}
-    file = WORK / "compare.json"
-    results = json.loads(file.read_text()) if file.is_file() else {}
     for seed, proc in procs.items():
         if proc.wait() != 0:
             raise SystemExit(f"pre-training {name} (seed {seed}) failed")
-        metrics = RUNS / f"prepare-quality-{name}-seed{seed}" / "metrics.jsonl"
-        results[f"{name}/{seed}"] = _last(metrics, "eval_loss")["eval_loss"]
-    file.write_text(json.dumps(results, indent=2))
 
 
 def unfiltered() -> None:
-    _compare("unfiltered", train_inputs())
+    _compare("unfiltered", recipe_inputs())
 
 
 def filtered() -> None:
@@ -188,11 +192,12 @@ page. Measured on a 2-core CPU shared with other jobs (load average 15-25), ever
 
 ## Inputs and scoring models
 
-- Corpora (lmcraft assets): State of the Union speeches 1790-2016, Moby-Dick (chapters), Shakespeare's 42 plays
-  (Project Gutenberg files), wiki-demo (30 Wikipedia articles), c4-demo (300 web pages). Documents over 32 KB are
-  cut at paragraph/sentence breaks. The speeches of 2017-2021 are left out of everything: they are the held-out
-  evaluation text below.
-- Tokenizer: a 4,096-token byte-level BPE trained on the training corpora.
+- Corpora (lmcraft assets), a sample of each sized for the shared CPU: State of the Union speeches 1990-2016,
+  Moby-Dick chapters 1-19, Hamlet and Macbeth (Project Gutenberg files), wiki-demo (30 Wikipedia articles),
+  c4-demo (300 web pages). Documents over 32 KB are cut at paragraph/sentence breaks. A first run on all of the
+  five corpora (1790-2016, every chapter and play) processed 1 to 5 documents/s on a machine at load average 30
+  and was stopped. The speeches of 2017-2021 are left out of everything: they are the held-out evaluation text.
+- Tokenizer: a 4,096-token byte-level BPE trained on all five corpora (speeches before 2017).
 - Perplexity reference (CCNet): a 0.36M-parameter GPT (2 layers, width 64) pre-trained on wiki-demo alone
   for 600 steps of 8 x 64 tokens (0.95 epochs, so the training loss is close to a held-out one); final
   training loss {ref_loss:.2f} nats/token (perplexity {ref_ppl:.0f}): a weak LM, but one that knows wiki
@@ -223,7 +228,7 @@ Per corpus (documents after the 32 KB cut; kept = after every step):
 
 The same 0.36M-parameter GPT pre-trained twice with the same token budget ({steps} steps x {batch} sequences x {seq}
 tokens = {tokens} tokens, lr 3e-3, 20 warm-up steps), once on the kept documents of the run above and once on
-the unfiltered training corpora (the same files read raw, paragraphs as documents), seeds 0 and 1. Loss and
+the recipe's inputs read raw (the same files, no step applied), seeds 0 and 1. Loss and
 perplexity per token on the held-out speeches of 2017-2021 (in neither training set):
 
 | training corpus | held-out loss, seed 0 / 1 | mean | perplexity |
@@ -286,10 +291,10 @@ def publish() -> None:
     report = render_markdown(stats, "x", images=images).split("\n", 2)[2].replace("\n## ", "\n### ")
     cls = _last(RUNS / "prepare-quality-classifier" / "metrics.jsonl", "eval_accuracy")
     ref_loss = json.loads((RUNS / "prepare-quality-reference" / "summary.json").read_text())["final_train_loss"]
-    results = json.loads((WORK / "compare.json").read_text())
     rows = []
-    for name in ("unfiltered", "filtered"):
-        losses = [results[f"{name}/{s}"] for s in SEEDS if f"{name}/{s}" in results]
+    for name in ("unfiltered", "filtered"):  # the loss (nats/token) on the held-out speeches at the end
+        losses = [_last(RUNS / f"prepare-quality-{name}-seed{s}" / "metrics.jsonl", "eval_loss")["eval_loss"]
+                  for s in SEEDS]
         mean = sum(losses) / len(losses)
         rows.append(f"| {name} | {' / '.join(f'{x:.4f}' for x in losses)} | {mean:.4f} | {math.exp(mean):.1f} |")
     text = TEMPLATE.format(
