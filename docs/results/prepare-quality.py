@@ -286,6 +286,12 @@ def per_source(stats_dir: Path) -> list[str]:
     return lines
 
 
+def _final_eval(path: Path) -> float | None:
+    """The held-out loss after the last step, None when the run did not get there."""
+    evals = [json.loads(line) for line in path.read_text().splitlines() if "eval_loss" in line]
+    return evals[-1]["eval_loss"] if evals and evals[-1]["step"] == STEPS else None
+
+
 def _last(path: Path, key: str) -> dict:
     return [json.loads(line) for line in path.read_text().splitlines() if key in line][-1]
 
@@ -306,10 +312,11 @@ def publish() -> None:
     ref_loss = json.loads((RUNS / "prepare-quality-reference" / "summary.json").read_text())["final_train_loss"]
     rows = []
     for name in ("unfiltered", "filtered"):  # the loss (nats/token) on the held-out speeches at the end
-        losses = [_last(RUNS / f"prepare-quality-{name}-seed{s}" / "metrics.jsonl", "eval_loss")["eval_loss"]
-                  for s in SEEDS]
-        mean = sum(losses) / len(losses)
-        rows.append(f"| {name} | {' / '.join(f'{x:.4f}' for x in losses)} | {mean:.4f} | {math.exp(mean):.1f} |")
+        losses = [_final_eval(RUNS / f"prepare-quality-{name}-seed{s}" / "metrics.jsonl") for s in SEEDS]
+        done = [x for x in losses if x is not None]
+        mean = sum(done) / len(done)
+        cells = " / ".join("(did not finish)" if x is None else f"{x:.4f}" for x in losses)
+        rows.append(f"| {name} | {cells} | {mean:.4f} | {math.exp(mean):.1f} |")
     text = TEMPLATE.format(
         report=report, sources="\n".join(per_source(run)), cls_acc=cls["eval_accuracy"],
         cls_f1=cls.get("eval_f1_macro", math.nan), ref_loss=ref_loss, ref_ppl=math.exp(ref_loss), rows="\n".join(rows),
