@@ -144,7 +144,8 @@ def _example_sections(stats: dict[str, Any], width: int = 160) -> list[str]:
     esc = str.maketrans({"|": "\\|", "<": "&lt;", ">": "&gt;"})
 
     def row(kind: str, where: str, ex: dict[str, Any], score: str) -> str:
-        return f"| {kind} | {where} | `{_short_id(ex['id'])}` | {score} | {_one_line(ex['text'], width).translate(esc)} |"
+        text = _one_line(ex["text"], width).translate(esc)
+        return f"| {kind} | {where} | `{_short_id(ex['id'])}` | {score} | {text} |"
 
     lines += [row("kept", "", ex, _scores(ex.get("meta", {}))) for ex in kept]
     lines += [row("removed", f"{name}: {ex['reason']}", ex, "" if ex.get("score") is None else f"{ex['score']:.4g}")
