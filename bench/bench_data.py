@@ -16,6 +16,10 @@ against the planted pairs are printed for each. The whole pipeline is Gopher qua
 repetition + exact dedup + MinHash dedup, in lmcraft (`prepare`, no packing) and in datatrove
 (the same filters and its dedup stages). datatrove needs spaCy for English word splitting
 (`pip install spacy`, no torch); without datatrove or datasketch those rows are skipped.
+
+Executors (`--executors`, or with the rest): the same lmcraft pipeline in 1 process, with `--workers 2` (a
+process pool) and on Ray with 2 actors (`--executor ray`, a local cluster started and stopped inside each run,
+as one `lmcraft prepare` call does), in docs/s and MB/s of input; skipped without Ray.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def ours_minhash(texts: list[str]) -> list[bool]:
     return [index.check_and_add(k) is not None for k in step.keys(texts)]
 
 
-def ours_pipeline(texts: list[str], workdir: Path, workers: int = 1) -> int:
+def ours_pipeline(texts: list[str], workdir: Path, workers: int = 1, executor: str = "local") -> int:
     from lmcraft.data.prepare import prepare
     from lmcraft.stages.prepare import PrepareConfig
 
@@ -66,7 +70,7 @@ def ours_pipeline(texts: list[str], workdir: Path, workers: int = 1) -> int:
         import json
 
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    out = workdir / f"ours-{workers}"
+    out = workdir / f"ours-{executor}-{workers}"
     cfg = PrepareConfig.model_validate(
         {
             "inputs": [str(src)],
@@ -80,7 +84,8 @@ def ours_pipeline(texts: list[str], workdir: Path, workers: int = 1) -> int:
             ],
         }
     )
-    return prepare(cfg, workers=workers, overwrite=True, progress=False)["docs_written"]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (a finished run folder would be reused)
+    return prepare(cfg, workers=workers, progress=False, executor=executor)["docs_written"]
 
 
 # ---- datasketch -------------------------------------------------------------------------------
@@ -204,16 +209,50 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def executors(texts: list[str], mb: float, work: Path, repeats: int) -> Table:
+    """The pipeline in 1 process, `--workers 2` and Ray with 2 actors, interleaved, best of `repeats`."""
+    candidates = {"1 process": lambda: ours_pipeline(texts, work, 1),
+                  "--workers 2": lambda: ours_pipeline(texts, work, 2)}
+    if _available("ray"):
+        candidates["Ray, 2 actors"] = lambda: ours_pipeline(texts, work, 2, "ray")
+    kept, failed = {}, None
+    for name, fn in list(candidates.items()):  # also the warm-up run
+        try:
+            kept[name] = fn()
+        except Exception as err:  # noqa: BLE001 - Ray's local node can time out starting on a loaded machine
+            if name != "Ray, 2 actors":
+                raise
+            failed = f"(did not start: {str(err).splitlines()[0][:60]})"
+            del candidates[name]
+    if len(set(kept.values())) != 1:
+        raise AssertionError(f"the executors kept different documents: {kept}")
+    t = compare(candidates, repeats=repeats, warmup=0)
+    table = Table(["pipeline executor", "docs/s", "MB/s", "vs 1 process"])
+    for name, seconds in t.items():
+        table.add([name, fmt(len(texts) / seconds, 0), fmt(mb / seconds, 2), ratio(t["1 process"], seconds)])
+    if "Ray, 2 actors" not in t:
+        table.add(["Ray, 2 actors", failed or "(ray not installed)", "-", "-"])
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="plain-text files (glob), cut at blank lines; default: the shakespeare asset")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--executors", action="store_true", help="only the executor comparison")
     args = parser.parse_args()
 
     corpus = load_corpus(args.corpus)
     texts = corpus.texts
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(f"corpus: {len(texts):,} paragraphs, {mb:.2f} MB, {len(corpus.original_of):,} planted near-duplicates\n")
+    if args.executors:
+        work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+        try:
+            executors(texts, mb, work, args.repeats).print()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     have_ds, have_dt = _available("datasketch"), _available("datatrove") and _available("spacy")
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     table = Table(["task", "lmcraft MB/s", "reference", "reference MB/s", "ratio"])
@@ -273,21 +312,14 @@ def main() -> None:
                 ]
             )
             print(f"pipeline output: lmcraft kept {kept_ours:,} documents, datatrove kept {kept_dt:,}\n")
-        t2 = compare({"lmcraft-2": lambda: ours_pipeline(texts, work, workers=2)}, repeats=args.repeats, warmup=0)
-        table.add(
-            [
-                "pipeline (--workers 2)",
-                fmt(mb / t2["lmcraft-2"], 2),
-                "lmcraft 1 process",
-                fmt(mb / t["lmcraft"], 2),
-                ratio(t["lmcraft"], t2["lmcraft-2"]),
-            ]
-        )
+        runners = executors(texts, mb, work, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table.print()
     print()
     quality.print()
+    print()
+    runners.print()
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def _digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "report.png" and not p.name.startswith(".lmcraft")  # run marker and lock
+        if p.is_file() and p.suffix != ".png" and not p.name.startswith(".lmcraft")  # run marker and lock
     }
 
 
@@ -135,6 +135,17 @@ def test_prepare_end_to_end_and_identical_for_any_worker_count(
         assert st["docs_in"] - sum(st["reasons"].values()) == st["docs_out"]
     text = (tmp_path / "w1" / "report.md").read_text()
     assert "| exact_dedup | " in text and "invalid_json" in text and (tmp_path / "w1" / "report.png").stat().st_size > 0
+    # report examples: the first documents each step removed, in input order, and kept ones spread over the run
+    assert [(e["reason"], e["text"][:40]) for e in steps["language"]["examples"]] == [
+        ("lang_fr", "Ceci est un texte en français. Il ne doi"), ("low_score", "too short")]
+    dups = steps["exact_dedup"]["examples"]
+    assert len(dups) == 2 and all(e["reason"] == "duplicate" and e["text"].isupper() for e in dups)  # upper-cased
+    kept_rows = {r["id"]: r["text"] for part in sorted((tmp_path / "w1" / "parts").glob("*.jsonl.zst"))
+                 for r in map(json.loads, _read_zst_lines(part))}
+    assert len(one["kept_examples"]) == 6
+    assert all(kept_rows[e["id"]].startswith(e["text"]) for e in one["kept_examples"])
+    assert "## Kept and removed examples" in text and "| removed | language: lang_fr |" in text
+    assert (tmp_path / "w1" / "report-examples.png").stat().st_size > 0
     packed = one["packed"]["splits"]
     assert packed["train"]["documents"] + packed["validation"]["documents"] == one["docs_written"]
     corpus_train = PackedCorpus(tmp_path / "w1" / "packed", "train")

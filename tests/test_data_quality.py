@@ -303,4 +303,22 @@ def test_model_steps_in_prepare_write_scores_and_histograms(models: dict[str, Pa
     buckets = [r["meta"]["perplexity_bucket"] for r in rows]
     assert buckets.count("head") == 3 and buckets.count("middle") == 3 and buckets.count("tail") == 2
     assert all(0 <= r["meta"]["toxicity"] <= 1 for r in rows)
-    assert "## Scores: perplexity" in (tmp_path / "w1" / "report.md").read_text()
+    report = (tmp_path / "w1" / "report.md").read_text()
+    assert "## Scores: perplexity" in report and "![score histograms](report-scores.png)" in report
+    assert (tmp_path / "w1" / "report-scores.png").stat().st_size > 0
+    (removed,) = stats["perplexity"]["examples"]  # the one document above `max`, with its score
+    assert removed["reason"] == "too_high" and removed["score"] == pytest.approx(ppl[-1], rel=1e-4)
+    assert texts[int(removed["id"].rsplit(":", 1)[-1]) - 1].startswith(removed["text"])
+
+
+@pytest.mark.parametrize("recipe", ["prepare-quality.yaml", "decontaminate-demo.yaml"])
+def test_quality_and_decontamination_recipes_validate(recipe: str) -> None:
+    from lmcraft.config import load_config
+
+    cfg = load_config(PrepareConfig, Path(__file__).parents[1] / "recipes" / recipe)
+    names = [s.name for s in cfg.steps]
+    assert names[-1] == "decontaminate" and cfg.steps[-1].tasks == ["builtin"] and cfg.steps[-1].action == "flag"
+    if recipe == "prepare-quality.yaml":
+        ppl, cls = cfg.steps[names.index("perplexity")], cfg.steps[names.index("classifier")]
+        assert ppl.head < ppl.tail < ppl.max and cls.label == "high"
+        assert not any("201[7-9]" in s.path or "202" in s.path for s in cfg.inputs)  # the held-out speeches

@@ -120,8 +120,10 @@ class _Ray:
             def work(self, docs: list[Document]) -> ChunkResult:
                 return _work(docs)
 
-        shared = ray.put((steps, tokenizer))
-        self.actors = [ChunkWorker.remote(shared) for _ in range(workers)]
+        # held for the executor's life: a restarted actor re-reads its constructor argument from the object
+        # store, which frees it once the driver holds no reference (ray-project/ray#53727)
+        self.shared = ray.put((steps, tokenizer))
+        self.actors = [ChunkWorker.remote(self.shared) for _ in range(workers)]
         self.turn = 0
 
     def submit(self, docs: list[Document]) -> _RayRef:

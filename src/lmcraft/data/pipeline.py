@@ -46,6 +46,7 @@ __all__ = [
     "DocResult",
     "StepStats",
     "build_steps",
+    "example",
     "process_chunk",
     "is_validation",
 ]
@@ -123,11 +124,25 @@ class DocResult:
     meta: dict[str, Any] = field(default_factory=dict)  # what annotate steps wrote (written with the document)
     notes: dict[int, Annotation] = field(default_factory=dict)  # annotate step index -> its annotation
     licence: str | None = None  # the input's declared licence
+    snippet: str = ""  # a removed document: the start of its text where it was removed (report examples)
 
 
 @dataclass
 class ChunkResult:
     docs: list[DocResult]
+
+
+EXAMPLE_CHARS = 400  # the start of a document the report shows as an example
+MAX_EXAMPLES = 2  # removed documents kept as examples per step (the first ones, in input order)
+
+
+def _remove(result: DocResult, step: int, reason: str, text: str) -> None:
+    result.removed_at, result.reason, result.snippet = step, reason, text[:EXAMPLE_CHARS]
+
+
+def example(doc: DocResult) -> dict[str, Any]:
+    """A kept document as a report example: id, the start of its (first) output text, its metadata."""
+    return {"id": doc.id, "text": doc.outputs[0][1][:EXAMPLE_CHARS], "meta": doc.meta}
 
 
 def _nbytes(text: str) -> int:
@@ -156,7 +171,7 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
                 results[i].notes[s] = note
                 if note.reason is not None:
                     results[i].sizes.append((n, 0, False))
-                    results[i].removed_at, results[i].reason = s, note.reason
+                    _remove(results[i], s, note.reason, texts[i])
                     continue
                 results[i].sizes.append((n, n, bool(note.meta)))
                 results[i].meta.update(note.meta)
@@ -173,7 +188,7 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
                 new = step(text)
                 if not new.strip():
                     results[i].sizes.append((n_in, 0, True))
-                    results[i].removed_at, results[i].reason = s, "empty"
+                    _remove(results[i], s, "empty", text)
                     continue
                 results[i].sizes.append((n_in, _nbytes(new), new != text))
                 texts[i] = new
@@ -181,7 +196,7 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
                 reason = verdicts[pos] if verdicts is not None else step(text)
                 if reason is not None:
                     results[i].sizes.append((n_in, 0, False))
-                    results[i].removed_at, results[i].reason = s, reason
+                    _remove(results[i], s, reason, text)
                     continue
                 results[i].sizes.append((n_in, n_in, False))
             else:  # augment: the last step
@@ -212,6 +227,7 @@ class StepStats:
     edges: list[float] | None = None  # annotate steps with scores: histogram bin edges
     histogram: list[int] | None = None  # counts of scores in (-inf, e0), [e0, e1), ..., [e_last, inf)
     tally: Counter = field(default_factory=Counter)  # names an annotate step reported (e.g. eval items)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_EXAMPLES removed documents
 
     def __post_init__(self) -> None:
         if self.edges is not None and self.histogram is None:
@@ -231,6 +247,8 @@ class StepStats:
             out["histogram"] = {"edges": list(self.edges), "counts": list(self.histogram or [])}
         if self.tally:
             out["tally"] = dict(sorted(self.tally.items()))
+        if self.examples:
+            out["examples"] = list(self.examples)
         return out
 
     @classmethod
@@ -248,6 +266,7 @@ class StepStats:
         self.modified += other.modified
         self.reasons.update(other.reasons)
         self.tally.update(other.tally)
+        self.examples += other.examples[: MAX_EXAMPLES - len(self.examples)]
         if other.histogram is not None:
             if self.histogram is None:
                 self.edges, self.histogram = other.edges, [0] * len(other.histogram)
@@ -289,15 +308,21 @@ class Decider:
                     st.tally.update(note.tally)
                     if note.score is not None and st.histogram is not None:
                         st.histogram[bisect.bisect_right(st.edges, note.score)] += 1
+                reason, snippet = None, doc.snippet
                 if s in self.indexes:
                     reason = self.indexes[s].check_and_add(doc.keys[s])
-                    if reason is not None:
-                        st.reasons[reason] += 1
-                        removed = True
-                        break
-                    added[s].append(doc.keys[s])
+                    if reason is None:
+                        added[s].append(doc.keys[s])
+                    else:
+                        snippet = doc.outputs[0][1][:EXAMPLE_CHARS]  # a duplicate passed every per-document step
                 elif doc.removed_at == s:
-                    st.reasons[doc.reason] += 1
+                    reason = doc.reason
+                if reason is not None:
+                    st.reasons[reason] += 1
+                    if len(st.examples) < MAX_EXAMPLES:
+                        score = note.score if note is not None else None
+                        st.examples.append({"id": doc.id, "reason": reason, "text": snippet,
+                                            **({"score": score} if score is not None else {})})
                     removed = True
                     break
                 st.bytes_out += n_out

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lmcraft.data.executors import ExecutorKind, make_executor
 from lmcraft.data.long_documents import LongDocumentSplitter
 from lmcraft.data.parts import complete_parts, eos_id, load_part_arrays, pack_parts, remove_incomplete, write_part
-from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, is_validation
+from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, example, is_validation
 from lmcraft.data.readers import Document, ErrorLog, expand_inputs, read_documents
 from lmcraft.errors import ConfigError
 from lmcraft.io import clean_staging, read_json, write_text
@@ -119,8 +119,17 @@ def _licences(kept: list[Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, int]) -> dict[str, Any]:
-    """The run's statistics: the sums of the parts' records, per step and overall."""
+def _spread(items: list[Any], n: int) -> list[Any]:
+    """`n` items evenly spaced over `items` (all of them when there are at most `n`)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
+
+
+def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, int],
+               kept_examples: int = 6) -> dict[str, Any]:
+    """The run's statistics: the sums of the parts' records, per step and overall; as kept examples the first
+    kept document of `kept_examples` chunks spread over the run (the removed ones are per step)."""
     errors = ErrorLog()
     steps: list[StepStats] = []
     licences: Counter = Counter()
@@ -143,6 +152,7 @@ def _summarise(records: list[dict[str, Any]], n_files: int, shard: tuple[int, in
         "bytes_written": sum(r["bytes_written"] for r in records),
         "errors": errors.to_dict(),
         "steps": [s.to_dict() for s in steps],
+        "kept_examples": _spread([r["kept_example"] for r in records if "kept_example" in r], kept_examples),
     }
     if licences:
         summary["licences"] = {name: {"documents": licences[name], "bytes": licence_bytes[name]}
@@ -230,6 +240,8 @@ def prepare(
                     val = [is_validation(out_id, cfg.pack.val_fraction, cfg.seed)
                            for doc in kept for out_id, _ in doc.outputs]
                 meta = {"docs_read": ndocs, "bytes_read": nbytes, "errors": errors, "last": last}
+                if kept:  # the report shows some chunks' first kept document
+                    meta["kept_example"] = example(kept[0])
                 licences = _licences(kept)
                 if licences:
                     meta["licences"] = licences

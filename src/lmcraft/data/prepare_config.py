@@ -27,7 +27,7 @@ class PrepareConfig(StageConfig):
     inputs: list[Any] = Field(
         description="paths/globs (asset:NAME/... allowed) or {path, format, text_field, id_field, text_mode}"
     )
-    output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md, report.png")
+    output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md and its PNGs")
     steps: list[Any] = Field(
         [],
         description="{type: NAME, ...}: html normalize whitespace boilerplate licence pii min_length language "
