@@ -113,6 +113,14 @@ def test_copyright_step_drops_or_flags_notice_dominated_documents() -> None:
     assert flag.reason is None and flag.meta["copyright_notice"] is True
 
 
+def test_a_one_line_document_is_not_all_or_nothing() -> None:
+    """A speech stored as one line that mentions a licence once is not 'dominated' by it (sentences count)."""
+    sentences = [f"The harvest of {1800 + i} was good for the farmers of the western states." for i in range(19)]
+    speech = " ".join([*sentences[:9], "Congress granted the license to build the canal.", *sentences[9:]])
+    verdict = CopyrightNotices(max_ratio=0.5).annotate([speech])[0]
+    assert verdict.reason is None and 0 < verdict.score < 0.1
+
+
 # ------------------------------------------------------------------------------------------ decontamination
 
 def _write_task(folder: Path, items: list[str]) -> Path:

@@ -11,8 +11,9 @@
 - standalone notice lines: `Copyright (c) 2024 Name`, `© 2024 Name. All rights reserved.`, `All rights
   reserved.` (a line under 200 characters that starts, after comment marks, with the notice).
 
-`copyright` (annotate) measures r = (characters of lines that read as copyright/licence text) / (characters of
-all non-blank lines); a document with r > `max_ratio` is removed (`action: drop`, reason `dominated`) or kept
+`copyright` (annotate) measures r = (characters of segments that read as copyright/licence text) / (characters of
+all non-blank segments), a segment being a line cut further at sentence ends (so a document written as one long
+line is not all or nothing); a document with r > `max_ratio` is removed (`action: drop`, reason `dominated`) or kept
 with `copyright_notice: true` and `copyright_ratio` in its metadata (`action: flag`). Every r goes into the
 step's histogram.
 """
@@ -83,13 +84,17 @@ def _first_comment_block(text: str) -> tuple[int, int] | None:
     return pos, end
 
 
+_SEGMENT_END = re.compile(r"\n|(?<=[.!?])\s+")
+
+
 def licence_ratio(text: str) -> float:
-    """The share of characters of non-blank lines that read as copyright/licence text (0 for an empty text)."""
+    """The share of characters of non-blank segments (lines cut at sentence ends) that read as copyright/licence
+    text (0 for an empty text)."""
     total = hits = 0
-    for line in text.splitlines():
-        n = len(line.strip())
+    for segment in _SEGMENT_END.split(text):
+        n = len(segment.strip())
         total += n
-        if n and _LICENCE_TEXT.search(line):
+        if n and _LICENCE_TEXT.search(segment):
             hits += n
     return hits / total if total else 0.0
 
