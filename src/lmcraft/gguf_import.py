@@ -514,7 +514,7 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 
 
 def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
@@ -546,7 +546,9 @@ def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float]) -> list
 
     llama.cpp joins, again and again, the adjacent pair `(l, r)` whose concatenation is the piece with the highest
     score (leftmost first among equals). Every split of every piece into two pieces is a merge here, ranked by the
-    joined piece's score (then by its id), so the BPE picks the same pair at every step.
+    joined piece's score (then by its id), so the BPE picks the same pair at every step, as long as the pieces that
+    can be joined have distinct scores (SentencePiece gives every normal piece its own; `build_tokenizer` warns
+    otherwise: among equals the BPE takes the lower id, not the leftmost pair).
     """
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
@@ -588,6 +590,12 @@ def _sentencepiece_pipeline(
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = list(metadata.get("tokenizer.ggml.scores", [])) or [0.0] * len(tokens)
+    types = list(metadata.get("tokenizer.ggml.token_type", [])) or [1] * len(tokens)
+    normal = [s for s, k in zip(scores, types, strict=True) if k == _TOKEN_NORMAL]
+    if len(set(normal)) < len(normal):
+        warnings.warn(f"{len(normal) - len(set(normal))} normal pieces share their score with another; llama.cpp "
+                      "joins the leftmost of equally scored pairs, lmcraft's BPE the lower id, so some texts may "
+                      "tokenize differently.", stacklevel=3)
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
     model = models.BPE(vocab, sentencepiece_merges(tokens, scores), unk_token=unk, fuse_unk=False, byte_fallback=True)
