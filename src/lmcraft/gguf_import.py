@@ -393,6 +393,7 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
     token_ids = {f"{name}_token_id": int(metadata[f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id"])
                  for name in ("bos", "eos", "pad")
                  if metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id") is not None}
+    token_ids.setdefault("pad_token_id", None)  # no padding token: not a family default such as Phi-3's 32000
     if arch == "gpt2":
         return {
             "architectures": [hf_class], "model_type": model_type, "vocab_size": shapes["token_embd.weight"][0],
