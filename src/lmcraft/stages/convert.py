@@ -11,7 +11,8 @@ from lmcraft.stages import add_overwrite_argument, claim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("gguf", metavar="FILE.gguf", help="llama, qwen2 or gpt2 GGUF file (llama.cpp format)")
+    parser.add_argument("gguf", metavar="FILE.gguf", help="GGUF file (llama.cpp format) of a llama, qwen2, qwen3, "
+                        "olmo2, granite, phi3, gemma, gemma2, gemma3 or gpt2 model")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (config.json, model.safetensors, ...)")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored weight type"
