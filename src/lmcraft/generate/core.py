@@ -15,12 +15,15 @@ The cache holds `P + max_new_tokens` positions from the start (no reallocation),
 logits for one position only, and each decode step runs one forward and one `tolist()`. During a run the
 decode fast path of `fast_decode.py` is installed (single-token attention; q/k/v and gate/up weights of plain
 linear layers held stacked, one matrix product each instead of three and two; `fuse=False` saves that memory).
+
+The model may also be a llama.cpp model (`llamacpp_backend.LlamaCppModel`): then its `prefill`/`step` give the
+logits (each row an unpadded llama.cpp sequence) and everything else, token choice and stop rules, is the same.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +121,7 @@ def _eos_ids(config: GenerationConfig, model: nn.Module) -> frozenset[int]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
 
 
 class Generation:
@@ -235,9 +238,15 @@ class Generation:
             raise RuntimeError("a Generation runs once; create a new one to generate again")
         self._done = True
         model = self.model
+        start = time.perf_counter()
+        if not isinstance(model, nn.Module):  # llama.cpp: no torch state to set
+            try:
+                yield from self._decode()
+            finally:
+                self.elapsed_s = time.perf_counter() - start
+            return
         was_training = model.training
         model.eval()
-        start = time.perf_counter()
         try:
             with fast_decoding(model, fuse=self.fuse):
                 yield from self._decode()
@@ -245,28 +254,50 @@ class Generation:
             self.elapsed_s = time.perf_counter() - start
             model.train(was_training)
 
-    def _decode(self) -> Iterator[list[int | None]]:
+    def _torch_logits(self) -> Generator[torch.Tensor, torch.Tensor, None]:
+        """The torch model's next-token logits `(rows, vocab)`: first the prefill's, then one step per sent token
+        column `(rows,)`, through the KV cache."""
         model, c = self.model, self.config
-        if c.max_new_tokens == 0:
-            return
-        start = time.perf_counter()
         ids, mask = self.input_ids, self.attention_mask
         rows, width = ids.shape
         extra = {} if self.prefix is None else {"prefix": self.prefix}
+        cache = model.new_cache(rows, width + c.max_new_tokens)
+        if mask is None:
+            positions = torch.arange(width, device=ids.device).expand(rows, -1)
+            full_mask = None
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
+            full_mask[:, :width] = mask
+        chosen = yield model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             logits_to_keep=1, **extra).logits[:, -1]
+        next_pos = positions[:, -1:] + 1
+        while True:
+            step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
+            chosen = yield model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
+                                 past_key_values=cache, **extra).logits[:, -1]
+            next_pos = next_pos + 1
+
+    def _external_logits(self) -> Generator[torch.Tensor, torch.Tensor, None]:
+        """The same from a model with `prefill(prompts, max_new_tokens)` and `step(tokens, active)` (llama.cpp):
+        unpadded prompts; finished rows are not decoded further."""
+        if self.prefix is not None:
+            raise GenerationError("prefix tuning needs the torch model; this model is decoded by llama.cpp.")
+        chosen = yield self.model.prefill(self._prompt_contexts(), self.config.max_new_tokens)
+        while True:
+            active = [reason is None for reason in self.finish_reasons]
+            chosen = yield self.model.step(chosen.tolist(), active)
+
+    def _decode(self) -> Iterator[list[int | None]]:
+        c = self.config
+        if c.max_new_tokens == 0:
+            return
+        start = time.perf_counter()
+        source = self._torch_logits() if isinstance(self.model, nn.Module) else self._external_logits()
         with torch.inference_mode():
-            cache = model.new_cache(rows, width + c.max_new_tokens)
-            if mask is None:
-                positions = torch.arange(width, device=ids.device).expand(rows, -1)
-                full_mask = None
-            else:
-                positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                full_mask = torch.ones(rows, width + c.max_new_tokens, dtype=mask.dtype, device=mask.device)
-                full_mask[:, :width] = mask
-            logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           logits_to_keep=1, **extra).logits[:, -1]
+            logits = next(source)
             chooser = self._chooser()
-            chooser.observe_prompt(ids, mask, logits.shape[-1])
-            next_pos = positions[:, -1:] + 1
+            chooser.observe_prompt(self.input_ids, self.attention_mask, logits.shape[-1])
         self.prefill_s = time.perf_counter() - start
         for step in range(c.max_new_tokens):
             with torch.inference_mode():
@@ -277,10 +308,7 @@ class Generation:
             if step == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
                 break
             with torch.inference_mode():
-                step_mask = None if full_mask is None else full_mask[:, : cache.length + 1]
-                logits = model(chosen[:, None], attention_mask=step_mask, position_ids=next_pos,
-                               past_key_values=cache, **extra).logits[:, -1]
-                next_pos = next_pos + 1
+                logits = source.send(chosen)
 
     def result(self) -> GenerationResult:
         reasons = [r or "length" for r in self.finish_reasons]
