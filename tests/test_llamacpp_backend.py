@@ -58,6 +58,51 @@ def test_auto_chooses_torch_without_llama_cpp(model_dir: Path, monkeypatch: pyte
         load_decoder(model_dir, "onnx")
 
 
+class FullForward:
+    """An external logit source like `LlamaCppModel` (prefill/step over unpadded rows), made of the torch model
+    without a cache: every call recomputes each active row alone. It runs the decode loop's external path without
+    llama.cpp."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.config = model, model.config
+        self.calls: list[list[bool]] = []
+
+    def _last(self, row: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(torch.tensor([row])).logits[0, -1]
+
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+        self.rows = [list(p) for p in prompts]
+        self.last = torch.stack([self._last(r) for r in self.rows])
+        return self.last.clone()
+
+    def step(self, tokens: list[int], active: list[bool]) -> torch.Tensor:
+        self.calls.append(list(active))
+        for r, on in enumerate(active):
+            if on:
+                self.rows[r].append(tokens[r])
+                self.last[r] = self._last(self.rows[r])
+        return self.last.clone()
+
+
+def test_external_logit_source_decodes_like_the_torch_model(model_dir: Path) -> None:
+    model, tokenizer = load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
+    reasons = set()
+    for config in (GenerationConfig(max_new_tokens=12),
+                   GenerationConfig(max_new_tokens=12, stop_strings=("e", "a", " ")),
+                   GenerationConfig(max_new_tokens=12, do_sample=True, top_k=5, repetition_penalty=1.3, seed=1)):
+        external = FullForward(model)
+        ours = generate_text(model, tokenizer, PROMPTS, config)
+        theirs = generate_text(external, tokenizer, PROMPTS, config)
+        assert theirs.tokens == ours.tokens and theirs.finish_reasons == ours.finish_reasons
+        assert theirs.texts == ours.texts
+        # a row is decoded once per token after its first, and never after it has finished
+        assert [sum(call[r] for call in external.calls) for r in range(len(PROMPTS))] == [
+            len(t) - 1 for t in ours.tokens]
+        reasons.update(ours.finish_reasons)
+    assert reasons - {"length"}, "no row finished early: the test would not see finished rows left out"
+
+
 @needs_llama_cpp
 def test_greedy_and_seeded_sampling_equal_torch(model_dir: Path, cache: Path) -> None:
     torch_model, tokenizer = load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir)

@@ -137,13 +137,17 @@ def paris(path: Path, source: Source) -> dict[str, str]:
     return {"lmcraft backend": ours, "llama_cpp.Llama": plain}
 
 
-def study(source: Source, out: Path, windows: list[list[int]], original: Path | None, tag: str) -> dict[str, Any]:
+def study(source: Source, out: Path, windows: list[list[int]], original: Path | None, tag: str,
+          detail: bool) -> dict[str, Any]:
+    """Exports of `source` (f32, q4_k_m; with `detail` also q8_0 and the ablation), llama.cpp's own q4_k_m of the
+    f32 export (and, given the `original` GGUF, of that file), their perplexities in llama.cpp, their tensor types,
+    and the Paris answers."""
     from lmcraft.generate.llamacpp_backend import LlamaCppModel
 
     result: dict[str, Any] = {"ppl": {}, "types": {}}
     result["ppl"]["torch, unquantised f32"] = perplexity(source.model, windows)
     files = {}
-    for quant in ("f32", "q8_0", "q4_k_m"):
+    for quant in ("f32", "q8_0", "q4_k_m") if detail else ("f32", "q4_k_m"):
         files[f"lmcraft {quant}"] = out / f"{tag}-{quant}.gguf"
         export_gguf(source, files[f"lmcraft {quant}"], quant, progress=False)
     files["llama-quant q4_k_m (from lmcraft f32)"] = llama_quantize(files["lmcraft f32"], out / f"{tag}-lq4km.gguf")
@@ -156,14 +160,12 @@ def study(source: Source, out: Path, windows: list[list[int]], original: Path | 
         result["ppl"][f"llama.cpp, {name}"] = perplexity(model, windows)
         model.close()
         result["types"][name] = type_summary(tensor_types(path))
-    ours = imported(files["lmcraft q4_k_m"])
-    result["ppl"]["torch, lmcraft q4_k_m dequantised"] = perplexity(ours, windows)
-    result["ablation lmcraft q4_k_m"] = ablation(source, ours, tensor_types(files["lmcraft q4_k_m"]), windows)
-    theirs = imported(files["llama-quant q4_k_m (from lmcraft f32)"])
-    result["ablation llama-quant q4_k_m"] = ablation(
-        source, theirs, tensor_types(files["llama-quant q4_k_m (from lmcraft f32)"]), windows)
+        print(name, result["ppl"][f"llama.cpp, {name}"], flush=True)
     result["paris"] = {name: paris(files[name], source)
                        for name in ("lmcraft f32", "lmcraft q4_k_m", "llama-quant q4_k_m (from lmcraft f32)")}
+    if detail:
+        ours = imported(files["lmcraft q4_k_m"])
+        result["ablation lmcraft q4_k_m"] = ablation(source, ours, tensor_types(files["lmcraft q4_k_m"]), windows)
     return result
 
 
@@ -171,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, help="a LoRA run's final/ folder (recipes/sft-smollm2-lora.yaml)")
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--skip-base", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,10 +183,10 @@ def main() -> None:
     results["held_out"] = {"tokens": sum(len(w) for w in windows), "windows": len(windows), "source": "c4-demo"}
     if not args.skip_base:
         original = next(resolve_model("smollm2-135m-instruct").glob("*.gguf"))
-        results["base"] = study(base, args.out, windows, original, "base")
+        results["base"] = study(base, args.out, windows, original, "base", detail=True)
         write_json(args.out / "results.json", results)
     if args.adapter is not None:
-        results["lora"] = study(load_source(str(args.adapter)), args.out, windows, None, "lora")
+        results["lora"] = study(load_source(str(args.adapter)), args.out, windows, None, "lora", detail=False)
     write_json(args.out / "results.json", results)
     print(json.dumps(results, indent=1))
 
