@@ -138,10 +138,10 @@ def paris(path: Path, source: Source) -> dict[str, str]:
 
 
 def study(source: Source, out: Path, windows: list[list[int]], original: Path | None, tag: str,
-          detail: bool) -> dict[str, Any]:
-    """Exports of `source` (f32, q4_k_m; with `detail` also q8_0 and the ablation), llama.cpp's own q4_k_m of the
-    f32 export (and, given the `original` GGUF, of that file), their perplexities in llama.cpp, their tensor types,
-    and the Paris answers."""
+          detail: bool, ablate: bool = False) -> dict[str, Any]:
+    """Exports of `source` (f32, q4_k_m; with `detail` also q8_0), llama.cpp's own q4_k_m of the f32 export (and,
+    given the `original` GGUF, of that file), their perplexities in llama.cpp, their tensor types, the Paris answers
+    and (`ablate`) the perplexity with one type group of lmcraft's q4_k_m at a time."""
     from lmcraft.generate.llamacpp_backend import LlamaCppModel
 
     result: dict[str, Any] = {"ppl": {}, "types": {}}
@@ -163,7 +163,7 @@ def study(source: Source, out: Path, windows: list[list[int]], original: Path | 
         print(name, result["ppl"][f"llama.cpp, {name}"], flush=True)
     result["paris"] = {name: paris(files[name], source)
                        for name in ("lmcraft f32", "lmcraft q4_k_m", "llama-quant q4_k_m (from lmcraft f32)")}
-    if detail:
+    if ablate:
         ours = imported(files["lmcraft q4_k_m"])
         result["ablation lmcraft q4_k_m"] = ablation(source, ours, tensor_types(files["lmcraft q4_k_m"]), windows)
     return result
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, help="a LoRA run's final/ folder (recipes/sft-smollm2-lora.yaml)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--skip-base", action="store_true")
+    parser.add_argument("--ablation", action="store_true", help="also the per-type-group perplexities (slow)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -183,7 +184,8 @@ def main() -> None:
     results["held_out"] = {"tokens": sum(len(w) for w in windows), "windows": len(windows), "source": "c4-demo"}
     if not args.skip_base:
         original = next(resolve_model("smollm2-135m-instruct").glob("*.gguf"))
-        results["base"] = study(base, args.out, windows, original, "base", detail=True)
+        results["base"] = study(base, args.out, windows, original, "base", detail=True,
+                                ablate=args.ablation)
         write_json(args.out / "results.json", results)
     if args.adapter is not None:
         results["lora"] = study(load_source(str(args.adapter)), args.out, windows, None, "lora", detail=False)
