@@ -5,8 +5,9 @@ quantiser (`llama_model_quantize`, i.e. llama-quant), and which tensors cost the
     nice -n 5 python docs/results/export-smollm2-gguf.py --out /work/runs/llamacpp/gguf \
         [--adapter /work/runs/llamacpp/sft/final]
 
-Needs llama-cpp-python (the `llamacpp` extra). Held-out text: the first `--tokens` tokens of the c4-demo asset
-(web text, in neither SmolLM2's SFT data here nor the alpaca demo), scored in windows of 512 tokens;
+The llama.cpp rows need llama-cpp-python (the `llamacpp` extra); without it only lmcraft's side runs.
+Held-out text: the first `--tokens` tokens of the c4-demo asset (web text; not in the alpaca demo the LoRA
+trains on), scored in windows of 512 tokens;
 perplexity = exp(mean NLL) over every token after the first of each window.
 """
 
@@ -137,34 +138,49 @@ def paris(path: Path, source: Source) -> dict[str, str]:
     return {"lmcraft backend": ours, "llama_cpp.Llama": plain}
 
 
+def torch_answer(model: Any, source: Source) -> str:
+    """The answer to QUESTION from lmcraft's torch decoder (greedy, 24 tokens, chat template)."""
+    from lmcraft.generate import GenerationConfig, generate_text
+
+    return generate_text(model, source.tokenizer, QUESTION, GenerationConfig(max_new_tokens=24), chat=True).texts[0]
+
+
 def study(source: Source, out: Path, windows: list[list[int]], original: Path | None, tag: str,
           detail: bool, ablate: bool = False) -> dict[str, Any]:
-    """Exports of `source` (f32, q4_k_m; with `detail` also q8_0), llama.cpp's own q4_k_m of the f32 export (and,
-    given the `original` GGUF, of that file), their perplexities in llama.cpp, their tensor types, the Paris answers
-    and (`ablate`) the perplexity with one type group of lmcraft's q4_k_m at a time."""
-    from lmcraft.generate.llamacpp_backend import LlamaCppModel
+    """Exports of `source` (f32, q4_k_m; with `detail` also q8_0), their perplexity read back by lmcraft's
+    dequantiser (torch), the Paris answers and (`ablate`) the perplexity with one type group of lmcraft's q4_k_m at a
+    time. With llama_cpp: also llama.cpp's own q4_k_m of the f32 export (and, given the `original` GGUF, of that
+    file), every file's perplexity and Paris answers in llama.cpp, and the tensor types of each."""
+    from lmcraft.generate.llamacpp_backend import LlamaCppModel, llama_cpp_available
 
     result: dict[str, Any] = {"ppl": {}, "types": {}}
     result["ppl"]["torch, unquantised f32"] = perplexity(source.model, windows)
+    result["paris"] = {"torch, unquantised f32": torch_answer(source.model, source)}
     files = {}
-    for quant in ("f32", "q8_0", "q4_k_m") if detail else ("f32", "q4_k_m"):
+    llama = llama_cpp_available()
+    for quant in ("f32", "q8_0", "q4_k_m") if detail and llama else ("f32", "q4_k_m") if llama else ("q4_k_m",):
         files[f"lmcraft {quant}"] = out / f"{tag}-{quant}.gguf"
         export_gguf(source, files[f"lmcraft {quant}"], quant, progress=False)
-    files["llama-quant q4_k_m (from lmcraft f32)"] = llama_quantize(files["lmcraft f32"], out / f"{tag}-lq4km.gguf")
-    if original is not None:
-        files["original Q4_1 GGUF"] = original
-        files["llama-quant q4_k_m (requantised from Q4_1)"] = llama_quantize(original, out / f"{tag}-rq4km.gguf",
-                                                                           requantize=True)
-    for name, path in files.items():
-        model = LlamaCppModel(path, source.model.config)
-        result["ppl"][f"llama.cpp, {name}"] = perplexity(model, windows)
-        model.close()
-        result["types"][name] = type_summary(tensor_types(path))
-        print(name, result["ppl"][f"llama.cpp, {name}"], flush=True)
-    result["paris"] = {name: paris(files[name], source)
-                       for name in ("lmcraft f32", "lmcraft q4_k_m", "llama-quant q4_k_m (from lmcraft f32)")}
+    ours = imported(files["lmcraft q4_k_m"])
+    result["ppl"]["torch, lmcraft q4_k_m dequantised"] = perplexity(ours, windows)
+    result["paris"]["torch, lmcraft q4_k_m dequantised"] = torch_answer(ours, source)
+    print(json.dumps(result), flush=True)
+    if llama:
+        files["llama-quant q4_k_m (from lmcraft f32)"] = llama_quantize(files["lmcraft f32"],
+                                                                        out / f"{tag}-lq4km.gguf")
+        if original is not None:
+            files["original Q4_1 GGUF"] = original
+            files["llama-quant q4_k_m (requantised from Q4_1)"] = llama_quantize(
+                original, out / f"{tag}-rq4km.gguf", requantize=True)
+        for name, path in files.items():
+            model = LlamaCppModel(path, source.model.config)
+            result["ppl"][f"llama.cpp, {name}"] = perplexity(model, windows)
+            model.close()
+            print(name, result["ppl"][f"llama.cpp, {name}"], flush=True)
+        for name in ("lmcraft f32", "lmcraft q4_k_m", "llama-quant q4_k_m (from lmcraft f32)"):
+            result["paris"][f"llama.cpp, {name}"] = paris(files[name], source)
+    result["types"] = {name: type_summary(tensor_types(path)) for name, path in files.items()}
     if ablate:
-        ours = imported(files["lmcraft q4_k_m"])
         result["ablation lmcraft q4_k_m"] = ablation(source, ours, tensor_types(files["lmcraft q4_k_m"]), windows)
     return result
 
