@@ -130,11 +130,12 @@ def test_scores_and_a_tiny_task_equal_torch(model_dir: Path, tmp_path: Path) -> 
     lms = {b: ModelLM.load(model_dir, backend=b, batch_size=3, progress=False) for b in ("torch", "llamacpp")}
     assert lms["llamacpp"].backend == "llamacpp"
     pairs = [("the cat sat on", " the mat"), ("what is two plus", " three"), ("", "spam")]
+    # llama.cpp keeps its KV cache in f16 (its default): scores agree to about 1e-3, not to f32's last bits
     for b, (lp, n) in zip(lms["torch"].loglikelihood(pairs), lms["llamacpp"].loglikelihood(pairs), strict=True):
-        assert b[1] == n and lp == pytest.approx(b[0], rel=1e-4, abs=1e-4)
+        assert b[1] == n and lp == pytest.approx(b[0], rel=2e-3)
     rolling = [lm.loglikelihood_rolling(TEXTS[:3], stride=8) for lm in lms.values()]
     assert [n for _, n in rolling[0]] == [n for _, n in rolling[1]]
-    assert [lp for lp, _ in rolling[1]] == pytest.approx([lp for lp, _ in rolling[0]], rel=1e-4)
+    assert [lp for lp, _ in rolling[1]] == pytest.approx([lp for lp, _ in rolling[0]], rel=2e-3)
     task = {"name": "tiny_cls", "data": {"source": "inline", "records": [
         {"t": "buy cheap pills now", "y": "spam"}, {"t": "see you at lunch", "y": "ham"},
         {"t": "the cat sat on the mat", "y": "ham"}]},
@@ -144,7 +145,7 @@ def test_scores_and_a_tiny_task_equal_torch(model_dir: Path, tmp_path: Path) -> 
     results = [evaluate_task(lm, load_task(task), model_name="tiny", chat=True) for lm in lms.values()]
     for a, b in zip(results[0].strategies, results[1].strategies, strict=True):
         assert [(p.answer, p.correct) for p in a.predictions] == [(p.answer, p.correct) for p in b.predictions]
-        assert b.metrics == pytest.approx(a.metrics, rel=1e-4)
+        assert b.metrics == pytest.approx(a.metrics, rel=2e-3)
 
 
 @needs_llama_cpp

@@ -16,8 +16,8 @@ Checks (a table; the export fails when a checked row is outside its tolerance):
   (`generate.llamacpp_backend`). Greedy tokens: 16 tokens after the probe text, decoded by lmcraft's loop on
   llama.cpp's logits, must equal those of lmcraft's torch decoder on the imported file for f32/f16/bf16 (for
   quantised files the number of equal leading tokens is reported). Logits: as above, against the source model,
-  checked with the same tolerance for f32 only (llama.cpp rounds activations to f16 in its f16/bf16 matrix
-  products). Perplexity: as above, from llama.cpp's logits.
+  reported only (llama.cpp keeps its KV cache in f16 and rounds activations in its f16/bf16/quantised matrix
+  products: 2e-3 on an f32 tiny model). Perplexity: as above, from llama.cpp's logits.
 """
 
 from __future__ import annotations
@@ -163,10 +163,7 @@ def _llama_cpp_checks(path: Path, source: Any, imported: Any, probe: list[int], 
                         else "info")]
         got = _logits(llama, probe)
         diff = float(np.abs(got - ref_logits).max()) / max(1.0, float(np.abs(ref_logits).max()))
-        checked = quant == "f32"
-        checks.append(Check("llama.cpp logits (probe)", f"{diff:.2e}",
-                            f"<= {LOGIT_TOLERANCE[quant]:.0e}" if checked else "- (info)",
-                            ("ok" if diff <= LOGIT_TOLERANCE[quant] else "FAIL") if checked else "info"))
+        checks.append(Check("llama.cpp logits (probe)", f"{diff:.2e}", "- (info)", "info"))
         checks.append(_ppl_check("llama.cpp perplexity", _perplexity(_logits(llama, held), held), ref_ppl, quant))
     finally:
         llama.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,6 @@ def _lib() -> Any:
         except ImportError as err:
             raise LlamaCppError(f"backend llamacpp needs llama-cpp-python ({err}); install it with "
                                 "pip install 'lmcraft[llamacpp]' (see the README for CMAKE_ARGS).") from None
-        import sys
 
         @llama_cpp.llama_log_callback
         def log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -126,7 +126,8 @@ class LlamaCppModel:
         self._model = None
 
     def __del__(self) -> None:
-        self.close()
+        if not sys.is_finalizing():  # at interpreter exit the bindings may already be gone; the OS frees all
+            self.close()
 
     def eval(self) -> LlamaCppModel:
         return self
