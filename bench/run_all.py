@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ("bench.bench_generate", "bench.bench_train", "bench.bench_peft", "bench.bench_data", "bench.bench_memory",
-              "bench.bench_grpo_memory", "bench.bench_serve")
+              "bench.bench_grpo_memory", "bench.bench_serve", "bench.bench_decode_backends")
 
 
 def main() -> int:

@@ -12,7 +12,12 @@ Checks (a table; the export fails when a checked row is outside its tolerance):
   For quantised files the logit difference is reported, not checked.
 * **perplexity**: `exp(mean NLL)` of the held-out paragraph; `|ppl_gguf / ppl_source - 1|` must stay under
   `PPL_TOLERANCE[type]` (f32 0.1 %, f16/bf16 1 %, q8_0 2 %, q4_* 15 %).
-* **llama.cpp**: the same perplexity through `llama_cpp` when it is importable; otherwise skipped, saying so.
+* **llama.cpp** (when `llama_cpp` is importable; otherwise one row says it was skipped): the file run in llama.cpp
+  (`generate.llamacpp_backend`). Greedy tokens: 16 tokens after the probe text, decoded by lmcraft's loop on
+  llama.cpp's logits, must equal those of lmcraft's torch decoder on the imported file for f32/f16/bf16 (for
+  quantised files the number of equal leading tokens is reported). Logits: as above, against the source model,
+  reported only (llama.cpp keeps its KV cache in f16 and rounds activations in its f16/bf16/quantised matrix
+  products: 2e-3 on an f32 tiny model). Perplexity: as above, from llama.cpp's logits.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ HELD_TEXT = (
     "farms, and give towns a reason to grow on their banks. When the snow melts in spring, the water rises; "
     "in late summer it runs low and clear over the stones."
 )
+GREEDY_TOKENS = 16
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2}
 PPL_TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 1e-2, "q8_0": 2e-2, "q4_0": 0.15, "q4_1": 0.15, "q4_k_m": 0.15}
 _FILE_TYPE_QUANTS = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 2: "q4_0", 3: "q4_1", 15: "q4_k_m"}
@@ -134,16 +140,34 @@ def _ppl_check(name: str, ppl: float, ref: float, quant: str) -> Check:
                  "ok" if rel <= limit else "FAIL")
 
 
-def _llama_cpp_check(path: Path, ids: list[int], ref: float, quant: str) -> Check:
+def _greedy(model: Any, ids: list[int]) -> list[int]:
+    from lmcraft.generate import GenerationConfig, generate
+
+    return generate(model, [ids], GenerationConfig(max_new_tokens=GREEDY_TOKENS, eos_token_ids=())).tokens[0]
+
+
+def _llama_cpp_checks(path: Path, source: Any, imported: Any, probe: list[int], held: list[int], ref_logits: np.ndarray,
+                      ref_ppl: float, quant: str) -> list[Check]:
+    """The llama.cpp rows (see the module docstring)."""
+    from lmcraft.generate.llamacpp_backend import LlamaCppModel, llama_cpp_available
+
+    if not llama_cpp_available():
+        return [Check("llama.cpp", "llama_cpp is not importable (pip install 'lmcraft[llamacpp]')", "-", "skipped")]
+    llama = LlamaCppModel(path, source.model.config)
     try:
-        import llama_cpp
-    except ImportError:
-        return Check("llama.cpp perplexity", "llama_cpp is not importable (pip install llama-cpp-python)", "-",
-                     "skipped")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids) + 8), logits_all=True, verbose=False)
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-    return _ppl_check("llama.cpp perplexity", _perplexity(logits, ids), ref, quant)
+        ours, theirs = _greedy(imported, probe), _greedy(llama, probe)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), len(ours))
+        exact = quant in LOGIT_TOLERANCE
+        checks = [Check("llama.cpp greedy tokens (probe)", f"{same} of {len(ours)} equal to lmcraft's",
+                        "all equal" if exact else "- (quantised)", ("ok" if same == len(ours) else "FAIL") if exact
+                        else "info")]
+        got = _logits(llama, probe)
+        diff = float(np.abs(got - ref_logits).max()) / max(1.0, float(np.abs(ref_logits).max()))
+        checks.append(Check("llama.cpp logits (probe)", f"{diff:.2e}", "- (info)", "info"))
+        checks.append(_ppl_check("llama.cpp perplexity", _perplexity(_logits(llama, held), held), ref_ppl, quant))
+    finally:
+        llama.close()
+    return checks
 
 
 def verify_export(path: str | Path, source: Any) -> list[Check]:
@@ -170,5 +194,5 @@ def verify_export(path: str | Path, source: Any) -> list[Check]:
     ref_ppl = _perplexity(_logits(source.model, held), held)
     checks.append(_ppl_check("perplexity (held paragraph)", _perplexity(_logits(imported, held), held), ref_ppl,
                              quant))
-    checks.append(_llama_cpp_check(path, held, ref_ppl, quant))
+    checks.extend(_llama_cpp_checks(path, source, imported, probe, held, ref_logits, ref_ppl, quant))
     return checks

@@ -20,6 +20,9 @@ linear layers held stacked, one matrix product each instead of three and two; `f
 has the same shapes at every position and `torch.compile` compiles it once (`compile: auto` compiles only when
 the run amortises it). Models it does not cover (adapters, prefix tuning, short sliding windows) decode on the
 path above, with a log line saying why.
+
+The model may also be a llama.cpp model (`llamacpp_backend.LlamaCppModel`): then its `prefill`/`step` give the
+logits (each row an unpadded llama.cpp sequence) and everything else, token choice and stop rules, is the same.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def _eos_ids(config: GenerationConfig, model: nn.Module) -> frozenset[int]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
 
 
 class Generation:
@@ -266,15 +269,18 @@ class Generation:
             raise RuntimeError("a Generation runs once; create a new one to generate again")
         self._done = True
         model = self.model
-        was_training = model.training
-        model.eval()
+        torch_model = isinstance(model, nn.Module)  # else llama.cpp: no torch state to set
+        was_training = torch_model and model.training
+        if torch_model:
+            model.eval()
         start = time.perf_counter()
         try:
             with ExitStack() as stack:
                 yield from self._decode(stack)
         finally:
             self.elapsed_s = time.perf_counter() - start
-            model.train(was_training)
+            if torch_model:
+                model.train(was_training)
 
     def _static_capacity(self) -> int | None:
         """The static cache's capacity when this run decodes on it, else None (with the reason logged)."""
@@ -289,43 +295,16 @@ class Generation:
         return capacity
 
     def _decode(self, stack: ExitStack) -> Iterator[list[int | None]]:
-        """Prefill, then one step per token: on the dynamic cache with the fast-decode modules, or on the static
-        cache through a `StaticDecoder`; `stack` holds the fast-decode modules while they are installed."""
-        model, c = self.model, self.config
+        """Prefill, then one step per token: on the dynamic cache with the fast-decode modules, on the static cache
+        through a `StaticDecoder`, or from llama.cpp; `stack` holds the fast-decode modules while installed."""
+        c = self.config
         if c.max_new_tokens == 0:
             return
         start = time.perf_counter()
-        ids, mask = self.input_ids, self.attention_mask
-        rows, width = ids.shape
-        extra = {} if self.prefix is None else {"prefix": self.prefix}
-        capacity = self._static_capacity()
-
-        def install_fast() -> None:
-            stack.enter_context(fast_decoding(model, fuse=self.fuse))
-
         with torch.inference_mode():
-            if capacity is None:
-                install_fast()
-                cache = model.new_cache(rows, width + c.max_new_tokens)
-            else:
-                param = model.get_input_embeddings().weight
-                cache = StaticKVCache(model.config, rows, capacity, param.dtype, param.device)
-            if mask is None:
-                positions = torch.arange(width, device=ids.device).expand(rows, -1)
-            else:
-                positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           logits_to_keep=1, **extra).logits[:, -1]
+            logits, step = self._prefill(stack) if isinstance(self.model, nn.Module) else self._external_prefill()
             chooser = self._chooser()
-            chooser.observe_prompt(ids, mask, logits.shape[-1])
-            next_pos = positions[:, -1:] + 1
-            if capacity is None:
-                step = self._dynamic_step(cache, mask, next_pos, extra)
-            else:
-                visible = torch.zeros(rows, capacity, dtype=torch.bool, device=ids.device)
-                visible[:, :width] = True if mask is None else mask.bool()
-                cache.start_decoding()
-                step = StaticDecoder(model, cache, visible, next_pos, c.compile, c.max_new_tokens - 1, install_fast)
+            chooser.observe_prompt(self.input_ids, self.attention_mask, logits.shape[-1])
         self.prefill_s = time.perf_counter() - start
         for i in range(c.max_new_tokens):
             with torch.inference_mode():
@@ -337,7 +316,49 @@ class Generation:
                 break
             with torch.inference_mode():
                 logits = step(chosen)
-        self.path = getattr(step, "path", "dynamic")
+        self.path = getattr(step, "path", "dynamic" if isinstance(self.model, nn.Module) else "llamacpp")
+
+    def _external_prefill(self) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The prefill logits and the step of a model with `prefill(prompts, max_new_tokens)` and
+        `step(tokens, active)` (llama.cpp): unpadded prompts; finished rows are not decoded further."""
+        if self.prefix is not None:
+            raise GenerationError("prefix tuning needs the torch model; this model is decoded by llama.cpp.")
+
+        def step(chosen: torch.Tensor) -> torch.Tensor:
+            return self.model.step(chosen.tolist(), [reason is None for reason in self.finish_reasons])
+
+        return self.model.prefill(self._prompt_contexts(), self.config.max_new_tokens), step
+
+    def _prefill(self, stack: ExitStack) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The torch model's prefill logits (rows, vocab) and its decode step (dynamic or static cache)."""
+        model, c = self.model, self.config
+        ids, mask = self.input_ids, self.attention_mask
+        rows, width = ids.shape
+        extra = {} if self.prefix is None else {"prefix": self.prefix}
+        capacity = self._static_capacity()
+
+        def install_fast() -> None:
+            stack.enter_context(fast_decoding(model, fuse=self.fuse))
+
+        if capacity is None:
+            install_fast()
+            cache = model.new_cache(rows, width + c.max_new_tokens)
+        else:
+            param = model.get_input_embeddings().weight
+            cache = StaticKVCache(model.config, rows, capacity, param.dtype, param.device)
+        if mask is None:
+            positions = torch.arange(width, device=ids.device).expand(rows, -1)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       logits_to_keep=1, **extra).logits[:, -1]
+        next_pos = positions[:, -1:] + 1
+        if capacity is None:
+            return logits, self._dynamic_step(cache, mask, next_pos, extra)
+        visible = torch.zeros(rows, capacity, dtype=torch.bool, device=ids.device)
+        visible[:, :width] = True if mask is None else mask.bool()
+        cache.start_decoding()
+        return logits, StaticDecoder(model, cache, visible, next_pos, c.compile, c.max_new_tokens - 1, install_fast)
 
     def _dynamic_step(self, cache: KVCache, mask: torch.Tensor | None, next_pos: torch.Tensor,
                       extra: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

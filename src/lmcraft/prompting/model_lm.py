@@ -48,6 +48,7 @@ class ModelLM:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
+        self.backend, self.backend_note = ("torch" if isinstance(model, nn.Module) else "llamacpp"), None
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         cfg = getattr(model, "config", None)
@@ -65,24 +66,28 @@ class ModelLM:
         name_or_path: str | Path,
         dtype: str | None = None,
         device: str | None = None,
+        backend: str = "torch",
+        adapter: str | Path | None = None,
         **kwargs: Any,
     ) -> ModelLM:
-        """A model folder, a .gguf file, or a model asset name (fetched once) with its tokenizer. `dtype="auto"`:
-        bf16 where the measured batched matmul (the scoring forwards' product) is faster in bf16, else fp32."""
-        from lmcraft.assets import resolve_model
-        from lmcraft.hub import load_model
-        from lmcraft.tokenizer.load import load_tokenizer
+        """A model folder, a .gguf file, or a model asset name (fetched once) with its tokenizer and an optional
+        PEFT `adapter`, on `backend` (torch, llamacpp or auto: `lmcraft.decoder_backend`). `dtype="auto"`: bf16
+        where the measured batched matmul (the scoring forwards' product) is faster in bf16, else fp32."""
+        from lmcraft.decoder_backend import load_decoder
 
-        folder = resolve_model(name_or_path)
         if dtype == "auto":
             from lmcraft.precision import weights_dtype
 
             dtype = weights_dtype("auto", torch.device(device or "cpu"), workload="train")[0]
-        return cls(load_model(folder, dtype=dtype, device=device), load_tokenizer(folder), **kwargs)
+        decoder = load_decoder(name_or_path, backend, dtype=dtype, device=device, adapter=adapter)
+        lm = cls(decoder.model, decoder.tokenizer, **kwargs)
+        lm.backend, lm.backend_note = decoder.backend, decoder.note
+        return lm
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        model = self.model
+        return next(model.parameters()).device if isinstance(model, nn.Module) else model.device
 
     # ------------------------------------------------------------------------------------- chat
     @property

@@ -21,6 +21,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="weights and compute dtype; auto (default): bf16 where a measured matrix-vector product "
                              "is faster in bf16 (cached per machine; CUDA with bf16), else fp32")
+    parser.add_argument("--backend", choices=("auto", "torch", "llamacpp"), default="auto",
+                        help="what computes the logits: lmcraft's torch model, or llama.cpp on a GGUF file (MODEL "
+                             "itself, or its f32/f16 export cached once); auto: llamacpp when llama-cpp-python is "
+                             "installed and the model exports, else torch")
     parser.add_argument("--system", help="system message (implies --chat)")
     parser.add_argument("--template", help="chat template: a built-in name (chatml, llama3, zephyr, alpaca) or a "
                                            ".jinja file; default: the one in the model's tokenizer_config.json")
@@ -57,27 +61,32 @@ def generation_config(args: argparse.Namespace) -> Any:
                             **sampling)
 
 
-def load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, chat template override) for MODEL, with a one-line note on stderr."""
+def load_for_generation(args: argparse.Namespace, backend: str | None = None) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, chat template override) for MODEL on `backend` (default `--backend`), with a one-line
+    note on stderr."""
     import torch
 
-    from lmcraft.assets import resolve_model
-    from lmcraft.hub import load_model
+    from lmcraft.decoder_backend import load_decoder
     from lmcraft.precision import weights_dtype
-    from lmcraft.tokenizer.load import load_tokenizer
 
-    folder = resolve_model(args.model)
     dtype, choice = weights_dtype(args.dtype, torch.device("cpu"))
-    model = load_model(folder, dtype=dtype)
-    tokenizer = load_tokenizer(folder)
+    decoder = load_decoder(args.model, backend or args.backend, dtype=dtype)
     template = args.template
     if template is not None and template.endswith(".jinja"):
         template = read_text(Path(template), "chat template")
-    params = model.num_parameters() / 1e6
-    precision = choice.precision if args.dtype != "auto" else f"auto -> {choice.precision}: {choice.reason}"
-    print(f"[{folder.name}: {params:.1f}M parameters, {precision}, {torch.get_num_threads()} threads]",
-          file=sys.stderr)
-    return model, tokenizer, template
+    describe(decoder, choice.precision if args.dtype != "auto" else f"auto -> {choice.precision}: {choice.reason}")
+    return decoder.model, decoder.tokenizer, template
+
+
+def describe(decoder: Any, precision: str) -> None:
+    """One line on stderr: the model, its size and precision or its GGUF file, the backend's note, the threads."""
+    import torch
+
+    if decoder.note:
+        print(f"[{decoder.note}]", file=sys.stderr)
+    what = (f"{decoder.model.num_parameters() / 1e6:.1f}M parameters, {precision}" if decoder.backend == "torch"
+            else f"llama.cpp on {decoder.model.path.name}")
+    print(f"[{decoder.folder.name}: {what}, {torch.get_num_threads()} threads]", file=sys.stderr)
 
 
 def check_length(max_new_tokens: int, model: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -27,10 +27,14 @@ from lmcraft.stages import add_config_arguments, claim, load_stage_config
 class ModelSection(Section):
     """path: model folder, .gguf file or model asset name. adapter: a PEFT adapter folder (LoRA, prompt tuning,
     prefix tuning...) put on the model. chat: use the chat template (default: when the tokenizer has one).
-    dtype: fp32, bf16, auto (bf16 where measured faster for batched scoring) or unset (the checkpoint's dtype)."""
+    dtype: fp32, bf16, auto (bf16 where measured faster for batched scoring) or unset (the checkpoint's dtype).
+
+    backend: torch, llamacpp (llama.cpp on the GGUF file or a cached f32/f16 export) or auto (llamacpp on CPU
+    when llama-cpp-python is installed and the model exports; see `lmcraft.decoder_backend`)."""
 
     path: str
     adapter: Path | None = None
+    backend: Literal["auto", "torch", "llamacpp"] = "auto"
     dtype: str | None = None
     device: str = "cpu"
     chat: bool | None = None
@@ -108,11 +112,11 @@ def _evaluate(cfg: EvalConfig, config_path: Path | None) -> None:
         max_length=cfg.model.max_length,
         chat_template=cfg.model.chat_template,
         progress=sys.stderr.isatty(),
+        backend=cfg.model.backend,
+        adapter=cfg.model.adapter,
     )
-    if cfg.model.adapter is not None:
-        from lmcraft.peft import load_adapter
-
-        lm.model = load_adapter(lm.model, cfg.model.adapter).eval()
+    if lm.backend_note:
+        print(f"note: {lm.backend_note}", file=sys.stderr)
     chat = lm.has_chat_template if cfg.model.chat is None else cfg.model.chat
     out = cfg.output_dir
     results: list[Any] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import ConfigError
-from lmcraft.stages._decoding import add_model_arguments, load_for_generation
+from lmcraft.stages._decoding import add_model_arguments, describe, load_for_generation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +29,19 @@ PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 def load_served_model(args: argparse.Namespace) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, template) for MODEL, with the `--adapter` loaded on top when given. An adapter that leaves
-    the logits of a probe prompt unchanged (e.g. a LoRA whose B is still zero) is refused: serving it would silently
-    serve the base model."""
+    """(model, tokenizer, template) for MODEL on `--backend`, with the `--adapter` loaded on top when given. An
+    adapter that leaves the logits of a probe prompt unchanged (e.g. a LoRA whose B is still zero) is refused: serving
+    it would silently serve the base model. With an adapter the torch model is checked first, then (backend llamacpp
+    or auto) merged and exported for llama.cpp."""
     import torch
 
+    from lmcraft.decoder_backend import to_backend
     from lmcraft.generate import encode_prompts
     from lmcraft.peft import load_adapter
 
-    model, tokenizer, template = load_for_generation(args)
     if args.adapter is None:
-        return model, tokenizer, template
+        return load_for_generation(args)
+    model, tokenizer, template = load_for_generation(args, backend="torch")
     probe = torch.tensor(encode_prompts(tokenizer, [PROBE]), device=next(model.parameters()).device)
     model.eval()
     with torch.inference_mode():
@@ -51,7 +53,11 @@ def load_served_model(args: argparse.Namespace) -> tuple[Any, Any, str | None]:
         raise ConfigError(f"{args.adapter}: the adapter does not change the model's logits on a probe prompt (max "
                           f"|change| {change:.1e}); it looks untrained (e.g. LoRA B still zero). Refusing to serve.")
     print(f"[adapter {args.adapter}: max logit change {change:.3g} on a probe prompt]", file=sys.stderr)
-    return model, tokenizer, template
+    if args.backend == "torch":
+        return model, tokenizer, template
+    decoder = to_backend(model, tokenizer, Path(args.model), args.backend)
+    describe(decoder, args.dtype)
+    return decoder.model, tokenizer, template
 
 
 def run(args: argparse.Namespace) -> int:
