@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from lmcraft.align.config import DPOSection, PairsData
     from lmcraft.align.data import LabelledAnswer
     from lmcraft.peft.training import ReferencePolicy
+    from lmcraft.stages.dpo import DPOConfig
     from lmcraft.train import LossOutput, Trainer
 
 __all__ = ["DPO", "DPOLoss", "UnpairedData", "WithReference", "build_unpaired_data", "dpo_loss", "load_unpaired",
@@ -275,6 +276,10 @@ class DPO(AlignmentMethod):
 
     def __init__(self, settings: DPOSection) -> None:
         self.settings = settings
+
+    @classmethod
+    def from_config(cls, cfg: DPOConfig) -> DPO:
+        return cls(cfg.dpo)
 
     def data(self, run: Run) -> tuple[PairData | UnpairedData, PairData | UnpairedData | None]:
         formatter = ChatFormatter(run.start.tokenizer, train_on="last")

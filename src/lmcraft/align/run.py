@@ -90,6 +90,11 @@ class AlignmentMethod:
 
     name: str
 
+    @classmethod
+    def from_config(cls, cfg: StageConfig) -> AlignmentMethod:
+        """The method for a validated stage config (a method with settings of its own reads them here)."""
+        return cls()
+
     def head(self, cfg: StageConfig) -> tuple[str | None, int | None]:
         """(head, num_labels) the stage adds to the start model; None keeps the model's own."""
         return None, None

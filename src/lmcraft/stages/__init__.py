@@ -67,3 +67,17 @@ def load_training_config(cls: type[C], args: argparse.Namespace) -> C:
     if args.no_progress:
         cfg.trainer.progress = False  # type: ignore[attr-defined]
     return cfg
+
+
+def run_alignment_stage(args: argparse.Namespace, stage: str, cls: type[C], method: str) -> int:
+    """`run(args)` of an alignment stage: load and check its config, claim OUT, and run the method (`method`: the
+    dotted path `module:Class` of an `AlignmentMethod`, imported only now) in the one run template."""
+    import importlib
+
+    from lmcraft.align.run import run_alignment
+
+    cfg = load_training_config(cls, args)
+    module, name = method.split(":")
+    with claim(args, stage, cfg.output_dir, cfg):  # type: ignore[attr-defined]
+        run_alignment(cfg, getattr(importlib.import_module(module), name).from_config(cfg))
+    return 0

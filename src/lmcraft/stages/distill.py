@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -25,11 +25,10 @@ from lmcraft.align.config import AlignmentConfig, DataSection, ModelSource, Save
 from lmcraft.config import Section, StageConfig
 from lmcraft.generation_settings import SamplingSettings
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import claim, load_training_config
+from lmcraft.stages import run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["DistillConfig", "DistillData", "DistillSection", "OnPolicy", "add_arguments", "config_class", "run",
-           "run_distill"]
+__all__ = ["DistillConfig", "DistillData", "DistillSection", "OnPolicy", "add_arguments", "config_class", "run"]
 
 
 class DistillData(DataSection):
@@ -88,15 +87,5 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_training_config(config_class(), args)
-    with claim(args, "distill", cfg.output_dir, cfg):
-        run_distill(cfg)
-    return 0
+    return run_alignment_stage(args, "distill", DistillConfig, "lmcraft.align.distill:Distillation")
 
-
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run the stage for a validated `DistillConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.distill import Distillation
-    from lmcraft.align.run import run_alignment
-
-    return run_alignment(cfg, Distillation())

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from lmcraft.align.config import AlignmentConfig, DPOSection, PairsData, SamplesSection, SaveSection, ScoreEval
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import claim, load_training_config
+from lmcraft.stages import run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["DPOSection", "add_arguments", "config_class", "run", "run_dpo"]
+__all__ = ["DPOSection", "add_arguments", "config_class", "run"]
 
 
 class DPOConfig(AlignmentConfig):
@@ -46,15 +45,5 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_training_config(config_class(), args)
-    with claim(args, "dpo", cfg.output_dir, cfg):
-        run_dpo(cfg)
-    return 0
+    return run_alignment_stage(args, "dpo", DPOConfig, "lmcraft.align.dpo:DPO")
 
-
-def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
-    """Run the stage for a validated `DPOConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.dpo import DPO
-    from lmcraft.align.run import run_alignment
-
-    return run_alignment(cfg, DPO(cfg.dpo))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -29,10 +28,10 @@ from lmcraft.align.config import AlignmentConfig, SamplesSection, SaveSection
 from lmcraft.align.grpo_config import GRPOSection, RewardSpec, TaskSection
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import claim, load_training_config
+from lmcraft.stages import run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["GRPOSection", "RewardSpec", "TaskSection", "add_arguments", "config_class", "run", "run_grpo"]
+__all__ = ["GRPOSection", "RewardSpec", "TaskSection", "add_arguments", "config_class", "run"]
 
 
 class GRPOConfig(AlignmentConfig):
@@ -69,15 +68,5 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_training_config(config_class(), args)
-    with claim(args, "grpo", cfg.output_dir, cfg):
-        run_grpo(cfg)
-    return 0
+    return run_alignment_stage(args, "grpo", GRPOConfig, "lmcraft.align.grpo:GRPO")
 
-
-def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
-    """Run the stage for a validated `GRPOConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.grpo import GRPO
-    from lmcraft.align.run import run_alignment
-
-    return run_alignment(cfg, GRPO())

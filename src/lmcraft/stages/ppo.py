@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from pydantic import model_validator
 
@@ -27,10 +26,10 @@ from lmcraft.align.config import AlignmentConfig, PPOSection, PromptsSection, Sa
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import claim, load_training_config
+from lmcraft.stages import run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["PPOSection", "PromptsSection", "add_arguments", "config_class", "run", "run_ppo"]
+__all__ = ["PPOSection", "PromptsSection", "add_arguments", "config_class", "run"]
 
 
 class PPOConfig(AlignmentConfig):
@@ -65,15 +64,5 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_training_config(config_class(), args)
-    with claim(args, "ppo", cfg.output_dir, cfg):
-        run_ppo(cfg)
-    return 0
+    return run_alignment_stage(args, "ppo", PPOConfig, "lmcraft.align.ppo:PPO")
 
-
-def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Run the stage for a validated `PPOConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.ppo import PPO
-    from lmcraft.align.run import run_alignment
-
-    return run_alignment(cfg, PPO())

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from lmcraft.align.config import AlignmentConfig, PairsData, SaveSection
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
-from lmcraft.stages import claim, load_training_config
+from lmcraft.stages import run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["add_arguments", "config_class", "run", "run_reward"]
+__all__ = ["add_arguments", "config_class", "run"]
 
 
 class RewardConfig(AlignmentConfig):
@@ -40,15 +39,5 @@ def config_class() -> type[StageConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_training_config(config_class(), args)
-    with claim(args, "reward", cfg.output_dir, cfg):
-        run_reward(cfg)
-    return 0
+    return run_alignment_stage(args, "reward", RewardConfig, "lmcraft.align.reward:RewardModeling")
 
-
-def run_reward(cfg: RewardConfig) -> dict[str, Any]:
-    """Run the stage for a validated `RewardConfig`; returns the summary (also in OUT/summary.json)."""
-    from lmcraft.align.reward import RewardModeling
-    from lmcraft.align.run import run_alignment
-
-    return run_alignment(cfg, RewardModeling())

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from lmcraft.align.config import AlignmentConfig, DataSection, SamplesSection, SaveSection
 from lmcraft.config import StageConfig
-from lmcraft.stages import add_training_arguments, claim, load_training_config
+from lmcraft.stages import add_training_arguments, load_training_config, run_alignment_stage
 from lmcraft.train.config import TrainerConfig
 
-__all__ = ["add_arguments", "config_class", "preview_sft", "run", "run_sft"]
+__all__ = ["add_arguments", "config_class", "preview_sft", "run"]
 
 
 class SFTData(DataSection):
@@ -54,22 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    color = sys.stdout.isatty() and not args.no_color
-    cfg = load_training_config(config_class(), args)
     if args.preview:  # nothing is written
-        preview_sft(cfg, args.preview, color=color)
+        color = sys.stdout.isatty() and not args.no_color
+        preview_sft(load_training_config(config_class(), args), args.preview, color=color)
         return 0
-    with claim(args, "sft", cfg.output_dir, cfg):
-        run_sft(cfg)
-    return 0
-
-
-def run_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Run the stage for a validated `SFTConfig`; returns the summary (also written to OUT/summary.json)."""
-    from lmcraft.align.run import run_alignment
-    from lmcraft.align.sft import SFT
-
-    return run_alignment(cfg, SFT())
+    return run_alignment_stage(args, "sft", SFTConfig, "lmcraft.align.sft:SFT")
 
 
 def preview_sft(cfg: SFTConfig, count: int, color: bool = False) -> dict[str, float]:
