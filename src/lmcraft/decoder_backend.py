@@ -133,14 +133,14 @@ def load_decoder(name_or_path: str | Path, backend: str = "auto", dtype: Any = N
 
     _check(backend, device)
     folder = resolve_model(name_or_path)
-    tokenizer = load_tokenizer(folder)
     path = Path(name_or_path)
     if (path.suffix == ".gguf" and path.is_file() and adapter is None and backend != "torch"
             and (backend == "llamacpp" or _auto_reason(device) is None)):
         from lmcraft.generate.llamacpp_backend import LlamaCppModel
 
-        return Decoder(LlamaCppModel(path, load_config(folder), threads), tokenizer, folder, "llamacpp")
-    model = load_model(folder, dtype=dtype, device=device)
+        return Decoder(LlamaCppModel(path, load_config(folder), threads), load_tokenizer(folder), folder, "llamacpp")
+    model = load_model(folder, dtype=dtype, device=device)  # before the tokenizer: a bad weights file is named first
+    tokenizer = load_tokenizer(folder)
     if adapter is not None:
         from lmcraft.peft import load_adapter
 
