@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny model builder, a byte-level chat tokenizer, a word-level tokenizer, a run folder.
+"""Shared test fixtures: a tiny model builder, a byte-level chat tokenizer, a word-level tokenizer, a run folder, and
+`served` (an `lmcraft serve` subprocess on a free local port).
 
 `tiny_model(**fields)` builds `LanguageModel(ModelConfig(**(TINY_FIELDS | fields)), head)` right after
 `torch.manual_seed(seed)`, so a test that asks for the same fields and seed gets bit-identical weights every time.
@@ -7,7 +8,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,3 +83,30 @@ def save_chat_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> int:
 def run_folder(tmp_path: Path) -> Path:
     """A fresh, not yet created output folder for one run (`tmp_path/run`)."""
     return tmp_path / "run"
+
+
+@contextmanager
+def served(model_dir: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`lmcraft serve MODEL FLAGS` on a free 127.0.0.1 port: (its URL, the process) once /metrics answers; the
+    process is killed on exit if it is still running."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "serve", str(model_dir), "--port", str(port), *flags],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/metrics").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.stderr.read()
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -6,17 +6,12 @@ The choice of backend (auto) is tested without llama.cpp too."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_tiny_model, save_chat_tokenizer
+from conftest import build_tiny_model, save_chat_tokenizer, served
 from lmcraft.decoder_backend import load_decoder, to_backend
 from lmcraft.errors import ConfigError
 from lmcraft.generate import GenerationConfig, generate_text
@@ -170,21 +165,7 @@ def test_generate_cli_on_the_exported_gguf_file(model_dir: Path, tmp_path: Path,
 def test_serve_with_backend_llamacpp_answers_the_openai_client(model_dir: Path, tmp_path: Path) -> None:
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "serve", str(model_dir), "--port", str(port),
-                             "--backend", "llamacpp"], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/metrics").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.stderr.read()
+    with served(model_dir, "--backend", "llamacpp") as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         torch_model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "the cat"}],
@@ -195,6 +176,3 @@ def test_serve_with_backend_llamacpp_answers_the_openai_client(model_dir: Path, 
         want = generate_text(torch_model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=10))
         assert [c.text for c in texts.choices] == want.texts
         assert json.loads(httpx.get(url + "/metrics").text)["largest_batch"] == len(PROMPTS)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -6,19 +6,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model, save_chat_tokenizer
+from conftest import build_tiny_model, save_chat_tokenizer, served
 from lmcraft.cli import main
 from lmcraft.generate import GenerationConfig, generate_text, stop_token_ids
 from lmcraft.hub import load_model, save_model
@@ -44,23 +40,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "lmcraft", "serve", str(model_dir), "--port", str(port),
-                             "--api-key", KEY, "--max-batch", "16"], env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/metrics").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stderr.read()
-    yield url, proc
-    if proc.poll() is None:
-        proc.kill()
+    with served(model_dir, "--api-key", KEY, "--max-batch", "16") as running:
+        yield running
 
 
 def client(url: str) -> openai.OpenAI:
