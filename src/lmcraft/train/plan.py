@@ -10,9 +10,9 @@
   `saved_tensors_hooks` counts the bytes of the tensors saved per token (parameters excluded), which scales linearly
   to the largest batch (B x T tokens; SDPA keeps O(T) per token row). With activation checkpointing the kept part is
   each block's input (L x tokens x H) plus one block's (or sub-layer's) activations while it is recomputed;
-- LM-head loss: full logits keep the (B, T, V) logits and their fp32 log-softmax, and at the start of the backward
-  pass the gradients of both exist too (4 B T V x 4 bytes in fp32; measured on CPU at 100M parameters x 512 tokens:
-  one (T, V) fp32 tensor more at the backward peak than the 3 assumed before); the chunked loss keeps dL/dh
+- LM-head loss: full logits keep the (B, T, V) logits, their fp32 log-softmax and, in the backward pass, its
+  gradient (3 B T V x 4 bytes in fp32; the Trainer's measured peak on CPU, 2 x 512 tokens: 0.98 of the plan at 34M
+  parameters and at SmolLM2-135M's shape); the chunked loss keeps dL/dh
   (B T H) and two chunks of rows x V fp32 logits (plus dL/dW in fp32 when the head trains);
 - runtime: on CPU the process's resident memory besides the weights when the plan is made (libraries, allocator);
 - extras: what a stage holds besides the trained model (a frozen reference or reward model, old-policy log-probs).
@@ -279,7 +279,7 @@ def plan_memory(model: nn.Module, batch_shape: tuple[int, int], checkpointing: s
         activations = plain - saved + inputs + saved // layers
     v = cfg.vocab_size
     head_w = lm_head_weight(model)
-    logits_full = 4 * tokens * v * 4 + (tokens * v * es if es != 4 else 0)
+    logits_full = 3 * tokens * v * 4 + (tokens * v * es if es != 4 else 0)
     logits_chunked = tokens * cfg.hidden_size * es + 2 * min(default_rows(v), tokens) * v * 4
     if head_w is not None and head_w.requires_grad:
         logits_chunked += head_w.numel() * 4
