@@ -113,3 +113,7 @@ def test_back_translate_options_and_decoder(translator: dict[str, Path], tmp_pat
     assert isinstance(step, BackTranslate) and step.kind == "augment"
     with pytest.raises(ConfigError, match="no decoder: run it through `lmcraft prepare`"):
         step.batch(["a text"], ["id"])
+    recipe = load_config(PrepareConfig, Path(__file__).parents[1] / "recipes" / "prepare-back-translation.yaml")
+    step = build_steps(recipe.steps)[-1]
+    assert (step.name, step.pivot, step.adapter, step.back_adapter) == (
+        "back_translate", "French", "runs/smollm2/translation/final", None)
