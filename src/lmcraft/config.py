@@ -29,6 +29,7 @@ __all__ = [
     "OptionsError",
     "PeftOptions",
     "build_options",
+    "check_options",
     "named_options",
     "unknown_name",
     "load_config",
@@ -99,19 +100,22 @@ def unknown_name(what: str, key: str, given: Any, known: Iterable[str]) -> Optio
 
 
 def build_options(cls: type[C] | Any, options: dict[str, Any], what: str) -> Any:
-    """`cls` (a dataclass or pydantic model) built from `options` by pydantic; whatever it refuses raises
-    `OptionsError`, each problem at its key, an unknown key with the keys `cls` has."""
+    """`cls` (a dataclass or pydantic model) built from `options` by pydantic; an unknown key (whatever `cls`
+    itself says about extra keys) and whatever pydantic refuses raise `OptionsError`, each problem at its key."""
+    fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {
+        f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    allowed = tuple(sorted(fields))
+    unknown = [OptionProblem((key,), "unknown_key", allowed=allowed) for key in options if key not in fields]
+    if unknown:
+        raise OptionsError(what, unknown)
     try:
         return TypeAdapter(cls).validate_python(options)
     except ValidationError as err:
-        fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {
-            f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
         problems = []
         for e in err.errors(include_url=False):
             loc = tuple(e["loc"])
-            if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-                problems.append(OptionProblem(loc, "unknown_key", allowed=tuple(sorted(fields)) if len(loc) == 1
-                                              else ()))
+            if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # in a nested options class
+                problems.append(OptionProblem(loc, "unknown_key"))
             elif e["type"] in ("missing", "missing_argument"):
                 problems.append(OptionProblem(loc, "missing"))
             else:
@@ -132,16 +136,23 @@ def named_options(builder: str) -> Any:
         import importlib
 
         module, function = builder.split(":")
-        try:
-            getattr(importlib.import_module(module), function)(value)
-        except OptionsError as err:
-            raise PydanticCustomError("named_options", "{summary}", {"summary": str(err), "problems": err.problems}
-                                      ) from None
-        except (LmcraftError, TypeError, ValueError) as err:
-            raise ValueError(str(err).rstrip(".")) from None
+        check_options(lambda: getattr(importlib.import_module(module), function)(value))
         return value
 
     return Annotated[dict[str, Any], AfterValidator(check)]
+
+
+def check_options(build: Callable[[], Any]) -> None:
+    """Inside a pydantic validator: run `build` (a block's builder on its options); an `OptionsError` becomes the
+    error that `load_config` reports problem by problem at the full key, any other refusal the block's error.
+    `named_options` uses it; so does a section that keeps its options as attributes (`objective:`)."""
+    try:
+        build()
+    except OptionsError as err:
+        raise PydanticCustomError("named_options", "{summary}", {"summary": str(err), "problems": err.problems}
+                                  ) from None
+    except (LmcraftError, TypeError, ValueError) as err:
+        raise ValueError(str(err).rstrip(".")) from None
 
 
 # A PEFT method and its options (`lmcraft.peft`'s registry), in every stage that trains with one.
