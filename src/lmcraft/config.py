@@ -328,7 +328,8 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
-    return re.sub(r"Annotated\[(\w+), .*?\]\]?", r"\1", text)
+    text = re.sub(r"Optional\[(.*)\]$", r"\1 | None", text)
+    return re.sub(r"Annotated\[(.*?), AfterValidator\([^)]*\)\]", r"\1", text)
 
 
 def _short(value: Any) -> str:
