@@ -15,7 +15,7 @@ import zstandard
 from conftest import build_tiny_model, save_chat_tokenizer
 from lmcraft.cli import main
 from lmcraft.config import load_config
-from lmcraft.data.back_translation import BackTranslate
+from lmcraft.data.back_translation import BackTranslate, DecoderSpec, TextGenerator
 from lmcraft.data.pipeline import build_steps
 from lmcraft.errors import ConfigError
 from lmcraft.stages.prepare import PrepareConfig
@@ -117,3 +117,28 @@ def test_back_translate_options_and_decoder(translator: dict[str, Path], tmp_pat
     step = build_steps(recipe.steps)[-1]
     assert (step.name, step.pivot, step.adapter, step.back_adapter) == (
         "back_translate", "French", "runs/smollm2/translation/final", None)
+
+
+OPENED: list[DecoderSpec] = []
+
+
+def _case_loader(spec: DecoderSpec) -> TextGenerator:
+    """A stand-in decoder that records what it opened: with an adapter it upper-cases the text after the prompt's
+    instruction line, without one it capitalises it."""
+    OPENED.append(spec)
+    if spec.adapter is not None:
+        return lambda prompts: [p.split("\n", 1)[1].upper() for p in prompts]
+    return lambda prompts: [p.split("\n", 1)[1].capitalize() for p in prompts]
+
+
+def test_back_translate_versions_and_the_way_back() -> None:
+    OPENED.clear()
+    (step,) = build_steps([{"type": "back_translate", "model": "m", "adapter": "a", "keep_original": False}])
+    step.use_generator(_case_loader)
+    assert step.batch(["Good day.", "hello"], ["1", "2"]) == [
+        [("", "Good day.")],  # the round trip gave the text back: no paraphrase, the original stays
+        [("#bt-french", "Hello")],  # keep_original off: the paraphrase alone
+    ]
+    assert [(s.model, s.adapter) for s in OPENED] == [("m", "a"), ("m", None)]  # the way back: no adapter
+    step.batch(["y"], ["3"])
+    assert len(OPENED) == 2  # the models open once per process

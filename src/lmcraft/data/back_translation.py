@@ -11,8 +11,8 @@ each a greedy reply of at most `max_new_tokens` tokens, the prompt being `templa
 lmcraft's translation records, `Translate from English to French.` + newline + text, which the translation
 fine-tuning trains on) sent as a user message through the model's chat template when it has one. The step is an
 augment step: it emits the original (unless `keep_original` is off) and d' under the id `<id>#bt-<pivot>`, when d'
-is not empty and differs from d. It translates a document as one text, so long documents are split upstream
-(`text_mode: line` or `paragraph`).
+is not empty and differs from d; a document without such a paraphrase is emitted as it is, whatever `keep_original`.
+It translates a document as one text, so long documents are split upstream (`text_mode: line` or `paragraph`).
 
 Generation lives on a higher floor than the data library, so the step takes its decoder from whoever runs it:
 `use_generator(load)` attaches a `GeneratorLoader` (`lmcraft prepare` attaches lmcraft's decoder,
@@ -111,5 +111,8 @@ class BackTranslate:
         forward, back = self._generators()
         paraphrases = back_translate(texts, forward, self.pivot, self.source, self.template, back)
         suffix = f"#bt-{self.pivot.lower()}"
-        return [[("", text)] * self.keep_original + ([(suffix, new)] if new and new != text.strip() else [])
-                for text, new in zip(texts, paraphrases, strict=True)]
+        out = []
+        for text, new in zip(texts, paraphrases, strict=True):
+            found = bool(new) and new != text.strip()
+            out.append([("", text)] * (self.keep_original or not found) + [(suffix, new)] * found)
+        return out
