@@ -44,7 +44,9 @@ def test_bad_values_and_what_the_builder_refuses() -> None:
     assert error({"objective": {"name": "mlm", "masking": {"probability": 1.5}}}) == (
         "invalid config c.yaml: key 'objective.masking': masking probability must be in (0, 1), got 1.5.")
     assert error({"objective": {"name": "mlm", "masking": {"probabilty": 0.2}}}) == (
-        "invalid config c.yaml: unknown key 'objective.masking.probabilty'.")
+        "invalid config c.yaml: unknown key 'objective.masking.probabilty'. Did you mean 'probability'? Allowed "
+        "keys here: mask_fraction, mask_token_id, max_span, probability, random_fraction, span_p, special_token_ids, "
+        "strategy, vocab_size.")
     assert error({"steps": [{"type": "minhash_dedup", "num_perm": "many"}]}) == (
         "invalid config c.yaml: key 'steps.0.num_perm': Input should be a valid integer, unable to parse string as "
         "an integer (given: 'many').")

@@ -102,10 +102,8 @@ def unknown_name(what: str, key: str, given: Any, known: Iterable[str]) -> Optio
 def build_options(cls: type[C] | Any, options: dict[str, Any], what: str) -> Any:
     """`cls` (a dataclass or pydantic model) built from `options` by pydantic; an unknown key (whatever `cls`
     itself says about extra keys) and whatever pydantic refuses raise `OptionsError`, each problem at its key."""
-    fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {
-        f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
-    allowed = tuple(sorted(fields))
-    unknown = [OptionProblem((key,), "unknown_key", allowed=allowed) for key in options if key not in fields]
+    allowed = _option_names(cls)
+    unknown = [OptionProblem((key,), "unknown_key", allowed=allowed) for key in options if key not in allowed]
     if unknown:
         raise OptionsError(what, unknown)
     try:
@@ -115,13 +113,32 @@ def build_options(cls: type[C] | Any, options: dict[str, Any], what: str) -> Any
         for e in err.errors(include_url=False):
             loc = tuple(e["loc"])
             if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # in a nested options class
-                problems.append(OptionProblem(loc, "unknown_key"))
+                problems.append(OptionProblem(loc, "unknown_key", allowed=_option_names(cls, loc[:-1])))
             elif e["type"] in ("missing", "missing_argument"):
                 problems.append(OptionProblem(loc, "missing"))
             else:
                 problems.append(OptionProblem(loc, "invalid", e["msg"].removeprefix("Value error, ").rstrip("."),
                                               e.get("input")))
         raise OptionsError(what, problems) from None
+
+
+def _option_names(cls: Any, path: tuple[Any, ...] = ()) -> tuple[str, ...]:
+    """The option names of `cls` (a dataclass or pydantic model), or of the options class at `path` inside it."""
+    import typing
+
+    for part in path:
+        try:
+            hints = typing.get_type_hints(cls) if isinstance(cls, type) else {}
+        except (NameError, TypeError):  # an annotation only a type checker can resolve: list no names
+            return ()
+        candidates = (hints.get(str(part)), *getattr(hints.get(str(part)), "__args__", ()))
+        cls = next((c for c in candidates if isinstance(c, type) and (dataclasses.is_dataclass(c)
+                                                                      or issubclass(c, BaseModel))), None)
+        if cls is None:
+            return ()
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return tuple(sorted(cls.model_fields))
+    return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")))
 
 
 def named_options(builder: str) -> Any:
