@@ -12,7 +12,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
@@ -99,7 +99,7 @@ def unknown_name(what: str, key: str, given: Any, known: Iterable[str]) -> Optio
     return OptionsError(what, [OptionProblem((key,), "unknown_name", what, given, tuple(known))])
 
 
-def build_options(cls: type[C] | Any, options: dict[str, Any], what: str) -> Any:
+def build_options(cls: type, options: dict[str, Any], what: str) -> Any:
     """`cls` (a dataclass or pydantic model) built from `options` by pydantic; an unknown key (whatever `cls`
     itself says about extra keys) and whatever pydantic refuses raise `OptionsError`, each problem at its key."""
     allowed = _option_names(cls)
@@ -124,11 +124,9 @@ def build_options(cls: type[C] | Any, options: dict[str, Any], what: str) -> Any
 
 def _option_names(cls: Any, path: tuple[Any, ...] = ()) -> tuple[str, ...]:
     """The option names of `cls` (a dataclass or pydantic model), or of the options class at `path` inside it."""
-    import typing
-
     for part in path:
         try:
-            hints = typing.get_type_hints(cls) if isinstance(cls, type) else {}
+            hints = get_type_hints(cls) if isinstance(cls, type) else {}
         except (NameError, TypeError):  # an annotation only a type checker can resolve: list no names
             return ()
         candidates = (hints.get(str(part)), *getattr(hints.get(str(part)), "__args__", ()))
