@@ -221,14 +221,33 @@ def _ids(folder: Path) -> list[str]:
 
 
 def test_config_errors_name_the_step(tmp_path: Path) -> None:
+    """A step entry is a "name -> options" block (`config.named_options`): its problems come in the config-error
+    format, each at its full key, an unknown key or step name with a did-you-mean."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"inputs": ["x.txt"], "output": "o", "steps": [{"type": "c4", "min_sentence": 2}]}))
-    with pytest.raises(ConfigError, match=r"step 0 \(c4\): min_sentence: Unexpected keyword argument"):
+    with pytest.raises(ConfigError) as err:
         load_config(PrepareConfig, path)
+    assert str(err.value) == (f"invalid config {path}: unknown key 'steps.0.min_sentence'. "
+                              "Did you mean 'min_sentences'? "
+                              "Allowed keys here: min_sentences, remove_curly_brace, remove_lorem_ipsum.")
+    path.write_text(yaml.safe_dump({"inputs": ["x.txt"], "output": "o", "steps": [
+        {"type": "pii"}, {"type": "min_lenght", "min_chars": 3}, {"type": "perplexity", "head": 2.0},
+        {"type": "perplexity", "model": "m", "head": 2.0}, {"type": "c4", "min_sentences": "three"}]}))
+    with pytest.raises(ConfigError) as err:
+        load_config(PrepareConfig, path)
+    text = str(err.value)
+    assert text.startswith(f"invalid config {path}: key 'steps.1.type': unknown step 'min_lenght'. "
+                           "Did you mean 'min_length'? Known: html, normalize, ")
+    assert "missing required key 'steps.2.model'." in text
+    assert "key 'steps.3': give both head and tail thresholds, head <= tail (perplexities)." in text
+    assert "key 'steps.4.min_sentences': Input should be a valid integer, unable to parse string as an integer " \
+           "(given: 'three')." in text
+    assert "steps.0" not in text  # the good step is not named
     path.write_text(
         yaml.safe_dump({"inputs": ["x.txt"], "output": "o", "steps": [{"type": "augment"}, {"type": "pii"}]})
     )
-    with pytest.raises(ConfigError, match="must be the last step"):
+    with pytest.raises(ConfigError, match="key 'steps': Value error, step 0 augments the documents: it must be the "
+                                          "last step"):
         load_config(PrepareConfig, path)
     path.write_text(yaml.safe_dump({"inputs": [], "output": "o"}))
     with pytest.raises(ConfigError, match="non-empty list of inputs"):

@@ -160,8 +160,9 @@ def test_decontaminate_finds_every_planted_eval_item(tmp_path: Path) -> None:
             "chunk_docs": 7,
             "steps": [{"type": "decontaminate", "tasks": [str(task_file)], "files": [str(other)], "action": action}],
         })
-        attach_eval_tasks(cfg.steps)
-        result = prepare(cfg, workers=2 if action == "flag" else 1, progress=False)
+        steps = build_steps(cfg.steps)  # the config keeps the entries; the eval tasks attach to built steps
+        attach_eval_tasks(steps)
+        result = prepare(cfg, workers=2 if action == "flag" else 1, progress=False, steps=steps)
         (check,) = result["decontamination"]
         by_set = {s["name"]: s for s in check["sets"]}
         assert set(by_set["planted"]["contaminated"]) == {f"planted:{k}" for k in range(7)}  # every planted item
@@ -324,9 +325,10 @@ def test_quality_and_decontamination_recipes_validate(recipe: str) -> None:
     from lmcraft.config import load_config
 
     cfg = load_config(PrepareConfig, Path(__file__).parents[1] / "recipes" / recipe)
-    names = [s.name for s in cfg.steps]
-    assert names[-1] == "decontaminate" and cfg.steps[-1].tasks == ["builtin"] and cfg.steps[-1].action == "flag"
+    steps = build_steps(cfg.steps)
+    names = [s.name for s in steps]
+    assert names[-1] == "decontaminate" and steps[-1].tasks == ["builtin"] and steps[-1].action == "flag"
     if recipe == "prepare-quality.yaml":
-        ppl, cls = cfg.steps[names.index("perplexity")], cfg.steps[names.index("classifier")]
+        ppl, cls = steps[names.index("perplexity")], steps[names.index("classifier")]
         assert ppl.head < ppl.tail < ppl.max and cls.label == "high"
         assert not any("201[7-9]" in s.path or "202" in s.path for s in cfg.inputs)  # the held-out speeches

@@ -7,13 +7,15 @@ command-line overrides, and validates everything before any work starts; any pro
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from lmcraft.errors import ConfigError, InputFileError, LmcraftError
 from lmcraft.io import excerpt, parse_yaml, read_yaml
@@ -23,8 +25,13 @@ __all__ = [
     "Section",
     "ExistingPath",
     "ExistingFile",
+    "OptionProblem",
+    "OptionsError",
     "PeftOptions",
+    "build_options",
+    "check_options",
     "named_options",
+    "unknown_name",
     "load_config",
     "parse_overrides",
     "apply_overrides",
@@ -62,23 +69,105 @@ ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 ExistingFile = Annotated[Path, AfterValidator(_must_be_file)]
 
 
+_NO_INPUT = "<no input>"  # a problem whose value is not worth quoting (a missing key, a whole block)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionProblem:
+    """One problem of a "name -> options" block, at `key` (a path inside the block): an unknown key or name (with
+    what is `allowed` there), a missing key, or an invalid value (`message`)."""
+
+    key: tuple[str | int, ...]
+    kind: Literal["unknown_key", "unknown_name", "missing", "invalid"]
+    message: str = ""
+    given: Any = _NO_INPUT
+    allowed: tuple[str, ...] = ()
+
+
+class OptionsError(ConfigError):
+    """What a named-options builder refuses (`what`: e.g. "step 'c4'", "peft method 'lora'"). Alone it reads as one
+    sentence; inside a config, `named_options` reports each problem at its full key in the config-error format."""
+
+    def __init__(self, what: str, problems: list[OptionProblem]) -> None:
+        self.what, self.problems = what, problems
+        super().__init__(f"{what}: " + " ".join(f"{p.message}." if not p.key else _problem_line(p.key, p)
+                                                  for p in problems))
+
+
+def unknown_name(what: str, key: str, given: Any, known: Iterable[str]) -> OptionsError:
+    """The error for a name (`method: loraa`, `type: min_lenght`) that is none of `known`."""
+    return OptionsError(what, [OptionProblem((key,), "unknown_name", what, given, tuple(known))])
+
+
+def build_options(cls: type, options: dict[str, Any], what: str) -> Any:
+    """`cls` (a dataclass or pydantic model) built from `options` by pydantic; an unknown key (whatever `cls`
+    itself says about extra keys) and whatever pydantic refuses raise `OptionsError`, each problem at its key."""
+    allowed = _option_names(cls)
+    unknown = [OptionProblem((key,), "unknown_key", allowed=allowed) for key in options if key not in allowed]
+    if unknown:
+        raise OptionsError(what, unknown)
+    try:
+        return TypeAdapter(cls).validate_python(options)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors(include_url=False):
+            loc = tuple(e["loc"])
+            if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # in a nested options class
+                problems.append(OptionProblem(loc, "unknown_key", allowed=_option_names(cls, loc[:-1])))
+            elif e["type"] in ("missing", "missing_argument"):
+                problems.append(OptionProblem(loc, "missing"))
+            else:
+                problems.append(OptionProblem(loc, "invalid", e["msg"].removeprefix("Value error, ").rstrip("."),
+                                              e.get("input")))
+        raise OptionsError(what, problems) from None
+
+
+def _option_names(cls: Any, path: tuple[Any, ...] = ()) -> tuple[str, ...]:
+    """The option names of `cls` (a dataclass or pydantic model), or of the options class at `path` inside it."""
+    for part in path:
+        try:
+            hints = get_type_hints(cls) if isinstance(cls, type) else {}
+        except (NameError, TypeError):  # an annotation only a type checker can resolve: list no names
+            return ()
+        candidates = (hints.get(str(part)), *getattr(hints.get(str(part)), "__args__", ()))
+        cls = next((c for c in candidates if isinstance(c, type) and (dataclasses.is_dataclass(c)
+                                                                      or issubclass(c, BaseModel))), None)
+        if cls is None:
+            return ()
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return tuple(sorted(cls.model_fields))
+    return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")))
+
+
 def named_options(builder: str) -> Any:
-    """The type of a "name -> that thing's options" block (`peft: {method: lora, r: 8}`), checked while the config
-    loads by building the thing: `builder` is the dotted path `module:function` of the registry's constructor,
-    imported only when a config is validated (so config classes stay torch-free). Whatever the builder refuses
-    becomes the key's error in the one config-error format (`key 'peft': ...`)."""
+    """The type of a "name -> that thing's options" block (`peft: {method: lora, r: 8}`, a prepare step `{type: c4,
+    min_sentences: 3}`), checked while the config loads by building the thing: `builder` is the dotted path
+    `module:function` of the registry's constructor, imported only when a config is validated (so config classes
+    stay torch-free). An `OptionsError` of the builder is reported problem by problem at the full key
+    (`unknown key 'steps.1.min_wordz'. Did you mean 'min_words'? ...`); any other refusal becomes the block's
+    error (`key 'peft': ...`). The config keeps the block as written; the library builds it again at run time."""
 
     def check(value: dict[str, Any]) -> dict[str, Any]:
         import importlib
 
         module, function = builder.split(":")
-        try:
-            getattr(importlib.import_module(module), function)(value)
-        except (LmcraftError, TypeError, ValueError) as err:
-            raise ValueError(str(err).rstrip(".")) from None
+        check_options(lambda: getattr(importlib.import_module(module), function)(value))
         return value
 
     return Annotated[dict[str, Any], AfterValidator(check)]
+
+
+def check_options(build: Callable[[], Any]) -> None:
+    """Inside a pydantic validator: run `build` (a block's builder on its options); an `OptionsError` becomes the
+    error that `load_config` reports problem by problem at the full key, any other refusal the block's error.
+    `named_options` uses it; so does a section that keeps its options as attributes (`objective:`)."""
+    try:
+        build()
+    except OptionsError as err:
+        raise PydanticCustomError("named_options", "{summary}", {"summary": str(err), "problems": err.problems}
+                                  ) from None
+    except (LmcraftError, TypeError, ValueError) as err:
+        raise ValueError(str(err).rstrip(".")) from None
 
 
 # A PEFT method and its options (`lmcraft.peft`'s registry), in every stage that trains with one.
@@ -133,6 +222,28 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(fields) if fields else []
 
 
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _problem_line(loc: tuple[Any, ...], problem: OptionProblem) -> str:
+    """One sentence of the config-error format for a problem at `loc` (its key's full path)."""
+    key = _dotted(loc)
+    if problem.kind in ("unknown_key", "unknown_name"):
+        given = str(loc[-1]) if problem.kind == "unknown_key" else str(problem.given)
+        close = difflib.get_close_matches(given, problem.allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        allowed = ", ".join(problem.allowed)
+        if problem.kind == "unknown_key":
+            return f"unknown key {key!r}.{hint}" + (f" Allowed keys here: {allowed}." if allowed else "")
+        return f"key {key!r}: unknown {problem.message} {problem.given!r}.{hint} Known: {allowed}."
+    if problem.kind == "missing":
+        return f"missing required key {key!r}."
+    given = problem.given
+    quoted = given is not _NO_INPUT and not isinstance(given, dict | list)
+    return f"key {key!r}: {problem.message}" + (f" (given: {excerpt(repr(given))})" if quoted else "") + "."
+
+
 def _format_validation_error(
     err: ValidationError, model: type[BaseModel], source: str, ignore: Callable[[dict], bool] | None = None
 ) -> str:
@@ -141,18 +252,15 @@ def _format_validation_error(
         if ignore is not None and ignore(e):
             continue
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            lines.append(f"unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}.")
+        if e["type"] == "named_options":
+            lines += [_problem_line(loc + p.key, p) for p in e["ctx"]["problems"]]
+        elif e["type"] == "extra_forbidden":
+            allowed = tuple(_allowed_keys(model, loc))
+            lines.append(_problem_line(loc, OptionProblem(loc, "unknown_key", allowed=allowed)))
         elif e["type"] == "missing":
-            lines.append(f"missing required key {key!r}.")
+            lines.append(_problem_line(loc, OptionProblem(loc, "missing")))
         else:
-            given = e.get("input")
-            given_txt = f" (given: {excerpt(repr(given))})" if not isinstance(given, dict | list) else ""
-            lines.append(f"key {key!r}: {e['msg']}{given_txt}.")
+            lines.append(_problem_line(loc, OptionProblem(loc, "invalid", e["msg"], e.get("input"))))
     return f"invalid config {source}: " + " ".join(lines) if lines else ""
 
 
@@ -235,7 +343,8 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
-    return re.sub(r"Annotated\[(\w+), .*?\]\]?", r"\1", text)
+    text = re.sub(r"Optional\[(.*)\]$", r"\1 | None", text)
+    return re.sub(r"Annotated\[(.*?), AfterValidator\([^)]*\)\]", r"\1", text)
 
 
 def _short(value: Any) -> str:

@@ -15,8 +15,8 @@ BSD-like). We read `data.{noun,verb,adj,adv}` directly (format: wndb(5WN)): lemm
 are synonyms. No NLTK corpus download is needed. Any {word: [synonyms]} mapping works too.
 
 Back-translation (Sennrich et al. 2016): `back_translate(texts, generate)` asks any generation
-callable `generate(prompts: list[str]) -> list[str]` (e.g. an lmcraft model) to translate into a
-pivot language and back, producing paraphrases.
+callable `generate(prompts: list[str]) -> list[str]` to translate into a pivot language and back, producing
+paraphrases; `data/back_translation.py` is the prepare step that does it with lmcraft models.
 """
 
 from __future__ import annotations
@@ -206,12 +206,15 @@ def back_translate(
     pivot: str = "French",
     source: str = "English",
     template: str = _DEFAULT_TEMPLATE,
+    generate_back: Callable[[list[str]], list[str]] | None = None,
 ) -> list[str]:
-    """Paraphrase by translating source -> pivot -> source with `generate` (two batched calls)."""
+    """Paraphrase by translating source -> pivot with `generate` and pivot -> source with `generate_back` (default:
+    `generate`), two batched calls."""
     forward = generate([template.format(source=source, target=pivot, text=t) for t in texts])
     if len(forward) != len(texts):
         raise ValueError(f"generate returned {len(forward)} outputs for {len(texts)} prompts")
-    backward = generate([template.format(source=pivot, target=source, text=t.strip()) for t in forward])
+    backward = (generate_back or generate)([template.format(source=pivot, target=source, text=t.strip())
+                                            for t in forward])
     if len(backward) != len(texts):
         raise ValueError(f"generate returned {len(backward)} outputs for {len(texts)} prompts")
     return [t.strip() for t in backward]

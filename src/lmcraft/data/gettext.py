@@ -26,9 +26,12 @@ from pathlib import Path
 
 from lmcraft.errors import InputFileError
 
-__all__ = ["LANGUAGE_NAMES", "held_out", "po_messages", "translation_records"]
+__all__ = ["LANGUAGE_NAMES", "TRANSLATION_INSTRUCTION", "held_out", "po_messages", "translation_records"]
 
 # English names of the commonest catalogue languages (a code not listed is written as itself).
+# the instruction of a translation record (and of the prepare stage's back_translate prompts)
+TRANSLATION_INSTRUCTION = "Translate from {source} to {target}."
+
 LANGUAGE_NAMES = {
     "ar": "Arabic", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German", "el": "Greek", "en": "English",
     "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi",
@@ -119,6 +122,7 @@ def translation_records(messages: Iterable[dict[str, str]]) -> list[dict[str, st
     rows = []
     for m in messages:
         names = [LANGUAGE_NAMES.get(m[k], m[k]) for k in ("source_lang", "target_lang")]
-        rows.append({"instruction": f"Translate from {names[0]} to {names[1]}.", "input": m["source"],
-                     "output": m["target"], "source_lang": m["source_lang"], "target_lang": m["target_lang"]})
+        rows.append({"instruction": TRANSLATION_INSTRUCTION.format(source=names[0], target=names[1]),
+                     "input": m["source"], "output": m["target"], "source_lang": m["source_lang"],
+                     "target_lang": m["target_lang"]})
     return rows

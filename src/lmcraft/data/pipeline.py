@@ -8,7 +8,8 @@ A step is one of five kinds (its class attribute `kind`):
   step's histogram (bins cut at `step.edges`) and names tallied in the report (contaminated eval items);
 - "dedup": `step.keys(texts)` computes per-document keys (hashes, MinHash signatures) and
   `step.new_index()` holds the keys of kept documents; only the index is global;
-- "augment": `step(text, doc_id) -> [(id_suffix, text)]`, allowed only as the last step.
+- "augment": `step(text, doc_id) -> [(id_suffix, text)]` (or `step.batch(texts, doc_ids)`, the same for many),
+  allowed only as the last step.
 
 `process_chunk` runs every per-document computation of a chunk (cleaners, filters, annotations, dedup keys,
 augmentation, tokenisation): it is pure, so worker processes can run chunks in parallel.
@@ -27,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from lmcraft.config import build_options, unknown_name
 from lmcraft.data.annotation import Annotation
 from lmcraft.data.augment import Augment
+from lmcraft.data.back_translation import BackTranslate
 from lmcraft.data.clean import BoilerplateLines, HtmlToText, Normalize, Whitespace
 from lmcraft.data.decontaminate import Decontaminate
 from lmcraft.data.dedup import ExactDedup, MinHashDedup
@@ -45,7 +48,9 @@ __all__ = [
     "Decider",
     "DocResult",
     "StepStats",
+    "build_step",
     "build_steps",
+    "check_step_order",
     "example",
     "process_chunk",
     "is_validation",
@@ -74,30 +79,32 @@ STEP_TYPES: dict[str, type] = {
         ExactDedup,
         MinHashDedup,
         Augment,
+        BackTranslate,
     )
 }
 
 
-def build_steps(specs: list[dict[str, Any]]) -> list[Any]:
-    """Steps from config entries `{type: NAME, key: value, ...}`; raises ValueError naming the bad entry."""
-    from pydantic import TypeAdapter, ValidationError
+def build_step(options: dict[str, Any]) -> Any:
+    """One step from its config entry `{type: NAME, key: value, ...}` (the prepare config's `named_options`
+    builder); a bad entry raises `OptionsError` naming the key (`type`, or the unknown/invalid option)."""
+    options = dict(options)
+    kind = options.pop("type", None)
+    if kind not in STEP_TYPES:
+        raise unknown_name("step", "type", kind, STEP_TYPES)
+    return build_options(STEP_TYPES[kind], options, f"step {kind!r}")
 
-    steps = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        kind = spec.pop("type", None)
-        if kind not in STEP_TYPES:
-            raise ValueError(f"step {i}: type must be one of {', '.join(STEP_TYPES)}; got {kind!r}")
-        try:
-            steps.append(TypeAdapter(STEP_TYPES[kind]).validate_python(spec))
-        except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(step)'}: {e['msg']}" for e in err.errors(include_url=False)
-            )
-            raise ValueError(f"step {i} ({kind}): {problems}") from None
-    for i, step in enumerate(steps[:-1]):
-        if step.kind == "augment":
-            raise ValueError(f"step {i} (augment) must be the last step")
+
+def check_step_order(kinds: list[str]) -> None:
+    """An augment step (it emits several documents per input) may only be the last step."""
+    for i, kind in enumerate(kinds[:-1]):
+        if kind == "augment":
+            raise ValueError(f"step {i} augments the documents: it must be the last step")
+
+
+def build_steps(specs: list[dict[str, Any]]) -> list[Any]:
+    """The steps of a prepare config's `steps:` entries, in order."""
+    steps = [build_step(spec) for spec in specs]
+    check_step_order([step.kind for step in steps])
     return steps
 
 
@@ -181,6 +188,8 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
         survivors = []
         batch = getattr(step, "batch", None)
         verdicts = batch([texts[i] for i in alive]) if step.kind == "filter" and batch is not None else None
+        if step.kind == "augment" and batch is not None:
+            verdicts = batch([texts[i] for i in alive], [results[i].id for i in alive])
         for pos, i in enumerate(alive):
             text = texts[i]
             n_in = _nbytes(text)
@@ -200,7 +209,7 @@ def process_chunk(steps: list[Any], docs: list[Document], tokenize: Any = None) 
                     continue
                 results[i].sizes.append((n_in, n_in, False))
             else:  # augment: the last step
-                versions = step(text, results[i].id)
+                versions = verdicts[pos] if verdicts is not None else step(text, results[i].id)
                 results[i].sizes.append((n_in, sum(_nbytes(t) for _, t in versions), len(versions) != 1))
                 results[i].outputs = [(results[i].id + suffix, t) for suffix, t in versions]
             survivors.append(i)

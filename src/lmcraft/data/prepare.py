@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lmcraft.data.executors import ExecutorKind, make_executor
 from lmcraft.data.long_documents import LongDocumentSplitter
 from lmcraft.data.parts import complete_parts, eos_id, load_part_arrays, pack_parts, remove_incomplete, write_part
-from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, example, is_validation
+from lmcraft.data.pipeline import ChunkResult, Decider, StepStats, build_steps, example, is_validation
 from lmcraft.data.readers import Document, ErrorLog, expand_inputs, read_documents
 from lmcraft.errors import ConfigError
 from lmcraft.io import clean_staging, read_json, write_text
@@ -45,11 +45,12 @@ def shard_folder(output: Path, shard: tuple[int, int]) -> Path:
     return Path(output) / (f"shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
 
 
-def fingerprint(cfg: PrepareConfig, shard: tuple[int, int]) -> str:
-    """sha256 of what decides the output: inputs, steps, chunking, error policy, packing, seed and shard."""
+def fingerprint(cfg: PrepareConfig, steps: list[Any], shard: tuple[int, int]) -> str:
+    """sha256 of what decides the output: inputs, steps (with every default), chunking, error policy, packing, seed
+    and shard."""
     data = {
         "inputs": [asdict(s) for s in cfg.inputs],
-        "steps": [{"type": s.name, **{k: v for k, v in vars(s).items() if not k.startswith("_")}} for s in cfg.steps],
+        "steps": [{"type": s.name, **{k: v for k, v in vars(s).items() if not k.startswith("_")}} for s in steps],
         "chunk_docs": cfg.chunk_docs,
         "max_document_bytes": cfg.max_document_bytes,
         "on_error": cfg.on_error,
@@ -181,8 +182,12 @@ def prepare(
     stop_after_chunks: int | None = None,
     executor: ExecutorKind = "local",
     ray_address: str | None = None,
+    steps: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run the configured pipeline (see the module docstring); returns the run statistics.
+
+    `steps` are `cfg.steps` built (`pipeline.build_steps`, the default), given by a caller that attached what
+    some steps take from higher floors (`lmcraft prepare` wiring: eval tasks, a decoder for back-translation).
 
     `executor` is where the per-document steps run (`lmcraft.data.executors`: local processes or Ray actors);
     the output does not depend on it. `stop_after_chunks` ends the run early after writing that many new chunks
@@ -195,7 +200,9 @@ def prepare(
 
     out = shard_folder(cfg.output, shard)
     parts = out / "parts"
-    _claim_run_file(out, fingerprint(cfg, shard), shard)
+    if steps is None:
+        steps = build_steps(cfg.steps)
+    _claim_run_file(out, fingerprint(cfg, steps, shard), shard)
 
     files = expand_inputs(cfg.inputs)
     n_files = len(files)
@@ -205,7 +212,6 @@ def prepare(
             files = files[shard[0] :: shard[1]]
         else:
             doc_shard = shard
-    steps = cfg.steps
     decider = Decider(steps)
     tok = None
     if cfg.pack is not None:

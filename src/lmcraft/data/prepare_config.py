@@ -1,5 +1,6 @@
-"""The `lmcraft prepare` config: inputs, steps, chunking, packing (pydantic, torch-free; steps and inputs are
-validated by the data library's own parsers)."""
+"""The `lmcraft prepare` config: inputs, steps, chunking, packing (pydantic, torch-free). Inputs are validated by
+the data library's reader spec; each step is a "name -> options" block (`config.named_options`) that the data
+library builds (`lmcraft.data.pipeline.build_step`) while the config loads and again at run time."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from lmcraft.config import ExistingPath, Section, StageConfig
+from lmcraft.config import ExistingPath, Section, StageConfig, named_options
 
-__all__ = ["PackConfig", "PrepareConfig"]
+__all__ = ["PackConfig", "PrepareConfig", "StepOptions"]
+
+# One prepare step and its options (`lmcraft.data.pipeline`'s table), e.g. `{type: c4, min_sentences: 3}`.
+StepOptions = named_options("lmcraft.data.pipeline:build_step")
 
 
 class PackConfig(Section):
@@ -28,11 +32,11 @@ class PrepareConfig(StageConfig):
         description="paths/globs (asset:NAME/... allowed) or {path, format, text_field, id_field, text_mode}"
     )
     output: Path = Field(description="run folder: parts/, packed/, stats.json, report.md and its PNGs")
-    steps: list[Any] = Field(
+    steps: list[StepOptions] = Field(
         [],
         description="{type: NAME, ...}: html normalize whitespace boilerplate licence pii min_length language "
         "gopher_quality gopher_repetition c4 blocklist copyright perplexity classifier toxicity decontaminate "
-        "exact_dedup minhash_dedup augment",
+        "exact_dedup minhash_dedup augment back_translate",
     )
     on_error: Literal["skip", "raise"] = Field("skip", description="bad input records: count and skip, or stop")
     chunk_docs: int = Field(1000, ge=1, description="documents per chunk (the unit of work and of resuming)")
@@ -55,13 +59,10 @@ class PrepareConfig(StageConfig):
         adapter = TypeAdapter(InputSpec)
         return [adapter.validate_python({"path": v} if isinstance(v, str) else v) for v in value]
 
-    @field_validator("steps", mode="before")
+    @field_validator("steps")
     @classmethod
-    def _steps(cls, value: Any) -> list[Any]:
-        from lmcraft.data.pipeline import build_steps
+    def _augment_last(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from lmcraft.data.pipeline import STEP_TYPES, check_step_order
 
-        if not isinstance(value, list):
-            raise ValueError("steps must be a list of {type: NAME, ...} entries")
-        if any(not isinstance(v, dict) for v in value):
-            return value  # already-built steps (a re-validated config)
-        return build_steps(value)
+        check_step_order([STEP_TYPES[step["type"]].kind for step in value])
+        return value

@@ -284,16 +284,23 @@ def _bert_backbone(root: str) -> tuple[Rule, ...]:
     )
 
 
+def _mlm_head(transform: str, norm: str, decoder: str, bias_aliases: tuple[str, ...] = ()) -> tuple[Rule, ...]:
+    """An encoder's MLM head under HF's module names: `transform` (dense) and `norm` (their weight and bias), and
+    `decoder`, the vocabulary projection (its weight tied to the embeddings, its bias the vocabulary bias)."""
+    return (
+        rule("head.transform.{param}", f"{transform}.{{param}}"),
+        rule("head.norm.{param}", f"{norm}.{{param}}"),
+        rule("head.bias", f"{decoder}.bias", aliases=bias_aliases),
+        rule("head.decoder.weight", f"{decoder}.weight"),
+    )
+
+
 BERT = NameTable(
     prefix="bert.",
     backbone=_bert_backbone("bert"),
     heads={
-        "mlm": (
-            rule("head.transform.{param}", "cls.predictions.transform.dense.{param}"),
-            rule("head.norm.{param}", "cls.predictions.transform.LayerNorm.{param}"),
-            rule("head.bias", "cls.predictions.decoder.bias", aliases=("cls.predictions.bias",)),
-            rule("head.decoder.weight", "cls.predictions.decoder.weight"),
-        ),
+        "mlm": _mlm_head("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                         "cls.predictions.decoder", bias_aliases=("cls.predictions.bias",)),
         "cls": (
             rule("head.pooler.{param}", "bert.pooler.dense.{param}"),
             rule("head.classifier.{param}", "classifier.{param}"),
@@ -317,12 +324,8 @@ ROBERTA = NameTable(
     prefix="roberta.",
     backbone=_bert_backbone("roberta"),
     heads={
-        "mlm": (
-            rule("head.transform.{param}", "lm_head.dense.{param}"),
-            rule("head.norm.{param}", "lm_head.layer_norm.{param}"),
-            rule("head.bias", "lm_head.decoder.bias", aliases=("lm_head.bias",)),  # decoder.bias is the one used
-            rule("head.decoder.weight", "lm_head.decoder.weight"),
-        ),
+        "mlm": _mlm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder",
+                         bias_aliases=("lm_head.bias",)),  # decoder.bias is the one used
         "cls": _ENCODER_CLS, "token_cls": _TOKEN_CLS, "qa": _QA,
     },
     tied={"mlm": "lm_head.decoder.weight"},
@@ -346,12 +349,7 @@ DISTILBERT = NameTable(
         rule(f"{_L}.mlp_norm.{{param}}", f"{_D}.output_layer_norm.{{param}}"),
     ),
     heads={
-        "mlm": (
-            rule("head.transform.{param}", "vocab_transform.{param}"),
-            rule("head.norm.{param}", "vocab_layer_norm.{param}"),
-            rule("head.bias", "vocab_projector.bias"),
-            rule("head.decoder.weight", "vocab_projector.weight"),
-        ),
+        "mlm": _mlm_head("vocab_transform", "vocab_layer_norm", "vocab_projector"),
         "cls": (rule("head.pooler.{param}", "pre_classifier.{param}"),
                 rule("head.classifier.{param}", "classifier.{param}")),
         "token_cls": _TOKEN_CLS, "qa": _QA,
@@ -366,12 +364,7 @@ ELECTRA = NameTable(
     heads={
         "rtd": (rule("head.dense.{param}", "discriminator_predictions.dense.{param}"),
                 rule("head.dense_prediction.{param}", "discriminator_predictions.dense_prediction.{param}")),
-        "mlm": (
-            rule("head.transform.{param}", "generator_predictions.dense.{param}"),
-            rule("head.norm.{param}", "generator_predictions.LayerNorm.{param}"),
-            rule("head.bias", "generator_lm_head.bias"),
-            rule("head.decoder.weight", "generator_lm_head.weight"),
-        ),
+        "mlm": _mlm_head("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head"),
         "cls": _ENCODER_CLS, "token_cls": _TOKEN_CLS, "qa": _QA,
     },
     tied={"mlm": "generator_lm_head.weight"},
@@ -393,12 +386,7 @@ MODERNBERT = NameTable(
         rule("model.norm.{param}", "model.final_norm.{param}"),
     ),
     heads={
-        "mlm": (
-            rule("head.transform.{param}", "head.dense.{param}"),
-            rule("head.norm.{param}", "head.norm.{param}"),
-            rule("head.bias", "decoder.bias"),
-            rule("head.decoder.weight", "decoder.weight"),
-        ),
+        "mlm": _mlm_head("head.dense", "head.norm", "decoder"),
         "cls": (rule("head.pooler.{param}", "head.dense.{param}"), rule("head.pool_norm.{param}", "head.norm.{param}"),
                 rule("head.classifier.{param}", "classifier.{param}")),
         "token_cls": (rule("head.dense.{param}", "head.dense.{param}"), rule("head.norm.{param}", "head.norm.{param}"),

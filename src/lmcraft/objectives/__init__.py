@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmcraft.errors import ConfigError
+from lmcraft.config import build_options, unknown_name
 from lmcraft.objectives.base import Batch, LossOutput, Objective, TokenizerIds
 from lmcraft.objectives.clm import CausalLM
 from lmcraft.objectives.electra import ReplacedTokenDetection
-from lmcraft.objectives.mlm import MaskedLM, MaskingConfig
+from lmcraft.objectives.mlm import MaskedLM
 from lmcraft.objectives.plm import PermutationLM
 from lmcraft.objectives.sentence_pairs import SentencePairObjective
 
@@ -43,14 +43,9 @@ def build_objective(name: str, tokenizer: TokenizerIds | None = None, max_length
     `tokenizer`, the token ids the objective needs (and, for nsp/sop, `max_length`) are filled in wherever
     `options` leave them out."""
     if name not in OBJECTIVES:
-        raise ConfigError(f"unknown pre-training objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise unknown_name("pre-training objective", "name", name, OBJECTIVES)
     cls, fixed = OBJECTIVES[name]
     options = {**fixed, **options}
     if tokenizer is not None:
         options = cls.with_token_ids(options, tokenizer, max_length)
-    try:
-        if isinstance(options.get("masking"), dict):
-            options["masking"] = MaskingConfig(**options["masking"])
-        return cls(**options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"objective {name!r}: bad options {sorted(options)}: {err}") from err
+    return build_options(cls, options, f"objective {name!r}: bad options {sorted(options)}")

@@ -67,6 +67,7 @@ class MaskingConfig:
     strategy: Strategy = "token"
     span_p: float = 0.2
     max_span: int = 10
+    __pydantic_config__ = {"extra": "forbid"}  # pydantic reads this: an unknown masking key is an error
 
     def __post_init__(self) -> None:
         if not 0.0 < self.probability < 1.0:

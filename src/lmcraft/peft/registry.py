@@ -14,12 +14,12 @@ wrapper layers and/or a prefix/prompt provider to a `PeftModel` under an adapter
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from lmcraft.config import OptionProblem, OptionsError, unknown_name
 from lmcraft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -58,10 +58,8 @@ class MethodConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"method"})
         if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"peft method {cls.method!r}: unknown key(s) {', '.join(unknown)}.{hint} "
-                              f"Allowed: {', '.join(sorted(names))}.")
+            raise OptionsError(f"peft method {cls.method!r}", [
+                OptionProblem((key,), "unknown_key", allowed=tuple(sorted(names))) for key in unknown])
         try:
             return cls(**{k: v for k, v in data.items() if k != "method"})
         except (TypeError, ValueError) as err:
@@ -87,7 +85,7 @@ def config_from_dict(data: dict[str, Any] | MethodConfig) -> MethodConfig:
         raise ConfigError(f"a peft config needs a 'method' key; known methods: {', '.join(sorted(REGISTRY))}")
     method = data["method"]
     if method not in REGISTRY:
-        raise ConfigError(f"unknown peft method {method!r}; known methods: {', '.join(sorted(REGISTRY))}")
+        raise unknown_name("peft method", "method", method, sorted(REGISTRY))
     return REGISTRY[method].from_dict(data)
 
 

@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from lmcraft.config import Section, StageConfig
-from lmcraft.errors import LmcraftError
+from lmcraft.config import Section, StageConfig, check_options
 from lmcraft.tokenizer.train import TokenizerTraining
 from lmcraft.train.config import TrainerConfig
 
@@ -68,10 +67,8 @@ class ObjectiveSection(Section):
     def _buildable(self) -> ObjectiveSection:
         from lmcraft.objectives import build_objective
 
-        try:  # fails early on bad names and options, in the config-error format (key 'objective': ...)
-            build_objective(self.name, _PLACEHOLDER_TOKENIZER, **self.options)
-        except (LmcraftError, TypeError) as err:
-            raise ValueError(str(err).rstrip(".")) from None
+        # fails early on bad names and options, each at its key (objective.name, objective.masking, ...)
+        check_options(lambda: build_objective(self.name, _PLACEHOLDER_TOKENIZER, **self.options))
         return self
 
 

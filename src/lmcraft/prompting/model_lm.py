@@ -18,7 +18,7 @@ token (a rendered chat template) is encoded without adding them again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmcraft.data.back_translation import DecoderSpec
 from lmcraft.data.collate import pad_with_mask
 from lmcraft.errors import ConfigError
 from lmcraft.generate import GenerationConfig, generate, stop_token_ids
 from lmcraft.objectives.lm_head import scored_batches, token_logprobs
 from lmcraft.prompting.lm import GenSettings
 
-__all__ = ["ModelLM"]
+__all__ = ["ModelLM", "open_generator"]
 
 
 class ModelLM:
@@ -181,3 +182,19 @@ class ModelLM:
             totals[k][0] += logp
             totals[k][1] += n
         return [(float(lp), int(n)) for lp, n in totals]
+
+
+def open_generator(spec: DecoderSpec) -> Callable[[list[str]], list[str]]:
+    """lmcraft's decoder as the data library's `GeneratorLoader` (the prepare stage's back_translate step): `spec`'s
+    model and adapter on the torch backend; greedy replies, each prompt sent as a user message through the chat
+    template when `spec.chat` and the model has one."""
+    lm = ModelLM.load(spec.model, dtype=spec.dtype, device=spec.device, backend="torch", adapter=spec.adapter,
+                      batch_size=spec.batch_size, progress=False)
+    settings = GenSettings(max_new_tokens=spec.max_new_tokens)
+    chat = spec.chat and lm.has_chat_template
+
+    def generate(prompts: list[str]) -> list[str]:
+        return lm.generate([lm.render_chat([{"role": "user", "content": p}]) if chat else p for p in prompts],
+                           settings)
+
+    return generate

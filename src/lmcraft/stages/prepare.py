@@ -4,7 +4,8 @@ The steps (`steps:`) run per chunk of `chunk_docs` documents in `--workers` proc
 decided in input order, so the output is byte-identical for any `--workers`; a killed run resumes after its
 last complete part. `--shard i/N` processes a deterministic 1/N of the input into `OUT/shard-i-of-N/`. The
 executor is `lmcraft.data.prepare`, its config `lmcraft.data.prepare_config`; the part files and packing are
-`lmcraft.data.parts`.
+`lmcraft.data.parts`. The wiring gives the steps what lives above the data library: eval tasks to decontaminate
+against, lmcraft's decoder to back-translate with.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmcraft.data.back_translation import BackTranslate
+    from lmcraft.data.pipeline import build_steps
     from lmcraft.data.prepare import prepare, shard_folder
 
     cfg = load_stage_config(PrepareConfig, args)
@@ -55,12 +58,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     identity = cfg if shard == (0, 1) else {**cfg.model_dump(mode="json"), "shard": list(shard)}
     with claim(args, "prepare", shard_folder(cfg.output, shard), identity, "output"):
-        if any(step.name == "decontaminate" for step in cfg.steps):
+        steps = build_steps(cfg.steps)
+        if any(step.name == "decontaminate" for step in steps):
             from lmcraft.prompting.contamination import attach_eval_tasks
 
-            attach_eval_tasks(cfg.steps, Path(args.config).parent if args.config else None)
+            attach_eval_tasks(steps, Path(args.config).parent if args.config else None)
+        for step in steps:
+            if isinstance(step, BackTranslate):
+                from lmcraft.prompting.model_lm import open_generator
+
+                step.use_generator(open_generator)
         result = prepare(cfg, workers=args.workers, shard=shard, progress=not args.no_progress,
-                         executor=args.executor, ray_address=args.ray_address)
+                         executor=args.executor, ray_address=args.ray_address, steps=steps)
         _report_skipped(cfg, result)
     print(f"wrote {result['docs_written']:,} documents to {result['output']}; report: {result['report']}")
     for name, entry in (result.get("licences") or {}).items():
