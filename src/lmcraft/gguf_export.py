@@ -1,9 +1,14 @@
-"""Export a decoder (Llama, Mistral, Qwen2, GPT-2; or a PEFT adapter merged into one) as a GGUF file.
+"""Export a decoder (Llama, Mistral, Qwen2/3, Qwen3-MoE, OLMo 2, Granite, SmolLM3, Phi-3, Gemma 1/2/3, GPT-2; or a
+PEFT adapter merged into one) as a GGUF file.
 
 The file is what llama.cpp's `convert_hf_to_gguf.py` (+ `llama-quantize` for the quantised types) would write:
-tensor names and layouts from `gguf_layout` (q/k rows permuted for llama.cpp's rope, GPT-2's Conv1D matrices
-transposed), the `{arch}.*` hyper-parameters, the tokenizer as `tokenizer.ggml.*` (token list, merges, token
-types, special ids, `pre`, `add_bos_token`) and the chat template. Weights are quantised by `gguf_quant`
+tensor names and layouts from `gguf_layout`, the importer's table read in reverse (q/k rows permuted for llama.cpp's
+rope, GPT-2's Conv1D matrices transposed, Gemma's norms stored as `w + 1`, Qwen3-MoE's per-expert matrices stacked),
+the `{arch}.*` hyper-parameters (the common ones and `gguf_layout.HYPER_PARAMETERS`, from the model's config.json),
+the tokenizer as `tokenizer.ggml.*` (token list, merges, token types, special ids, `pre`, `add_bos_token`) and the
+chat template. A model whose values llama.cpp's loader would override (`gguf_layout.LOADER_FIXED`: Gemma's layer
+pattern and query scale, SmolLM3's layers without RoPE; Qwen3-MoE's dense layers or unnormalised top-k weights)
+is refused, since llama.cpp would compute another function. Weights are quantised by `gguf_quant`
 (types per tensor from `gguf_quant.tensor_type`). It is written by `gguf.GGUFWriter` into an `io.atomic_file`.
 """
 
@@ -21,9 +26,13 @@ from lmcraft.errors import LmcraftError
 from lmcraft.gguf_layout import (
     ARCHITECTURES,
     GGUF_ARCH_OF,
+    HYPER_PARAMETERS,
     LLAMA3_REGEX,
+    LOADER_FIXED,
     PRE_NAMES,
     QWEN2_REGEX,
+    gemma_query_scalar,
+    gemma_sliding_layers,
     gguf_name,
     permute_qk,
 )
@@ -85,7 +94,36 @@ def _check_model(model: Any) -> str:
     if cfg.model_type != "gpt2" and (cfg.mlp_bias or (cfg.model_type == "llama" and cfg.qkv_bias != cfg.out_bias)):
         raise ExportError("MLP biases, or q/k/v biases without an output-projection bias, have no place in "
                           "llama.cpp's llama architecture.")
-    return GGUF_ARCH_OF[cfg.model_type]
+    arch = GGUF_ARCH_OF[cfg.model_type]
+    problem = _loader_mismatch(arch, cfg)
+    if problem:
+        raise ExportError(f"this {cfg.model_type} model cannot run in llama.cpp's {arch} architecture: {problem}.")
+    return arch
+
+
+def _loader_mismatch(arch: str, cfg: ModelConfig) -> str | None:
+    """What of `cfg` llama.cpp's loader would override for `arch` (see the module docstring); None when nothing."""
+    if arch in ("gemma2", "gemma3"):
+        sliding = gemma_sliding_layers(arch, cfg.num_layers)
+        if [cfg.layer_window(i) is not None for i in range(cfg.num_layers)] != sliding:
+            return (f"llama.cpp makes every {LOADER_FIXED['gemma_pattern'][arch]}th layer global and the others "
+                    "sliding-window ones, and this model's layer_types differ")
+        scalar = gemma_query_scalar(arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+        if abs((cfg.attention_scale or cfg.head_dim**-0.5) - scalar**-0.5) > 1e-6 * scalar**-0.5:
+            return f"llama.cpp scales attention scores by 1/sqrt({scalar}), this model by {cfg.attention_scale}"
+        local = cfg.rope_local_theta or cfg.rope_theta
+        if arch == "gemma3" and local != LOADER_FIXED["gemma3_local_rope_base"]:
+            return f"llama.cpp's local RoPE base is {LOADER_FIXED['gemma3_local_rope_base']:g}, this model's {local:g}"
+    if arch == "smollm3":
+        every = LOADER_FIXED["smollm3_nope_interval"]
+        if cfg.nope_layers != tuple(i for i in range(cfg.num_layers) if (i + 1) % every == 0):
+            return f"llama.cpp leaves RoPE out of every {every}th layer, this model out of {list(cfg.nope_layers)}"
+    if arch == "qwen3moe":
+        if not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+            return "llama.cpp's qwen3moe has a mixture of experts in every layer, this model has dense ones"
+        if not cfg.norm_topk_prob:
+            return "llama.cpp's qwen3moe renormalises the top-k router weights (norm_topk_prob: true)"
+    return None
 
 
 def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
@@ -95,18 +133,25 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     arch = _check_model(model)
     cfg = model.config
     heads = {"rope_q": cfg.num_heads, "rope_k": cfg.num_kv_heads}
-    out = []
+    shift = np.float32(ARCHITECTURES[arch].norm_shift)
+    out, experts = [], {}
     for name, tensor in hf_state_dict(model).items():
         found = gguf_name(arch, name)
         if found is None:
             raise ExportError(f"tensor {name} has no llama.cpp name in the {arch} architecture.")
         gname, layout = found
         x = tensor.detach().float().cpu().numpy()
+        if layout == "experts":  # HF's expert e -> row e of the stacked GGUF tensor
+            experts.setdefault(gname, {})[[int(p) for p in name.split(".") if p.isdigit()][1]] = x
+            continue
         if layout == "transpose":
             x = np.ascontiguousarray(x.T)
         elif layout and ARCHITECTURES[arch].rope_permuted:
             x = permute_qk(x, heads[layout])
+        elif gname.endswith("norm.weight") and shift:
+            x = x + shift
         out.append((gname, x))
+    out += [(gname, np.stack([by_expert[e] for e in sorted(by_expert)])) for gname, by_expert in experts.items()]
     return out
 
 
@@ -181,7 +226,10 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_chat_template(resolve_template(tokenizer.chat_template))
 
 
-def _add_hyper_parameters(writer: Any, arch: str, cfg: ModelConfig) -> None:
+def _add_hyper_parameters(writer: Any, arch: str, model: Any) -> None:
+    from lmcraft.hub.hf_config import to_hf_config
+
+    cfg = model.config
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
@@ -194,10 +242,12 @@ def _add_hyper_parameters(writer: Any, arch: str, cfg: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    hf = to_hf_config(cfg, model.head_kind)
+    for hyper in HYPER_PARAMETERS.get(arch, ()):
+        hyper.write(writer, arch, hf)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,14 +264,17 @@ def export_gguf(source: Source, out: str | Path, quant: str = "f16", progress: b
         raise ExportError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}.")
     model, cfg = source.model, source.model.config
     arch = _check_model(model)
-    if cfg.sliding_window:
+    if cfg.sliding_window and arch == "phi3":
+        source.notes.append(f"sliding_window={cfg.sliding_window} is stored, but llama.cpp's phi3 attends to the "
+                            "whole context (its loader turns Phi-3's sliding window off)")
+    elif cfg.sliding_window and arch not in ("gemma2", "gemma3"):
         source.notes.append(f"sliding_window={cfg.sliding_window} is not stored: llama.cpp's {arch} architecture "
                             "attends to the whole context")
     writer = gguf.GGUFWriter(None, arch)
     writer.add_name(source.name)
     writer.add_file_type(file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hyper_parameters(writer, arch, cfg)
+    _add_hyper_parameters(writer, arch, model)
     _add_tokenizer(writer, source.tokenizer, cfg.vocab_size)
 
     tensors = gguf_tensors(model)
