@@ -106,8 +106,9 @@ def _loader_mismatch(arch: str, cfg: ModelConfig) -> str | None:
     if arch in ("gemma2", "gemma3"):
         sliding = gemma_sliding_layers(arch, cfg.num_layers)
         if [cfg.layer_window(i) is not None for i in range(cfg.num_layers)] != sliding:
-            return (f"llama.cpp makes every {LOADER_FIXED['gemma_pattern'][arch]}th layer global and the others "
-                    "sliding-window ones, and this model's layer_types differ")
+            every = LOADER_FIXED["gemma_pattern"][arch]
+            return (f"llama.cpp makes the last layer of every {every} global and the others sliding-window ones, "
+                    "and this model's layer_types differ")
         scalar = gemma_query_scalar(arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
         if abs((cfg.attention_scale or cfg.head_dim**-0.5) - scalar**-0.5) > 1e-6 * scalar**-0.5:
             return f"llama.cpp scales attention scores by 1/sqrt({scalar}), this model by {cfg.attention_scale}"
@@ -117,7 +118,8 @@ def _loader_mismatch(arch: str, cfg: ModelConfig) -> str | None:
     if arch == "smollm3":
         every = LOADER_FIXED["smollm3_nope_interval"]
         if cfg.nope_layers != tuple(i for i in range(cfg.num_layers) if (i + 1) % every == 0):
-            return f"llama.cpp leaves RoPE out of every {every}th layer, this model out of {list(cfg.nope_layers)}"
+            return (f"llama.cpp leaves RoPE out of the last layer of every {every}, this model out of layers "
+                    f"{list(cfg.nope_layers)}")
     if arch == "qwen3moe":
         if not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
             return "llama.cpp's qwen3moe has a mixture of experts in every layer, this model has dense ones"

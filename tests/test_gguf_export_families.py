@@ -1,0 +1,156 @@
+"""GGUF export of the newer decoder families (qwen3, qwen3_moe, olmo2, granite, smollm3, phi3, gemma, gemma2, gemma3)
+on tiny random lmcraft models (built from a Hugging Face config.json dict, so transformers is not needed).
+
+References nobody here wrote: gguf-py's `TensorNameMap` (the names llama.cpp's converter gives each HF tensor) and
+its `MODEL_TENSORS` (the tensors llama.cpp's loader expects per architecture); llama.cpp itself through
+llama-cpp-python, where installed (CI does not have it: those tests skip and say why). Each exported file is
+(a) imported back by lmcraft's importer: equal logits (float32, max relative difference 1e-4, measured 0), and
+(b) run in llama.cpp: 16 greedy tokens equal to lmcraft's and logits within 5e-3 of the source model's relative to
+the largest logit (llama.cpp keeps its KV cache in f16; measured at most 1.3e-3, on gemma3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_chat_tokenizer
+from lmcraft.generate.llamacpp_backend import llama_cpp_available
+
+pytestmark = pytest.mark.slow  # a few seconds per family (export, import, llama.cpp)
+TEXTS = ["The quick brown fox jumps over the lazy dog. Rivers carry water to the sea.", "Hello world 12345, café"] * 20
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6)
+# config.json of each family; head_dim 16 with 64 = 4 x 16, windows of 8 tokens so the probe texts slide
+FAMILIES: dict[str, dict] = {
+    "qwen3": dict(model_type="qwen3"),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True),
+    "olmo2": dict(model_type="olmo2"),
+    "granite": dict(model_type="granite", embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                    logits_scaling=4.0),
+    "smollm3": dict(model_type="smollm3", num_hidden_layers=4),  # layer 3 has no RoPE
+    "phi3": dict(model_type="phi3", sliding_window=None),
+    "gemma": dict(model_type="gemma"),
+    "gemma2": dict(model_type="gemma2", query_pre_attn_scalar=16, sliding_window=8),
+    "gemma3_text": dict(model_type="gemma3_text", query_pre_attn_scalar=16, sliding_window=8, num_hidden_layers=6,
+                        rope_theta=1e6, rope_local_base_freq=1e4),
+}
+needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
+                                     reason="llama_cpp is not importable (pip install 'lmcraft[llamacpp]')")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    folder = tmp_path_factory.mktemp("tok")
+    return folder, save_chat_tokenizer(folder, TEXTS, 300)
+
+
+def _model(family: str, vocab_size: int, **changes):
+    import torch
+
+    from lmcraft.hub.hf_config import config_from_hf
+    from lmcraft.models import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(config_from_hf({**BASE, "vocab_size": vocab_size, **FAMILIES[family], **changes}), "lm")
+    with torch.no_grad():  # every weight random, norms included (Gemma's 1 + w must be exported as such)
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def _source(root: Path, tokenizer_dir: tuple[Path, int], family: str, **changes):
+    from lmcraft.gguf_export import load_source
+    from lmcraft.hub import save_model
+
+    # not named after the family: llama.cpp keys Phi-3 token attributes on general.name ("phi3" in the name makes
+    # it look up <unk>, <s> and <|endoftext|>, which this tokenizer does not have)
+    folder = root / "source"
+    save_model(_model(family, tokenizer_dir[1], **changes), folder, tokenizer_dir=tokenizer_dir[0])
+    return load_source(str(folder))
+
+
+def _check(checks, name: str):
+    return next(c for c in checks if c.name.startswith(name))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_names_are_llama_cpps(tokenizer_dir, family: str) -> None:
+    """Every tensor gets the name gguf-py's TensorNameMap gives the HF tensor, and is one llama.cpp's loader
+    expects for the architecture (gguf-py's MODEL_TENSORS)."""
+    import gguf
+
+    from lmcraft.gguf_export import gguf_tensors
+    from lmcraft.gguf_layout import GGUF_ARCH_OF, gguf_name
+    from lmcraft.hub.save import hf_state_dict
+
+    model = _model(family, tokenizer_dir[1])
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[GGUF_ARCH_OF[model.config.model_type]]
+    names = gguf.get_tensor_name_map(arch, model.config.num_layers)
+    for hf in hf_state_dict(model):
+        ours = gguf_name(GGUF_ARCH_OF[model.config.model_type], hf)[0]
+        merged = ".".join(p for i, p in enumerate(hf.split(".")) if not (i == 5 and "experts" in hf))
+        theirs = names.get_name(merged.removesuffix(".weight"))  # per-expert names: the converter's stacked one
+        assert theirs is not None and ours == f"{theirs}.weight", (hf, ours, theirs)
+    expected = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[arch]
+                for i in range(model.config.num_layers)}
+    written = {n.removesuffix(".weight") for n, _ in gguf_tensors(model)}
+    assert written <= expected, written - expected
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_reimports_with_the_source_logits(tmp_path: Path, tokenizer_dir, family: str) -> None:
+    from lmcraft.gguf_export import export_gguf
+    from lmcraft.gguf_verify import verify_export
+
+    source = _source(tmp_path, tokenizer_dir, family)
+    counts = export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    assert set(counts) == {"F32"}
+    checks = verify_export(tmp_path / "m.gguf", source)
+    assert not [c for c in checks if c.failed], checks
+    assert _check(checks, "file").status == "ok" and _check(checks, "tokenizer").status == "ok"
+    assert float(_check(checks, "logits (probe)").value) <= 1e-4
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llama_cpp_runs_the_export(tmp_path: Path, tokenizer_dir, family: str) -> None:
+    import torch
+
+    from lmcraft.generate.llamacpp_backend import LlamaCppModel
+    from lmcraft.gguf_export import export_gguf
+    from lmcraft.gguf_verify import HELD_TEXT, verify_export
+
+    source = _source(tmp_path, tokenizer_dir, family)
+    export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    checks = verify_export(tmp_path / "m.gguf", source)
+    assert _check(checks, "llama.cpp greedy tokens").status == "ok", checks
+    ids = torch.tensor([source.tokenizer.encode(HELD_TEXT)])  # 60+ tokens: past every sliding window
+    llama = LlamaCppModel(tmp_path / "m.gguf", source.model.config)
+    try:
+        with torch.no_grad():
+            theirs, ours = llama(ids).logits[0].float().numpy(), source.model(ids).logits[0].float().numpy()
+    finally:
+        llama.close()
+    assert float(np.abs(theirs - ours).max()) / max(1.0, float(np.abs(ours).max())) <= 5e-3
+
+
+@pytest.mark.parametrize(("family", "changes", "message"), [
+    ("gemma2", dict(layer_types=["full_attention", "sliding_attention"]), "the last layer of every 2 global"),
+    ("gemma2", dict(query_pre_attn_scalar=64), r"scales attention scores by 1/sqrt\(16\)"),
+    ("gemma3_text", dict(rope_local_base_freq=5e4), "local RoPE base is 10000"),
+    ("smollm3", dict(no_rope_layers=[1, 1, 1, 1]), "leaves RoPE out of the last layer of every 4"),
+    ("qwen3_moe", dict(norm_topk_prob=False), "renormalises the top-k router weights"),
+    ("qwen3_moe", dict(mlp_only_layers=[0]), "has dense ones"),
+])
+def test_what_llama_cpp_would_override_is_refused(tmp_path: Path, tokenizer_dir, family: str, changes: dict,
+                                                  message: str) -> None:
+    from lmcraft.gguf_export import ExportError, export_gguf
+
+    source = _source(tmp_path, tokenizer_dir, family, **changes)
+    with pytest.raises(ExportError, match=message):
+        export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    assert not list(tmp_path.glob("*.gguf"))
