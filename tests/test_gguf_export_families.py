@@ -154,3 +154,21 @@ def test_what_llama_cpp_would_override_is_refused(tmp_path: Path, tokenizer_dir,
     with pytest.raises(ExportError, match=message):
         export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parity
+def test_transformers_reads_the_qwen3moe_export(tmp_path: Path, tokenizer_dir) -> None:
+    """transformers' own GGUF loader (its qwen3moe name map, expert un-stacking, norm_topk_prob=True default) gives
+    the source model's logits. It does not read expert_feed_forward_length and assumes Qwen3-MoE's 768."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmcraft.gguf_export import export_gguf
+
+    source = _source(tmp_path, tokenizer_dir, "qwen3_moe", moe_intermediate_size=768)
+    export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    ids = torch.tensor([source.tokenizer.encode("Hello world 12345, the quick brown fox")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source.model(ids).logits, rtol=1e-4, atol=1e-4)
