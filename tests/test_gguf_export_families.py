@@ -172,3 +172,20 @@ def test_transformers_reads_the_qwen3moe_export(tmp_path: Path, tokenizer_dir) -
     ids = torch.tensor([source.tokenizer.encode("Hello world 12345, the quick brown fox")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("quant", "expected"), [
+    ("q8_0", {"F32": 11, "Q8_0": 16}),
+    # 2 layers: use_more_bits picks layer 1, whose attn_v and ffn_down_exps are Q6_K, as is the output matrix
+    ("q4_k_m", {"F32": 11, "Q4_K": 13, "Q6_K": 3}),
+])
+def test_quantised_qwen3moe_export(tmp_path: Path, tokenizer_dir, quant: str, expected: dict) -> None:
+    """Rows of 256 values, so the stacked experts are really K-quantised, blocked along each expert's rows."""
+    from lmcraft.gguf_export import export_gguf
+    from lmcraft.gguf_verify import verify_export
+
+    source = _source(tmp_path, tokenizer_dir, "qwen3_moe", hidden_size=256, head_dim=64, moe_intermediate_size=256,
+                     tie_word_embeddings=False)
+    assert export_gguf(source, tmp_path / "m.gguf", quant, progress=False) == expected
+    checks = verify_export(tmp_path / "m.gguf", source)  # perplexity within 2% (q8_0) / 15% (q4_k_m), llama.cpp's too
+    assert not [c for c in checks if c.failed], checks

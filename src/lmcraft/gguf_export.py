@@ -162,7 +162,8 @@ def expected_tensors(model: Any, quant: str) -> dict[str, tuple[str, tuple[int, 
     tensors = gguf_tensors(model)
     names = {n for n, _ in tensors}
     tied = "output.weight" not in names
-    return {n: (tensor_type(n, x.shape, quant, model.config.num_layers, tied), x.shape) for n, x in tensors}
+    cfg = model.config
+    return {n: (tensor_type(n, x.shape, quant, cfg.num_layers, tied, cfg.num_experts), x.shape) for n, x in tensors}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def export_gguf(source: Source, out: str | Path, quant: str = "f16", progress: b
     tied = "output.weight" not in {n for n, _ in tensors}
     counts: Counter[str] = Counter()
     for name, x in tensors:
-        qtype = tensor_type(name, x.shape, quant, cfg.num_layers, tied)
+        qtype = tensor_type(name, x.shape, quant, cfg.num_layers, tied, cfg.num_experts)
         data = quantize(x, qtype)
         raw = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
         writer.add_tensor(name, data, raw_dtype=raw)
