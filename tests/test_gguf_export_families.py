@@ -62,13 +62,11 @@ def _model(family: str, vocab_size: int, **changes):
     return model.eval()
 
 
-def _source(root: Path, tokenizer_dir: tuple[Path, int], family: str, **changes):
+def _source(root: Path, tokenizer_dir: tuple[Path, int], family: str, name: str = "source", **changes):
     from lmcraft.gguf_export import load_source
     from lmcraft.hub import save_model
 
-    # not named after the family: llama.cpp keys Phi-3 token attributes on general.name ("phi3" in the name makes
-    # it look up <unk>, <s> and <|endoftext|>, which this tokenizer does not have)
-    folder = root / "source"
+    folder = root / name  # the source's name becomes the file's general.name
     save_model(_model(family, tokenizer_dir[1], **changes), folder, tokenizer_dir=tokenizer_dir[0])
     return load_source(str(folder))
 
@@ -189,3 +187,40 @@ def test_quantised_qwen3moe_export(tmp_path: Path, tokenizer_dir, quant: str, ex
     assert export_gguf(source, tmp_path / "m.gguf", quant, progress=False) == expected
     checks = verify_export(tmp_path / "m.gguf", source)  # perplexity within 2% (q8_0) / 15% (q4_k_m), llama.cpp's too
     assert not [c for c in checks if c.failed], checks
+
+
+def test_a_phi3_name_without_phi3_tokens_is_respelled(tmp_path: Path, tokenizer_dir) -> None:
+    """llama.cpp looks up <unk>, <s> and <|endoftext|> in any model whose general.name contains "phi3"/"phi-3"
+    (case-insensitive) and fails to load one without them: the name is written as "phi_3", and a note says why."""
+    import gguf
+
+    from lmcraft.gguf_export import export_gguf
+
+    source = _source(tmp_path, tokenizer_dir, "phi3", name="My-Phi-3-tune")
+    export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.name"].contents() == "My-Phi_3-tune"
+    assert "<unk>, <s>, <|endoftext|>" in source.notes[-1]
+    if llama_cpp_available():
+        from lmcraft.generate.llamacpp_backend import LlamaCppModel
+
+        LlamaCppModel(tmp_path / "m.gguf", source.model.config).close()  # loads
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("family", ["qwen3_moe", "smollm3"])
+def test_imported_folder_opens_in_transformers(tmp_path: Path, tokenizer_dir, family: str) -> None:
+    """The importer's config.json and tensors (Qwen3-MoE's experts split per expert, SmolLM3's NoPE layers from
+    llama.cpp's fixed interval) give transformers the source model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmcraft.gguf_export import export_gguf
+    from lmcraft.gguf_import import convert_gguf
+
+    source = _source(tmp_path, tokenizer_dir, family)
+    export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+    folder = convert_gguf(tmp_path / "m.gguf", tmp_path / "imported", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([source.tokenizer.encode("Hello world 12345, the quick brown fox")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source.model(ids).logits, rtol=1e-4, atol=1e-4)

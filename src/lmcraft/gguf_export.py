@@ -15,6 +15,7 @@ is refused, since llama.cpp would compute another function. Weights are quantise
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,28 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_chat_template(resolve_template(tokenizer.chat_template))
 
 
+# llama.cpp (llama-vocab.cpp) sets Phi-3's token attributes on any model whose general.name contains one of these
+# (case-insensitive), looking its special tokens up by text: a vocabulary without them fails to load.
+_PHI3_NAMES, _PHI3_TOKENS = ("phi3", "phi-3"), ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _general_name(source: Source) -> str:
+    """`general.name`: the source's name, with "phi3"/"phi-3" spelled "phi_3" when the vocabulary lacks the Phi-3
+    tokens llama.cpp would look up for such a name (a note says so)."""
+    name = source.name
+    if not any(key in name.lower() for key in _PHI3_NAMES):
+        return name
+    vocab = source.tokenizer.backend.get_vocab(with_added_tokens=True)
+    missing = [t for t in _PHI3_TOKENS if t not in vocab]
+    if not missing:
+        return name
+    safe = re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:3] + "_3", name)
+    source.notes.append(f"general.name {name!r} is written as {safe!r}: llama.cpp looks up {', '.join(missing)} in "
+                        "the vocabulary of any model whose name contains 'phi3' or 'phi-3', and fails to load this "
+                        "one without them")
+    return safe
+
+
 def _add_hyper_parameters(writer: Any, arch: str, model: Any) -> None:
     from lmcraft.hub.hf_config import to_hf_config
 
@@ -274,7 +297,7 @@ def export_gguf(source: Source, out: str | Path, quant: str = "f16", progress: b
         source.notes.append(f"sliding_window={cfg.sliding_window} is not stored: llama.cpp's {arch} architecture "
                             "attends to the whole context")
     writer = gguf.GGUFWriter(None, arch)
-    writer.add_name(source.name)
+    writer.add_name(_general_name(source))
     writer.add_file_type(file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hyper_parameters(writer, arch, model)
