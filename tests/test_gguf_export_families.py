@@ -224,3 +224,76 @@ def test_imported_folder_opens_in_transformers(tmp_path: Path, tokenizer_dir, fa
     ids = torch.tensor([source.tokenizer.encode("Hello world 12345, the quick brown fox")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- SentencePiece vocabularies ---------------------------------------------------------------------------------
+SPM_SAMPLES = ["the and that", " leading space", "hello  there<tag>and </s>the", "ñandú 東京 😀", "ingers theand\nx"]
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_sentencepiece_tokenizer_exports_as_llama_vocabulary(tmp_path: Path, prefix: bool) -> None:
+    """A byte-fallback BPE over `▁`-spaced text (what a GGUF SentencePiece vocabulary imports as) exports as
+    llama.cpp's `llama` tokenizer model: pieces, scores from the merge ranks, `<0xNN>` byte pieces, control and
+    user-defined types, add_space_prefix. llama.cpp's SentencePiece algorithm (transcribed in
+    test_gguf_sentencepiece) on the exported vocabulary, and llama.cpp itself where installed, give lmcraft's ids."""
+    import gguf
+
+    from conftest import build_tiny_model
+    from lmcraft.gguf_export import export_gguf, load_source
+    from lmcraft.gguf_import import build_tokenizer, read_gguf
+    from lmcraft.hub import save_model
+    from lmcraft.tokenizer.load import Tokenizer
+    from test_gguf_sentencepiece import llama_cpp_spm, metadata
+
+    meta = metadata(prefix, shuffle_scores=True)
+    backend = build_tokenizer(meta, tmp_path / "source.gguf")
+    Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save(tmp_path / "tok")
+    model = build_tiny_model(vocab_size=len(meta["tokenizer.ggml.tokens"]) + 3)  # 3 padding rows: unused tokens
+    save_model(model, tmp_path / "source", tokenizer_dir=tmp_path / "tok")
+    source = load_source(str(tmp_path / "source"))
+    export_gguf(source, tmp_path / "m.gguf", "f32", progress=False)
+
+    exported, _ = read_gguf(tmp_path / "m.gguf")
+    assert exported["tokenizer.ggml.model"] == "llama" and exported["tokenizer.ggml.add_space_prefix"] == prefix
+    assert exported["tokenizer.ggml.token_type"][-3:] == [5, 5, 5]
+    assert exported["tokenizer.ggml.token_type"][5:261] == [6] * 256  # <0x00> .. <0xFF>
+    tokens, scores, types = (list(exported[f"tokenizer.ggml.{k}"]) for k in ("tokens", "scores", "token_type"))
+    llama = None
+    if llama_cpp_available():
+        import llama_cpp
+
+        llama = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for text in SPM_SAMPLES:
+        ours = source.tokenizer.encode(text, add_special_tokens=False)
+        assert llama_cpp_spm(text, tokens, scores, types, prefix) == ours, text
+        assert build_tokenizer(exported, tmp_path / "m.gguf").encode(text, add_special_tokens=False).ids == ours
+        if llama is not None:
+            assert llama.tokenize(text.encode(), add_bos=False, special=True) == ours, text
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+
+@pytest.mark.slow
+def test_gemma3_270m_real_weights_export_runs_in_llama_cpp(tmp_path: Path) -> None:
+    """The real Gemma 3 270M (imported from its Q4_K_M GGUF, SentencePiece vocabulary of 262,144 pieces) exported as
+    f16: llama.cpp tokenizes like lmcraft and continues "The capital of France is" with lmcraft's greedy tokens."""
+    if not llama_cpp_available():
+        pytest.skip("llama_cpp is not importable (pip install 'lmcraft[llamacpp]')")
+    import llama_cpp
+
+    from lmcraft.generate import GenerationConfig, generate
+    from lmcraft.generate.llamacpp_backend import LlamaCppModel
+    from lmcraft.gguf_export import export_gguf, load_source
+
+    source = load_source("gemma3-270m")
+    export_gguf(source, tmp_path / "gemma3.gguf", "f16", progress=False)
+    vocab = llama_cpp.Llama(str(tmp_path / "gemma3.gguf"), vocab_only=True, verbose=False)
+    for text in ["The capital of France is", "Rivers carry water\n\nto the sea.  Naïve café 東京 😀 <start_of_turn>"]:
+        assert vocab.tokenize(text.encode(), add_bos=True, special=True) == source.tokenizer.encode(text), text
+    prompt = source.tokenizer.encode("The capital of France is")
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=())
+    llama = LlamaCppModel(tmp_path / "gemma3.gguf", source.model.config)
+    try:
+        theirs = generate(llama, [prompt], config).tokens[0]
+    finally:
+        llama.close()
+    assert theirs == generate(source.model, [prompt], config).tokens[0]

@@ -43,7 +43,8 @@ from lmcraft.models.config import ModelConfig
 
 __all__ = ["ExportError", "Source", "expected_tensors", "export_gguf", "gguf_tensors", "load_source"]
 
-_NORMAL, _UNUSED, _CONTROL, _USER_DEFINED = 1, 5, 3, 4  # tokenizer.ggml.token_type values
+_NORMAL, _UNUSED, _CONTROL, _USER_DEFINED, _BYTE = 1, 5, 3, 4, 6  # tokenizer.ggml.token_type values
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte-fallback pieces
 
 
 class ExportError(LmcraftError):
@@ -191,13 +192,46 @@ def _pre_name(spec: dict[str, Any]) -> str:
     return PRE_NAMES[family]
 
 
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """SentencePiece's `add_space_prefix` from a byte-fallback BPE tokenizer.json: its normalizer replaces spaces by
+    `▁` and (prefix) prepends one `▁`; anything else is not a SentencePiece pipeline llama.cpp reproduces."""
+    norm = spec.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    kinds = [(n.get("type"), n.get("prepend") or (n.get("pattern") or {}).get("String"), n.get("content"))
+             for n in steps]
+    if spec.get("pre_tokenizer") is None and kinds in ([("Replace", " ", "\u2581")],
+                                                       [("Prepend", "\u2581", None), ("Replace", " ", "\u2581")]):
+        return len(kinds) == 2
+    raise ExportError(f"the SentencePiece-style tokenizer's normalizer/pre-tokenizer ({json.dumps(norm)[:200]}, "
+                      f"{json.dumps(spec.get('pre_tokenizer'))[:100]}) is not the one llama.cpp's SentencePiece "
+                      "tokenizer applies (spaces as '\u2581', optionally one in front); the export stops here.")
+
+
+def _sentencepiece_scores(merges: list[str], by_id: dict[int, str], vocab_size: int) -> list[float]:
+    """Piece scores that make llama.cpp's SentencePiece tokenizer (join the adjacent pair whose concatenation scores
+    highest) take the BPE's choices (merge the lowest-ranked pair): score(l + r) = -(rank of its first merge), the
+    inverse of `gguf_import.sentencepiece_merges`. Pieces no merge makes (characters, bytes, special tokens), which
+    llama.cpp never forms by joining either, score below all of them, each its own: -(number of merges + id)."""
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        first.setdefault(left + right, rank)
+    return [-float(first.get(by_id.get(i, ""), len(merges) + i)) for i in range(vocab_size)]
+
+
 def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """`tokenizer.ggml.*`: a byte-level BPE as llama.cpp's `gpt2` model (tokens, merges, `pre`), a byte-fallback BPE
+    over `▁`-spaced text (what SentencePiece vocabularies become in tokenizer.json) as its `llama` model (pieces,
+    scores, `<0xNN>` byte pieces, `add_space_prefix`); then token types, special ids and the chat template."""
     backend = tokenizer.backend
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"only byte-level BPE tokenizers are exported (this one is {model.get('type')} with a "
-                          f"{(spec.get('decoder') or {}).get('type')} decoder).")
+    decoder = spec.get("decoder") or {}
+    steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
+    sentencepiece = model.get("type") == "BPE" and model.get("byte_fallback") and "ByteFallback" in steps
+    if model.get("type") != "BPE" or (decoder.get("type") != "ByteLevel" and not sentencepiece):
+        raise ExportError(f"only byte-level BPE and SentencePiece-style (byte-fallback BPE) tokenizers are exported "
+                          f"(this one is {model.get('type')} with a {decoder.get('type')} decoder).")
     by_id = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
         raise ExportError(f"the tokenizer has ids up to {max(by_id)}, the model's embedding only {vocab_size} rows.")
@@ -207,15 +241,24 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         if i not in by_id:  # as llama.cpp's converter: padding rows of the embedding become unused tokens
             tokens.append(f"[PAD{i}]")
             types.append(_UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(_CONTROL if added[i].special else _USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(_NORMAL if i not in added else _CONTROL if added[i].special else _USER_DEFINED)
+            types.append(_BYTE if sentencepiece and _BYTE_PIECE.fullmatch(by_id[i]) else _NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_name(spec))
-    writer.add_token_list(tokens)
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_sentencepiece_scores(merges, by_id, vocab_size))
+        writer.add_add_space_prefix(_space_prefix(spec))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_name(spec))
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
     probe = backend.encode("a").ids
     for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                            ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
