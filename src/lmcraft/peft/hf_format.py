@@ -133,13 +133,13 @@ _MOE_PARAMETERS = {"experts": tuple(f"mlp.experts.{p}" for p in LoRAExperts.PARA
 _LAYER = re.compile(r"model\.layers\.\d+\.")
 
 
-def _peft_targets(model: PeftModel, targets: list[str] | str) -> dict[str, Any]:
-    """`target_modules` and `target_parameters` as PEFT needs them for `targets`: the stacked experts (`experts`)
-    and the router (`gate`) of a MoE layer move to `target_parameters` (transformers' Qwen3-MoE experts are fused
-    3-D parameters and its router a `TopKRouter` module, neither a Linear that `target_modules` could wrap)."""
+def _peft_targets(model: PeftModel, targets: list[str] | str, peft_type: str) -> dict[str, Any]:
+    """`target_modules` and `target_parameters` as PEFT needs them for `targets`: with LoRA, the stacked experts
+    (`experts`) and the router (`gate`) of a MoE layer move to `target_parameters` (transformers' Qwen3-MoE experts
+    are fused 3-D parameters and its router a `TopKRouter` module, neither a Linear `target_modules` could wrap)."""
     moe = {clean_path(path).rpartition(".")[2] for path, layer in model.adapter_layers()
            if isinstance(layer, LoRAExperts) or _LAYER.sub("", clean_path(path)) == "mlp.gate"}
-    if not moe or isinstance(targets, str):
+    if not moe or isinstance(targets, str) or peft_type != "LORA":
         return {"target_modules": targets if isinstance(targets, str) else list(targets)}
     return {"target_modules": [t for t in targets if t not in moe],
             "target_parameters": [p for name in sorted(moe) for p in _MOE_PARAMETERS[name]]}
@@ -179,7 +179,7 @@ def _lora_family(model: PeftModel, cfg: LoraConfig | AdaLoraConfig, peft_type: s
         "init_lora_weights": True, "kasa_config": None, "loftq_config": {}, "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout, "lora_ga_config": None, "megatron_config": None,
         "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "r": r,
-        "target_parameters": None, **_peft_targets(model, cfg.target_modules), "use_dora": False,
+        "target_parameters": None, **_peft_targets(model, cfg.target_modules, peft_type), "use_dora": False,
         "use_rslora": False, "velora_config": None, **fields,
     }
 
