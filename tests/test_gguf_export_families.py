@@ -140,6 +140,8 @@ def test_llama_cpp_runs_the_export(tmp_path: Path, tokenizer_dir, family: str) -
     ("gemma2", dict(layer_types=["full_attention", "sliding_attention"]), "the last layer of every 2 global"),
     ("gemma2", dict(query_pre_attn_scalar=64), r"scales attention scores by 1/sqrt\(16\)"),
     ("gemma3_text", dict(rope_local_base_freq=5e4), "local RoPE base is 10000"),
+    ("gemma2", dict(attn_logit_softcapping=None), "always soft-caps attention scores and logits"),
+    ("gemma3_text", dict(final_logit_softcapping=30.0), r"applies no soft caps, this model caps at \(None, 30.0\)"),
     ("smollm3", dict(no_rope_layers=[1, 1, 1, 1]), "leaves RoPE out of the last layer of every 4"),
     ("qwen3_moe", dict(norm_topk_prob=False), "renormalises the top-k router weights"),
     ("qwen3_moe", dict(mlp_only_layers=[0]), "has dense ones"),

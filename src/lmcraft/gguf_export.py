@@ -7,8 +7,8 @@ rope, GPT-2's Conv1D matrices transposed, Gemma's norms stored as `w + 1`, Qwen3
 the `{arch}.*` hyper-parameters (the common ones and `gguf_layout.HYPER_PARAMETERS`, from the model's config.json),
 the tokenizer as `tokenizer.ggml.*` (token list, merges, token types, special ids, `pre`, `add_bos_token`) and the
 chat template. A model whose values llama.cpp's loader would override (`gguf_layout.LOADER_FIXED`: Gemma's layer
-pattern and query scale, SmolLM3's layers without RoPE; Qwen3-MoE's dense layers or unnormalised top-k weights)
-is refused, since llama.cpp would compute another function. Weights are quantised by `gguf_quant`
+pattern, query scale and soft caps, SmolLM3's layers without RoPE; Qwen3-MoE's dense layers or unnormalised top-k
+weights) is refused, since llama.cpp would compute another function. Weights are quantised by `gguf_quant`
 (types per tensor from `gguf_quant.tensor_type`). It is written by `gguf.GGUFWriter` into an `io.atomic_file`.
 """
 
@@ -114,6 +114,11 @@ def _loader_mismatch(arch: str, cfg: ModelConfig) -> str | None:
         scalar = gemma_query_scalar(arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
         if abs((cfg.attention_scale or cfg.head_dim**-0.5) - scalar**-0.5) > 1e-6 * scalar**-0.5:
             return f"llama.cpp scales attention scores by 1/sqrt({scalar}), this model by {cfg.attention_scale}"
+        caps = (cfg.attn_logit_softcap, cfg.final_logit_softcap)
+        if arch == "gemma2" and None in caps:
+            return "llama.cpp's gemma2 always soft-caps attention scores and logits, this model leaves one uncapped"
+        if arch == "gemma3" and caps != (None, None):
+            return f"llama.cpp's gemma3 applies no soft caps, this model caps at {caps}"
         local = cfg.rope_local_theta or cfg.rope_theta
         if arch == "gemma3" and local != LOADER_FIXED["gemma3_local_rope_base"]:
             return f"llama.cpp's local RoPE base is {LOADER_FIXED['gemma3_local_rope_base']:g}, this model's {local:g}"
