@@ -54,6 +54,7 @@ from lmcraft.gguf_layout import (
     gemma_sliding_layers,
     hf_name,
     permute_qk,
+    short_float,
     unpermute_qk,
 )
 from lmcraft.io import atomic_file, excerpt, write_json
@@ -372,11 +373,6 @@ def _hf_name(arch: str, name: str, path: Path) -> tuple[str, str]:
     raise GGUFImportError(f"{path}: tensor {name!r} has no Hugging Face counterpart in a {arch} model.")
 
 
-def _short_float(x: float) -> float:
-    """The shortest decimal that round-trips the float32 GGUF stores (9.99999974738e-06 -> 1e-05)."""
-    return float(str(np.float32(x)))
-
-
 def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path, dtype: str) -> dict[str, Any]:
     """The HF `config.json` dict for a GGUF of a supported architecture: `{arch}.*` metadata plus tensor
     names -> numpy shapes."""
@@ -405,7 +401,7 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
             "n_embd": int(key("embedding_length")), "n_layer": int(key("block_count")),
             "n_head": int(key("attention.head_count")), "n_positions": int(key("context_length")),
             "n_inner": int(key("feed_forward_length")), "activation_function": "gelu_new",
-            "layer_norm_epsilon": _short_float(key("attention.layer_norm_epsilon")),
+            "layer_norm_epsilon": short_float(key("attention.layer_norm_epsilon")),
             "tie_word_embeddings": "output.weight" not in shapes, "torch_dtype": dtype, **token_ids,
         }
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
@@ -425,8 +421,8 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "max_position_embeddings": int(key("context_length")),
-        "rms_norm_eps": _short_float(key("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _short_float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": short_float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": short_float(key("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(metadata, arch),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
@@ -503,7 +499,7 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
     factor = metadata.get(f"{arch}.rope.scaling.factor")
     if kind == "none" or not factor or float(factor) == 1.0:
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": _short_float(factor)}
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": short_float(factor)}
     original = metadata.get(f"{arch}.rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)

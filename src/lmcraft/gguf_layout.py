@@ -44,6 +44,7 @@ __all__ = [
     "gguf_name",
     "hf_name",
     "permute_qk",
+    "short_float",
     "unpermute_qk",
 ]
 
@@ -90,7 +91,7 @@ class HyperParameter:
         value = metadata.get(f"{arch}.{self.gguf}")
         if value is None:
             value = self.default(config) if callable(self.default) else self.default
-        return None if value is None else float(str(np.float32(value))) if self.kind == "f32" else int(value)
+        return None if value is None else short_float(value) if self.kind == "f32" else int(value)
 
     def write(self, writer: Any, arch: str, hf_config: dict[str, Any]) -> None:
         """Add the key to a `gguf.GGUFWriter` from the config.json dict (nothing when the config has no value)."""
@@ -98,6 +99,11 @@ class HyperParameter:
         if value is not None:
             add = writer.add_float32 if self.kind == "f32" else writer.add_uint32
             add(f"{arch}.{self.gguf}", float(value) if self.kind == "f32" else int(value))
+
+
+def short_float(x: float) -> float:
+    """The shortest decimal that round-trips the float32 GGUF stores (9.99999974738e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
 
 
 _WINDOW = HyperParameter("attention.sliding_window", "sliding_window")
