@@ -6,8 +6,8 @@
   `<cache>/llamacpp/<sha256 of weights, config and tokenizer>-<f32|f16>.gguf` (f32 for fp32 weights, f16 for
   bf16), and opened from there. Tokenizer, chat template and token choice stay lmcraft's.
 * auto: llamacpp when the device is the CPU, `llama_cpp` is importable and the model is a .gguf file or can be
-  exported (a decoder of a llama.cpp architecture with a byte-level BPE tokenizer); else torch. Why it chose
-  torch is said in the returned note.
+  exported (a decoder of a llama.cpp architecture with a byte-level BPE or SentencePiece-style tokenizer); else
+  torch. Why it chose torch is said in the returned note.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lmcraft.errors import ConfigError, LmcraftError
 __all__ = ["BACKENDS", "Decoder", "cached_gguf", "load_decoder", "to_backend"]
 
 BACKENDS = ("auto", "torch", "llamacpp")
-_CACHE_FORMAT = 1  # bump when the exporter's output for the same model changes
+_CACHE_FORMAT = 2  # bump when the exporter's output for the same model changes
 
 
 @dataclass

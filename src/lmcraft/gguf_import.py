@@ -1,5 +1,5 @@
-"""Import a GGUF file (llama.cpp's format: llama, qwen2, qwen3, olmo2, granite, phi3, gemma, gemma2, gemma3, gpt2)
-as a Hugging Face-layout model folder.
+"""Import a GGUF file (llama.cpp's format: llama, qwen2, qwen3, qwen3moe, olmo2, granite, smollm3, phi3, gemma,
+gemma2, gemma3, gpt2) as a Hugging Face-layout model folder.
 
 `convert_gguf(path, out_dir)` reads the file with the pure-Python `gguf` package and writes
 `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
@@ -17,8 +17,9 @@ Three pieces of math live here:
   `x = d * sc_j * q - dmin * m_j`, Q6_K `x = d * sc_j * (q - 32)`. Every function below works on a
   whole tensor at once (numpy arrays of shape `(n_blocks, block_bytes)`), never block by block.
 * **Layout** (`lmcraft.gguf_layout`, shared with the exporter): tensor names per architecture, llama.cpp's
-  permutation of q/k rows for its rope layout (`unpermute_qk` undoes it), GPT-2's transposed matrices and
-  Gemma's norms stored as `w + 1` (the importer writes HF's `w`).
+  permutation of q/k rows for its rope layout (`unpermute_qk` undoes it), GPT-2's transposed matrices,
+  Gemma's norms stored as `w + 1` (the importer writes HF's `w`), Qwen3-MoE's stacked experts (split into HF's
+  per-expert tensors) and the family hyper-parameters.
 * **Tokenizer** (`build_tokenizer`). A GGUF has no `tokenizer.json`. A byte-level BPE vocabulary
   (`tokenizer.ggml.model = gpt2`) comes with its merges, token types and a pre-tokenizer name
   (`tokenizer.ggml.pre`); we rebuild the HF `tokenizers` pipeline that name stands for (llama.cpp's
@@ -44,11 +45,16 @@ import numpy as np
 from lmcraft.errors import ModelLoadError
 from lmcraft.gguf_layout import (
     ARCHITECTURES,
+    HYPER_PARAMETERS,
     LLAMA3_REGEX,
+    LOADER_FIXED,
     PRE_FAMILIES,
     QWEN2_REGEX,
+    gemma_query_scalar,
+    gemma_sliding_layers,
     hf_name,
     permute_qk,
+    short_float,
     unpermute_qk,
 )
 from lmcraft.io import atomic_file, excerpt, write_json
@@ -367,11 +373,6 @@ def _hf_name(arch: str, name: str, path: Path) -> tuple[str, str]:
     raise GGUFImportError(f"{path}: tensor {name!r} has no Hugging Face counterpart in a {arch} model.")
 
 
-def _short_float(x: float) -> float:
-    """The shortest decimal that round-trips the float32 GGUF stores (9.99999974738e-06 -> 1e-05)."""
-    return float(str(np.float32(x)))
-
-
 def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path, dtype: str) -> dict[str, Any]:
     """The HF `config.json` dict for a GGUF of a supported architecture: `{arch}.*` metadata plus tensor
     names -> numpy shapes."""
@@ -400,7 +401,7 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
             "n_embd": int(key("embedding_length")), "n_layer": int(key("block_count")),
             "n_head": int(key("attention.head_count")), "n_positions": int(key("context_length")),
             "n_inner": int(key("feed_forward_length")), "activation_function": "gelu_new",
-            "layer_norm_epsilon": _short_float(key("attention.layer_norm_epsilon")),
+            "layer_norm_epsilon": short_float(key("attention.layer_norm_epsilon")),
             "tie_word_embeddings": "output.weight" not in shapes, "torch_dtype": dtype, **token_ids,
         }
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
@@ -420,8 +421,8 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "max_position_embeddings": int(key("context_length")),
-        "rms_norm_eps": _short_float(key("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _short_float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": short_float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": short_float(key("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(metadata, arch),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
@@ -433,6 +434,10 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
         config["attention_bias"] = "blk.0.attn_q.bias" in names
     if model_type == "llama":
         config["mlp_bias"] = False
+    for hyper in HYPER_PARAMETERS.get(arch, ()):
+        config[hyper.hf] = hyper.read(metadata, arch, config)
+        if config[hyper.hf] is None:
+            raise GGUFImportError(f"{path}: metadata key {arch}.{hyper.gguf} is missing.")
     if arch in _FAMILY_KEYS:
         config.update(_FAMILY_KEYS[arch](key, config))
     config.update(token_ids)
@@ -442,60 +447,50 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path
 Key = Callable[..., Any]  # key(name, default=None): the `{arch}.{name}` metadata value, an error when missing
 
 
-def _granite(key: Key, config: dict[str, Any]) -> dict[str, Any]:
-    """Granite's four scalars: h_0 = m_e E[x], x + m_r f(x), softmax(m_a q k^T), logits / s."""
-    return {"embedding_multiplier": _short_float(key("embedding_scale", 1.0)),
-            "residual_multiplier": _short_float(key("residual_scale", 1.0)),
-            "attention_multiplier": _short_float(key("attention.scale", config["head_dim"] ** -0.5)),
-            "logits_scaling": _short_float(key("logit_scale", 1.0))}
-
-
-def _phi3(key: Key, config: dict[str, Any]) -> dict[str, Any]:
-    window = key("attention.sliding_window", 0)
-    return {"sliding_window": int(window) or None}
-
-
-# llama.cpp's converter writes no layer pattern, query scale or local rope base for Gemma 2/3: its loader
-# fixes them (llama-model.cpp): every 2nd (Gemma 2) / 6th (Gemma 3) layer global, the others sliding;
-# attention scale 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models (46 / 62 layers); local rope
-# base 10000 on Gemma 3.
-_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-
-
+# llama.cpp's converter writes no layer pattern, query scale or local rope base for Gemma 2/3: its loader fixes them
+# (`gguf_layout.LOADER_FIXED`).
 def _gemma(arch: str) -> Callable[[Key, dict[str, Any]], dict[str, Any]]:
     def keys(key: Key, config: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
         if arch == "gemma":
             return out
         layers = config["num_hidden_layers"]
-        pattern = key("attention.sliding_window_pattern", _GEMMA_PATTERN[arch])
+        pattern = key("attention.sliding_window_pattern", 0)
         sliding = ([bool(x) for x in pattern] if isinstance(pattern, list)
-                   else [(i + 1) % int(pattern) != 0 for i in range(layers)])
+                   else [(i + 1) % int(pattern) != 0 for i in range(layers)] if pattern
+                   else gemma_sliding_layers(arch, layers))
         if len(sliding) != layers:
             raise GGUFImportError(f"{arch}.attention.sliding_window_pattern has {len(sliding)} entries for "
                                   f"{layers} layers.")
-        big = layers == _GEMMA_27B_LAYERS[arch]
         out.update({
-            "sliding_window": int(key("attention.sliding_window")),
             "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-            "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big
-            else config["head_dim"],
+            "query_pre_attn_scalar": gemma_query_scalar(arch, layers, config["hidden_size"],
+                                                        config["num_attention_heads"], config["head_dim"]),
         })
-        if arch == "gemma2":
-            out["attn_logit_softcapping"] = _short_float(key("attn_logit_softcapping", 50.0))
-            out["final_logit_softcapping"] = _short_float(key("final_logit_softcapping", 30.0))
-        else:
-            out.update({"rope_local_base_freq": 10000.0, "attn_logit_softcapping": None,
+        if arch == "gemma3":
+            out.update({"rope_local_base_freq": LOADER_FIXED["gemma3_local_rope_base"], "attn_logit_softcapping": None,
                         "final_logit_softcapping": None, "use_bidirectional_attention": False})
         return out
 
     return keys
 
 
-# GGUF architecture -> its HF config keys beyond the Llama-like ones
+def _phi3(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+    return {"sliding_window": config["sliding_window"] or None}
+
+
+def _qwen3moe(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's qwen3moe has every layer sparse and renormalises the top-k router weights."""
+    return {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def _smollm3(key: Key, config: dict[str, Any]) -> dict[str, Any]:
+    return {"no_rope_layer_interval": LOADER_FIXED["smollm3_nope_interval"], "use_sliding_window": False}
+
+
+# GGUF architecture -> its HF config keys that need logic, after the `gguf_layout.HYPER_PARAMETERS` ones
 _FAMILY_KEYS: dict[str, Callable[[Key, dict[str, Any]], dict[str, Any]]] = {
-    "granite": _granite, "phi3": _phi3, **{a: _gemma(a) for a in ("gemma", "gemma2", "gemma3")},
+    "phi3": _phi3, "qwen3moe": _qwen3moe, "smollm3": _smollm3, **{a: _gemma(a) for a in ("gemma", "gemma2", "gemma3")},
 }
 
 
@@ -504,7 +499,7 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
     factor = metadata.get(f"{arch}.rope.scaling.factor")
     if kind == "none" or not factor or float(factor) == 1.0:
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": _short_float(factor)}
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": short_float(factor)}
     original = metadata.get(f"{arch}.rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)
@@ -759,23 +754,36 @@ def write_hf_model(
     heads = {"rope_q": config.get("num_attention_heads"), "rope_k": config.get("num_key_value_heads")}
     shift = ARCHITECTURES[arch].norm_shift
 
-    by_name = {}
+    by_name: dict[str, tuple[Any, str, int | None]] = {}  # HF name -> (GGUF tensor, layout, expert index)
     for t in tensors:
         name, layout = _hf_name(arch, t.name, path)
-        by_name[name] = (t, layout)
+        if layout == "experts":  # one stacked GGUF tensor -> one HF tensor per expert
+            by_name.update({name.format(e=e): (t, layout, e) for e in range(shapes[t.name][0])})
+        else:
+            by_name[name] = (t, layout, None)
     order = sorted(by_name, key=_layer_key)
 
     def hf_shape(name: str) -> tuple[int, ...]:
-        t, layout = by_name[name]
+        t, layout, _ = by_name[name]
+        if layout == "experts":
+            return shapes[t.name][1:]
         return shapes[t.name][::-1] if layout == "transpose" else shapes[t.name]
 
     specs = [(name, hf_shape(name)) for name in order]
     for t in tensors:  # fail before writing anything
         _check_type(t.tensor_type, f"{path}: tensor {t.name}")
+    stacks: dict[str, np.ndarray] = {}  # the expert stacks of the layer being written, dequantised once
 
     def arrays() -> Iterable[np.ndarray]:
         for name, _ in tqdm(specs, desc=f"converting {path.name}", unit="tensor", disable=not progress):
-            t, layout = by_name[name]
+            t, layout, expert = by_name[name]
+            if expert is not None:
+                if t.name not in stacks:
+                    if len(stacks) == 3:  # gate, up and down of one layer
+                        stacks.clear()
+                    stacks[t.name] = dequantize(t.data, t.tensor_type, shapes[t.name])
+                yield stacks[t.name][expert]
+                continue
             x = dequantize(t.data, t.tensor_type, shapes[t.name])
             if layout == "transpose":
                 x = np.ascontiguousarray(x.T)

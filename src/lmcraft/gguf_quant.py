@@ -185,8 +185,8 @@ _BLOCK_QUANTISERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
-    """Encode a float32 matrix `(rows, cols)` as GGUF type `qtype`: F32/F16/BF16 as arrays of that width,
-    block types as uint8 `(rows, cols // per_block * block_bytes)`."""
+    """Encode a float32 matrix `(rows, cols)` (or a stack `(E, rows, cols)`) as GGUF type `qtype`: F32/F16/BF16 as
+    arrays of that width, block types as uint8 `(..., rows, cols // per_block * block_bytes)`."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if qtype == "F32":
         return x
@@ -197,7 +197,7 @@ def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     if qtype not in _BLOCK_QUANTISERS:
         raise LmcraftError(f"GGUF type {qtype} has no quantiser here; supported: {', '.join(BLOCK_SIZES)}.")
     per_block, nbytes = BLOCK_SIZES[qtype]
-    rows, cols = x.shape if x.ndim == 2 else (1, x.size)
+    cols = x.shape[-1] if x.ndim >= 2 else x.size
     if cols % per_block:
         raise LmcraftError(f"{qtype} needs rows of whole {per_block}-value blocks; this tensor's rows have {cols}.")
     blocks = x.reshape(-1, per_block)
@@ -227,18 +227,21 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int, tied: bool) -> str:
+def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int, tied: bool, n_experts: int = 0) -> str:
     """The GGUF type of tensor `name` (numpy `shape`) in an export with `--quant quant`.
 
     Following llama.cpp (`convert_hf_to_gguf.py` for f32/f16/bf16, `llama-quant.cpp` for the quantised ones):
-    1-D tensors (norms, biases) stay F32; so does GPT-2's `position_embd` in quantised files (llama.cpp never
-    quantises it). With q4_0/q4_1/q4_k_m the output matrix (the token embedding when tied) is Q6_K; with
-    q4_k_m `attn_v`/`attn_qkv` and `ffn_down` are Q6_K in the layers `use_more_bits` picks (first and last
-    eighth, every third between), the rest Q4_K. Rows that are not whole blocks fall back as in llama.cpp:
-    Q4_K -> Q5_0, Q6_K -> Q8_0, then F16.
+    1-D tensors (norms, biases) and a mixture of experts' router `ffn_gate_inp` stay F32; so does GPT-2's
+    `position_embd` in quantised files (llama.cpp never quantises it). With q4_0/q4_1/q4_k_m the output matrix
+    (the token embedding when tied) is Q6_K; with q4_k_m `attn_v`/`attn_qkv` and `ffn_down` (a mixture of
+    experts' `ffn_down_exps` too) are Q6_K in the layers `use_more_bits` picks (first and last eighth, every
+    third between), the rest Q4_K. A model of exactly 8 experts gets Q8_0 `attn_k`/`attn_v` in every quantised
+    file (and Q5_K `attn_output` with q4_k_m, a type lmcraft does not write: refused). Rows that are not whole
+    blocks fall back as in llama.cpp: Q4_K -> Q5_0, Q6_K -> Q8_0, then F16. Stacked expert tensors
+    (E, rows, cols) are blocked along their rows like matrices.
     """
     base = QUANTS[quant]
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith(".ffn_gate_inp.weight"):
         return "F32"
     if base in ("F32", "F16", "BF16"):
         return base
@@ -248,8 +251,14 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int, ti
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         qtype = "Q8_0" if base == "Q8_0" else "Q6_K"
-    elif quant == "q4_k_m" and name.endswith((".attn_v.weight", ".attn_qkv.weight", ".ffn_down.weight")):
+    elif n_experts == 8 and name.endswith((".attn_k.weight", ".attn_v.weight")):
+        qtype = "Q8_0"
+    elif quant == "q4_k_m" and name.endswith((".attn_v.weight", ".attn_qkv.weight", ".ffn_down.weight",
+                                              ".ffn_down_exps.weight")):
         qtype = "Q6_K" if _more_bits(layer, n_layers) else base
+    elif quant == "q4_k_m" and n_experts == 8 and name.endswith(".attn_output.weight"):
+        raise LmcraftError("llama-quant gives a model of 8 experts Q5_K attn_output matrices in q4_k_m files, a type "
+                           "lmcraft does not write; export it as q8_0, q4_0 or q4_1.")
     cols = shape[-1]
     while cols % BLOCK_SIZES[qtype][0]:
         qtype = _FALLBACK.get(qtype, "F16")

@@ -13,6 +13,7 @@ Reading uses the canonical class of each PEFT type (a PEFT "LORA" file becomes a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from lmcraft.peft.adalora import AdaLoraConfig, svd_layers, triplet_key
 from lmcraft.peft.ia3 import IA3Config
 from lmcraft.peft.layers import ModulesToSave, PeftError, base_modules, clean_path, hf_module_names
-from lmcraft.peft.lora import DoraConfig, LoraConfig
+from lmcraft.peft.lora import DoraConfig, LoraConfig, LoRAExperts
 from lmcraft.peft.model import PeftModel, adapter_state_dict, load_adapter_state_dict
 from lmcraft.peft.prefix import PrefixConfig
 from lmcraft.peft.prompt import PromptConfig
@@ -36,7 +37,7 @@ PEFT_TASKS = {"lm": "CAUSAL_LM", "cls": "SEQ_CLS", "reward": "SEQ_CLS", "token_c
 # PEFT 0.21 LoraConfig keys lmcraft does not implement, with their neutral values.
 LORA_UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
                     "alpha_pattern": {}, "lora_bias": False, "use_qalora": False, "layer_replication": None,
-                    "target_parameters": None, "trainable_token_indices": None, "exclude_modules": None,
+                    "trainable_token_indices": None, "exclude_modules": None,
                     "alora_invocation_tokens": None, "use_bdlora": None, "fan_in_fan_out": False}
 
 
@@ -77,7 +78,8 @@ def peft_tensor_names(model: PeftModel, adapter: str) -> dict[str, str]:
             if isinstance(layer, ModulesToSave):
                 names[ours] = _hf_param_name(model, ours)
             else:
-                names[ours] = f"{hf_module(module) or module}.{local}"
+                peft_local = LoRAExperts.PEFT_NAMES.get(local, local) if isinstance(layer, LoRAExperts) else local
+                names[ours] = f"{hf_module(module) or module}.{peft_local}"
     counts: dict[str, int] = {}
     for hf in names.values():
         counts[hf] = counts.get(hf, 0) + 1
@@ -125,17 +127,59 @@ def prompt_learning_keys(model: PeftModel, cfg: PromptLearningConfig, per_kv_hea
             "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": token_dim}
 
 
+# A mixture-of-experts layer's parts that transformers holds as bare parameters, not nn.Linear: PEFT adapts them
+# through `target_parameters` (module path after `model.layers.{i}.` + parameter). Our target name -> those.
+_MOE_PARAMETERS = {"experts": tuple(f"mlp.experts.{p}" for p in LoRAExperts.PARAMS), "gate": ("mlp.gate.weight",)}
+_LAYER = re.compile(r"model\.layers\.\d+\.")
+
+
+def _peft_targets(model: PeftModel, targets: list[str] | str, peft_type: str) -> dict[str, Any]:
+    """`target_modules` and `target_parameters` as PEFT needs them for `targets`: with LoRA, the stacked experts
+    (`experts`) and the router (`gate`) of a MoE layer move to `target_parameters` (transformers' Qwen3-MoE experts
+    are fused 3-D parameters and its router a `TopKRouter` module, neither a Linear `target_modules` could wrap)."""
+    moe = {clean_path(path).rpartition(".")[2] for path, layer in model.adapter_layers()
+           if isinstance(layer, LoRAExperts) or _LAYER.sub("", clean_path(path)) == "mlp.gate"}
+    if not moe or isinstance(targets, str) or peft_type != "LORA":
+        return {"target_modules": targets if isinstance(targets, str) else list(targets)}
+    return {"target_modules": [t for t in targets if t not in moe],
+            "target_parameters": [p for name in sorted(moe) for p in _MOE_PARAMETERS[name]]}
+
+
+def _targets_from_peft(data: dict[str, Any]) -> list[str] | str:
+    """PEFT's `target_modules` + `target_parameters` -> our target names (`_peft_targets` read back)."""
+    targets = data.get("target_modules")
+    parameters = list(data.get("target_parameters") or [])
+    if not parameters:
+        return targets or ["q_proj", "v_proj"]
+    if isinstance(targets, str):
+        raise PeftError("LoRA adapter: a regular-expression target_modules together with target_parameters is not "
+                        "supported; list the module names instead.")
+    ours = list(targets or [])
+    for name, params in _MOE_PARAMETERS.items():
+        found = [p for p in parameters if any(p == q or p.endswith("." + q) for q in params)]
+        if found and len({q for q in params if any(p == q or p.endswith("." + q) for p in found)}) != len(params):
+            raise PeftError(f"LoRA adapter: target_parameters {found} adapt only part of {', '.join(params)}; "
+                            f"lmcraft adapts the stacked experts' {' and '.join(params)} together.")
+        if found:
+            ours.append(name)
+            parameters = [p for p in parameters if p not in found]
+    if parameters:
+        raise PeftError(f"LoRA adapter: target_parameters {parameters} are not supported; lmcraft reads PEFT's "
+                        "parameter targets of a mixture-of-experts layer only (mlp.experts.gate_up_proj, "
+                        "mlp.experts.down_proj, mlp.gate.weight).")
+    return ours
+
+
 def _lora_family(model: PeftModel, cfg: LoraConfig | AdaLoraConfig, peft_type: str, r: int,
                  **fields: Any) -> dict[str, Any]:
     """The keys PEFT 0.21 writes for a LoRA-family adapter (LoRA, AdaLoRA), filled from `cfg` and `fields`."""
-    targets = cfg.target_modules
     return {
         **common_keys(model, cfg, peft_type), **{k: v for k, v in LORA_UNSUPPORTED.items()},
         "arrow_config": None, "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
         "init_lora_weights": True, "kasa_config": None, "loftq_config": {}, "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout, "lora_ga_config": None, "megatron_config": None,
         "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "r": r,
-        "target_modules": targets if isinstance(targets, str) else list(targets), "use_dora": False,
+        "target_parameters": None, **_peft_targets(model, cfg.target_modules, peft_type), "use_dora": False,
         "use_rslora": False, "velora_config": None, **fields,
     }
 
@@ -147,7 +191,7 @@ def _lora_to_peft(model: PeftModel, cfg: LoraConfig) -> dict[str, Any]:
 
 def _lora_from_peft(data: dict[str, Any]) -> LoraConfig:
     reject_unsupported(data, LORA_UNSUPPORTED, "LoRA adapter")
-    targets = data.get("target_modules") or ["q_proj", "v_proj"]
+    targets = _targets_from_peft(data)
     return LoraConfig(r=data.get("r", 8), lora_alpha=data.get("lora_alpha", 8),
                       lora_dropout=data.get("lora_dropout", 0.0),
                       target_modules=targets if isinstance(targets, str) else sorted(targets),
@@ -165,7 +209,8 @@ def _adalora_to_peft(model: PeftModel, cfg: AdaLoraConfig) -> dict[str, Any]:
 
 
 def _adalora_from_peft(data: dict[str, Any]) -> AdaLoraConfig:
-    reject_unsupported(data, {k: v for k, v in LORA_UNSUPPORTED.items() if k != "rank_pattern"}, "AdaLoRA adapter")
+    reject_unsupported(data, {**{k: v for k, v in LORA_UNSUPPORTED.items() if k != "rank_pattern"},
+                              "target_parameters": None}, "AdaLoRA adapter")
     names = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
              "total_step", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern")
     return AdaLoraConfig(**{k: data[k] for k in names if data.get(k) is not None})

@@ -179,13 +179,18 @@ class LoRAExperts(AdapterLayer):
         W_e = W0_e + s B_e A_e,     A_e: r x in (Kaiming-uniform), B_e: out x r (zeros)
 
     The experts keep computing as batched products, on W0 + s B A (formed once per forward by one bmm per stack).
-    A and B are stored as PEFT's `ParamWrapper`
-    stores them (`target_parameters`): A as one (r E, in) matrix whose rows e r .. e r + r - 1 are A_e, B as one
-    (out, r E) matrix whose column j E + e is column j of B_e. No dropout: the update is applied to the weight,
-    not to the input (PEFT refuses dropout there too)."""
+    A and B are stored as PEFT's `ParamWrapper` stores them (`target_parameters`): A as one (r E, in) matrix whose
+    rows e r .. e r + r - 1 are A_e, B as one (out, r E) matrix whose column j E + e is column j of B_e; they are
+    saved under PEFT's names (`PEFT_NAMES`). No dropout: the update is applied to the weight, not to the input
+    (PEFT refuses dropout there too)."""
 
     adapter_containers = ("lora_A", "lora_B")
     PARAMS = ("gate_up_proj", "down_proj")
+    # PEFT wraps the experts module once per targeted parameter (a ParamWrapper around a ParamWrapper), in the
+    # order of the module's parameters: `gate_up_proj` first, so its tensors sit under `base_layer.`, and
+    # `down_proj` outermost. Our local name -> PEFT's.
+    PEFT_NAMES = {f"lora_{m}.{p}.weight": f"{'base_layer.' if p == 'gate_up_proj' else ''}lora_{m}.weight"
+                  for m in "AB" for p in ("gate_up_proj", "down_proj")}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
