@@ -236,12 +236,14 @@ def run_table(table: str, folder: Path, batch: torch.Tensor, args: argparse.Name
     if args.compile:
         rows.append(Row("lmcraft", True, best_precision))
     steps: dict[Row, Step] = {}
+    first: dict[Row, float] = {}
     for row in rows:
         steps[row] = row.build(folder, batch, table)
         t0 = time.perf_counter()
-        loss = steps[row].run()  # warm-up (the compiled row compiles here)
+        first[row] = steps[row].run()  # warm-up (the compiled row compiles here)
         print(f"  {table}: {row.label(table)} {row.precision}: first step {time.perf_counter() - t0:.1f} s, "
-              f"loss {loss:.6f}", file=sys.stderr, flush=True)
+              f"loss {first[row]:.8f}", file=sys.stderr, flush=True)
+    check_first_losses(first)
     used = sorted({row.precision for row in rows})
     matmuls = {}
     for precision in used:
@@ -272,7 +274,20 @@ def run_table(table: str, folder: Path, batch: torch.Tensor, args: argparse.Name
     print(f"\n## {what}: batch {batch.shape[0]} x {batch.shape[1]} tokens; matmul peak ({args.matmul_size}^2, best "
           "of the interleaved rounds): " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in peak.items()), flush=True)
     out.print()
-    print(f"best vs best: {ratio(tps[best_of['lmcraft']], tps[best_of['transformers']])}", flush=True)
+    print(f"ratio: {ratio(tps[best_of['lmcraft']], tps[best_of['transformers']])} ({table}: lmcraft's best row vs "
+          f"{theirs}' best row)", flush=True)
+
+
+def check_first_losses(first: dict[Row, float], tolerance: float = 1e-5) -> None:
+    """The first step's losses (same weights, same batch): lmcraft compiled vs eager in fp32 must agree to
+    `tolerance` (an AssertionError otherwise); lmcraft vs transformers is printed."""
+    for row, loss in first.items():
+        other = Row("lmcraft" if row.compiled else "transformers", False, row.precision)
+        if row.library == "lmcraft" and other in first:
+            diff = abs(loss - first[other])
+            print(f"  first-step loss, {row.key} vs {other.key}: |difference| {diff:.1e}", file=sys.stderr)
+            if row.compiled and row.precision == "fp32" and diff > tolerance:
+                raise AssertionError(f"compiled and eager fp32 losses differ by {diff:.2e} > {tolerance:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
