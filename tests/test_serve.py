@@ -94,6 +94,20 @@ def test_concurrent_requests_share_batches(server, model_dir: Path) -> None:
     assert httpx.get(url + "/metrics").json()["largest_batch"] > 1
 
 
+@pytest.mark.slow
+def test_compiled_server_answers_as_eager_generate(model_dir: Path) -> None:
+    """`serve --compile true`: greedy answers decoded by the compiled static-cache step equal eager `generate_text`
+    on the dynamic cache, and /metrics says which path decoded them."""
+    with served(model_dir, "--api-key", KEY, "--backend", "torch", "--compile", "true") as (url, _):
+        c = client(url)
+        done = c.completions.create(model="m", prompt="how are you", max_tokens=10, temperature=0)
+        assert done.choices[0].text == expected(model_dir, "how are you", 10, chat=False)
+        chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello there"}],
+                                         max_tokens=12, temperature=0)
+        assert chat.choices[0].message.content == expected(model_dir, "hello there", 12, chat=True)
+        assert httpx.get(url + "/metrics").json()["paths"] == {"static+compiled": 2}
+
+
 def test_errors_and_sigterm(server) -> None:
     url, proc = server
     headers = {"Authorization": f"Bearer {KEY}"}

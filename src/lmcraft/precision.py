@@ -32,7 +32,7 @@ import torch
 
 from lmcraft import io
 
-__all__ = ["DTYPES", "MARGIN", "WORKLOADS", "PrecisionChoice", "cpu_key", "measure_cpu_matmul",
+__all__ = ["DTYPES", "MARGIN", "WORKLOADS", "PrecisionChoice", "cpu_key", "cpu_seconds", "measure_cpu_matmul",
            "measure_cpu_matvec", "resolve_precision", "weights_dtype"]
 
 log = logging.getLogger("lmcraft.precision")
@@ -109,26 +109,30 @@ def _describe(workload: str) -> str:
     return f"{_SIZE}x{_SIZE} matmul" if workload == "train" else f"{_MATVEC[0]}x{_MATVEC[1]} matrix-vector product"
 
 
-def _cpu_choice(cache_dir: str | Path | None, workload: str) -> PrecisionChoice:
+def cpu_seconds(workload: str = "train", cache_dir: str | Path | None = None) -> tuple[dict[str, float], str]:
+    """({"fp32": s, "bf16": s} of `workload`'s CPU micro-benchmark, " (cached in PATH)" or ""): the cached
+    measurement of this machine kind, measured (and cached) now when there is none."""
     from lmcraft.io import cache_root
 
     suffix = "" if workload == "train" else f"-{workload}"
     path = cache_root(cache_dir) / "precision" / f"{cpu_key()}{suffix}.json"
-    cached = ""
-    times = None
     if path.is_file():
         try:
             times = {k: float(v) for k, v in json.loads(path.read_text(encoding="utf-8"))["seconds"].items()}
-            cached = f" (cached in {path})"
+            return times, f" (cached in {path})"
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            times = None
-    if times is None:
-        times = measure_cpu_matmul() if workload == "train" else measure_cpu_matvec()
-        try:
-            io.write_json(path, {"cpu": _cpu_info()[0], "torch": torch.__version__, "workload": workload,
-                                 "seconds": times})
-        except OSError as err:
-            log.warning("cannot cache the precision measurement in %s (%s)", path, err)
+            pass
+    times = measure_cpu_matmul() if workload == "train" else measure_cpu_matvec()
+    try:
+        io.write_json(path, {"cpu": _cpu_info()[0], "torch": torch.__version__, "workload": workload,
+                             "seconds": times})
+    except OSError as err:
+        log.warning("cannot cache the precision measurement in %s (%s)", path, err)
+    return times, ""
+
+
+def _cpu_choice(cache_dir: str | Path | None, workload: str) -> PrecisionChoice:
+    times, cached = cpu_seconds(workload, cache_dir)
     fast = times["bf16"] * MARGIN < times["fp32"]
     ratio = times["fp32"] / times["bf16"] if times["bf16"] > 0 else float("inf")
     return PrecisionChoice("bf16" if fast else "fp32",

@@ -306,17 +306,19 @@ class Generation:
             chooser = self._chooser()
             chooser.observe_prompt(self.input_ids, self.attention_mask, logits.shape[-1])
         self.prefill_s = time.perf_counter() - start
-        for i in range(c.max_new_tokens):
-            with torch.inference_mode():
-                chosen = chooser(logits)
-                chooser.observe(chosen)
-                entries = self._record(chosen.tolist())
-            yield entries
-            if i == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
-                break
-            with torch.inference_mode():
-                logits = step(chosen)
-        self.path = getattr(step, "path", "dynamic" if isinstance(self.model, nn.Module) else "llamacpp")
+        try:
+            for i in range(c.max_new_tokens):
+                with torch.inference_mode():
+                    chosen = chooser(logits)
+                    chooser.observe(chosen)
+                    entries = self._record(chosen.tolist())
+                yield entries
+                if i == c.max_new_tokens - 1 or all(r is not None for r in self.finish_reasons):
+                    break
+                with torch.inference_mode():
+                    logits = step(chosen)
+        finally:  # also when the caller stops early (closes the generator)
+            self.path = getattr(step, "path", "dynamic" if isinstance(self.model, nn.Module) else "llamacpp")
 
     def _external_prefill(self) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The prefill logits and the step of a model with `prefill(prompts, max_new_tokens)` and

@@ -79,10 +79,11 @@ def _prompts(body: dict[str, Any]) -> list[str]:
 
 
 def build_app(model: Any, tokenizer: Any, eos_ids: list[int], *, model_name: str, template: str | None,
-              api_key: str | None, max_queue: int, max_batch: int, system: str | None = None) -> FastAPI:
+              api_key: str | None, max_queue: int, max_batch: int, system: str | None = None,
+              compile: bool | str = "auto") -> FastAPI:
     """The FastAPI app serving `model`; its worker task runs while the app is up. `system` is put before chat
-    requests that bring no system message of their own."""
-    batcher = Batcher(model, tokenizer, eos_ids, max_queue, max_batch)
+    requests that bring no system message of their own; `compile` is `GenerationConfig.compile` for every batch."""
+    batcher = Batcher(model, tokenizer, eos_ids, max_queue, max_batch, compile)
     context = model.config.max_position_embeddings
 
     @contextlib.asynccontextmanager

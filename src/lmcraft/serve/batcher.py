@@ -6,6 +6,12 @@ each row keeps its own `max_tokens` and stop strings: the batch decodes with `lm
 decoding loop) up to the largest `max_tokens`, and a per-row `TextTracker` cuts each row at its own limit and stop
 string. Decoding stops as soon as every row is done. Greedy rows are independent of their batch mates, so a row's
 text equals `generate_text` on that prompt alone.
+
+`compile` (`--compile auto|true|false`) is `GenerationConfig.compile` for every batch: a torch model decodes on the
+static cache, whose step `torch.compile` compiles once per (rows, cache bucket) shape; auto compiles a batch only
+when its tokens amortise the expected compile time (the rule of `generate/static.py`), so short requests stay
+eager. Models the static path does not cover (adapters, short sliding windows) and llama.cpp decode as before.
+`stats["paths"]` counts the batches decoded per path ("dynamic", "static", "static+compiled", "llamacpp").
 """
 
 from __future__ import annotations
@@ -53,11 +59,12 @@ class QueueFull(Exception):
 class Batcher:
     """Bounded request queue plus the worker task that decodes batches in a thread (the event loop stays free)."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], max_queue: int, max_batch: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], max_queue: int, max_batch: int,
+                 compile: bool | str = "auto") -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
-        self.max_batch = max_batch
+        self.max_batch, self.compile = max_batch, compile
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self.stats: dict[str, Any] = {"batches": 0, "rows": 0, "largest_batch": 0, "paths": {}}
         self._held: Job | None = None
 
     def submit(self, job: Job) -> None:
@@ -99,6 +106,7 @@ class Batcher:
             max_new_tokens=max(job.max_tokens for job in jobs), do_sample=not greedy,
             temperature=1.0 if greedy else first.temperature, top_p=first.top_p, seed=first.seed,
             eos_token_ids=self.eos_ids, pad_token_id=getattr(self.tokenizer, "pad_token_id", None),
+            compile=self.compile,
         )
         self.stats["batches"] += 1
         self.stats["rows"] += len(prompts)
@@ -121,6 +129,8 @@ class Batcher:
             self._follow(steps, owners, trackers, counts, done, finish)
         finally:
             steps.close()  # leaves fast decoding and restores the model's mode when we stop early
+            paths = self.stats["paths"]
+            paths[run.path] = paths.get(run.path, 0) + 1
         for i in range(len(owners)):
             if not done[i]:
                 finish(i, "length")

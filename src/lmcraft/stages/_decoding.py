@@ -43,9 +43,20 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, default_max_new: int
                         help="divide (multiply) positive (negative) logits of seen tokens by R")
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    add_compile_argument(parser)
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """`--compile auto|true|false` (generate, chat, serve); `compile_setting` turns it into `GenerationConfig`'s."""
     parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                         help="torch.compile the decode step on a fixed-shape cache; auto (default): only when the "
                              "tokens to generate amortise the (measured) compile time")
+
+
+def compile_setting(flag: str) -> bool | str:
+    """The `--compile` flag as `GenerationConfig.compile`: True, False or "auto"."""
+    return {"true": True, "false": False}.get(flag, "auto")
+
 
 def generation_config(args: argparse.Namespace) -> Any:
     """A `GenerationConfig` from the decoding flags: greedy unless a sampling flag is given."""
@@ -57,7 +68,7 @@ def generation_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--greedy cannot be combined with sampling flags ({flags}); drop one of them.")
     return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=bool(sampling),
                             repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
-                            seed=args.seed, compile={"true": True, "false": False}.get(args.compile, "auto"),
+                            seed=args.seed, compile=compile_setting(args.compile),
                             **sampling)
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from lmcraft.errors import ConfigError
-from lmcraft.stages._decoding import add_model_arguments, describe, load_for_generation
+from lmcraft.stages._decoding import (
+    add_compile_argument,
+    add_model_arguments,
+    compile_setting,
+    describe,
+    load_for_generation,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting at most; more are answered 429 (default 64)")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N",
                         help="rows decoded together at most (default 16)")
+    add_compile_argument(parser)
 
 
 PROBE = "The quick brown fox jumps over the lazy dog."
@@ -73,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     from lmcraft.generate import stop_token_ids
 
     model, tokenizer, template = load_served_model(args)
+    if args.compile == "true" and not hasattr(model, "parameters"):
+        print("[--compile true: llama.cpp decodes this model; compile applies to --backend torch only]",
+              file=sys.stderr)
     app = build_app(model, tokenizer, stop_token_ids(model, tokenizer), model_name=args.model, template=template,
                     api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,
-                    system=args.system)
+                    system=args.system, compile=compile_setting(args.compile))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding {args.host} exposes the model to the network"
               f"{'' if args.api_key else ' WITHOUT an --api-key'}.", file=sys.stderr)
