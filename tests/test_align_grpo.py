@@ -253,3 +253,22 @@ def test_gsm_symbolic_items_score_their_own_gold_answers() -> None:
     right, _ = rewards(train, [f"<think>...</think><answer>{i['answer']}</answer>" for i in train], [1] * 4)
     wrong, _ = rewards(train, [f"#### {float(i['answer']) + 1}" for i in train], [1] * 4)
     assert right.tolist() == [1.0] * 4 and wrong.tolist() == [0.0] * 4
+
+
+def test_held_out_change_against_scipy() -> None:
+    """Wilson intervals and the exact McNemar p-value of a paired before/after change, checked against scipy's
+    exact binomial test on the discordant items and its Wilson interval."""
+    from scipy.stats import binomtest
+
+    from lmcraft.align.grpo import held_out_change
+
+    before = [True] * 10 + [False] * 30 + [True] * 2 + [False] * 8
+    after = [True] * 10 + [True] * 14 + [False] * 16 + [False] * 2 + [False] * 8
+    got = held_out_change(before, after)
+    assert (got["held_out"], got["right_before_only"], got["right_after_only"]) == (50, 2, 14)
+    assert got["mcnemar_p"] == pytest.approx(binomtest(14, 16, 0.5).pvalue, rel=1e-12)
+    for key, hits in (("before", 12), ("after", 24)):
+        ci = binomtest(hits, 50).proportion_ci(0.95, method="wilson")
+        assert (got[f"accuracy_{key}_ci_low"], got[f"accuracy_{key}_ci_high"]) == pytest.approx((ci.low, ci.high))
+    with pytest.raises(ValueError, match="different lengths"):
+        held_out_change([True], [True, False])

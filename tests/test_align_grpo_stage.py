@@ -67,6 +67,12 @@ def test_lora_run_logs_every_reward_and_memory(base: Path, tmp_path: Path) -> No
                          overlong_buffer=2, rollouts=1), tmp_path / "c.yaml")
     assert summary["rollouts"] == 1 and summary["step"] == 4  # mu 2 x (8 rows / 4 per step)
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    n = summary["held_out"]  # the paired before/after comparison counts the same 4 held-out items
+    before = json.loads((out / "start_score.json").read_text())["correct"]
+    assert n == len(before) == 4 and sum(before) / n == summary["accuracy_before"]
+    assert summary["accuracy_after"] - summary["accuracy_before"] == pytest.approx(
+        (summary["right_after_only"] - summary["right_before_only"]) / n)
+    assert summary["accuracy_before_ci_low"] <= summary["accuracy_before"] <= summary["accuracy_before_ci_high"]
     assert summary["peak_memory_mb"] > 0 and (out / "final" / "adapter_model.safetensors").is_file()
     train = [r for r in records(out) if r["split"] == "train"]
     for key in ("reward", "reward/accuracy", "reward/format", "reward/has_digit", "reward/overlong", "kl",

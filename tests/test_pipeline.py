@@ -105,6 +105,8 @@ def test_real_subprocess_stage_and_failure_message(tmp_path: Path) -> None:
         Pipeline(cfg).run()
     assert (tmp_path / "run" / "tok" / "tokenizer.json").exists()
     assert "no-such-file.txt" in (tmp_path / "run" / "bad" / "log.txt").read_text()
+    done = json.loads((tmp_path / "run" / "tok" / DONE_FILE).read_text())
+    assert 0 < done["cpu_seconds"]  # the child's user + system time, recorded beside its wall time
 
 
 def test_stage_configs_are_checked_before_any_work(tmp_path: Path) -> None:
@@ -136,3 +138,34 @@ def test_report_reads_stage_summaries(tmp_path: Path) -> None:
     summary = read_summary(folder)
     assert _metric_rows(summary) == [["metric_value", 0.9], ["eval.eval_loss", 1.5], ["steps", 3]]
     assert _sample_rows(summary["samples"]) == (["prompt", "before", "after"], [["p1", "b1", "a1"], ["p2", "b2", "a2"]])
+
+
+def test_headlines_before_after_with_intervals(tmp_path: Path) -> None:
+    """The report's headline table reads each stage's files: losses before -> after, GRPO's paired accuracy change,
+    DPO's and eval's rates with Wilson intervals (checked against scipy), and only significant strategy pairs."""
+    from scipy.stats import binomtest
+
+    from lmcraft.headlines import headline_rows
+
+    sft = {"start_eval_loss": 1.55, "eval_loss": 1.51}
+    assert headline_rows("sft", sft, tmp_path) == [["held-out answer loss", 1.55, 1.51, ""]]
+    grpo = {"accuracy_before": 0.2, "accuracy_after": 0.5, "held_out": 100, "accuracy_before_ci_low": 0.1,
+            "accuracy_before_ci_high": 0.3, "accuracy_after_ci_low": 0.4, "accuracy_after_ci_high": 0.6,
+            "right_before_only": 3, "right_after_only": 33, "mcnemar_p": 1e-7}
+    [row] = headline_rows("grpo", grpo, tmp_path)
+    assert row[:3] == ["held-out accuracy (100 problems)", 0.2, 0.5] and "3 / 33, McNemar p = 1e-07" in row[3]
+    ci = binomtest(10, 16).proportion_ci(0.95, method="wilson")
+    [_, reward] = headline_rows("dpo", {"start_eval_loss": 0.693, "eval_loss": 0.68, "eval_reward_accuracy": 0.625,
+                                        "eval_count": 16}, tmp_path)
+    assert reward[1:] == ["ties", 0.625, f"10/16, [{ci.low:.3f}, {ci.high:.3f}]"]
+    results = {"results": [{"task": "t", "strategies": [
+        {"strategy": "a", "metrics": {"n": 48.0, "accuracy": 0.5, "accuracy_ci_low": 0.36, "accuracy_ci_high": 0.64}}],
+        "comparisons": [{"a": "a", "b": "b", "only_a": 1, "only_b": 9, "p_value": 0.02, "significant": True},
+                        {"a": "a", "b": "c", "only_a": 4, "only_b": 5, "p_value": 1.0, "significant": False}]}]}
+    rows = headline_rows("eval", results, tmp_path)
+    assert rows == [["t: a accuracy", "", 0.5, "24/48, [0.360, 0.640]"],
+                    ["t: a vs b", "", "", "right only A / only B 1 / 9, McNemar p = 0.02"]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "loss": v})
+                                                      for s, v in ((10, 8.0), (20, 6.0), (30, 5.0))))
+    assert headline_rows("pretrain", {}, tmp_path) == [["train loss (step 10 -> 30)", 8.0, 5.0, ""]]
+    assert headline_rows("dpo", {"eval_loss": "not a number layout"}, tmp_path) == []

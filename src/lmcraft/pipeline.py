@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lmcraft.config import Section, StageConfig
 from lmcraft.errors import LmcraftError
+from lmcraft.headlines import headline_rows
 from lmcraft.io import read_json, read_yaml, write_json, write_text
 from lmcraft.report import Report
 from lmcraft.stage_table import STAGES, stage_config_class, stage_module
@@ -236,6 +238,7 @@ class Pipeline:
                 continue
             print(f"== {banner}: running  (pipeline elapsed {elapsed / 60:.1f} min)", file=stream, flush=True)
             (row["folder"] / DONE_FILE).unlink(missing_ok=True)  # not done until this run says so
+            cpu_start = cpu_seconds()
             try:
                 seconds = self._run_stage(spec, row["folder"], row["config"], stream)
             except StageFailed as err:
@@ -244,9 +247,10 @@ class Pipeline:
                 outcome[spec.name] = err
                 print(f"== {banner}: FAILED ({err})", file=stream, flush=True)
                 continue
-            write_json(row["folder"] / DONE_FILE, {"hash": row["hash"], "seconds": seconds, "stage": spec.stage,
-                                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-            print(f"== {banner}: done in {seconds / 60:.1f} min", file=stream, flush=True)
+            cpu = cpu_seconds() - cpu_start
+            write_json(row["folder"] / DONE_FILE, {"hash": row["hash"], "seconds": seconds, "cpu_seconds": cpu,
+                                                   "stage": spec.stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            print(f"== {banner}: done in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU min)", file=stream, flush=True)
             if after_each is not None:
                 after_each()
         return outcome
@@ -332,6 +336,13 @@ def _prepare_folder(spec: StageSpec, folder: Path, config: dict[str, Any]) -> li
     return prepare_stage_folder(folder, spec.stage, validated, spec.output_key)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (a stage's process counts once it has
+    been waited for): the load-independent cost of a stage, where wall time grows with whatever shares the cores."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, ask for SIGKILL when the pipeline process dies, so that killing the
     pipeline stops its running stage too (which then resumes from its last checkpoint on rerun)."""
@@ -379,10 +390,21 @@ def build_report(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Report:
     overview = []
     for r in rows:
         done = read_done(r["folder"])
+        cpu = done.get("cpu_seconds") if done else None
         overview.append([r["spec"].name, r["spec"].stage, r["status"],
-                         f"{done['seconds'] / 60:.1f}" if done else "-", str(r["folder"])])
+                         f"{done['seconds'] / 60:.1f}" if done else "-",
+                         f"{cpu / 60:.1f}" if isinstance(cpu, int | float) else "-", str(r["folder"])])
     report.section("Overview")
-    report.table(["stage", "kind", "status", "minutes", "folder"], overview)
+    report.text("Minutes are wall-clock; CPU minutes are user + system time of the stage's process and its workers "
+                "(independent of what else shares the cores).")
+    report.table(["stage", "kind", "status", "minutes", "CPU minutes", "folder"], overview)
+    headlines = [[r["spec"].name, *row] for r in rows if r["status"] == "done"
+                 for row in headline_rows(r["spec"].stage, read_summary(r["folder"]), r["folder"])]
+    if headlines:
+        report.section("Headlines")
+        report.text("What each stage changed, measured on data it did not train on where it has some (intervals: 95% "
+                    "Wilson; paired changes: exact McNemar test on the same items).")
+        report.table(["stage", "metric", "before", "after", "interval / test"], headlines)
     for r in rows:
         spec, folder = r["spec"], r["folder"]
         report.section(spec.title or f"{spec.name} ({spec.stage})")
