@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from lmcraft.data.annotation import Annotation
+from lmcraft.data.annotation import Annotation, share_edges
 
 __all__ = ["Classifier", "Perplexity", "Toxicity"]
 
@@ -143,10 +143,6 @@ class Perplexity(_ModelStep):
         return out
 
 
-def _default_prob_edges() -> list[float]:
-    return [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
 @dataclass
 class Classifier(_ModelStep):
     """Score p(`label`) with a sequence classifier; remove documents `below` (or `above`) `threshold`."""
@@ -158,7 +154,7 @@ class Classifier(_ModelStep):
     threshold: float = 0.5
     remove: Literal["below", "above"] = "below"
     key: str = "quality"
-    edges: list[float] = field(default_factory=_default_prob_edges)
+    edges: list[float] = field(default_factory=share_edges)
     __pydantic_config__ = _CONFIG
 
     def label_index(self) -> int:
