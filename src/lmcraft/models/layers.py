@@ -28,6 +28,7 @@ from lmcraft.models.moe import SparseMoE
 from lmcraft.models.rope import RoPE, apply_rope
 
 LayerPrefix = tuple[torch.Tensor, torch.Tensor]  # one layer's prefix (keys, values), each (1 or B, kv_heads, P, D)
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
