@@ -14,7 +14,7 @@ No torch here: stage modules build their config classes lazily (TrainerConfig im
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -23,8 +23,11 @@ from lmcraft.config import PeftOptions, Section, StageConfig
 from lmcraft.errors import ConfigError
 from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 
+if TYPE_CHECKING:
+    from lmcraft.train.config import TrainerConfig
+
 __all__ = ["AlignmentConfig", "DPOSection", "DataSection", "ModelSource", "PPOSection", "PairsData", "PromptsSection",
-           "SamplesSection", "SaveSection", "ScoreEval", "split_eval"]
+           "SamplesSection", "SaveSection", "ScoreEval", "check_rollout_trainer", "split_eval"]
 
 
 class ModelSource(Section):
@@ -86,6 +89,22 @@ class AlignmentConfig(StageConfig):
     model: ModelSource
     template: str | None = None
     peft: PeftOptions | None = None
+
+
+def check_rollout_trainer(trainer: TrainerConfig, method: str, minibatch: tuple[str, int]) -> None:
+    """Raise ValueError unless the `trainer` section of a rollout method (`method`: "PPO", "GRPO") leaves
+    max_steps, save_every, eval_every, early_stopping and grad_accum to the method's own section, and its
+    micro-batches divide the method's minibatch (`minibatch`: its name in the message and its rows)."""
+    set_by_user = [k for k in ("max_steps", "save_every", "eval_every", "early_stopping")
+                   if getattr(trainer, k) is not None] + (["grad_accum"] if trainer.grad_accum != 1 else [])
+    section = method.lower()
+    if set_by_user:
+        raise ValueError(f"trainer.{', trainer.'.join(set_by_user)}: {method} derives these from the {section} "
+                         f"section ({section}.rollouts, {section}.minibatch_size, {section}.save_every, "
+                         f"{section}.eval_every)")
+    name, rows = minibatch
+    if rows % trainer.micro_batch_size:
+        raise ValueError(f"{name} ({rows}) must be a multiple of trainer.micro_batch_size ({trainer.micro_batch_size})")
 
 
 def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,7 @@ from lmcraft.align.grpo_loss import (
     sequence_loss,
     token_loss,
 )
-from lmcraft.align.ppo import OnDemandRollouts, layout, masked_mean, minibatch_plan
+from lmcraft.align.ppo import OnDemandRollouts, RolloutRows, layout, masked_mean, minibatch_plan
 from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
 from lmcraft.errors import ConfigError, LmcraftError
 from lmcraft.objectives.lm_head import answer_logprobs, scored_batches
@@ -72,32 +72,16 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalt
 
 
 @dataclass
-class GroupRollout:
+class GroupRollout(RolloutRows):
     """P*G rows (groups contiguous): left-padded prompt (width W) + right-padded completion, and per-row tensors."""
 
-    input_ids: torch.Tensor            # (R, W + n)
-    attention_mask: torch.Tensor       # (R, W + n)
-    prompt_width: int
-    answer_mask: torch.Tensor          # (R, n) float
+    row_keys = ("advantages",)
+    token_keys = ("old_logprobs", "ref_logprobs")
+    min_answer_width = 1
+
     advantages: torch.Tensor           # (R,)
     old_logprobs: torch.Tensor | None  # (R, n), None when pi_old = pi (one step, mu = 1)
     ref_logprobs: torch.Tensor | None  # (R, n), None when beta = 0
-    stats: dict[str, float] = field(default_factory=dict)
-
-    def select(self, rows: Sequence[int]) -> dict[str, Any]:
-        """A micro-batch: the rows' tensors trimmed to their longest completion, plus the rollout stats."""
-        idx = torch.as_tensor(list(rows), dtype=torch.long)
-        mask = self.answer_mask[idx]
-        n = max(int(mask.sum(-1).max()), 1)
-        width = self.prompt_width
-        batch = {"input_ids": self.input_ids[idx, : width + n], "attention_mask": self.attention_mask[idx, : width + n],
-                 "prompt_width": width, "answer_mask": mask[:, :n], "advantages": self.advantages[idx],
-                 "stats": dict(self.stats)}
-        for key in ("old_logprobs", "ref_logprobs"):
-            value = getattr(self, key)
-            if value is not None:
-                batch[key] = value[idx, :n]
-        return batch
 
 
 @dataclass
@@ -205,7 +189,7 @@ class GroupRolloutEngine:
             if s.loss == "rloo":
                 rewards = rewards - s.beta * seq_kl
         advantages = group_advantages(rewards, s.num_generations, s.loss, s.scale_eps)
-        return GroupRollout(ids, mask, width, answer_mask, advantages.float(), old, ref, stats)
+        return GroupRollout(ids, mask, width, answer_mask, advantages.float(), old, ref, stats=stats)
 
 
 class GRPOLoss:
@@ -264,21 +248,14 @@ class GroupRolloutLoader(OnDemandRollouts):
     def micro_batches_per_rollout(self) -> int:
         return self.engine.settings.mu * self.engine.settings.rows // self.micro_batch_size
 
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size * self.micro_batches_per_rollout
-
     def _draw(self) -> list[dict[str, Any]]:
-        epoch, index = divmod(self.draws, len(self.dataset) // self.batch_size)
         self.draws += 1
-        return [self.dataset[int(i)] for i in self.indices(epoch, index)]
-
-    def _seed(self, round_: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.rollout_index, round_]).generate_state(1)[0])
+        return self.prompt_batch(self.draws - 1)
 
     def new_rollout(self) -> tuple[GroupRollout, list[list[int]]]:
         s = self.engine.settings
         plan = minibatch_plan(self.seed, self.rollout_index, s.mu, s.rows, self.micro_batch_size)
-        return self.engine.make(self._draw, self._seed), plan
+        return self.engine.make(self._draw, self.rollout_seed), plan
 
     def resume_keys(self) -> dict[str, Any]:
         s = self.engine.settings

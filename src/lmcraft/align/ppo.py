@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "RolloutEngine",
     "OnDemandRollouts",
     "RolloutLoader",
+    "RolloutRows",
     "gae",
     "layout",
     "load_ppo_prompts",
@@ -176,30 +177,53 @@ def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 # ---- rollouts ----------------------------------------------------------------------------------------------------
 @dataclass
-class Rollout:
-    """B sequences = left-padded prompt (width P) + right-padded answer (width n), and per-answer-token tensors."""
+class RolloutRows:
+    """The rows of a rollout (PPO's `Rollout`, GRPO's `GroupRollout`): left-padded prompt (width `prompt_width`) +
+    right-padded answer, the answer mask (float) and the rollout's stats.
+
+    `select` cuts a micro-batch: these tensors of the rows, the per-row tensors named in `row_keys` and the
+    per-answer-token tensors named in `token_keys` (one that is None is left out), the answer columns trimmed to the
+    rows' longest answer (at least `min_answer_width` columns), plus a copy of the stats.
+    """
+
+    row_keys: ClassVar[tuple[str, ...]] = ()
+    token_keys: ClassVar[tuple[str, ...]] = ()
+    min_answer_width: ClassVar[int] = 0
 
     input_ids: torch.Tensor       # (B, P + n)
     attention_mask: torch.Tensor  # (B, P + n)
     prompt_width: int
     answer_mask: torch.Tensor     # (B, n) float
-    logprobs: torch.Tensor        # (B, n)
-    values: torch.Tensor          # (B, n)
-    advantages: torch.Tensor      # (B, n)
-    returns: torch.Tensor         # (B, n)
-    stats: dict[str, float] = field(default_factory=dict)
-    texts: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict, kw_only=True)
 
     def select(self, rows: Sequence[int]) -> dict[str, Any]:
         """A micro-batch: the rows' tensors, trimmed to their longest answer, plus the rollout stats."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         mask = self.answer_mask[idx]
-        n = int(mask.sum(-1).max())
+        n = max(int(mask.sum(-1).max()), self.min_answer_width)
         width = self.prompt_width
-        return {"input_ids": self.input_ids[idx, : width + n], "attention_mask": self.attention_mask[idx, : width + n],
-                "prompt_width": width, "answer_mask": mask[:, :n], "logprobs": self.logprobs[idx, :n],
-                "values": self.values[idx, :n], "advantages": self.advantages[idx, :n],
-                "returns": self.returns[idx, :n], "stats": dict(self.stats)}
+        batch = {"input_ids": self.input_ids[idx, : width + n], "attention_mask": self.attention_mask[idx, : width + n],
+                 "prompt_width": width, "answer_mask": mask[:, :n]}
+        batch.update({key: getattr(self, key)[idx] for key in self.row_keys})
+        for key in self.token_keys:
+            value = getattr(self, key)
+            if value is not None:
+                batch[key] = value[idx, :n]
+        batch["stats"] = dict(self.stats)
+        return batch
+
+
+@dataclass
+class Rollout(RolloutRows):
+    """B sequences = left-padded prompt (width P) + right-padded answer (width n), and per-answer-token tensors."""
+
+    token_keys = ("logprobs", "values", "advantages", "returns")
+
+    logprobs: torch.Tensor        # (B, n)
+    values: torch.Tensor          # (B, n)
+    advantages: torch.Tensor      # (B, n)
+    returns: torch.Tensor         # (B, n)
+    texts: list[str] = field(default_factory=list)
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, width: int, n: int
@@ -300,7 +324,8 @@ class RolloutEngine:
                  "rlhf_reward": float((scores - beta * seq_kl).mean()),
                  "value_mean": float(masked_mean(values, answer_mask))}
         self.kl.update(stats["kl"], len(prompts))
-        return Rollout(ids, mask, width, answer_mask, logp, values * answer_mask, advantages, returns, stats, texts)
+        return Rollout(ids, mask, width, answer_mask, logp, values * answer_mask, advantages, returns, texts,
+                       stats=stats)
 
 
 class PPOLoss:
@@ -351,6 +376,28 @@ class OnDemandRollouts(ResumableLoader):
 
     def new_rollout(self) -> tuple[Any, list[list[int]]]:
         raise NotImplementedError
+
+    @property
+    def micro_batches_per_rollout(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def prompt_batches(self) -> int:
+        """The whole prompt batches in one pass over the prompts."""
+        return len(self.dataset) // self.batch_size
+
+    def __len__(self) -> int:
+        """Micro-batches per pass over the prompts."""
+        return self.prompt_batches * self.micro_batches_per_rollout
+
+    def prompt_batch(self, k: int) -> list[dict[str, Any]]:
+        """The k-th prompt batch drawn (counting across passes) from the seeded order over the prompts."""
+        epoch, index = divmod(k, self.prompt_batches)
+        return [self.dataset[int(i)] for i in self.indices(epoch, index)]
+
+    def rollout_seed(self, *more: int) -> int:
+        """A sampling seed fixed by (seed, rollout index, *more)."""
+        return int(np.random.SeedSequence([self.seed, self.rollout_index, *more]).generate_state(1)[0])
 
     def resume_keys(self) -> dict[str, Any]:
         return {"seed": self.seed, "num_prompts": len(self.dataset)}
@@ -406,10 +453,6 @@ class RolloutLoader(OnDemandRollouts):
         super().__init__(prompts, rollout_batch_size, seed, shuffle)
 
     @property
-    def prompt_batches(self) -> int:
-        return len(self.dataset) // self.batch_size
-
-    @property
     def micro_batches_per_rollout(self) -> int:
         return self.ppo_epochs * self.batch_size // self.micro_batch_size
 
@@ -417,15 +460,9 @@ class RolloutLoader(OnDemandRollouts):
     def steps_per_rollout(self) -> int:
         return self.ppo_epochs * self.batch_size // self.minibatch_size
 
-    def __len__(self) -> int:
-        return self.prompt_batches * self.micro_batches_per_rollout
-
     def new_rollout(self) -> tuple[Rollout, list[list[int]]]:
-        epoch, index = divmod(self.rollout_index, self.prompt_batches)
-        prompts = [self.dataset[int(i)] for i in self.indices(epoch, index)]
-        seed = int(np.random.SeedSequence([self.seed, self.rollout_index]).generate_state(1)[0])
         plan = minibatch_plan(self.seed, self.rollout_index, self.ppo_epochs, self.batch_size, self.micro_batch_size)
-        return self.engine.make(prompts, seed), plan
+        return self.engine.make(self.prompt_batch(self.rollout_index), self.rollout_seed()), plan
 
     def resume_keys(self) -> dict[str, Any]:
         return {**super().resume_keys(), "rollout_batch_size": self.batch_size,

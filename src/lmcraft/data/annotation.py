@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Annotation"]
+__all__ = ["Annotation", "share_edges"]
 
 
 @dataclass
@@ -17,3 +17,9 @@ class Annotation:
     meta: dict[str, Any] = field(default_factory=dict)
     score: float | None = None
     tally: tuple[str, ...] = ()
+
+
+def share_edges() -> list[float]:
+    """Histogram edges 0.1, 0.2, ..., 0.9: the default bins of an annotate step whose score is a share or a
+    probability."""
+    return [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

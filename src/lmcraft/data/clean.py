@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from lmcraft.data.pickling import RebuiltOnUnpickle
+
 __all__ = ["BoilerplateLines", "HtmlToText", "Normalize", "Whitespace", "looks_like_html"]
 
 _CONFIG = {"extra": "forbid"}
@@ -194,7 +196,7 @@ _DEFAULT_PATTERNS = [
 
 
 @dataclass
-class BoilerplateLines:
+class BoilerplateLines(RebuiltOnUnpickle):
     """Drop lines matching any of `patterns` (case-insensitive regexes) when they have at most
     `max_words` words, and lines of at most `repeated_max_words` words that occur `repeated_min` or
     more times in the document (running headers/footers); `repeated_min: null` turns that off."""
@@ -209,15 +211,6 @@ class BoilerplateLines:
 
     def __post_init__(self) -> None:
         self._regex = re.compile("|".join(f"(?:{p})" for p in self.patterns), re.I) if self.patterns else None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_regex", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.__post_init__()
 
     def __call__(self, text: str) -> str:
         lines = text.split("\n")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from lmcraft.data.pickling import RebuiltOnUnpickle
+
 __all__ = ["Blocklist", "C4Quality", "GopherQuality", "GopherRepetition", "Language", "MinLength"]
 
 _CONFIG = {"extra": "forbid"}
@@ -35,6 +37,11 @@ _BULLETS = ("•", "●", "○", "▪", "▫", "■", "□", "◦", "‣", "⁃"
 _ELLIPSES = ("...", "…")
 _STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 _LETTER = re.compile(r"[^\W\d_]")  # any Unicode letter
+
+
+def _nonblank(parts: list[str]) -> list[str]:
+    """The parts (lines, paragraphs) that are not blank, stripped."""
+    return [p.strip() for p in parts if p.strip()]
 
 
 @dataclass
@@ -92,7 +99,7 @@ class GopherQuality:
             symbols = text.count("#") + text.count("...") + text.count("…")
             if symbols / n > self.max_symbol_word_ratio:
                 return "symbol_word_ratio"
-        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+        lines = _nonblank(text.split("\n"))
         if lines and self.max_bullet_lines_ratio is not None:
             if sum(ln.startswith(_BULLETS) for ln in lines) / len(lines) > self.max_bullet_lines_ratio:
                 return "bullet_lines"
@@ -174,14 +181,14 @@ class GopherRepetition:
     __pydantic_config__ = _CONFIG
 
     def __call__(self, text: str) -> str | None:
-        paragraphs = [p.strip() for p in re.split(r"\n{2,}", text) if p.strip()]
+        paragraphs = _nonblank(re.split(r"\n{2,}", text))
         if paragraphs:
             frac, chars = _dup_stats(paragraphs)
             if self.max_dup_para_fraction is not None and frac > self.max_dup_para_fraction:
                 return "dup_paragraphs"
             if self.max_dup_para_char_fraction is not None and chars > self.max_dup_para_char_fraction:
                 return "dup_paragraph_chars"
-        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+        lines = _nonblank(text.split("\n"))
         if lines:
             frac, chars = _dup_stats(lines)
             if self.max_dup_line_fraction is not None and frac > self.max_dup_line_fraction:
@@ -247,7 +254,7 @@ _DEFAULT_BLOCKLIST = (
 
 
 @dataclass
-class Blocklist:
+class Blocklist(RebuiltOnUnpickle):
     """Remove documents with more than `max_hits` blocklisted words (whole words, case-insensitive)."""
 
     name: ClassVar[str] = "blocklist"
@@ -264,15 +271,6 @@ class Blocklist:
             terms += [ln.strip().lower() for ln in lines if ln.strip() and not ln.startswith("#")]
         alternatives = "|".join(re.escape(t).replace(r"\ ", r"\s+") for t in sorted(set(terms), key=len, reverse=True))
         self._regex = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.I) if terms else None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_regex", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.__post_init__()
 
     def hits(self, text: str) -> int:
         return 0 if self._regex is None else sum(1 for _ in self._regex.finditer(text))

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from lmcraft.data.annotation import Annotation
+from lmcraft.data.annotation import Annotation, share_edges
 
 __all__ = ["CopyrightNotices", "LicenceBoilerplate", "licence_ratio"]
 
@@ -123,10 +123,6 @@ class LicenceBoilerplate:
         return text if text == original else text.strip("\r\n")
 
 
-def _default_edges() -> list[float]:
-    return [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
 @dataclass
 class CopyrightNotices:
     """Drop or flag documents whose text is mostly copyright/licence notices (ratio > `max_ratio`)."""
@@ -135,7 +131,7 @@ class CopyrightNotices:
     kind: ClassVar[str] = "annotate"
     max_ratio: float = 0.5
     action: Literal["drop", "flag"] = "drop"
-    edges: list[float] = field(default_factory=_default_edges)
+    edges: list[float] = field(default_factory=share_edges)
     __pydantic_config__ = _CONFIG
 
     def annotate(self, texts: list[str]) -> list[Annotation]:

@@ -27,21 +27,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from lmcraft.data.annotation import Annotation
+from lmcraft.data.annotation import Annotation, share_edges
 
 __all__ = ["Classifier", "Perplexity", "Toxicity"]
 
 _CONFIG = {"extra": "forbid"}
 
 
+@dataclass
 class _ModelStep:
-    """Shared by the model steps: lazy loading (per process) and batching of token rows."""
+    """Shared by the model steps: the model options (`model`: a folder or an asset name; the first `max_tokens`
+    tokens of a document are scored, `batch_size` documents a batch, on `device`, in `dtype` or the model's own),
+    lazy loading (per process) and batching of token rows."""
 
     model: str
-    max_tokens: int
-    batch_size: int
-    device: str
-    dtype: str | None
+    max_tokens: int = 512
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str | None = None
     _head: ClassVar[str]
     uses_torch: ClassVar[bool] = True  # worker processes are spawned, not forked (see data.executors)
 
@@ -92,15 +95,10 @@ class Perplexity(_ModelStep):
     name: ClassVar[str] = "perplexity"
     kind: ClassVar[str] = "annotate"
     _head: ClassVar[str] = "lm"
-    model: str
     min: float | None = None
     max: float | None = None
     head: float | None = None
     tail: float | None = None
-    max_tokens: int = 512
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str | None = None
     edges: list[float] = field(default_factory=_default_ppl_edges)
     __pydantic_config__ = _CONFIG
 
@@ -145,10 +143,6 @@ class Perplexity(_ModelStep):
         return out
 
 
-def _default_prob_edges() -> list[float]:
-    return [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
 @dataclass
 class Classifier(_ModelStep):
     """Score p(`label`) with a sequence classifier; remove documents `below` (or `above`) `threshold`."""
@@ -156,16 +150,11 @@ class Classifier(_ModelStep):
     name: ClassVar[str] = "classifier"
     kind: ClassVar[str] = "annotate"
     _head: ClassVar[str] = "cls"
-    model: str
     label: str | None = None  # a name of the model's id2label, or its index; default: the last label
     threshold: float = 0.5
     remove: Literal["below", "above"] = "below"
     key: str = "quality"
-    max_tokens: int = 512
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str | None = None
-    edges: list[float] = field(default_factory=_default_prob_edges)
+    edges: list[float] = field(default_factory=share_edges)
     __pydantic_config__ = _CONFIG
 
     def label_index(self) -> int:

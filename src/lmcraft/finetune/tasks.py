@@ -37,6 +37,13 @@ __all__ = ["CausalLMTask", "ClassificationTask", "QATask", "RegressionTask", "Ta
            "make_task", "spearman", "task_logits"]
 
 
+def _task_loss(loss: torch.Tensor, count: int | torch.Tensor, batch: dict[str, Any],
+               metrics: dict[str, Any] | None = None) -> LossOutput:
+    """The trainer's `LossOutput` of a task's summed `loss` over `count` targets, counting the batch's real tokens
+    (its attention mask) as the tokens seen."""
+    return LossOutput(loss, count, metrics or {}, batch["attention_mask"].sum())
+
+
 def task_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     kwargs = {"attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch:
@@ -51,10 +58,11 @@ class Task:
     labels: list[str] = field(default_factory=list)
     name: ClassVar[str] = ""
     head: ClassVar[str] = ""
+    headline_metric: ClassVar[tuple[str, str]] = ("loss", "min")
 
     def headline(self) -> tuple[str, str]:
         """(the metric that sums up a run, "max" or "min"): what early stopping and compare use by default."""
-        return "loss", "min"
+        return self.headline_metric
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
         raise NotImplementedError
@@ -71,16 +79,14 @@ class Task:
 class ClassificationTask(Task):
     name: ClassVar[str] = "cls"
     head: ClassVar[str] = "cls"
-
-    def headline(self) -> tuple[str, str]:
-        return "f1_macro", "max"
+    headline_metric: ClassVar[tuple[str, str]] = ("f1_macro", "max")
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
         logits = task_logits(model, batch).float()
         y = batch["labels"]
         loss = F.cross_entropy(logits, y, reduction="sum")
         acc = (logits.argmax(-1) == y).float().mean().detach()
-        return LossOutput(loss, y.numel(), {"accuracy": acc}, batch["attention_mask"].sum()), logits
+        return _task_loss(loss, y.numel(), batch, {"accuracy": acc}), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         return logits.argmax(-1).tolist(), batch["labels"].tolist()
@@ -114,14 +120,12 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 class RegressionTask(Task):
     name: ClassVar[str] = "regression"
     head: ClassVar[str] = "cls"
-
-    def headline(self) -> tuple[str, str]:
-        return "pearson", "max"
+    headline_metric: ClassVar[tuple[str, str]] = ("pearson", "max")
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
         pred = task_logits(model, batch).float().squeeze(-1)
         loss = F.mse_loss(pred, batch["labels"].float(), reduction="sum")
-        return LossOutput(loss, pred.numel(), {}, batch["attention_mask"].sum()), pred
+        return _task_loss(loss, pred.numel(), batch), pred
 
     def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         return logits.tolist(), batch["labels"].tolist()
@@ -150,7 +154,7 @@ class TokenClassificationTask(Task):
         loss, count = token_cross_entropy(logits, batch["labels"])
         keep = batch["labels"] != IGNORE_INDEX
         acc = (logits.argmax(-1)[keep] == batch["labels"][keep]).float().mean().detach() if count else 0.0
-        return LossOutput(loss, count, {"accuracy": acc}, batch["attention_mask"].sum()), logits
+        return _task_loss(loss, count, batch, {"accuracy": acc}), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         pred, gold = [], []
@@ -178,14 +182,12 @@ class CausalLMTask(Task):
     fused: bool | None = None
     name: ClassVar[str] = "clm"
     head: ClassVar[str] = "lm"
-
-    def headline(self) -> tuple[str, str]:
-        return "ppl", "min"
+    headline_metric: ClassVar[tuple[str, str]] = ("ppl", "min")
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
         loss, count, out = next_token_loss(model, batch["labels"], self.fused, input_ids=batch["input_ids"],
                                            attention_mask=batch["attention_mask"])
-        return LossOutput(loss, count, {}, batch["attention_mask"].sum()), out.logits
+        return _task_loss(loss, count, batch), out.logits
 
 
 @dataclass
@@ -193,16 +195,14 @@ class QATask(Task):
     max_answer_length: int = 30
     name: ClassVar[str] = "qa"
     head: ClassVar[str] = "qa"
-
-    def headline(self) -> tuple[str, str]:
-        return "f1", "max"
+    headline_metric: ClassVar[tuple[str, str]] = ("f1", "max")
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[LossOutput, torch.Tensor]:
         logits = task_logits(model, batch).float()
         start, end = logits.unbind(-1)
         loss = (F.cross_entropy(start, batch["start_positions"], reduction="sum")
                 + F.cross_entropy(end, batch["end_positions"], reduction="sum")) / 2
-        return LossOutput(loss, start.shape[0], {}, batch["attention_mask"].sum()), logits
+        return _task_loss(loss, start.shape[0], batch), logits
 
     def best_span(self, logits: torch.Tensor, offsets: list[Any]) -> tuple[float, int, int] | None:
         """(score, first token, last token) of the best context span in one window, None without context."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcraft.models.layers import MLP, Attention, AttentionMask, KVCache, with_prefix
+from lmcraft.models.layers import MLP, Attention, AttentionMask, KVCache, LayerPrefix, with_prefix
 from lmcraft.models.rope import RoPE
 
 __all__ = ["DecodeAttention", "FusedGatedMLP", "RotationMatrix", "fast_decoding", "stack_linears"]
@@ -96,7 +96,7 @@ class DecodeAttention(nn.Module):
         mask: AttentionMask,
         rope: RoPE | None = None,
         cache: KVCache | None = None,
-        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix: LayerPrefix | None = None,
     ) -> torch.Tensor:
         attn = self.attention
         if x.shape[1] != 1 or cache is None or attn.training:

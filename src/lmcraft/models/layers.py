@@ -27,6 +27,8 @@ from lmcraft.models.config import ModelConfig
 from lmcraft.models.moe import SparseMoE
 from lmcraft.models.rope import RoPE, apply_rope
 
+LayerPrefix = tuple[torch.Tensor, torch.Tensor]  # one layer's prefix (keys, values), each (1 or B, kv_heads, P, D)
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -213,7 +215,7 @@ class Attention(nn.Module):
         mask: AttentionMask,
         rope: RoPE | None = None,
         cache: KVCache | None = None,
-        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix: LayerPrefix | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
@@ -259,9 +261,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.matmul(probs, v)
 
 
-def with_prefix(
-    k: torch.Tensor, v: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def with_prefix(k: torch.Tensor, v: torch.Tensor, prefix: LayerPrefix) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepend per-layer prefix keys/values (1 or B, kv_heads, P, D) to k, v (B, kv_heads, S, D)."""
     b = k.shape[0]
     pk, pv = prefix
@@ -318,7 +318,7 @@ class Block(nn.Module):
         mask: AttentionMask,
         rope: RoPE | None = None,
         cache: KVCache | None = None,
-        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix: LayerPrefix | None = None,
     ) -> torch.Tensor:
         drop = self.dropout if self.training else _identity  # eval: skip the no-op module call
         if not (self.pre_norm or self.post_norms):

@@ -26,13 +26,19 @@ from torch.utils.checkpoint import checkpoint
 
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.heads import LMHead, MLMHead, make_head
-from lmcraft.models.layers import Block, KVCache, build_attention_mask, make_norm
+from lmcraft.models.layers import Block, KVCache, LayerPrefix, build_attention_mask, make_norm
 from lmcraft.models.moe import Experts, RouterOutput, collect_routing
 from lmcraft.models.rope import RotaryEmbedding
 
-Prefix = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (1 or B, kv_heads, P, D)
+Prefix = list[LayerPrefix]  # one (keys, values) pair per layer
 Checkpointing = Literal["none", "full", "attention", "mlp"]
 CHECKPOINTING = ("none", "full", "attention", "mlp")
+
+
+def model_input(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """The input a forward call was given (`input_ids`, else `inputs_embeds`): its first two dimensions are the batch
+    size and the number of new tokens, and it is on the model's device."""
+    return input_ids if input_ids is not None else inputs_embeds
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
@@ -127,7 +133,7 @@ class Backbone(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        ref = input_ids if input_ids is not None else inputs_embeds
+        ref = model_input(input_ids, inputs_embeds)
         b, t = ref.shape[:2]
         past_len = past_key_values.length if past_key_values is not None else 0
         explicit = attention_mask is not None and attention_mask.dim() == 4
@@ -224,8 +230,7 @@ class LanguageModel(nn.Module):
         calls append to it. Callers that know the final length (generation) pass `new_cache(batch, length)`.
         """
         if use_cache and past_key_values is None:
-            ref = input_ids if input_ids is not None else inputs_embeds
-            past_key_values = self.new_cache(ref.shape[0], ref.shape[1])
+            past_key_values = self.new_cache(*model_input(input_ids, inputs_embeds).shape[:2])
         hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, prefix,
                             token_type_ids)
         head_input = hidden[:, -logits_to_keep:] if logits_to_keep and self.head_kind == "lm" else hidden

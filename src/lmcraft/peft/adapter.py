@@ -22,7 +22,7 @@ from torch import nn
 from lmcraft.models.layers import ACTIVATIONS
 from lmcraft.peft.layers import AdapterLayer, wrap_targets
 from lmcraft.peft.model import PeftModel
-from lmcraft.peft.registry import MethodConfig, register
+from lmcraft.peft.registry import MethodConfig, check_choice, check_positive, register
 
 STYLE_TARGETS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"]}
 
@@ -81,12 +81,9 @@ class AdapterConfig(MethodConfig):
     activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "relu"
 
     def __post_init__(self) -> None:
-        if self.style not in STYLE_TARGETS:
-            raise ValueError(f"style must be one of {', '.join(STYLE_TARGETS)}, got {self.style!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.reduction_factor < 1:
-            raise ValueError(f"reduction_factor must be >= 1, got {self.reduction_factor}")
+        check_choice("style", self.style, STYLE_TARGETS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("reduction_factor", self.reduction_factor)
 
     def inject(self, model: PeftModel, adapter: str) -> None:
         attach_adapters(model, adapter, self)

@@ -33,7 +33,7 @@ from lmcraft.models.moe import Experts
 from lmcraft.peft.layers import AdapterLayer, PeftError, find_modules, wrap_targets
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.nf4 import NF4Linear, dense_weight
-from lmcraft.peft.registry import MethodConfig, register
+from lmcraft.peft.registry import MethodConfig, check_positive, register
 
 LINEAR_TYPES = (nn.Linear, NF4Linear)
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -288,8 +288,7 @@ class LoraConfig(MethodConfig):
     init_lora_weights: bool = True
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+        check_positive("r", self.r)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 

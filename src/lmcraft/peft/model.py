@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmcraft.models.layers import KVCache
-from lmcraft.models.model import ModelOutput, Prefix, default_position_ids
+from lmcraft.models.model import ModelOutput, Prefix, default_position_ids, model_input
 from lmcraft.peft.layers import (
     AdapterLayer,
     ModulesToSave,
@@ -149,7 +149,7 @@ class PeftModel(nn.Module):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, past_key_values=past_key_values, prefix=prefix,
                       use_cache=use_cache, token_type_ids=token_type_ids, logits_to_keep=logits_to_keep)
-        provider = self.providers[self.active_adapter] if self.active_adapter in self.providers else None
+        provider = self._active_provider()
         if provider is None:
             return self.base_model(**kwargs)
         if prefix is not None:
@@ -158,8 +158,12 @@ class PeftModel(nn.Module):
             return self._forward_prefix(provider, **kwargs)
         return self._forward_prompt(provider, **kwargs)
 
+    def _active_provider(self) -> PrefixProvider | PromptProvider | None:
+        """The prefix or prompt provider of the active adapter (None: none active, or a method without one)."""
+        return self.providers[self.active_adapter] if self.active_adapter in self.providers else None
+
     def _forward_prefix(self, provider: PrefixProvider, **kw: Any) -> ModelOutput:
-        ref = kw["input_ids"] if kw["input_ids"] is not None else kw["inputs_embeds"]
+        ref = model_input(kw["input_ids"], kw["inputs_embeds"])
         b, t = ref.shape[:2]
         p = provider.num_virtual_tokens
         if kw["position_ids"] is None:
@@ -173,7 +177,7 @@ class PeftModel(nn.Module):
 
     def _forward_prompt(self, provider: PromptProvider, **kw: Any) -> ModelOutput:
         ids, embeds, cache = kw["input_ids"], kw["inputs_embeds"], kw["past_key_values"]
-        ref = ids if ids is not None else embeds
+        ref = model_input(ids, embeds)
         b, t = ref.shape[:2]
         p = provider.num_virtual_tokens
         decoding = cache is not None and cache.length > 0  # the virtual tokens are already in the cache
@@ -204,7 +208,7 @@ class PeftModel(nn.Module):
 
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache with room for the virtual tokens of a prompt-style adapter as well."""
-        provider = self.providers[self.active_adapter] if self.active_adapter in self.providers else None
+        provider = self._active_provider()
         extra = provider.num_virtual_tokens if isinstance(provider, PromptProvider) else 0
         return self.base_model.new_cache(batch_size, capacity + extra, dtype)
 

@@ -25,7 +25,7 @@ from torch import nn
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.prefix import make_prefix_encoder
 from lmcraft.peft.prompt import SoftPrompt
-from lmcraft.peft.registry import PromptLearningConfig, register
+from lmcraft.peft.registry import PromptLearningConfig, check_choice, register
 
 
 class LSTMPromptHead(nn.Module):
@@ -60,9 +60,7 @@ class PTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
-            raise ValueError(f"encoder_reparameterization_type must be MLP or LSTM, "
-                             f"got {self.encoder_reparameterization_type!r}")
+        check_choice("encoder_reparameterization_type", self.encoder_reparameterization_type, ("MLP", "LSTM"))
 
     def inject(self, model: PeftModel, adapter: str) -> None:
         ref = model.base_model.get_input_embeddings().weight

@@ -19,7 +19,7 @@ from lmcraft.peft.layers import find_modules
 from lmcraft.peft.lora import LLAMA_LINEARS, LoraConfig, attach_lora
 from lmcraft.peft.model import PeftModel
 from lmcraft.peft.nf4 import NF4Linear
-from lmcraft.peft.registry import register
+from lmcraft.peft.registry import check_choice, register
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,8 +47,7 @@ class QLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        check_choice("compute_dtype", self.compute_dtype, DTYPES)
         if self.blocksize < 2 or self.blocksize % 2:
             raise ValueError(f"blocksize must be an even number >= 2, got {self.blocksize}")
 

@@ -14,6 +14,7 @@ wrapper layers and/or a prefix/prompt provider to a `PeftModel` under an adapter
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
     from lmcraft.peft.model import PeftModel
 
 REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """A method option's check: ValueError ("NAME must be one of A, B, got 'x'") unless `value` is in `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_positive(name: str, value: int) -> None:
+    """A method option's check: ValueError ("NAME must be >= 1, got 0") unless `value` >= 1."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -73,8 +87,7 @@ class PromptLearningConfig(MethodConfig):
     num_virtual_tokens: int = 20
 
     def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        check_positive("num_virtual_tokens", self.num_virtual_tokens)
 
 
 def config_from_dict(data: dict[str, Any] | MethodConfig) -> MethodConfig:

@@ -141,10 +141,33 @@ def _fit_law(
     return theta, log_fit, draws
 
 
-def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+def _percentiles(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central `level` interval (low, high) of the draws along axis 0 of `samples`."""
     tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(samples, [tail, 100.0 - tail])
+    lo, hi = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    return lo, hi
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = _percentiles(samples, level)
     return float(lo), float(hi)
+
+
+def _intervals(names: Sequence[str], samples: np.ndarray, level: float) -> dict[str, tuple[float, float]]:
+    """`level` interval of each parameter (one column of `samples` each, in the order of `names`)."""
+    return {name: _interval(samples[:, k], level) for k, name in enumerate(names)}
+
+
+def _rmse_log(log_fit: np.ndarray, log_y: np.ndarray) -> float:
+    """sqrt(mean (ln L_hat - ln L)^2) on the fitted points."""
+    return float(np.sqrt(np.mean((log_fit - log_y) ** 2)))
+
+
+def _fit_summary(ci: dict[str, tuple[float, float]], level: float, n_points: int, samples: np.ndarray,
+                 rmse_log: float) -> dict[str, Any]:
+    """The keys every fit's `to_dict` ends with: intervals, their level, points, bootstrap draws, log-space RMSE."""
+    return {"ci": {k: list(v) for k, v in ci.items()}, "level": level, "n_points": n_points,
+            "n_boot": len(samples), "rmse_log": rmse_log}
 
 
 # ------------------------------------------------------------------------------------------------ one variable
@@ -170,9 +193,7 @@ class PowerLawFit:
         """Pointwise `level` interval of the fitted curve at x, from the bootstrap draws."""
         x = np.asarray(x, dtype=float)
         curves = self.samples[:, :1] + self.samples[:, 1:2] * x[None, :] ** (-self.samples[:, 2:3])
-        tail = (1.0 - self.level) / 2.0 * 100.0
-        lo, hi = np.percentile(curves, [tail, 100.0 - tail], axis=0)
-        return lo, hi
+        return _percentiles(curves, self.level)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,11 +202,7 @@ class PowerLawFit:
             "E": self.E,
             "A": self.A,
             "alpha": self.alpha,
-            "ci": {k: list(v) for k, v in self.ci.items()},
-            "level": self.level,
-            "n_points": len(self.x),
-            "n_boot": len(self.samples),
-            "rmse_log": self.rmse_log,
+            **_fit_summary(self.ci, self.level, len(self.x), self.samples, self.rmse_log),
         }
 
 
@@ -224,7 +241,7 @@ def fit_power_law(
         return np.stack([np.exp(t[:, 0]), np.exp(t[:, 1]) * x0 ** t[:, 2], t[:, 2]], axis=1)
 
     nat, samples = natural(theta)[0], natural(draws)
-    ci = {name: _interval(samples[:, k], level) for k, name in enumerate(("E", "A", "alpha"))}
+    ci = _intervals(("E", "A", "alpha"), samples, level)
     return PowerLawFit(
         variable,
         float(nat[0]),
@@ -234,7 +251,7 @@ def fit_power_law(
         y,
         ci,
         level,
-        float(np.sqrt(np.mean((log_fit - log_y) ** 2))),
+        _rmse_log(log_fit, log_y),
         samples,
     )
 
@@ -269,11 +286,7 @@ class JointFit:
             "alpha": self.alpha,
             "B": self.B,
             "beta": self.beta,
-            "ci": {k: list(v) for k, v in self.ci.items()},
-            "level": self.level,
-            "n_points": len(self.n),
-            "n_boot": len(self.samples),
-            "rmse_log": self.rmse_log,
+            **_fit_summary(self.ci, self.level, len(self.n), self.samples, self.rmse_log),
         }
 
 
@@ -317,8 +330,7 @@ def fit_joint(
         )
 
     nat, samples = natural(theta)[0], natural(draws)
-    names = ("E", "A", "alpha", "B", "beta")
-    ci = {name: _interval(samples[:, k], level) for k, name in enumerate(names)}
+    ci = _intervals(("E", "A", "alpha", "B", "beta"), samples, level)
     return JointFit(
         *(float(v) for v in nat),
         n_arr,
@@ -326,7 +338,7 @@ def fit_joint(
         y,
         ci,
         level,
-        float(np.sqrt(np.mean((log_fit - log_y) ** 2))),
+        _rmse_log(log_fit, log_y),
         samples,
     )
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from lmcraft.align.config import AlignmentConfig, SamplesSection, SaveSection
+from lmcraft.align.config import AlignmentConfig, SamplesSection, SaveSection, check_rollout_trainer
 from lmcraft.align.grpo_config import GRPOSection, RewardSpec, TaskSection
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
@@ -45,19 +45,11 @@ class GRPOConfig(AlignmentConfig):
 
     @model_validator(mode="after")
     def _derived(self) -> GRPOConfig:
-        t, g = self.trainer, self.grpo
-        set_by_user = [k for k in ("max_steps", "save_every", "eval_every", "early_stopping")
-                       if getattr(t, k) is not None] + (["grad_accum"] if t.grad_accum != 1 else [])
-        if set_by_user:
-            raise ValueError(f"trainer.{', trainer.'.join(set_by_user)}: GRPO derives these from the grpo section "
-                             "(grpo.rollouts, grpo.minibatch_size, grpo.save_every, grpo.eval_every)")
-        if g.minibatch_rows % t.micro_batch_size:
-            raise ValueError(f"grpo minibatch rows ({g.minibatch_rows}) must be a multiple of "
-                             f"trainer.micro_batch_size ({t.micro_batch_size})")
+        check_rollout_trainer(self.trainer, "GRPO", ("grpo minibatch rows", self.grpo.minibatch_rows))
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"rewards: names must be unique (add `name:`), got {labels}")
-        if g.eval_every is not None and not self.task.eval_size:
+        if self.grpo.eval_every is not None and not self.task.eval_size:
             raise ValueError("grpo.eval_every needs held-out problems (task.eval_size > 0)")
         return self
 

@@ -22,7 +22,15 @@ from pathlib import Path
 
 from pydantic import model_validator
 
-from lmcraft.align.config import AlignmentConfig, PPOSection, PromptsSection, SamplesSection, SaveSection, ScoreEval
+from lmcraft.align.config import (
+    AlignmentConfig,
+    PPOSection,
+    PromptsSection,
+    SamplesSection,
+    SaveSection,
+    ScoreEval,
+    check_rollout_trainer,
+)
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import StageConfig
 from lmcraft.stages import add_training_arguments as add_arguments
@@ -44,16 +52,8 @@ class PPOConfig(AlignmentConfig):
 
     @model_validator(mode="after")
     def _derived(self) -> PPOConfig:
-        t, p = self.trainer, self.ppo
-        set_by_user = [k for k in ("max_steps", "save_every", "eval_every", "early_stopping")
-                       if getattr(t, k) is not None] + (["grad_accum"] if t.grad_accum != 1 else [])
-        if set_by_user:
-            raise ValueError(f"trainer.{', trainer.'.join(set_by_user)}: PPO derives these from the ppo section "
-                             "(ppo.rollouts, ppo.minibatch_size, ppo.save_every, ppo.eval_every)")
-        if p.minibatch_size % t.micro_batch_size:
-            raise ValueError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
-                             f"trainer.micro_batch_size ({t.micro_batch_size})")
-        if p.eval_every is not None and self.score_eval is None:
+        check_rollout_trainer(self.trainer, "PPO", ("ppo.minibatch_size", self.ppo.minibatch_size))
+        if self.ppo.eval_every is not None and self.score_eval is None:
             raise ValueError("ppo.eval_every needs a score_eval section (scorer and held-out prompts)")
         return self
 
