@@ -122,21 +122,32 @@ def build_options(cls: type, options: dict[str, Any], what: str) -> Any:
         raise OptionsError(what, problems) from None
 
 
+def _field_type(cls: Any, name: str) -> Any:
+    """The annotation of option `name` of `cls` (a pydantic model or a dataclass), or None."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        field = cls.model_fields.get(name)
+        return field.annotation if field is not None else None
+    try:
+        return get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    except (NameError, TypeError):  # an annotation only a type checker can resolve: no options class to name
+        return None
+
+
 def _option_names(cls: Any, path: tuple[Any, ...] = ()) -> tuple[str, ...]:
-    """The option names of `cls` (a dataclass or pydantic model), or of the options class at `path` inside it."""
+    """The option names of `cls` (a dataclass or pydantic model), or of the options class at `path` inside it
+    (to list the allowed keys beside an unknown one)."""
     for part in path:
-        try:
-            hints = get_type_hints(cls) if isinstance(cls, type) else {}
-        except (NameError, TypeError):  # an annotation only a type checker can resolve: list no names
-            return ()
-        candidates = (hints.get(str(part)), *getattr(hints.get(str(part)), "__args__", ()))
+        annotation = _field_type(cls, str(part))
+        candidates = (annotation, *getattr(annotation, "__args__", ()))
         cls = next((c for c in candidates if isinstance(c, type) and (dataclasses.is_dataclass(c)
                                                                       or issubclass(c, BaseModel))), None)
         if cls is None:
             return ()
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return tuple(sorted(cls.model_fields))
-    return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")))
+    if dataclasses.is_dataclass(cls):
+        return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")))
+    return ()
 
 
 def named_options(builder: str) -> Any:
@@ -204,24 +215,6 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model at `loc`, to suggest the right key for a typo."""
-    current: Any = model
-    for part in loc[:-1]:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        annotation = fields[part].annotation
-        for candidate in (annotation, *getattr(annotation, "__args__", ())):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                current = candidate
-                break
-        else:
-            return []
-    fields = getattr(current, "model_fields", None)
-    return sorted(fields) if fields else []
-
-
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -255,7 +248,7 @@ def _format_validation_error(
         if e["type"] == "named_options":
             lines += [_problem_line(loc + p.key, p) for p in e["ctx"]["problems"]]
         elif e["type"] == "extra_forbidden":
-            allowed = tuple(_allowed_keys(model, loc))
+            allowed = _option_names(model, loc[:-1])
             lines.append(_problem_line(loc, OptionProblem(loc, "unknown_key", allowed=allowed)))
         elif e["type"] == "missing":
             lines.append(_problem_line(loc, OptionProblem(loc, "missing")))
