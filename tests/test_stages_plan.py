@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -55,12 +56,15 @@ def _mib(size: str) -> float:
     return float(value) * (1024 if unit == "GiB" else 1)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_plan_of_an_sft_config_matches_the_trainers_plan_of_the_loaded_model(task: Path, tmp_path: Path,
-                                                                             capsys: pytest.CaptureFixture[str]
-                                                                             ) -> None:
+                                                                             capsys: pytest.CaptureFixture[str],
+                                                                             precision: str) -> None:
     """Weights, gradients, optimizer state and the batch shape are those of the loaded model; activations measured on
-    1- and 2-layer stand-ins are those measured on the whole model (to the probe's rounding)."""
-    config = _config(tmp_path / "sft.yaml", "sft", task, trainer={"micro_batch_size": 4, "max_steps": 1, **QUIET})
+    1- and 2-layer stand-ins are those measured on the whole model (to the probe's rounding). Under bf16 both count
+    the frozen linear weights in bf16 (`trainer.frozen_dtype: auto`) and the activations autocast keeps."""
+    config = _config(tmp_path / "sft.yaml", "sft", task, trainer={"micro_batch_size": 4, "max_steps": 1,
+                                                                   "precision": precision, **QUIET})
     assert main(["plan", str(config), "--stage", "sft"]) == 0
     planned = capsys.readouterr().out
     assert main(["sft", str(config), "--no-progress", "trainer.memory_limit=1KiB"]) == 2  # the trainer's own plan
@@ -72,6 +76,15 @@ def test_plan_of_an_sft_config_matches_the_trainers_plan_of_the_loaded_model(tas
         assert ours[row] == theirs[row], row
     activations = "activations (checkpointing none)"
     assert _mib(ours[activations]) == pytest.approx(_mib(theirs[activations]), rel=0.05)
+    if precision == "bf16":  # the frozen linear weights at 2 bytes, not 4
+        from lmcraft.stage_memory import plan_stage
+        from lmcraft.stages.plan import _load
+
+        weights = {}
+        for frozen in ("auto", "fp32"):
+            args = SimpleNamespace(config=config, planned_stage="sft", overrides=[f"trainer.frozen_dtype={frozen}"])
+            weights[frozen] = plan_stage(*_load(args)).weights
+        assert weights["auto"] < 0.9 * weights["fp32"]
 
 
 def test_alignment_lines_reference_and_rollouts(task: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

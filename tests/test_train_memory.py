@@ -15,6 +15,7 @@ from lmcraft.data.collate import IGNORE_INDEX
 from lmcraft.objectives.clm import CausalLM, causal_lm_loss
 from lmcraft.train import TrainerConfig
 from lmcraft.train.adamw8bit import AdamW8bit, dequantize, quantize
+from lmcraft.train.callbacks import Callback
 from lmcraft.train.trainer import apply_memory_switches
 
 PEFT = {"full": None, "lora": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
@@ -359,3 +360,63 @@ def test_preflight_measures_the_peak_against_the_memory_limit(tmp_path, capsys) 
     trainer.loss_fn = sft_loss
     trainer.train()
     assert "pre-flight: the longest batch (2 x 38 tokens) ran; measured peak" in capsys.readouterr().err
+
+
+def _adapter_run(tmp_path, name: str, **fields):  # noqa: ANN001, ANN202
+    from lmcraft.peft.training import AdapterWeights
+    from lmcraft.train import Trainer
+
+    model = _model("lora")
+    cfg = TrainerConfig(**{"max_steps": 3, "micro_batch_size": 4, "shuffle": False, "device": "cpu",
+                           "progress": False, "tensorboard": False, "plot": False, "precision": "bf16", **fields})
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return Trainer(model, sft_loss, _sft_rows(), config=cfg, output_dir=tmp_path / name, collate_fn=_pad,
+                   weights=AdapterWeights(names))
+
+
+def test_frozen_weights_in_bf16_train_the_adapters_to_the_bit(tmp_path) -> None:
+    """Under bf16 autocast the frozen linear weights are read rounded to bf16 anyway: storing them in bf16 changes no
+    step; afterwards they are fp32 again, holding those rounded values."""
+    runs = {dtype: _adapter_run(tmp_path, dtype, frozen_dtype=dtype) for dtype in ("fp32", "bf16")}
+    assert runs["fp32"].frozen_dtype is None and runs["bf16"].frozen_dtype == torch.bfloat16
+    seen = []
+    q_proj, q_proj_fp32 = (_first_lora_base(t.model) for t in (runs["bf16"], runs["fp32"]))
+
+    class Probe(Callback):
+        def on_step_end(self, trainer, metrics) -> None:  # noqa: ANN001
+            seen.append(q_proj.weight.dtype)
+
+    runs["bf16"].callbacks.callbacks.append(Probe())
+    for trainer in runs.values():
+        trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}  # bf16 while training
+    assert q_proj.weight.dtype == torch.float32
+    losses = {d: [r["loss"] for r in t.state.history if r["split"] == "train"] for d, t in runs.items()}
+    assert losses["fp32"] == losses["bf16"]
+    trained = {d: {n: p for n, p in t.model.named_parameters() if p.requires_grad} for d, t in runs.items()}
+    assert all(torch.equal(p, trained["bf16"][n]) for n, p in trained["fp32"].items())
+    assert torch.equal(q_proj.weight, q_proj_fp32.weight.to(torch.bfloat16).float())
+
+
+def _first_lora_base(model: torch.nn.Module) -> torch.nn.Linear:
+    from lmcraft.peft.lora import LoRALinear
+
+    return next(m.base_layer for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_frozen_dtype_auto_follows_the_precision_and_bf16_needs_it(tmp_path) -> None:
+    from lmcraft.errors import LmcraftError
+
+    assert _adapter_run(tmp_path, "a").frozen_dtype == torch.bfloat16  # auto under bf16
+    assert _adapter_run(tmp_path, "b", precision="fp32").frozen_dtype is None
+    with pytest.raises(LmcraftError, match="frozen_dtype=bf16 needs bf16 autocast"):
+        assert _adapter_run(tmp_path, "c", precision="fp32", frozen_dtype="bf16").frozen_dtype
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_mmap_threshold_is_fixed_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmcraft.train.allocator import cap_mmap_threshold
+
+    assert cap_mmap_threshold() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert cap_mmap_threshold() is False

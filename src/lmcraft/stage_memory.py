@@ -16,6 +16,7 @@ hold besides the model:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,23 @@ def plan_stage(stage: str, cfg: StageConfig) -> Any:
     if not can_plan(model):
         raise ConfigError(f"{stage}: the planner knows models built on lmcraft's LanguageModel; this config builds "
                           f"a {type(model).__name__}")
+    import torch
+
+    from lmcraft.peft.training import is_peft
+    from lmcraft.precision import resolve_precision
+    from lmcraft.train.distributed import resolve_device
+    from lmcraft.train.frozen import frozen_dtype_for, frozen_linears_in
+
     t = cfg.trainer
     runtime = resident_bytes()  # the model is on meta: all of it is the process's own
-    per_token = stand_in_activations(build, _language_model(model).config.num_layers, t.activation_checkpointing)
-    return plan_memory(model, shape, t.activation_checkpointing, t.chunked_loss, t.optimizer, extras(model),
-                       per_token, runtime)
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device).precision
+    frozen = frozen_dtype_for(t.frozen_dtype, precision, t.strategy, is_peft(model))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):  # as the Trainer runs
+        per_token = stand_in_activations(build, _language_model(model).config.num_layers, t.activation_checkpointing)
+        with frozen_linears_in(model, frozen) if frozen is not None else nullcontext():
+            return plan_memory(model, shape, t.activation_checkpointing, t.chunked_loss, t.optimizer, extras(model),
+                               per_token, runtime)
 
 
 Builder = Callable[[int | None], Any]  # layers (None: as configured) -> the model, parameters on meta

@@ -92,6 +92,12 @@ def default_rows(vocab_size: int, budget: int = 2**23) -> int:
     return max(16, budget // vocab_size)
 
 
+def _product_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the products with `hidden` run in: autocast's where it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 class ChunkedLMLoss(torch.autograd.Function):
     """sum of cross-entropies of (h W^T) against y; see the module docstring. Returns a 0-d fp64 tensor: the per-row
     losses (fp32) are summed in fp64, like `token_cross_entropy`, so both paths agree to fp32 rounding of each row
@@ -101,7 +107,7 @@ class ChunkedLMLoss(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
                 ) -> torch.Tensor:
         need_w = ctx.needs_input_grad[1]
-        w = weight.to(hidden.dtype)
+        w = weight.to(_product_dtype(hidden))  # once, not in every chunk's product (autocast casts per call)
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)

@@ -41,6 +41,10 @@ class TrainerConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast or fp32; auto = bf16 on CUDA with bf16, on CPU bf16 only where a cached "
                             "micro-benchmark shows bf16 matmul clearly faster (lmcraft.precision)")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="storage of frozen linear weights when only adapters train (PEFT): bf16 halves their "
+                            "memory and, under bf16 autocast, changes no result; auto = bf16 when the run trains in "
+                            "bf16 on one process, else as loaded (lmcraft.train.frozen)")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the model's forward; auto = only when the run is long enough to amortise "
                             "it (lmcraft.train.compile)")

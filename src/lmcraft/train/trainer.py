@@ -43,7 +43,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from lmcraft.errors import LmcraftError
 from lmcraft.objectives.base import LossOutput  # the loss contract lives with the losses (a lower floor)
 from lmcraft.precision import resolve_precision
 from lmcraft.train import checkpoint as ckpt
+from lmcraft.train.allocator import cap_mmap_threshold
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
 from lmcraft.train.compile import compile_model, should_compile
 from lmcraft.train.config import EarlyStopping, TrainerConfig
@@ -71,6 +73,7 @@ from lmcraft.train.distributed import (
     load_full_optimizer_state,
     wrap_model,
 )
+from lmcraft.train.frozen import frozen_dtype_for, frozen_linears_in
 from lmcraft.train.loader import Collate, ResumableLoader, eval_batches
 from lmcraft.train.metrics_log import CurvePlotter, JsonlLogger, TensorBoardLogger
 from lmcraft.train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
@@ -173,6 +176,8 @@ class Trainer:
     ) -> None:
         cfg = self.config = config or TrainerConfig()
         self.ctx = init_distributed(cfg.device)
+        if self.ctx.device.type == "cpu":
+            cap_mmap_threshold()  # freed activations go back to the system (train.allocator)
         self.output_dir = Path(output_dir)
         self.model = model
         apply_memory_switches(model, cfg.activation_checkpointing, cfg.chunked_loss)
@@ -240,6 +245,27 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    @property
+    def frozen_dtype(self) -> torch.dtype | None:
+        """bf16 when the frozen linear weights are kept in bf16 during `train()` (`frozen_dtype`), else None: only
+        when checkpoints hold the trained parameters alone, under bf16 autocast, on one process."""
+        cfg = self.config
+        return frozen_dtype_for(cfg.frozen_dtype, self.precision, cfg.strategy, self.weights.trainable_only)
+
+    @contextmanager
+    def _frozen_in_low_precision(self) -> Iterator[None]:
+        """Keep the frozen linear weights in bf16 (train.frozen) and run the model's other uses during training
+        (rollouts, eval_fn, callbacks) under autocast too; the steps' forward passes already are, and their backward
+        passes and updates stay out of it (`_without_autocast`)."""
+        dtype = self.frozen_dtype
+        if dtype is None:
+            yield
+            return
+        with frozen_linears_in(self.model, dtype) as saved, self._autocast():
+            if self.is_main and saved:
+                log.info("frozen linear weights kept in bf16 during training: %.2f GiB less", saved / 2**30)
+            yield
+
     # ---------------------------------------------------------------------------------- main loop
     def train(self, resume_from: str | Path | None = "auto") -> dict[str, Any]:
         """Run (or resume) training; returns {"step", "best_metric", "best_step", "stopped", "checkpoint"}.
@@ -262,9 +288,17 @@ class Trainer:
             log.warning("%s is at step %d, at or past the %d steps this run asks for: nothing left to train. Raise "
                         "max_steps to train on, or pass --overwrite to start afresh.", path, self.state.step,
                         self.total_steps)
-        self.memory_plan()
-        self.callbacks.on_train_begin(self)
-        last_saved = self.state.step if path is not None else None
+        with self._frozen_in_low_precision():
+            self.memory_plan()
+            self.callbacks.on_train_begin(self)
+            self._train_steps(path is not None)
+        self.callbacks.on_train_end(self)
+        return {"step": self.state.step, "best_metric": self.state.best_metric, "best_step": self.state.best_step,
+                "stopped": self.state.stopped, "checkpoint": str(self.output_dir / f"step-{self.state.step}")}
+
+    def _train_steps(self, resumed: bool) -> None:
+        """Optimizer steps up to `total_steps` (or a stop), with the evaluations and checkpoints they are due."""
+        last_saved = self.state.step if resumed else None
         compile_pending = self.config.compile == "auto"
         if self.config.compile is True:
             compile_model(self.model)
@@ -291,9 +325,6 @@ class Trainer:
                 last_saved = step
         if last_saved != self.state.step:
             self.save_checkpoint()
-        self.callbacks.on_train_end(self)
-        return {"step": self.state.step, "best_metric": self.state.best_metric, "best_step": self.state.best_step,
-                "stopped": self.state.stopped, "checkpoint": str(self.output_dir / f"step-{self.state.step}")}
 
     def memory_plan(self) -> None:
         """Print the planner's table (`train.plan`) for the largest batch of the data; with `memory_limit`, stop here
@@ -307,8 +338,9 @@ class Trainer:
         shape = largest_batch_shape(self.loader.dataset, self.loader.batch_size, self.loader.collate_fn)
         if shape is None:
             return
-        plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
-                           self.memory_extras)
+        with self._autocast():  # activations are measured as the steps will keep them
+            plan = plan_memory(self.model, shape, cfg.activation_checkpointing, cfg.chunked_loss, cfg.optimizer,
+                               self.memory_extras)
         limit = parse_size(cfg.memory_limit) if cfg.memory_limit else None
         if limit is not None and plan.peak > limit:
             raise LmcraftError(f"this run does not fit trainer.memory_limit={cfg.memory_limit}:\n{plan.table(limit)}")
@@ -372,7 +404,8 @@ class Trainer:
             with grad_sync(self.wrapped, i == len(window) - 1):
                 with self._autocast():
                     out = _as_loss_output(self.loss_fn(self.wrapped, move_to(batch, self.device)))
-                out.loss_sum.backward()
+                with _without_autocast(self.device):  # also inside `_frozen_in_low_precision`'s autocast
+                    out.loss_sum.backward()
             n = torch.as_tensor(out.num_targets, dtype=torch.float64, device=self.device)
             loss_sum += out.loss_sum.detach().to(torch.float64)
             counts[0] += n
@@ -386,13 +419,16 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.mul_(scale)
-        grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        with _without_autocast(self.device):
+            grad_norm = _grad_norm(params, cfg.max_grad_norm)
         loss = total_loss / n_targets if n_targets > 0 else float("nan")
         lr = cfg.lr * lr_multiplier(cfg.schedule, self.state.step, cfg.warmup_steps, self.total_steps,
                                     cfg.min_lr_ratio, cfg.decay_fraction)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            with _without_autocast(self.device):
+                self.optimizer.step()
+            torch.clear_autocast_cache()  # bf16 copies of the old weights; kept while an outer autocast is open
             _check_finite_parameters(self.model, self.state.step + 1, lr)
             self.callbacks.on_optimizer_step(self, self.state.step)
             self.state.bad_steps = 0
@@ -601,6 +637,11 @@ def apply_memory_switches(model: nn.Module, checkpointing: str, chunked_loss: bo
             module.set_checkpointing(checkpointing)  # type: ignore[arg-type]
         elif isinstance(module, LanguageModel):
             module.chunked_loss = chunked_loss
+
+
+def _without_autocast(device: torch.device) -> torch.autocast:
+    """Gradients and updates in the run's own precision: autocast covers the forward passes only."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _check_finite_parameters(model: nn.Module, step: int, lr: float) -> None:
