@@ -1,7 +1,7 @@
 """Expert load of a tiny Qwen3-MoE pre-trained with and without the load-balancing loss: the table and the plot.
 
     for c in 0 0.01 0.1; do lmcraft pretrain recipes/pretrain-moe-tiny.yaml model.overrides.router_aux_loss_coef=$c \\
-        output_dir=runs/moe/coef-$c; done
+        trainer.max_steps=300 trainer.eval_every=100 trainer.log_every=20 output_dir=runs/moe/coef-$c; done
     python docs/results/moe-tiny-balance.py runs/moe      # writes docs/results/moe-tiny-balance.{md,png}
 
 Reads each run's `metrics.jsonl`: the last training interval's and the last evaluation's `expert_load/<e>` (the
@@ -56,7 +56,7 @@ def main(root: Path) -> None:
         ax.bar([e + j * width for e in experts], [ev[f"expert_load/{e}"] for e in experts], width,
                label=f"aux coef {coef:g}")
     ax.axhline(1 / len(experts), color="grey", linestyle="--", linewidth=1, label="balanced (1/E)")
-    ax.set(xlabel="expert", ylabel="share of routed tokens (train, steps 11-15)",
+    ax.set(xlabel="expert", ylabel="share of routed tokens (train, last interval)",
            xticks=[e + 0.4 - width / 2 for e in experts], xticklabels=[str(e) for e in experts])
     ax.legend(fontsize=8)
     fig.tight_layout()
