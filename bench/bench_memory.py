@@ -65,7 +65,7 @@ def child(name: str, folder: Path, seq: int, steps: int, precision: str) -> dict
     from lmcraft.hub import load_model
     from lmcraft.train.allocator import cap_mmap_threshold
     from lmcraft.train.frozen import frozen_linears_in
-    from lmcraft.train.plan import plan_memory
+    from lmcraft.train.plan import plan_memory, reset_peak_resident
     from lmcraft.train.trainer import apply_memory_switches
 
     torch.manual_seed(0)
@@ -91,8 +91,7 @@ def child(name: str, folder: Path, seq: int, steps: int, precision: str) -> dict
             from transformers import AutoModelForCausalLM
 
             del model
-            with open("/proc/self/clear_refs", "w") as f:  # restart the peak: transformers' own loading and steps
-                f.write("5")
+            reset_peak_resident()  # restart the peak: transformers' own loading and steps
             dtype = torch.bfloat16 if name.endswith("bf16 weights") else torch.float32
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,8 +105,7 @@ def child(name: str, folder: Path, seq: int, steps: int, precision: str) -> dict
                 return out.loss_sum / out.num_targets
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         loading = _rss("VmHWM:")
-        with open("/proc/self/clear_refs", "w") as f:  # the steps' own peak from here on
-            f.write("5")
+        reset_peak_resident()  # the steps' own peak from here on
         times = []
         for i in range(steps + 1 if steps else 1):  # the first step warms up (allocator, optimizer state)
             start = time.perf_counter()
