@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from lmcraft.config import Section, StageConfig, check_options
+from lmcraft.generation_settings import SamplingSettings
 from lmcraft.tokenizer.train import TokenizerTraining
 from lmcraft.train.config import TrainerConfig
 
@@ -107,14 +108,14 @@ class DataSection(Section):
         return self
 
 
-class SamplesSection(Section):
-    """Text sampled from a decoder at the end of the run (temperature 0 = greedy)."""
+class SamplesSection(SamplingSettings):
+    """Text sampled from a decoder at the end of the run (the one generation section; temperature 0 = greedy)."""
 
     prompts: list[str] = ["The"]
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.8, ge=0)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_k: int = Field(50, ge=0)
     seed: int = 0
+    compile: bool | Literal["auto"] = False
 
 
 class PretrainConfig(StageConfig):

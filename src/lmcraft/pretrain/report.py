@@ -58,8 +58,7 @@ def samples(section: SamplesSection, final: Path) -> list[dict[str, str]]:
     from lmcraft.tokenizer.load import load_tokenizer
 
     model, tok = load_model(final), load_tokenizer(final)
-    gen = GenerationConfig(max_new_tokens=section.max_new_tokens, do_sample=section.temperature > 0,
-                           temperature=section.temperature or 1.0, top_k=section.top_k, seed=section.seed)
+    gen = GenerationConfig.from_settings(section, seed=section.seed)  # temperature 0: greedy
     result = generate_text(model, tok, list(section.prompts), gen)
     return [{"prompt": p, "completion": t} for p, t in zip(section.prompts, result.texts or [], strict=True)]
 
