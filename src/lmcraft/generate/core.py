@@ -43,7 +43,7 @@ from lmcraft.generate.fast_decode import fast_decoding
 from lmcraft.generate.sampling import TokenChooser
 from lmcraft.generate.static import StaticDecoder, StaticKVCache, static_capacity, static_unsupported
 from lmcraft.generate.streaming import Streamer, TextTracker, decode_continuation
-from lmcraft.generation_settings import GenerationSettings, SamplingSettings
+from lmcraft.generation_settings import GenerationSettings, Sampling, SamplingKnobs
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.layers import KVCache
 from lmcraft.models.model import Prefix
@@ -105,14 +105,19 @@ class GenerationConfig:
         return not self.do_sample or self.temperature == 0
 
     @classmethod
+    def sampled_by(cls, max_new_tokens: int, sampling: SamplingKnobs | None, **fixed: Any) -> GenerationConfig:
+        """Greedy when `sampling` is None, else sampled with its temperature, top-k and top-p; `fixed` adds the
+        caller's other fields (seed, eos/pad ids, stop strings, compile)."""
+        knobs = {} if sampling is None else {"do_sample": True, "temperature": sampling.temperature,
+                                             "top_k": sampling.top_k, "top_p": sampling.top_p}
+        return cls(max_new_tokens=max_new_tokens, **knobs, **fixed)
+
+    @classmethod
     def from_settings(cls, settings: GenerationSettings, **fixed: Any) -> GenerationConfig:
         """The config of a stage's generation section (`lmcraft.generation_settings`): greedy for
-        `GenerationSettings`, sampled (temperature, then top-k, then top-p) for `SamplingSettings`; `fixed` adds the
-        caller's seed and eos/pad ids."""
-        if isinstance(settings, SamplingSettings):
-            return cls(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
-                       top_k=settings.top_k, top_p=settings.top_p, compile=settings.compile, **fixed)
-        return cls(max_new_tokens=settings.max_new_tokens, compile=settings.compile, **fixed)
+        `GenerationSettings`, sampled for `SamplingSettings` (temperature 0 is greedy too)."""
+        sampling = settings if isinstance(settings, Sampling) else None
+        return cls.sampled_by(settings.max_new_tokens, sampling, compile=settings.compile, **fixed)
 
 
 @dataclass

@@ -27,7 +27,8 @@ __all__ = ["GenSettings", "LM", "cut_at_stop"]
 
 @dataclass(frozen=True)
 class GenSettings:
-    """Decoding settings of one `generate` call. `temperature == 0` means greedy (top_p/top_k unused)."""
+    """Decoding settings of one `generate` call. `temperature == 0` means greedy (top_p/top_k unused); otherwise the
+    three knobs mean what they mean in `lmcraft.generation_settings.Sampling`, which fills them."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -112,16 +112,9 @@ class ModelLM:
 
     def generate(self, prompts: Sequence[str], settings: GenSettings) -> list[str]:
         encoded = [self.encode(p) for p in prompts]
-        config = GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=not settings.greedy,
-            temperature=settings.temperature if not settings.greedy else 1.0,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            stop_strings=tuple(settings.stop),
-            eos_token_ids=self.eos_ids,
-            pad_token_id=self.pad_id,
-        )
+        config = GenerationConfig.sampled_by(settings.max_new_tokens, None if settings.greedy else settings,
+                                             stop_strings=tuple(settings.stop), eos_token_ids=self.eos_ids,
+                                             pad_token_id=self.pad_id)
         out: list[str] = [""] * len(prompts)
         batches = self._batches([len(e) for e in encoded])
         for b, rows in enumerate(tqdm(batches, desc="generate", leave=False, disable=not self.progress)):

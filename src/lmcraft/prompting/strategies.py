@@ -33,6 +33,7 @@ from pydantic import Field
 
 from lmcraft.config import Section
 from lmcraft.errors import ConfigError
+from lmcraft.generation_settings import Sampling as SamplingSection
 from lmcraft.prompting.answers import AnswerSpec
 from lmcraft.prompting.lm import LM, GenSettings
 from lmcraft.prompting.templates import DemoPicker, Doc, Prompt, PromptTemplate, Shots, fill
@@ -57,12 +58,12 @@ __all__ = [
 ]
 
 
-class Sampling(Section):
-    """Sampled decoding (self-consistency): softmax(logits / temperature), then top-k / nucleus top-p."""
+class Sampling(SamplingSection):
+    """The generation section's sampling (`lmcraft.generation_settings.Sampling`) with self-consistency's usual
+    defaults, temperature 0.7 and top-p 0.95."""
 
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Context:
         base = GenSettings(max_new_tokens=max_new_tokens, stop=stop, seed=self.seed)
         if sampling is None:
             return base
-        return replace(base, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        return replace(base, **sampling.model_dump())
 
     def generate(
         self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling | None
