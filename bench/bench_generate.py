@@ -11,7 +11,8 @@ the same for both sides; pass `--precisions fp32 bf16` to see each side at each 
 prefill included in the time. `--compile` adds lmcraft with `compile=True` (static cache, `torch.compile`d decode
 step; its compile happens in the warm-up run, not timed). Models: the ~14M `llama-14m` preset (random weights,
 saved once in Hugging Face layout and loaded by both libraries) and SmolLM2-135M-Instruct (the
-`smollm2-135m-instruct` asset; skipped with a message when it cannot be fetched). Batch 8 uses prompts of
+`smollm2-135m-instruct` asset; on a machine that cannot fetch it, a model of its shape with random weights and random
+prompt ids, said in the row's name: speed does not depend on the values). Batch 8 uses prompts of
 different lengths, i.e. left padding. The `same tokens` column is the share of generated tokens on which both
 libraries agree (ties can differ in the last bits). `--clock cpu` times with this process's CPU time (with
 `--threads 1`: the time the work ran, whatever other processes take from a shared machine).
@@ -201,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         last = bench_model("llama-14m", llama_14m_folder(Path(tmp)), table, args, bandwidth, best)
-    folder = None if args.skip_smollm else smollm2_folder()
-    if folder is not None:
-        from lmcraft.tokenizer.load import load_tokenizer
+        folder = None if args.skip_smollm else smollm2_folder(Path(tmp))
+        if folder is not None:
+            from lmcraft.tokenizer.load import load_tokenizer
 
-        last = bench_model("smollm2-135m", folder, table, args, bandwidth, best, load_tokenizer(folder))
+            has_tokenizer = (folder / "tokenizer.json").is_file()
+            last = bench_model("smollm2-135m" if has_tokenizer else "smollm2-135m (random weights)", folder, table,
+                               args, bandwidth, best, load_tokenizer(folder) if has_tokenizer else None)
     table.print()
     print("ratio: lmcraft's best (eager or compiled) / transformers. Each side at its best precision: "
           + "; ".join(f"{m} batch {b}: {ratio(s['lmcraft'], s['transformers'])}" for (m, b), s in best.items()))

@@ -2,11 +2,13 @@
 
     python -m bench.bench_train [--tables full lora] [--batch 8] [--seq-len 256] [--repeats 5] [--threads N]
                                 [--clock wall|cpu] [--matmul-size 2048] [--precisions fp32 bf16] [--no-compile]
-                                [--max-slowdown 3] [--memory] [--device cpu|cuda]
+                                [--max-slowdown 3] [--memory] [--device cpu|cuda] [--model llama-14m|smollm2-135m]
 
 One step = forward + loss + backward + AdamW update + zero_grad on a fixed random batch (`--batch` x `--seq-len`
 token ids), on the llama-14m preset (14.6M parameters, vocabulary 8192; random weights saved once in Hugging Face
-layout and loaded by both libraries: the same weights, batch and thread count). Each side runs its own training path:
+layout and loaded by both libraries: the same weights, batch and thread count), or with `--model smollm2-135m` on
+SmolLM2-135M (the asset, or random weights of its shape where it cannot be fetched; ids below 8192 either way).
+Each side runs its own training path:
 - lmcraft: `hub.load_model`, the `clm` objective's loss (next-token cross-entropy through the LM head in chunks,
   summed / targets: what the Trainer minimises) and AdamW from `train.optim.build_optimizer` (fused);
   "compiled" = `train.compile.compile_model` (what `trainer.compile: true` does), timed after its compiling step;
@@ -54,7 +56,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_peft import LORA
-from bench.common import Table, compare, fmt, llama_14m_folder, machine, ratio, set_threads
+from bench.common import Table, compare, fmt, llama_14m_folder, machine, ratio, set_threads, smollm2_folder
 
 LR = 1e-4
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -306,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave bf16 rows out where a CPU bf16 matmul is this many times slower than fp32")
     parser.add_argument("--memory", action="store_true", help="peak memory of the eager rows (subprocesses)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--model", choices=("llama-14m", "smollm2-135m"), default="llama-14m",
+                        help="smollm2-135m: the asset, or random weights of its shape where it cannot be fetched")
     parser.add_argument("--memory-child", nargs=3, metavar=("ROW", "TABLE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmcraft.precision import has_amx, resolve_precision
 
     choice = resolve_precision("auto", device)
-    print(f"# training step (forward + backward + AdamW), llama-14m, {args.clock} clock — {machine()}, "
+    print(f"# training step (forward + backward + AdamW), {args.model}, {args.clock} clock — {machine()}, "
           f"transformers {transformers.__version__}, CPU AMX: {'yes' if has_amx() else 'no'}"
           f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; "
           f"precision auto -> {choice.precision} ({choice.reason})", flush=True)
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         precisions.remove("bf16")
     batch = torch.randint(0, 8192, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        folder = llama_14m_folder(Path(tmp))
+        folder = llama_14m_folder(Path(tmp)) if args.model == "llama-14m" else smollm2_folder(Path(tmp))
         for table in args.tables:
             run_table(table, folder, batch, args, choice.precision, precisions)
     print("MFU = F tok/s / P (F: 6N + 12LTd full, 4N + 2N_trainable + 12LTd LoRA; P: the measured matmul peak of "

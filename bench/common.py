@@ -18,8 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lmcraft.models import ModelConfig
 
 
 def set_threads(n: int | None = None) -> int:
@@ -50,28 +54,48 @@ def compare(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmu
     return best
 
 
-def llama_14m_folder(root: Path) -> Path:
-    """The `llama-14m` preset with seed-0 random weights, saved once under `root` in Hugging Face layout, so that
+def random_model_folder(root: Path, name: str, config: ModelConfig) -> Path:
+    """A model of `config` with seed-0 random weights, saved once as `root / name` in Hugging Face layout, so that
     lmcraft and transformers load the same weights."""
     from lmcraft.hub import save_model
-    from lmcraft.models import LanguageModel, preset
+    from lmcraft.models import LanguageModel
 
-    folder = root / "llama-14m"
+    folder = root / name
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
-        save_model(LanguageModel(preset("llama-14m")), folder)
+        save_model(LanguageModel(config), folder)
     return folder
 
 
-def smollm2_folder() -> Path | None:
-    """The `smollm2-135m-instruct` asset's folder, or None (with a message) when it cannot be fetched."""
+def llama_14m_folder(root: Path) -> Path:
+    """The `llama-14m` preset with seed-0 random weights (see `random_model_folder`)."""
+    from lmcraft.models import preset
+
+    return random_model_folder(root, "llama-14m", preset("llama-14m"))
+
+
+# SmolLM2-135M's published shape (HuggingFaceTB/SmolLM2-135M-Instruct config.json)
+SMOLLM2_135M_SHAPE = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                          intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192,
+                          tie_word_embeddings=True)
+
+
+def smollm2_folder(root: Path | None = None) -> Path | None:
+    """The `smollm2-135m-instruct` asset's folder. When it cannot be fetched (an offline machine): with `root`, a
+    model of its shape with random weights saved there (decoding and training speed do not depend on the values;
+    the folder has no tokenizer), else None; either way with a message."""
     try:
         from lmcraft.assets import resolve_model
 
         return resolve_model("smollm2-135m-instruct")
-    except Exception as err:  # noqa: BLE001 - any fetch failure only skips this model
-        print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
-        return None
+    except Exception as err:  # noqa: BLE001 - any fetch failure only replaces or skips this model
+        if root is None:
+            print(f"skipping smollm2-135m-instruct: the asset cannot be fetched ({err})", flush=True)
+            return None
+        print(f"smollm2-135m-instruct cannot be fetched ({err}): using random weights of its shape", flush=True)
+        from lmcraft.models import ModelConfig
+
+        return random_model_folder(root, "smollm2-135m-random", ModelConfig(**SMOLLM2_135M_SHAPE))
 
 
 def ratio(ours: float, theirs: float) -> str:
