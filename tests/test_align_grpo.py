@@ -260,7 +260,7 @@ def test_held_out_change_against_scipy() -> None:
     exact binomial test on the discordant items and its Wilson interval."""
     from scipy.stats import binomtest
 
-    from lmcraft.align.grpo import held_out_change
+    from lmcraft.align.held_out import held_out_change
 
     before = [True] * 10 + [False] * 30 + [True] * 2 + [False] * 8
     after = [True] * 10 + [True] * 14 + [False] * 16 + [False] * 2 + [False] * 8

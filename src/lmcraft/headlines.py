@@ -7,7 +7,8 @@
     finetune   the validation headline metric; accuracy with its 95% Wilson interval over the validation examples
     sft        held-out answer loss of the start model -> of the trained one
     dpo        held-out DPO loss (ln 2 while policy = reference) -> trained; held-out reward accuracy with its Wilson
-               interval (at the start every implicit reward is 0, a tie, so there is no "before" rate)
+               interval (at the start every implicit reward is 0, a tie, so there is no "before" rate); with pairs
+               made from a task (`data.task`), the held-out greedy accuracy as for grpo
     grpo       held-out greedy accuracy before -> after on the same problems: Wilson intervals, exact McNemar p
     eval       accuracy of every prompting strategy with its Wilson interval; the pairs that differ (McNemar p < 0.05)
 
@@ -90,10 +91,10 @@ def _dpo(s: dict[str, Any], folder: Path) -> list[list[Any]]:
     if s.get("eval_reward_accuracy") is not None:
         rows.append(["held-out reward accuracy (chance 0.5)", "ties", s["eval_reward_accuracy"],
                      _wilson(s["eval_reward_accuracy"], s.get("eval_count"))])
-    return rows
+    return rows + _held_out_accuracy(s, folder)
 
 
-def _grpo(s: dict[str, Any], folder: Path) -> list[list[Any]]:
+def _held_out_accuracy(s: dict[str, Any], folder: Path) -> list[list[Any]]:
     if s.get("accuracy_before") is None or s.get("accuracy_after") is None:
         return []
     test = ""
@@ -123,7 +124,8 @@ def _eval(s: dict[str, Any], folder: Path) -> list[list[Any]]:
     return rows
 
 
-_RULES = {"pretrain": _pretrain, "finetune": _finetune, "sft": _sft, "dpo": _dpo, "grpo": _grpo, "eval": _eval}
+_RULES = {"pretrain": _pretrain, "finetune": _finetune, "sft": _sft, "dpo": _dpo, "grpo": _held_out_accuracy,
+          "eval": _eval}
 
 
 def headline_rows(kind: str, summary: dict[str, Any], folder: Path) -> list[list[Any]]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from lmcraft.align.grpo_config import TaskSection
 from lmcraft.align.scoring import ScorerSpec
 from lmcraft.config import PeftOptions, Section, StageConfig
 from lmcraft.errors import ConfigError
@@ -64,9 +65,25 @@ class DataSection(Section):
 
 
 class PairsData(DataSection):
-    """Preference pairs (reward, dpo): prompt/chosen/rejected records, alpaca or sharegpt preference records."""
+    """Preference pairs (reward, dpo): prompt/chosen/rejected records, alpaca or sharegpt preference records; or,
+    instead of `train` files, pairs made from a prompting task (`task`: its `size` items train, the next `eval_size`
+    are held out; chosen = the gold answer, rejected = another item's different gold answer, drawn with `seed`: see
+    `lmcraft.align.task_pairs`). With a task, the dpo stage also reports the held-out accuracy of greedy answers
+    before and after training."""
 
+    train: list[str] = []
     format: Literal["auto", "prompt", "alpaca", "sharegpt"] = "auto"
+    task: TaskSection | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PairsData:
+        if (self.task is None) == (not self.train):
+            raise ValueError("give data.train (preference files) or data.task (pairs made from a prompting task), "
+                             "exactly one of them")
+        if self.task is not None and (self.eval or self.val_size or self.limit):
+            raise ValueError("with data.task, the held-out pairs are its eval_size items and its size bounds the "
+                             "training pairs: remove data.eval, data.val_size and data.limit")
+        return self
 
 
 class SamplesSection(GenerationSettings):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmcraft.align.held_out import HeldOutAccuracy, held_out_change
 from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, truncate
 from lmcraft.align.preference_losses import (
     REFERENCE_FREE,
@@ -195,10 +196,15 @@ def load_unpaired(data: PairsData, formatter: ChatFormatter) -> tuple[UnpairedDa
     if data.format != "auto":
         raise ConfigError(f"dpo.loss: kto reads labelled answers, whose layout is found from each record's keys; "
                           f"remove data.format ({data.format!r})")
-    answers = load_labelled_answers(data.train, data.limit)
-    evals = load_labelled_answers(data.eval) if data.eval else []
-    if not evals:
-        answers, evals = split_eval(answers, data.val_size, data.seed)
+    if data.task is not None:
+        from lmcraft.align.task_pairs import as_labelled_answers, task_preferences
+
+        answers, evals = map(as_labelled_answers, task_preferences(data.task, data.seed))
+    else:
+        answers = load_labelled_answers(data.train, data.limit)
+        evals = load_labelled_answers(data.eval) if data.eval else []
+        if not evals:
+            answers, evals = split_eval(answers, data.val_size, data.seed)
     train = build_unpaired_data(answers, formatter, data.max_length, data.truncation)
     evaluation = build_unpaired_data(evals, formatter, data.max_length, data.truncation) if evals else None
     return train, evaluation
@@ -276,6 +282,7 @@ class DPO(AlignmentMethod):
 
     def __init__(self, settings: DPOSection) -> None:
         self.settings = settings
+        self.accuracy: HeldOutAccuracy | None = None
 
     @classmethod
     def from_config(cls, cfg: DPOConfig) -> DPO:
@@ -283,6 +290,17 @@ class DPO(AlignmentMethod):
 
     def data(self, run: Run) -> tuple[PairData | UnpairedData, PairData | UnpairedData | None]:
         formatter = ChatFormatter(run.start.tokenizer, train_on="last")
+        task = run.cfg.data.task
+        if task is not None and task.eval_size:  # pairs from a task: held-out accuracy before, at each eval, after
+            from lmcraft.align.held_out import task_accuracy
+            from lmcraft.errors import ConfigError
+
+            if run.cfg.score_eval is not None:
+                raise ConfigError("with data.task the evaluation score is the task's held-out accuracy; remove "
+                                  "score_eval")
+            t = run.cfg.trainer
+            self.accuracy = run.scorer = task_accuracy(task, run.start.tokenizer, t.eval_batch_size or 16)
+            run.start_score = run.scorer.baseline(run.out, run.start.model)
         if self.settings.loss == "kto":
             return load_unpaired(run.cfg.data, formatter)
         return load_pairs(run.cfg.data, formatter)
@@ -323,8 +341,13 @@ class DPO(AlignmentMethod):
         last = evals[-1] if evals else {}
         count = "examples" if self.settings.loss == "kto" else "pairs"
         start = run.start_eval
-        return {"loss": self.settings.loss, count: len(run.train), "start_score": run.start_score,
-                "eval_score": last.get("eval_score"), "eval_reward_accuracy": last.get("eval_reward_accuracy"),
-                "eval_loss": last.get("eval_loss"), "eval_count": len(run.evaluation or ()),
-                "start_eval_reward_accuracy": start.get("eval_reward_accuracy"),
-                "start_eval_loss": start.get("eval_loss")}
+        summary = {"loss": self.settings.loss, count: len(run.train), "start_score": run.start_score,
+                   "eval_score": last.get("eval_score"), "eval_reward_accuracy": last.get("eval_reward_accuracy"),
+                   "eval_loss": last.get("eval_loss"), "eval_count": len(run.evaluation or ()),
+                   "start_eval_reward_accuracy": start.get("eval_reward_accuracy"),
+                   "start_eval_loss": start.get("eval_loss")}
+        acc = self.accuracy
+        if acc is not None and acc.correct_before is not None and acc.correct is not None:
+            summary.update({"accuracy_before": run.start_score, "accuracy_after": last.get("eval_score"),
+                            **held_out_change(acc.correct_before, acc.correct)})
+        return summary

@@ -126,10 +126,15 @@ def load_pairs(data: PairsData, formatter: ChatFormatter) -> tuple[PairData, Pai
     from lmcraft.align.config import split_eval
     from lmcraft.align.data import load_preferences
 
-    pairs = load_preferences(data.train, data.format, data.limit)
-    evals = load_preferences(data.eval, data.format) if data.eval else []
-    if not evals:
-        pairs, evals = split_eval(pairs, data.val_size, data.seed)
+    if data.task is not None:
+        from lmcraft.align.task_pairs import task_preferences
+
+        pairs, evals = task_preferences(data.task, data.seed)
+    else:
+        pairs = load_preferences(data.train, data.format, data.limit)
+        evals = load_preferences(data.eval, data.format) if data.eval else []
+        if not evals:
+            pairs, evals = split_eval(pairs, data.val_size, data.seed)
     train = build_pair_data(pairs, formatter, data.max_length, data.truncation)
     evaluation = build_pair_data(evals, formatter, data.max_length, data.truncation) if evals else None
     return train, evaluation

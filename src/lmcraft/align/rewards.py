@@ -28,12 +28,13 @@ from lmcraft.prompting.answers import AnswerSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Rewards", "answer_text", "task_answer_spec", "task_items"]
+__all__ = ["Rewards", "answer_text", "section_task", "task_answer_spec", "task_items"]
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def _task(section: TaskSection, size: int | None = None) -> Any:
+def section_task(section: TaskSection, size: int | None = None) -> Any:
+    """The prompting task a `task` section names, with its overrides (a generated source sized to `size`)."""
     from lmcraft.prompting.tasks import load_task
 
     overrides = dict(section.overrides)
@@ -44,7 +45,7 @@ def _task(section: TaskSection, size: int | None = None) -> Any:
 
 def task_answer_spec(section: TaskSection) -> AnswerSpec:
     """How answers of the task are read and compared: the prompting task's answer spec."""
-    return _task(section).config.answer
+    return section_task(section).config.answer
 
 
 def task_items(section: TaskSection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -52,9 +53,9 @@ def task_items(section: TaskSection) -> tuple[list[dict[str, Any]], list[dict[st
     from lmcraft.prompting.templates import fill
 
     need = section.size + section.eval_size
-    task = _task(section)
+    task = section_task(section)
     if len(task.docs()) < need and "size" in type(task.config.data).model_fields:  # a generated source: make more
-        task = _task(section, need)
+        task = section_task(section, need)
     docs = task.docs()
     if len(docs) < need:
         raise ConfigError(f"task {section.name!r} has {len(docs)} documents, fewer than task.size + "
