@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmcraft.align.held_out import HeldOutAccuracy, held_out_change
+from lmcraft.align.held_out import HeldOutAccuracy, task_accuracy
 from lmcraft.align.instruct import ChatFormatter, Tokenized, Truncation, truncate
 from lmcraft.align.preference_losses import (
     REFERENCE_FREE,
@@ -282,7 +282,6 @@ class DPO(AlignmentMethod):
 
     def __init__(self, settings: DPOSection) -> None:
         self.settings = settings
-        self.accuracy: HeldOutAccuracy | None = None
 
     @classmethod
     def from_config(cls, cfg: DPOConfig) -> DPO:
@@ -292,14 +291,13 @@ class DPO(AlignmentMethod):
         formatter = ChatFormatter(run.start.tokenizer, train_on="last")
         task = run.cfg.data.task
         if task is not None and task.eval_size:  # pairs from a task: held-out accuracy before, at each eval, after
-            from lmcraft.align.held_out import task_accuracy
             from lmcraft.errors import ConfigError
 
             if run.cfg.score_eval is not None:
                 raise ConfigError("with data.task the evaluation score is the task's held-out accuracy; remove "
                                   "score_eval")
             t = run.cfg.trainer
-            self.accuracy = run.scorer = task_accuracy(task, run.start.tokenizer, t.eval_batch_size or 16)
+            run.scorer = task_accuracy(task, run.start.tokenizer, t.eval_batch_size or 16)
             run.start_score = run.scorer.baseline(run.out, run.start.model)
         if self.settings.loss == "kto":
             return load_unpaired(run.cfg.data, formatter)
@@ -346,8 +344,7 @@ class DPO(AlignmentMethod):
                    "eval_loss": last.get("eval_loss"), "eval_count": len(run.evaluation or ()),
                    "start_eval_reward_accuracy": start.get("eval_reward_accuracy"),
                    "start_eval_loss": start.get("eval_loss")}
-        acc = self.accuracy
-        if acc is not None and acc.correct_before is not None and acc.correct is not None:
-            summary.update({"accuracy_before": run.start_score, "accuracy_after": last.get("eval_score"),
-                            **held_out_change(acc.correct_before, acc.correct)})
+        change = run.scorer.change() if isinstance(run.scorer, HeldOutAccuracy) else {}
+        if change:
+            summary.update({"accuracy_before": run.start_score, "accuracy_after": last.get("eval_score"), **change})
         return summary

@@ -47,7 +47,7 @@ from lmcraft.align.grpo_loss import (
     sequence_loss,
     token_loss,
 )
-from lmcraft.align.held_out import HeldOutAccuracy, held_out_change
+from lmcraft.align.held_out import HeldOutAccuracy
 from lmcraft.align.ppo import OnDemandRollouts, RolloutRows, layout, masked_mean, minibatch_plan
 from lmcraft.align.run import AlignmentMethod, Run, TrainPlan
 from lmcraft.errors import ConfigError, LmcraftError
@@ -362,9 +362,8 @@ class GRPO(AlignmentMethod):
                    "last_rollout_reward": rollouts[-1]["reward"] if rollouts else None,
                    "accuracy_before": run.start_score, "accuracy_after": evals[-1]["eval_score"] if evals else None,
                    "peak_memory_mb": max(peaks) if peaks else None}
-        acc = self.accuracy
-        if acc is not None and acc.correct_before is not None and acc.correct is not None and evals:
-            summary.update(held_out_change(acc.correct_before, acc.correct))  # the last evaluation is the final one
+        if self.accuracy is not None and evals:
+            summary.update(self.accuracy.change())  # the last evaluation is the final one
         return summary
 
     def _plot(self, run: Run, rollouts: list[dict[str, float]], history: list[dict[str, Any]],

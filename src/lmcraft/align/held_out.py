@@ -59,6 +59,12 @@ class HeldOutAccuracy(ScoreEvaluator):
         self.correct = correct
         return sum(correct) / max(len(self.items), 1)
 
+    def change(self) -> dict[str, float]:
+        """`held_out_change` from the start model's results to the last evaluation's; {} until both exist."""
+        if self.correct_before is None or self.correct is None:
+            return {}
+        return held_out_change(self.correct_before, self.correct)
+
 
 def held_out_change(before: Sequence[bool], after: Sequence[bool]) -> dict[str, float]:
     """Accuracy on the same n held-out items before and after training: each with its 95% Wilson interval, the
@@ -84,9 +90,9 @@ def task_accuracy(section: TaskSection, tokenizer: Tokenizer, batch_size: int = 
     """Held-out accuracy on the `eval_size` items of a task section (the items after its `size` training ones):
     greedy answers of up to the task's `generation.max_new_tokens` tokens, scored by its answer spec."""
     from lmcraft.align.grpo_config import RewardSpec
-    from lmcraft.align.rewards import Rewards, section_task, task_answer_spec, task_items
+    from lmcraft.align.rewards import Rewards, section_task, task_items
 
-    held_out = task_items(section)[1]
-    budget = section_task(section).config.generation.max_new_tokens
-    rewards = Rewards([RewardSpec(kind="accuracy")], task_answer_spec(section))
-    return HeldOutAccuracy(held_out, rewards, tokenizer, budget, batch_size)
+    task = section_task(section)
+    rewards = Rewards([RewardSpec(kind="accuracy")], task.config.answer)
+    return HeldOutAccuracy(task_items(section)[1], rewards, tokenizer, task.config.generation.max_new_tokens,
+                           batch_size)
