@@ -17,10 +17,29 @@ def test_tiny_llama_forward_has_no_graph_breaks(tiny_model: Callable[..., torch.
         if isinstance(m, RotaryEmbedding):
             m.reserve(model.config.max_position_embeddings)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(ids)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    padded = torch.ones(2, 8, dtype=torch.long)
+    padded[1, 6:] = 0  # a padded batch (preference and SFT batches): no data-dependent branch on the mask either
+    for mask in (None, padded):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def test_generation_runs_a_training_compiled_model_eager(tiny_model: Callable[..., torch.nn.Module]) -> None:
+    """Samples drawn inside a compiled training run decode through the model's own forward (a compiled training
+    forward would recompile for every new length), and the compiled forward is back afterwards."""
+    from lmcraft.generate import GenerationConfig, generate
+
+    model = tiny_model().eval()
+    model.compile()
+    compiled = model._compiled_call_impl
+    calls = []
+    model._compiled_call_impl = lambda *a, **k: calls.append(1) or compiled(*a, **k)
+    counting = model._compiled_call_impl
+    out = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=3))
+    assert len(out.tokens[0]) == 3 and calls == []
+    assert model._compiled_call_impl is counting
 
 
 def test_auto_rule_amortises() -> None:

@@ -47,6 +47,7 @@ from lmcraft.generation_settings import GenerationSettings, Sampling, SamplingKn
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.layers import KVCache
 from lmcraft.models.model import Prefix
+from lmcraft.train.compile import eager_forward
 
 log = logging.getLogger("lmcraft.generate")
 
@@ -281,6 +282,8 @@ class Generation:
         start = time.perf_counter()
         try:
             with ExitStack() as stack:
+                if torch_model:
+                    stack.enter_context(eager_forward(model))
                 yield from self._decode(stack)
         finally:
             self.elapsed_s = time.perf_counter() - start

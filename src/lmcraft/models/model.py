@@ -141,7 +141,8 @@ class Backbone(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(None if explicit else attention_mask, b, t, past_len, ref.device)
         h = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)
-        if not explicit and attention_mask is not None and bool(attention_mask.all()):
+        if (not explicit and attention_mask is not None and not torch.compiler.is_compiling()
+                and bool(attention_mask.all())):  # compiled: no data-dependent branch (a graph break); mask kept
             attention_mask = None  # nothing to mask: keep the fast SDPA paths
         cfg = self.config
         windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]

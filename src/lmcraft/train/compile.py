@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "prepare_compile", "should_compile"]
+__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "eager_forward", "prepare_compile", "should_compile"]
 
 log = logging.getLogger("lmcraft.train")
 
@@ -60,3 +62,19 @@ def compile_model(model: nn.Module) -> bool:
         return False
     log.info("model forward compiled with torch.compile (cache %s)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
     return True
+
+
+@contextmanager
+def eager_forward(model: nn.Module) -> Iterator[None]:
+    """Inside the block `model` runs its own forward, not the one `compile_model` compiled for training: a
+    generation inside a training run (samples, held-out accuracy) feeds it a new shape at every token, each of which
+    would recompile it. Generation compiles its own decode step where that pays (`generate.static`)."""
+    compiled = getattr(model, "_compiled_call_impl", None)  # set by nn.Module.compile
+    if compiled is None:
+        yield
+        return
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = compiled
