@@ -166,6 +166,29 @@ def test_every_preference_loss_through_the_stage(task: Path, tmp_path: Path, los
         assert summary["examples"] == 20 and all(r["kl"] >= 0 for r in train)
 
 
+def test_kto_on_preference_pairs_holds_out_whole_pairs(task: Path, tmp_path: Path) -> None:
+    """KTO reads a pair file as labelled answers (chosen desirable, rejected not); val_size holds out whole records,
+    so no held-out prompt is trained on, and the held-out pairs are scored by their implicit rewards: every pair ties
+    at the start (0.5), and the score moves once the policy leaves its reference."""
+    from lmcraft.align.config import PairsData
+    from lmcraft.align.dpo import answer_pairs, load_unpaired
+    from lmcraft.align.instruct import ChatFormatter
+    from lmcraft.tokenizer.load import load_tokenizer
+
+    cfg = stage_config("dpo", task, tmp_path / "kto", peft={"method": "lora", "r": 2}, max_steps=3, eval_every=3)
+    cfg["dpo"] = {"loss": "kto", "beta": 0.5}
+    data = PairsData(**cfg["data"])
+    train, held = load_unpaired(data, ChatFormatter(load_tokenizer(task / "base"), train_on="last"))
+    assert held is not None and len(held) == 8 and len(train) == 40  # 4 of 24 pairs, two answers each
+    assert len(answer_pairs(held)) == 4 and len(answer_pairs(train)) == 20
+    assert not {ex.source for ex, _ in train.items} & {ex.source for ex, _ in held.items}
+    summary = run_stage("dpo", cfg, tmp_path / "kto.yaml")
+    assert summary["start_eval_pair_reward_accuracy"] == 0.5 and summary["eval_pairs"] == 4
+    wins, ties, losses = summary["pair_wins"], summary["pair_ties"], summary["pair_losses"]
+    assert wins + ties + losses == 4 and summary["eval_pair_reward_accuracy"] == (wins + ties / 2) / 4
+    assert 0.0 < summary["pair_sign_test_p"] <= 1.0 and len(summary["pair_win_interval"]) == 2
+
+
 def test_full_finetuning_chain_sft_reward_ppo_and_dpo(task: Path, tmp_path: Path) -> None:
     """Full fine-tuning (frozen-copy references), and stages started from an earlier stage's adapter folder."""
     run_stage("sft", stage_config("sft", task, tmp_path / "sft", peft={"method": "lora", "r": 2}, max_steps=4),

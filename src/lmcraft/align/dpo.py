@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from lmcraft.stages.dpo import DPOConfig
     from lmcraft.train import LossOutput, Trainer
 
-__all__ = ["DPO", "DPOLoss", "UnpairedData", "WithReference", "build_unpaired_data", "dpo_loss", "load_unpaired",
-           "mismatched", "precompute_reference", "reference_logps"]
+__all__ = ["DPO", "DPOLoss", "PairRewardAccuracy", "UnpairedData", "WithReference", "answer_pairs",
+           "build_unpaired_data", "dpo_loss", "load_unpaired", "mismatched", "precompute_reference", "reference_logps"]
 
 
 def _logps(model: nn.Module, batch: dict[str, Any], rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +164,63 @@ class UnpairedData:
         return out
 
 
+def answer_pairs(data: UnpairedData) -> list[tuple[int, int]]:
+    """(desirable, undesirable) item indices of each record that gave one of each: a preference pair read as KTO's
+    labelled answers (`align.data`), in item order; empty for unpaired data such as kto_en_demo."""
+    by_record: dict[str, dict[bool, int]] = {}
+    for i, (example, desirable) in enumerate(data.items):
+        by_record.setdefault(example.source, {})[desirable] = i
+    return [(two[True], two[False]) for two in by_record.values() if len(two) == 2]
+
+
+class PairRewardAccuracy:
+    """KTO trained on preference pairs, scored on held-out pairs: the share of pairs whose chosen answer's implicit
+    reward r = log pi(y|x) - log ref(y|x) beats the rejected one's, a tie counting one half (at the start every
+    reward is 0, so every pair ties: 0.5). The reference log-probs are computed on the first call, in the same
+    batches as the policy's, so a policy equal to its reference ties exactly. `counts` holds the last call's
+    (wins, ties, losses) of the chosen answers."""
+
+    def __init__(self, data: UnpairedData, pairs: Sequence[tuple[int, int]], reference: ReferencePolicy,
+                 batch_size: int) -> None:
+        self.data, self.pairs, self.reference, self.batch_size = data, list(pairs), reference, batch_size
+        self.ref: list[float] | None = None
+        self.counts = (0, len(self.pairs), 0)
+
+    def _logps(self, model: nn.Module, net: nn.Module) -> list[float]:
+        import torch
+
+        from lmcraft.align.instruct import collate_padded
+
+        device = next(model.parameters()).device
+
+        def rows(part: slice) -> list[float]:
+            batch = collate_padded([ex for ex, _ in self.data.items[part]], self.data.pad_id)
+            return _logps(net, {k: v.to(device) for k, v in batch.items()})[0].tolist()
+
+        with torch.no_grad():
+            return [v for part in scored_batches(model, len(self.data), self.batch_size, rows) for v in part]
+
+    def __call__(self, model: nn.Module) -> float:
+        if self.ref is None:
+            with self.reference.active(model) as net:
+                self.ref = self._logps(model, net)
+        r = [p - q for p, q in zip(self._logps(model, model), self.ref, strict=True)]
+        wins, losses = sum(r[c] > r[u] for c, u in self.pairs), sum(r[c] < r[u] for c, u in self.pairs)
+        self.counts = (wins, len(self.pairs) - wins - losses, losses)
+        return (wins + self.counts[1] / 2) / len(self.pairs)
+
+    def summary(self) -> dict[str, Any]:
+        """The last call's wins / ties / losses, the Wilson interval of the win rate and the exact two-sided sign
+        test of wins against losses (ties dropped): is the preference better than chance?"""
+        from lmcraft.evaluate import wilson_interval
+        from lmcraft.metrics import mcnemar_exact
+
+        wins, ties, losses = self.counts
+        return {"eval_pairs": len(self.pairs), "pair_wins": wins, "pair_ties": ties, "pair_losses": losses,
+                "pair_win_interval": list(wilson_interval(wins, len(self.pairs))),
+                "pair_sign_test_p": mcnemar_exact(losses, wins)}
+
+
 def build_unpaired_data(answers: Sequence[LabelledAnswer], formatter: ChatFormatter, max_length: int,
                         truncation: Truncation = "right") -> UnpairedData:
     """Render prompt + answer of every labelled answer (prompt cut from the left when too long); the whole sequences
@@ -203,8 +260,12 @@ def load_unpaired(data: PairsData, formatter: ChatFormatter) -> tuple[UnpairedDa
     else:
         answers = load_labelled_answers(data.train, data.limit)
         evals = load_labelled_answers(data.eval) if data.eval else []
-        if not evals:
-            answers, evals = split_eval(answers, data.val_size, data.seed)
+        if not evals:  # whole records held out: both answers of a preference pair stay on one side
+            records: dict[str, list[LabelledAnswer]] = {}
+            for answer in answers:
+                records.setdefault(answer.source, []).append(answer)
+            kept, held = split_eval(list(records.values()), data.val_size, data.seed)
+            answers, evals = [a for r in kept for a in r], [a for r in held for a in r]
     train = build_unpaired_data(answers, formatter, data.max_length, data.truncation)
     evaluation = build_unpaired_data(evals, formatter, data.max_length, data.truncation) if evals else None
     return train, evaluation
@@ -282,6 +343,7 @@ class DPO(AlignmentMethod):
 
     def __init__(self, settings: DPOSection) -> None:
         self.settings = settings
+        self.pairs: PairRewardAccuracy | None = None  # KTO on pair files: the held-out pairs' scorer
 
     @classmethod
     def from_config(cls, cfg: DPOConfig) -> DPO:
@@ -326,6 +388,12 @@ class DPO(AlignmentMethod):
         if scorer is not None:  # the start model's score is run.start_score (computed before the adapters)
             def eval_fn(trainer: Trainer) -> dict[str, float]:
                 return {"score": run.start_score if trainer.state.step == 0 else scorer(trainer.model)}
+        elif d.loss == "kto" and isinstance(evaluation, UnpairedData) and answer_pairs(evaluation):
+            self.pairs = pairs = PairRewardAccuracy(evaluation, answer_pairs(evaluation), reference,
+                                                    t.eval_batch_size or t.micro_batch_size)
+
+            def eval_fn(trainer: Trainer) -> dict[str, float]:
+                return {"pair_reward_accuracy": pairs(trainer.model)}
         return TrainPlan(DPOLoss(d, reference), train, evaluation, eval_fn=eval_fn, start_evaluation=True)
 
     def summary(self, run: Run) -> dict[str, Any]:
@@ -344,6 +412,10 @@ class DPO(AlignmentMethod):
                    "eval_loss": last.get("eval_loss"), "eval_count": len(run.evaluation or ()),
                    "start_eval_reward_accuracy": start.get("eval_reward_accuracy"),
                    "start_eval_loss": start.get("eval_loss")}
+        if self.pairs is not None and "eval_pair_reward_accuracy" in last:
+            summary.update({"eval_pair_reward_accuracy": last["eval_pair_reward_accuracy"],
+                            "start_eval_pair_reward_accuracy": start.get("eval_pair_reward_accuracy"),
+                            **self.pairs.summary()})
         change = run.scorer.change() if isinstance(run.scorer, HeldOutAccuracy) else {}
         if change:
             summary.update({"accuracy_before": run.start_score, "accuracy_after": last.get("eval_score"), **change})
