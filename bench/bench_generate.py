@@ -75,7 +75,7 @@ def time_batch(ours, theirs, prompts: list[list[int]], new_tokens: int, repeats:
             torch.cuda.synchronize(device)
 
     def lmcraft(compile: bool) -> Callable[[], None]:
-        config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=(), compile=compile)
+        config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=(), compile=compile, weights_fixed=True)
 
         def run() -> None:
             result = generate(ours, prompts, config)

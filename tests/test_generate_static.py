@@ -93,6 +93,27 @@ def test_compiled_greedy_equals_eager(tiny_model: Callable[..., torch.nn.Module]
     assert again.path == "static+compiled" and again.tokens == compiled.tokens
 
 
+@pytest.mark.slow
+def test_weights_fixed_compile_folds_weights_and_refuses_moved_ones(
+        tiny_model: Callable[..., torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """weights_fixed (generate, chat, serve): the CPU step compiled with the weights folded in (freezing,
+    max_autotune) gives the eager tokens; once the weights move (an optimizer step) that model is refused, because
+    its folded graph would keep the old weights."""
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    from lmcraft.generate import GenerationError
+
+    model = tiny_model(vocab_size=97, num_kv_heads=2).eval()
+    folded = greedy(model, PADDED_3, compile=True, weights_fixed=True)
+    assert folded.path == "static+compiled" and folded.tokens == greedy(model, PADDED_3).tokens
+    assert greedy(model, PADDED_3, compile=True, weights_fixed=True).tokens == folded.tokens  # compiled once
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    with pytest.raises(GenerationError, match="weights changed"):
+        greedy(model, PADDED_3, compile=True, weights_fixed=True)
+    assert greedy(model, PADDED_3).path == "dynamic"  # eager generation of the moved model still works
+
+
 def test_stage_settings_pass_compile_through() -> None:
     from lmcraft.generation_settings import GenerationSettings, SamplingSettings
 

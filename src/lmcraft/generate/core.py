@@ -64,7 +64,9 @@ class GenerationConfig:
 
     `do_sample=False` (or `temperature=0`) is greedy decoding. `eos_token_ids=None` uses the model config's
     `eos_token_id` (one id or a list); `()` disables EOS stopping. Stop strings need a tokenizer; the
-    returned text ends right before the stop string. `seed` makes sampling reproducible.
+    returned text ends right before the stop string. `seed` makes sampling reproducible. `weights_fixed`: the
+    weights never change while this model generates (inference only, not inside training), so a compiled CPU
+    decode step may fold them into its graph (`generate.static`; about 2x faster at batch 1, 2x the compile time).
     """
 
     max_new_tokens: int = 128
@@ -80,6 +82,7 @@ class GenerationConfig:
     seed: int | None = None
     compile: bool | str = False
     cache: str = "dynamic"
+    weights_fixed: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -368,7 +371,8 @@ class Generation:
         visible = torch.zeros(rows, capacity, dtype=torch.bool, device=ids.device)
         visible[:, :width] = True if mask is None else mask.bool()
         cache.start_decoding()
-        return logits, StaticDecoder(model, cache, visible, next_pos, c.compile, c.max_new_tokens - 1, install_fast)
+        return logits, StaticDecoder(model, cache, visible, next_pos, c.compile, c.max_new_tokens - 1, install_fast,
+                                     c.weights_fixed)
 
     def _dynamic_step(self, cache: KVCache, mask: torch.Tensor | None, next_pos: torch.Tensor,
                       extra: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -106,7 +106,7 @@ class Batcher:
             max_new_tokens=max(job.max_tokens for job in jobs), do_sample=not greedy,
             temperature=1.0 if greedy else first.temperature, top_p=first.top_p, seed=first.seed,
             eos_token_ids=self.eos_ids, pad_token_id=getattr(self.tokenizer, "pad_token_id", None),
-            compile=self.compile,
+            compile=self.compile, weights_fixed=True,
         )
         self.stats["batches"] += 1
         self.stats["rows"] += len(prompts)

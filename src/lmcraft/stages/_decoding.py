@@ -68,7 +68,7 @@ def generation_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--greedy cannot be combined with sampling flags ({flags}); drop one of them.")
     return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=bool(sampling),
                             repetition_penalty=args.repetition_penalty, stop_strings=tuple(args.stop),
-                            seed=args.seed, compile=compile_setting(args.compile),
+                            seed=args.seed, compile=compile_setting(args.compile), weights_fixed=True,
                             **sampling)
 
 
