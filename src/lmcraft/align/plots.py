@@ -106,15 +106,21 @@ def plot_training(history: Sequence[dict[str, Any]], path: Path, title: str = ""
 def plot_dpo(history: Sequence[dict[str, Any]], start_score: float | None, path: Path,
              start_eval: dict[str, float] | None = None, title: str = "DPO") -> None:
     """Train loss and implicit-reward margin, held-out reward accuracy (from `start_eval`, the start model's, at
-    step 0), and the held-out score (from the start)."""
+    step 0), and the held-out score (from the start). KTO: the held-out answers on their label's side, and where it
+    was trained on pairs the held-out pairs' reward accuracy (`eval_pair_reward_accuracy`)."""
     train = [r for r in history if r["split"] == "train"]
     evals = [r for r in history if r["split"] == "eval"]
-    accuracy = [(r["step"], r["eval_reward_accuracy"]) for r in evals]
-    if start_eval and "eval_reward_accuracy" in start_eval:
-        accuracy.insert(0, (0, start_eval["eval_reward_accuracy"]))
     series = {f"{title} loss (train)": ([r["step"] for r in train], [r["loss"] for r in train]),
-              "reward margin (train)": ([r["step"] for r in train], [r["reward_margin"] for r in train]),
-              "reward accuracy (held-out pairs)": ([s for s, _ in accuracy], [v for _, v in accuracy])}
+              "reward margin (train)": ([r["step"] for r in train], [r["reward_margin"] for r in train])}
+    unpaired = title == "KTO"
+    names = {"eval_reward_accuracy": "held-out answers on their label's side" if unpaired else
+             "reward accuracy (held-out pairs)", "eval_pair_reward_accuracy": "reward accuracy (held-out pairs)"}
+    for key, name in names.items():
+        accuracy = [(r["step"], r[key]) for r in evals if key in r]
+        if accuracy and start_eval and key in start_eval:
+            accuracy.insert(0, (0, start_eval[key]))
+        if accuracy:
+            series[name] = ([s for s, _ in accuracy], [v for _, v in accuracy])
     scored = [(r["step"], r["eval_score"]) for r in evals if "eval_score" in r]
     if scored:
         scored.insert(0, (0, start_score))
