@@ -103,3 +103,35 @@ def test_compiled_run_resumes_exactly(tiny_model: Callable[..., torch.nn.Module]
     losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(x)] for d in ("full", "resumed")]
     assert len(losses[0]) == 4 and losses[0][2:] == losses[1][-2:]
+
+
+@pytest.mark.parametrize("recorded", [0.0, 1e9], ids=["cheap", "dear"])
+def test_auto_uses_and_records_the_measured_compile_time(tiny_model: Callable[..., torch.nn.Module], tmp_path,
+                                                         monkeypatch: pytest.MonkeyPatch, recorded: float) -> None:
+    """`compile: auto` decides from this machine's recorded compile time of the model (a dear one keeps the run
+    eager, a cheap one compiles), then records what the compile cost: the first compiled step's excess over the
+    eager step."""
+    from dist_train_script import make_data
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.train import Trainer, TrainerConfig
+    from lmcraft.train import compile as training_compile
+    from lmcraft.train import trainer as trainer_module
+
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(vocab_size=32)
+    key = training_compile.training_compile_key(model, "fp32", [4])
+    training_compile.record_compile_seconds("train", key, recorded)
+    assert training_compile.recorded_compile_seconds("train", key)[0] == recorded
+    compiled = []
+    monkeypatch.setattr(trainer_module, "compile_model", lambda m: compiled.append(m) or True)  # no real compile
+    objective = CausalLM()
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]):  # noqa: ANN202 - a LossOutput
+        return objective.loss(m, objective.transform({"input_ids": batch["input_ids"]}))
+
+    cfg = TrainerConfig(max_steps=3, micro_batch_size=4, compile="auto", precision="fp32", progress=False,
+                        tensorboard=False, plot=False, device="cpu")
+    Trainer(model, loss, make_data(16), config=cfg, output_dir=tmp_path / "run").train()
+    assert len(compiled) == (1 if recorded == 0.0 else 0)
+    seconds, source = training_compile.recorded_compile_seconds("train", key)
+    assert source.startswith("measured before") and (seconds == recorded if compiled == [] else seconds >= 0.0)

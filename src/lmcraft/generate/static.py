@@ -35,19 +35,15 @@ already compiled in this process, the last measured compile time of this model a
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmcraft import io
 from lmcraft.models.config import ModelConfig
 from lmcraft.models.layers import KVCache
 from lmcraft.models.model import LanguageModel
@@ -173,38 +169,29 @@ def shape_key(model: nn.Module, batch: int, capacity: int, dtype: torch.dtype, d
     return (id(model), batch, capacity, str(dtype), str(device), fixed)
 
 
-def _record_path(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 fixed: bool) -> Path:
-    from lmcraft.io import cache_root
-
-    key = [asdict(model.config), batch, capacity, str(dtype), device.type, torch.__version__] + (["fixed"] if fixed
-                                                                                                else [])
-    text = json.dumps(key, sort_keys=True, default=str)
-    return cache_root() / "compile" / f"generate-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+def _record_key(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                fixed: bool) -> list:
+    return [asdict(model.config), batch, capacity, str(dtype), device.type] + (["fixed"] if fixed else [])
 
 
 def expected_compile_seconds(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype,
                              device: torch.device, fixed: bool) -> tuple[float, str]:
     """(seconds a compile of this step is expected to take, where the number comes from)."""
-    from lmcraft.train.compile import TYPICAL_COMPILE_S
+    from lmcraft.train.compile import recorded_compile_seconds
 
     if shape_key(model, batch, capacity, dtype, device, fixed) in _SHAPES_DONE:
         return 0.0, "compiled earlier in this process"
-    path = _record_path(model, batch, capacity, dtype, device, fixed)
-    try:
-        return float(json.loads(path.read_text(encoding="utf-8"))["compile_s"]), f"measured before ({path})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return TYPICAL_COMPILE_S, "typical compile time"
+    return recorded_compile_seconds("generate", _record_key(model, batch, capacity, dtype, device, fixed))
 
 
 def record_compile_seconds(model: LanguageModel, batch: int, capacity: int, dtype: torch.dtype,
                            device: torch.device, fixed: bool, seconds: float) -> None:
     """Remember that this shape is compiled (in-process) and how long it took (on disk, for later runs)."""
+    from lmcraft.train import compile as training_compile
+
     _SHAPES_DONE.add(shape_key(model, batch, capacity, dtype, device, fixed))
-    try:
-        io.write_json(_record_path(model, batch, capacity, dtype, device, fixed), {"compile_s": seconds})
-    except OSError as err:
-        log.warning("cannot record the compile time (%s)", err)
+    training_compile.record_compile_seconds("generate", _record_key(model, batch, capacity, dtype, device, fixed),
+                                            seconds)
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:

@@ -4,21 +4,28 @@ Rule of `auto`: compile only when it pays back. After the first (eager) optimize
 t_step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run left is at least 20
 times longer than the compile (t_compile: TYPICAL_COMPILE_S seconds unless the caller knows better, e.g.
 generation's measured compile times), so tests and short runs stay eager.
+The compile time is measured and kept per model and shape under `<lmcraft cache>/compile/` (`record_compile_seconds`),
+so a later run's rule uses what compiling this model took here instead of the typical figure.
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
 second run of the same model skips most of the work. A failure to compile is reported and the run goes on eager.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "eager_forward", "prepare_compile", "should_compile"]
+__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "eager_forward", "prepare_compile",
+           "record_compile_seconds", "recorded_compile_seconds", "should_compile", "training_compile_key"]
 
 log = logging.getLogger("lmcraft.train")
 
@@ -78,3 +85,40 @@ def eager_forward(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model._compiled_call_impl = compiled
+
+
+def _record_file(kind: str, key: Sequence[Any]) -> Path:
+    import torch
+
+    from lmcraft.io import cache_root
+
+    text = json.dumps([*key, torch.__version__], sort_keys=True, default=str)
+    return cache_root() / "compile" / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+
+def recorded_compile_seconds(kind: str, key: Sequence[Any]) -> tuple[float, str]:
+    """(the compile seconds recorded for `kind` ("train", "generate") and `key`, where it comes from), or the typical
+    figure when none was recorded on this machine."""
+    path = _record_file(kind, key)
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["compile_s"]), f"measured before ({path})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return TYPICAL_COMPILE_S, "typical compile time"
+
+
+def record_compile_seconds(kind: str, key: Sequence[Any], seconds: float) -> None:
+    """Keep the measured compile seconds of `kind` and `key` for later runs (a failure to write only warns)."""
+    from lmcraft import io
+
+    try:
+        io.write_json(_record_file(kind, key), {"compile_s": seconds})
+    except OSError as err:
+        log.warning("cannot record the compile time (%s)", err)
+
+
+def training_compile_key(model: nn.Module, precision: str, batch_shape: Sequence[int]) -> list[Any]:
+    """What a training compile's time depends on: the model's config and parameters (trainable and frozen), the
+    precision and the batch shape (what of it is fixed: the micro-batch size)."""
+    config = getattr(model, "config", None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return [repr(config), sum(p.numel() for p in model.parameters()), trainable, precision, list(batch_shape)]

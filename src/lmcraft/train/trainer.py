@@ -60,7 +60,14 @@ from lmcraft.precision import resolve_precision
 from lmcraft.train import checkpoint as ckpt
 from lmcraft.train.allocator import cap_mmap_threshold
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
-from lmcraft.train.compile import compile_model, should_compile
+from lmcraft.train.compile import (
+    AMORTISE,
+    compile_model,
+    record_compile_seconds,
+    recorded_compile_seconds,
+    should_compile,
+    training_compile_key,
+)
 from lmcraft.train.config import EarlyStopping, TrainerConfig
 from lmcraft.train.distributed import (
     all_reduce_sum,
@@ -300,6 +307,8 @@ class Trainer:
         """Optimizer steps up to `total_steps` (or a stop), with the evaluations and checkpoints they are due."""
         last_saved = self.state.step if resumed else None
         compile_pending = self.config.compile == "auto"
+        eager_seconds: float | None = None  # set while the step after an auto compile is to be timed
+        compile_key: list = []
         if self.config.compile is True:
             compile_model(self.model)
         while self.state.step < self.total_steps and self.state.stopped is None:
@@ -308,10 +317,23 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             metrics = self._optimizer_step()
+            seconds = time.perf_counter() - t0
+            if eager_seconds is not None:  # the first compiled step: its excess over the eager one is the compile
+                record_compile_seconds("train", compile_key, max(0.0, seconds - eager_seconds))
+                eager_seconds = None
             if compile_pending:  # auto: decide from the measured eager step (rule in lmcraft.train.compile)
                 compile_pending = False
-                if should_compile("auto", self.total_steps - self.state.step, time.perf_counter() - t0):
-                    compile_model(self.model)
+                compile_key = training_compile_key(self.model, self.precision, [self.loader.batch_size])
+                expected, source = recorded_compile_seconds("train", compile_key)
+                left = self.total_steps - self.state.step
+                if should_compile("auto", left, seconds, expected):
+                    log.info("compile auto: %d steps x %.2f s > %d x %.0f s (%s): compiling", left, seconds,
+                             AMORTISE, expected, source)
+                    if compile_model(self.model):
+                        eager_seconds = seconds
+                else:
+                    log.info("compile auto: %d steps x %.2f s <= %d x %.0f s (%s): training eager", left, seconds,
+                             AMORTISE, expected, source)
             self.callbacks.on_step_end(self, metrics)
             self._maybe_log(metrics)
             step, cfg = self.state.step, self.config
