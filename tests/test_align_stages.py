@@ -166,6 +166,19 @@ def test_every_preference_loss_through_the_stage(task: Path, tmp_path: Path, los
         assert summary["examples"] == 20 and all(r["kl"] >= 0 for r in train)
 
 
+def test_precomputed_reference_ties_the_start_policy_under_bf16(task: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference log-probs are precomputed in the training's precision (here bf16 autocast), so the start
+    policy's implicit rewards on the held-out pairs are exactly 0: every pair ties, the loss is log 2."""
+    monkeypatch.setenv("LMCRAFT_AUTO_PRECISION", "bf16")
+    cfg = stage_config("dpo", task, tmp_path / "dpo", peft={"method": "lora", "r": 2}, max_steps=1, eval_every=1)
+    cfg["dpo"] = {"loss": "sigmoid", "reference": "precompute"}
+    run_stage("dpo", cfg, tmp_path / "dpo.yaml")
+    start = json.loads((tmp_path / "dpo" / "start_eval.json").read_text())
+    assert start["eval_reward_margin"] == 0.0 and start["eval_reward_chosen"] == 0.0
+    assert start["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_kto_on_preference_pairs_holds_out_whole_pairs(task: Path, tmp_path: Path) -> None:
     """KTO reads a pair file as labelled answers (chosen desirable, rejected not); val_size holds out whole records,
     so no held-out prompt is trained on, and the held-out pairs are scored by their implicit rewards: every pair ties

@@ -376,12 +376,19 @@ class DPO(AlignmentMethod):
         reference = None if d.loss in REFERENCE_FREE else reference_policy(model)
         train, evaluation = run.train, run.evaluation
         if reference is not None and d.loss != "kto" and d.reference == "precompute":
+            import torch
+
+            from lmcraft.precision import resolve_precision
+
             batch = t.eval_batch_size or t.micro_batch_size
-            train = WithReference(train, precompute_reference(model, reference, train, batch,
-                                                              run.out / "reference_train.json", t.progress))
-            if evaluation is not None:
-                evaluation = WithReference(evaluation, precompute_reference(
-                    model, reference, evaluation, batch, run.out / "reference_eval.json", t.progress))
+            device = next(model.parameters()).device  # in the training's precision, so a start policy ties with it
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=resolve_precision(t.precision, device).precision == "bf16"):
+                train = WithReference(train, precompute_reference(model, reference, train, batch,
+                                                                  run.out / "reference_train.json", t.progress))
+                if evaluation is not None:
+                    evaluation = WithReference(evaluation, precompute_reference(
+                        model, reference, evaluation, batch, run.out / "reference_eval.json", t.progress))
             reference = None  # the copy (if any) is no longer needed
         scorer = run.scorer
         eval_fn = None
