@@ -2,10 +2,9 @@
 
 Rule of `auto`: compile only when it pays back. After the first (eager) optimizer step, with its measured time
 t_step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run left is at least 20
-times longer than the compile (t_compile: TYPICAL_COMPILE_S seconds unless the caller knows better, e.g.
-generation's measured compile times), so tests and short runs stay eager.
-The compile time is measured and kept per model and shape under `<lmcraft cache>/compile/` (`record_compile_seconds`),
-so a later run's rule uses what compiling this model took here instead of the typical figure.
+times longer than the compile, so tests and short runs stay eager. t_compile is what compiling this model (and
+shape) took before on this machine, measured and kept under `<lmcraft cache>/compile/` (`record_compile_seconds`,
+for training and generation alike), else TYPICAL_COMPILE_S.
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
 second run of the same model skips most of the work. A failure to compile is reported and the run goes on eager.
 """
