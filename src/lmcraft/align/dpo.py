@@ -187,8 +187,7 @@ class PairRewardAccuracy:
         self.counts = (0, len(self.pairs), 0)
 
     def _logps(self, model: nn.Module, net: nn.Module) -> list[float]:
-        import torch
-
+        """Answer log-probs of every held-out item under `net` (`model` or its reference), no-grad in eval mode."""
         from lmcraft.align.instruct import collate_padded
 
         device = next(model.parameters()).device
@@ -197,8 +196,7 @@ class PairRewardAccuracy:
             batch = collate_padded([ex for ex, _ in self.data.items[part]], self.data.pad_id)
             return _logps(net, {k: v.to(device) for k, v in batch.items()})[0].tolist()
 
-        with torch.no_grad():
-            return [v for part in scored_batches(model, len(self.data), self.batch_size, rows) for v in part]
+        return [v for part in scored_batches(model, len(self.data), self.batch_size, rows) for v in part]
 
     def __call__(self, model: nn.Module) -> float:
         if self.ref is None:
@@ -395,12 +393,14 @@ class DPO(AlignmentMethod):
         if scorer is not None:  # the start model's score is run.start_score (computed before the adapters)
             def eval_fn(trainer: Trainer) -> dict[str, float]:
                 return {"score": run.start_score if trainer.state.step == 0 else scorer(trainer.model)}
-        elif d.loss == "kto" and isinstance(evaluation, UnpairedData) and answer_pairs(evaluation):
-            self.pairs = pairs = PairRewardAccuracy(evaluation, answer_pairs(evaluation), reference,
-                                                    t.eval_batch_size or t.micro_batch_size)
+        elif d.loss == "kto" and isinstance(evaluation, UnpairedData):
+            held_out_pairs = answer_pairs(evaluation)
+            if held_out_pairs:
+                self.pairs = pairs = PairRewardAccuracy(evaluation, held_out_pairs, reference,
+                                                        t.eval_batch_size or t.micro_batch_size)
 
-            def eval_fn(trainer: Trainer) -> dict[str, float]:
-                return {"pair_reward_accuracy": pairs(trainer.model)}
+                def eval_fn(trainer: Trainer) -> dict[str, float]:
+                    return {"pair_reward_accuracy": pairs(trainer.model)}
         return TrainPlan(DPOLoss(d, reference), train, evaluation, eval_fn=eval_fn, start_evaluation=True)
 
     def summary(self, run: Run) -> dict[str, Any]:
