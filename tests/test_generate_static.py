@@ -93,6 +93,23 @@ def test_compiled_greedy_equals_eager(tiny_model: Callable[..., torch.nn.Module]
     assert again.path == "static+compiled" and again.tokens == compiled.tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prompts", [BATCH_1, PADDED_3], ids=["batch1", "padded3"])
+def test_cuda_graph_replay_gives_the_eager_tokens(tiny_model: Callable[..., torch.nn.Module],
+                                                  prompts: list[list[int]], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the compiled step is captured as a CUDA graph per run and replayed: the eager tokens (fp32), again
+    in a second run (a new cache, so a new capture, over the graph already compiled)."""
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = tiny_model(vocab_size=97, num_kv_heads=2).to("cuda").eval()
+    eager = greedy(model, prompts)
+    for _ in range(2):
+        replayed = greedy(model, prompts, compile=True)
+        assert replayed.path == "static+compiled+cudagraph"
+        assert replayed.tokens == eager.tokens
+
+
 @pytest.mark.slow
 def test_weights_fixed_compile_folds_weights_and_refuses_moved_ones(
         tiny_model: Callable[..., torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

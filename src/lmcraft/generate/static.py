@@ -14,10 +14,17 @@ Masked columns get zero weight, so a row attends to exactly the keys the eager p
 (the logits may differ in the last bits, the softmax sums running over more, zero, terms). The backbone sees the
 cache as C - 1 past columns plus the new one, the explicit mask deciding which are real.
 
-`decode_step` is the step; `compiled_decode_step` is it under `torch.compile` (mode "default" on CPU,
-"max-autotune-no-cudagraphs" on CUDA: cudagraphs would capture the cache's storage, which changes per run), with
-the persistent inductor cache and the eager fallback of `lmcraft.train.compile`. The model runs its reference
-modules inside the compiled step (inductor fuses the pointwise work the eager fast path fuses by hand).
+`decode_step` is the step; `compiled_decode_step` is it under `torch.compile` (mode "default"), with the
+persistent inductor cache and the eager fallback of `lmcraft.train.compile`. The model runs its reference modules
+inside the compiled step (inductor fuses the pointwise work the eager fast path fuses by hand).
+
+On CUDA a batch-1 step of a small model is a few hundred tiny kernels, and launching them from Python costs more
+than running them. So the compiled step is captured once per run as a CUDA graph (`CudaGraphStep`): the run's
+cache, mask, positions and index are the graph's fixed buffers (every step reads and moves them in place), the new
+tokens are copied into one more fixed buffer, and each step is one `replay()`. The capture happens on the step
+after the compiling one, so nothing compiles while capturing; a capture that fails is said and the run goes on
+with the plain compiled step. torch.compile's own "reduce-overhead" mode is not used: it treats the cache, which
+the step updates in place, as an input to copy or to re-record for.
 
 `weights_fixed` (inference only: generate, chat, serve) lets the CPU step fold the weights into the graph as
 constants (inductor `freezing`: prepacked matrices) and pick each matrix product's kernel by measuring inductor's
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -49,9 +57,9 @@ from lmcraft.models.layers import KVCache
 from lmcraft.models.model import LanguageModel
 from lmcraft.models.rope import RotaryEmbedding
 
-__all__ = ["BUCKET", "StaticDecoder", "StaticKVCache", "check_weights_unchanged", "compiled_decode_step",
-           "decode_step", "expected_compile_seconds", "record_compile_seconds", "static_capacity",
-           "static_unsupported", "weights_version"]
+__all__ = ["BUCKET", "CudaGraphStep", "StaticDecoder", "StaticKVCache", "check_weights_unchanged",
+           "compiled_decode_step", "decode_step", "expected_compile_seconds", "record_compile_seconds",
+           "say_fallback", "static_capacity", "static_unsupported", "weights_version"]
 
 log = logging.getLogger("lmcraft.generate")
 
@@ -133,9 +141,7 @@ def compiled_decode_step(device: torch.device, weights_fixed: bool = False) -> C
         from lmcraft.train.compile import prepare_compile
 
         prepare_compile()
-        if device.type == "cuda":
-            _COMPILED[key] = torch.compile(decode_step, mode="max-autotune-no-cudagraphs", dynamic=False)
-        elif key[1]:  # freezing is read outside the compile's options: `StaticDecoder` patches it while compiling
+        if key[1]:  # freezing is read outside the compile's options: `StaticDecoder` patches it while compiling
             _COMPILED[key] = torch.compile(decode_step, dynamic=False, options={"max_autotune": True})
         else:
             _COMPILED[key] = torch.compile(decode_step, mode="default", dynamic=False)
@@ -194,6 +200,11 @@ def record_compile_seconds(model: LanguageModel, batch: int, capacity: int, dtyp
                                             seconds)
 
 
+def say_fallback(what: str, err: Exception, then: str) -> None:
+    """Tell the user on stderr that `what` of the decode step failed and what decoding does instead."""
+    print(f"lmcraft: {what} of the decode step failed ({type(err).__name__}: {err}); {then}", file=sys.stderr)
+
+
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     """(fn(), its wall seconds, synchronising CUDA so the time covers the work)."""
     start = time.perf_counter()
@@ -201,6 +212,30 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     if out.device.type == "cuda":
         torch.cuda.synchronize(out.device)
     return out, time.perf_counter() - start
+
+
+class CudaGraphStep:
+    """A decode step replayed from one CUDA graph: the first call captures `step` with the run's fixed tensors (the
+    tokens copied into a buffer of their own), every call copies its tokens in and replays. The logits returned are
+    a copy: the graph's output buffer is overwritten by the next replay."""
+
+    path = "static+compiled+cudagraph"
+
+    def __init__(self, step: Callable[..., torch.Tensor]) -> None:
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                 visible: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            self.tokens, self.graph = torch.empty_like(tokens), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; nothing runs until replay
+                self.logits = self.step(model, self.tokens, positions, cache, visible)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 class StaticDecoder:
@@ -225,6 +260,8 @@ class StaticDecoder:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         args = (self.model, tokens[:, None], self.positions, self.cache, self.visible)
+        if isinstance(self.step, CudaGraphStep) and self.step.graph is None:
+            return self._capture(args)
         if self.step is not None:
             return self.step(*args)
         if self.mode is True:
@@ -260,10 +297,7 @@ class StaticDecoder:
             with inductor_config.patch(freezing=True) if self.fixed else contextlib.nullcontext():
                 logits, seconds = timed(lambda: compiled(*args))
         except Exception as err:  # noqa: BLE001 - any compiler failure: say so and decode eager
-            import sys
-
-            print(f"lmcraft: torch.compile of the decode step failed ({type(err).__name__}: {err}); decoding eager",
-                  file=sys.stderr)
+            say_fallback("torch.compile", err, "decoding eager")
             self._go_eager()
             return self.step(*args)
         record_compile_seconds(self.model, *self._shape, seconds)
@@ -271,4 +305,18 @@ class StaticDecoder:
             _FOLDED[self.model] = weights_version(self.model)
         log.info("decode step compiled in %.1f s", seconds)
         self.step, self.path = compiled, "static+compiled"
+        if self.visible.device.type == "cuda":
+            self.step = CudaGraphStep(compiled)
+        return logits
+
+    def _capture(self, args: tuple) -> torch.Tensor:
+        """This step through a new CUDA graph of the compiled step; the plain compiled step if capturing fails."""
+        graph_step = self.step
+        try:
+            logits = graph_step(*args)
+        except Exception as err:  # noqa: BLE001 - any capture failure: say so and go on without the graph
+            say_fallback("CUDA graph capture", err, "decoding with the compiled step")
+            self.step = graph_step.step
+            return self.step(*args)
+        self.path = graph_step.path
         return logits
