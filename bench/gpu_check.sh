@@ -49,11 +49,11 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')" | tee "$OUT/device.log"
 
-step "device + parity tests" tests.log 150 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+step "device + parity tests" tests.log 120 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_devices.py tests/test_generate_static.py tests/test_generate_parity.py tests/test_precision.py
-step "generation bench (cuda)" generate.log 240 "$PY" -m bench.bench_generate --device cuda --precisions auto \
+step "generation bench (cuda)" generate.log 220 "$PY" -m bench.bench_generate --device cuda --precisions auto \
   --compile --new-tokens 64 --repeats 3
-step "training bench (cuda)" train.log 200 "$PY" -m bench.bench_train --device cuda --precisions fp32 bf16 \
+step "training bench (cuda)" train.log 180 "$PY" -m bench.bench_train --device cuda --precisions fp32 bf16 \
   --model smollm2-135m --batch 16 --seq-len 512 --repeats 3 --matmul-size 8192
 
 echo
