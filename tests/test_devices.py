@@ -56,3 +56,21 @@ def test_attention_runs_on_a_fused_cuda_kernel(tiny_model: Callable[..., torch.n
         model(ids).logits.float().sum().backward()
         with torch.no_grad():
             model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copied_kv_heads_give_sdpa_grouped_attention(device: str) -> None:
+    """A padded grouped-query batch on CUDA gets its kv heads copied (`repeat_kv`) so a fused kernel takes it: the
+    same output as SDPA's own grouped attention; one query row, or a CPU, keeps SDPA's uncopied `enable_gqa`."""
+    from lmcraft.models.layers import AttentionMask, repeat_kv, sdpa_kv_heads
+
+    q, k, v = torch.randn(2, 6, 5, 8, device=device), *torch.randn(2, 2, 2, 5, 8, device=device)
+    allowed = torch.ones(2, 1, 5, 5, dtype=torch.bool, device=device).tril()
+    allowed[1, ..., :2] = False  # the second row is left-padded by two
+    allowed[1, ..., :2, :2] = True  # (padding rows attend to themselves: no empty row)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    copied = torch.nn.functional.scaled_dot_product_attention(q, *repeat_kv(k, v, 3), attn_mask=allowed)
+    torch.testing.assert_close(copied, want)
+    _, _, gqa = sdpa_kv_heads(q, k, v, AttentionMask(allowed, False))
+    assert gqa is (device == "cpu")
+    assert sdpa_kv_heads(q[:, :, -1:], k, v, AttentionMask(allowed[:, :, -1:], False))[2] is True

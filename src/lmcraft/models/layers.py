@@ -235,13 +235,35 @@ class Attention(nn.Module):
             k, v = with_prefix(k, v, prefix)
         dropout = self.dropout if self.training else 0.0
         if self.softcap is None:
-            out = F.scaled_dot_product_attention(  # enable_gqa: query head h reads kv head h // groups, uncopied
+            k, v, gqa = sdpa_kv_heads(q, k, v, mask)
+            out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, dropout_p=dropout, scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                enable_gqa=gqa,
             )
         else:
             out = softcapped_attention(q, k, v, mask, self.scale or self.head_dim**-0.5, self.softcap, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, KV, S, D) -> (B, KV * groups, S, D): kv head j copied for query heads j * groups .. (j+1) * groups - 1,
+    i.e. query head h reads kv head h // groups."""
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def sdpa_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k, v, enable_gqa) for SDPA with q (B, H, T, D) and k, v (B, KV, S, D).
+
+    SDPA reads kv head h // groups for query head h itself (`enable_gqa`: nothing copied), but on CUDA only its
+    flash and math kernels do. Flash takes no explicit mask (a padded batch), which would leave the math kernel
+    and its whole T x S score matrix in memory; there, for more than one query row, the kv heads are copied
+    (`repeat_kv`) so the memory-efficient kernel runs. One query row (decoding) keeps `enable_gqa`: its scores are
+    one row."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and q.is_cuda and mask.mask is not None and q.shape[2] > 1:
+        return *repeat_kv(k, v, groups), False
+    return k, v, groups > 1
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
@@ -249,7 +271,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """softmax(c tanh(s q k^T / c) + mask) v for q (B, H, T, D) and k, v (B, KV, S, D); softmax in fp32."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v = repeat_kv(k, v, groups)
     scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap
     allowed = mask.mask
     if mask.is_causal:

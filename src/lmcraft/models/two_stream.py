@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcraft.models.layers import Block
+from lmcraft.models.layers import Block, repeat_kv
 from lmcraft.models.model import LanguageModel, ModelOutput
 from lmcraft.models.rope import RoPE, rotate
 
@@ -62,7 +62,7 @@ def two_stream_layer(block: Block, h: torch.Tensor, g: torch.Tensor, content_mas
     k = _rotate(_heads(attn.k_proj(h_in), nkv, d), rope_h)
     v = _heads(attn.v_proj(h_in), nkv, d)
     if nkv != nh:
-        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        k, v = repeat_kv(k, v, nh // nkv)
     dropout = attn.dropout if block.training else 0.0
     outs = []
     for x_in, mask, rope in ((h_in, content_mask, rope_h), (g_in, query_mask, rope_g)):
