@@ -42,6 +42,30 @@ def test_generation_runs_a_training_compiled_model_eager(tiny_model: Callable[..
     assert model._compiled_call_impl is counting
 
 
+def test_evaluation_runs_a_training_compiled_model_eager(tiny_model: Callable[..., torch.nn.Module],
+                                                         tmp_path) -> None:  # noqa: ANN001
+    """The trainer's evaluation of a compiled model goes through the model's own forward (a no-grad graph would be
+    a second compile), and the compiled training forward is back afterwards."""
+    from dist_train_script import make_data
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.train import Trainer, TrainerConfig
+
+    model = tiny_model(vocab_size=32)
+    calls = []
+    model._compiled_call_impl = lambda *a, **k: calls.append(1)  # stands in for nn.Module.compile's forward
+    counting = model._compiled_call_impl
+    objective = CausalLM()
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]):  # noqa: ANN202 - a LossOutput
+        return objective.loss(m, objective.transform({"input_ids": batch["input_ids"]}))
+
+    cfg = TrainerConfig(max_steps=1, micro_batch_size=4, progress=False, tensorboard=False, plot=False, device="cpu")
+    trainer = Trainer(model, loss, make_data(8), make_data(8), config=cfg, output_dir=tmp_path / "run")
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and calls == []
+    assert model._compiled_call_impl is counting
+
+
 def test_auto_rule_amortises() -> None:
     from lmcraft.train.compile import AMORTISE, TYPICAL_COMPILE_S, should_compile
 

@@ -7,6 +7,12 @@ shape) took before on this machine, measured and kept under `<lmcraft cache>/com
 for training and generation alike), else TYPICAL_COMPILE_S.
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
 second run of the same model skips most of the work. A failure to compile is reported and the run goes on eager.
+
+Only the training step is compiled. The trainer's evaluation and generation inside a run use the model's own
+forward (`eager_forward`): a no-grad forward is another graph and another compile, which does not pay. Measured on
+a 2-core EPYC in bf16: the no-grad compile took 22 s (llama-14m) and 45 s (SmolLM2-135M), and then a batch took
+0.392 s against 0.343 s eager (llama-14m, 8 x 256) and 0.845 s against 0.905 s (SmolLM2, 4 x 128): 750 batches to
+pay back the better case.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def compile_model(model: nn.Module) -> bool:
 def eager_forward(model: nn.Module) -> Iterator[None]:
     """Inside the block `model` runs its own forward, not the one `compile_model` compiled for training: a
     generation inside a training run (samples, held-out accuracy) feeds it a new shape at every token, each of which
-    would recompile it. Generation compiles its own decode step where that pays (`generate.static`)."""
+    would recompile it, and an evaluation would compile a no-grad graph (module doc). Generation compiles its own
+    decode step where that pays (`generate.static`)."""
     compiled = getattr(model, "_compiled_call_impl", None)  # set by nn.Module.compile
     if compiled is None:
         yield

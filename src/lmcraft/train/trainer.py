@@ -63,6 +63,7 @@ from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
 from lmcraft.train.compile import (
     AMORTISE,
     compile_model,
+    eager_forward,
     record_compile_seconds,
     recorded_compile_seconds,
     should_compile,
@@ -523,7 +524,7 @@ class Trainer:
         batches = eval_batches(self.eval_data, cfg.eval_batch_size or cfg.micro_batch_size, self.collate_fn,
                                self.ctx.rank, self.ctx.world_size, max_batches or cfg.eval_max_batches)
         for batch, counts in batches:
-            with self._autocast():
+            with self._autocast(), eager_forward(model):  # a no-grad graph would be a second compile (module doc)
                 out = _as_loss_output(self.loss_fn(model, move_to(batch, self.device)))
             w = float(counts)
             n = torch.as_tensor(out.num_targets, dtype=torch.float64, device=self.device) * w
