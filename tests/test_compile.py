@@ -129,12 +129,17 @@ def test_compiled_run_resumes_exactly(tiny_model: Callable[..., torch.nn.Module]
     assert len(losses[0]) == 4 and losses[0][2:] == losses[1][-2:]
 
 
-@pytest.mark.parametrize("recorded", [0.0, 1e9], ids=["cheap", "dear"])
+@pytest.mark.parametrize(("recorded", "varying"), [(0.0, False), (1e9, False), (0.0, True)],
+                         ids=["cheap", "dear", "cheap-varying-shapes"])
 def test_auto_uses_and_records_the_measured_compile_time(tiny_model: Callable[..., torch.nn.Module], tmp_path,
-                                                         monkeypatch: pytest.MonkeyPatch, recorded: float) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, recorded: float,
+                                                         varying: bool) -> None:
     """`compile: auto` decides from this machine's recorded compile time of the model (a dear one keeps the run
     eager, a cheap one compiles), then records what the compile cost: the first compiled step's excess over the
-    eager step."""
+    eager step. Micro-batches of varying shapes compile with dynamic shapes from the start (one compile, not a
+    static one and then a dynamic one), with their own record."""
+    import itertools
+
     from dist_train_script import make_data
     from lmcraft.objectives.clm import CausalLM
     from lmcraft.train import Trainer, TrainerConfig
@@ -143,19 +148,56 @@ def test_auto_uses_and_records_the_measured_compile_time(tiny_model: Callable[..
 
     monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path / "cache"))
     model = tiny_model(vocab_size=32)
-    key = training_compile.training_compile_key(model, "fp32", [4])
+    dynamic = True if varying else None
+    key = training_compile.training_compile_key(model, "fp32", [4], dynamic)
     training_compile.record_compile_seconds("train", key, recorded)
     assert training_compile.recorded_compile_seconds("train", key)[0] == recorded
     compiled = []
-    monkeypatch.setattr(trainer_module, "compile_model", lambda m: compiled.append(m) or True)  # no real compile
+    monkeypatch.setattr(trainer_module, "compile_model",  # no real compile
+                        lambda m, dynamic=None: compiled.append(dynamic) or True)
     objective = CausalLM()
+    widths = itertools.count()
+
+    def cut(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:  # 5, 6, 7, 5, ... tokens wide
+        return {"input_ids": torch.stack([item["input_ids"] for item in items])[:, :5 + next(widths) % 3]}
 
     def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]):  # noqa: ANN202 - a LossOutput
         return objective.loss(m, objective.transform({"input_ids": batch["input_ids"]}))
 
     cfg = TrainerConfig(max_steps=3, micro_batch_size=4, compile="auto", precision="fp32", progress=False,
                         tensorboard=False, plot=False, device="cpu")
-    Trainer(model, loss, make_data(16), config=cfg, output_dir=tmp_path / "run").train()
-    assert len(compiled) == (1 if recorded == 0.0 else 0)
+    Trainer(model, loss, make_data(16), config=cfg, output_dir=tmp_path / "run",
+            collate_fn=cut if varying else None).train()
+    assert compiled == ([dynamic] if recorded == 0.0 else [])
     seconds, source = training_compile.recorded_compile_seconds("train", key)
     assert source.startswith("measured before") and (seconds == recorded if compiled == [] else seconds >= 0.0)
+
+
+@pytest.mark.slow
+def test_dynamic_compile_serves_every_length_with_one_graph(tiny_model: Callable[..., torch.nn.Module], tmp_path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_model(dynamic=True)` (what auto picks for batches of varying shapes): padded batches of four
+    lengths train through one graph, with the eager loss and gradients."""
+    import torch._dynamo.utils
+
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.train.compile import compile_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = tiny_model(vocab_size=97, num_kv_heads=2), tiny_model(vocab_size=97, num_kv_heads=2)
+    assert compile_model(compiled, dynamic=True)
+    objective = CausalLM()
+    for width in (9, 12, 17, 23):
+        ids = torch.randint(0, 97, (4, width))
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        data = objective.transform({"input_ids": ids, "attention_mask": mask})
+        ref, got = (objective.loss(m, data).loss_sum for m in (eager, compiled))
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+        ref.backward()
+        got.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)

@@ -1,8 +1,12 @@
 """`compile: auto | true | false`: torch.compile of the model's forward for training, with a persistent cache.
 
-Rule of `auto`: compile only when it pays back. After the first (eager) optimizer step, with its measured time
-t_step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run left is at least 20
-times longer than the compile, so tests and short runs stay eager. t_compile is what compiling this model (and
+Rule of `auto`: compile only when it pays back. Once two (eager) micro-batches have run, with t_step the measured
+time of the last optimizer step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run
+left is at least 20 times longer than the compile, so tests and short runs stay eager. Where those micro-batches
+had different shapes (padded to their longest sequence: SFT, preference data), the compile uses dynamic shapes
+from the start: one compile instead of a static one followed by torch's automatic dynamic recompile (a 2-layer
+test model on a 2-core EPYC, padded batches of four lengths: 31.5 s instead of 22.0 + 16.7 s). Packed data keeps
+static shapes, which compile faster (llama-14m: 40 s static, 63 s dynamic). t_compile is what compiling this model (and
 shape) took before on this machine, measured and kept under `<lmcraft cache>/compile/` (`record_compile_seconds`,
 for training and generation alike), else TYPICAL_COMPILE_S.
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
@@ -29,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "compile_model", "eager_forward", "prepare_compile",
+__all__ = ["AMORTISE", "TYPICAL_COMPILE_S", "batch_shapes", "compile_model", "eager_forward", "prepare_compile",
            "record_compile_seconds", "recorded_compile_seconds", "should_compile", "training_compile_key"]
 
 log = logging.getLogger("lmcraft.train")
@@ -57,8 +61,10 @@ def prepare_compile() -> None:
     torch._dynamo.config.suppress_errors = True
 
 
-def compile_model(model: nn.Module) -> bool:
-    """Compile `model`'s forward in place (names and state dict unchanged); False, with a message, on failure."""
+def compile_model(model: nn.Module, dynamic: bool | None = None) -> bool:
+    """Compile `model`'s forward in place (names and state dict unchanged); False, with a message, on failure.
+    `dynamic` as torch.compile takes it: None = static shapes until a second shape is seen (then one recompile
+    with dynamic shapes), True = dynamic shapes from the start (batches of varying length: one compile)."""
     from lmcraft.models.rope import RotaryEmbedding
 
     prepare_compile()
@@ -67,7 +73,7 @@ def compile_model(model: nn.Module) -> bool:
         if isinstance(m, RotaryEmbedding) and max_pos:
             m.reserve(int(max_pos))  # no data-dependent table sizing inside the graph
     try:
-        model.compile()
+        model.compile(dynamic=dynamic)
     except Exception as err:  # noqa: BLE001 - any compiler failure: say so and train eager
         print(f"lmcraft: torch.compile failed ({type(err).__name__}: {err}); training continues eager",
               file=sys.stderr)
@@ -122,9 +128,25 @@ def record_compile_seconds(kind: str, key: Sequence[Any], seconds: float) -> Non
         log.warning("cannot record the compile time (%s)", err)
 
 
-def training_compile_key(model: nn.Module, precision: str, batch_shape: Sequence[int]) -> list[Any]:
+def training_compile_key(model: nn.Module, precision: str, batch_shape: Sequence[int],
+                         dynamic: bool | None = None) -> list[Any]:
     """What a training compile's time depends on: the model's config and parameters (trainable and frozen), the
-    precision and the batch shape (what of it is fixed: the micro-batch size)."""
+    precision, the batch shape (what of it is fixed: the micro-batch size) and whether shapes are dynamic."""
     config = getattr(model, "config", None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return [repr(config), sum(p.numel() for p in model.parameters()), trainable, precision, list(batch_shape)]
+    key = [repr(config), sum(p.numel() for p in model.parameters()), trainable, precision, list(batch_shape)]
+    return key + (["dynamic"] if dynamic else [])
+
+
+def batch_shapes(batch: Any) -> tuple:
+    """The shapes of every tensor in a (nested) dict/list/tuple batch, in order: equal for two batches exactly when
+    a compiled step sees the same input shapes for both."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if isinstance(batch, dict):
+        return tuple((k, batch_shapes(v)) for k, v in batch.items())
+    if isinstance(batch, list | tuple):
+        return tuple(batch_shapes(v) for v in batch)
+    return ()

@@ -62,6 +62,7 @@ from lmcraft.train.allocator import cap_mmap_threshold
 from lmcraft.train.callbacks import Callback, CallbackList, ProgressBar
 from lmcraft.train.compile import (
     AMORTISE,
+    batch_shapes,
     compile_model,
     eager_forward,
     record_compile_seconds,
@@ -201,6 +202,7 @@ class Trainer:
         else:
             self.loader = ResumableLoader(train_data, cfg.micro_batch_size, collate_fn, seed=cfg.seed,
                                           shuffle=cfg.shuffle, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self._window_shapes: list[tuple] = []  # the last optimizer step's micro-batch shapes (`batch_shapes`)
         groups = (param_groups or (lambda m: _default_groups(m, cfg)))(self.model)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, self.total_steps,
@@ -308,6 +310,7 @@ class Trainer:
         """Optimizer steps up to `total_steps` (or a stop), with the evaluations and checkpoints they are due."""
         last_saved = self.state.step if resumed else None
         compile_pending = self.config.compile == "auto"
+        shapes_seen: list[tuple] = []  # the micro-batches' shapes before an auto compile: do they vary?
         eager_seconds: float | None = None  # set while the step after an auto compile is to be timed
         compile_key: list = []
         if self.config.compile is True:
@@ -322,15 +325,19 @@ class Trainer:
             if eager_seconds is not None:  # the first compiled step: its excess over the eager one is the compile
                 record_compile_seconds("train", compile_key, max(0.0, seconds - eager_seconds))
                 eager_seconds = None
-            if compile_pending:  # auto: decide from the measured eager step (rule in lmcraft.train.compile)
+            shapes_seen += self._window_shapes if compile_pending else []
+            if compile_pending and (len(shapes_seen) >= 2 or self.state.step >= self.total_steps):
+                # auto: decide from the measured eager step (rule in lmcraft.train.compile), once two micro-batches
+                # have shown whether shapes vary (then dynamic shapes from the start: one compile, not two)
                 compile_pending = False
-                compile_key = training_compile_key(self.model, self.precision, [self.loader.batch_size])
+                dynamic = True if len(set(shapes_seen)) > 1 else None
+                compile_key = training_compile_key(self.model, self.precision, [self.loader.batch_size], dynamic)
                 expected, source = recorded_compile_seconds("train", compile_key)
                 left = self.total_steps - self.state.step
                 if should_compile("auto", left, seconds, expected):
-                    log.info("compile auto: %d steps x %.2f s > %d x %.0f s (%s): compiling", left, seconds,
-                             AMORTISE, expected, source)
-                    if compile_model(self.model):
+                    log.info("compile auto: %d steps x %.2f s > %d x %.0f s (%s): compiling%s", left, seconds,
+                             AMORTISE, expected, source, " with dynamic shapes (batch shapes vary)" if dynamic else "")
+                    if compile_model(self.model, dynamic):
                         eager_seconds = seconds
                 else:
                     log.info("compile auto: %d steps x %.2f s <= %d x %.0f s (%s): training eager", left, seconds,
@@ -418,6 +425,7 @@ class Trainer:
         cfg, t0 = self.config, time.perf_counter()
         self.callbacks.on_step_begin(self)
         window = [self.loader.next_batch() for _ in range(self._window_size())]
+        self._window_shapes = [batch_shapes(batch) for batch in window]
         self.state.micro_batches += len(window)
         self.wrapped.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
