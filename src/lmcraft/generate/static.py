@@ -59,7 +59,7 @@ from lmcraft.models.rope import RotaryEmbedding
 
 __all__ = ["BUCKET", "CudaGraphStep", "StaticDecoder", "StaticKVCache", "check_weights_unchanged",
            "compiled_decode_step", "decode_step", "expected_compile_seconds", "record_compile_seconds",
-           "say_fallback", "static_capacity", "static_unsupported", "weights_version"]
+           "static_capacity", "static_unsupported", "weights_version"]
 
 log = logging.getLogger("lmcraft.generate")
 
