@@ -201,3 +201,37 @@ def test_dynamic_compile_serves_every_length_with_one_graph(tiny_model: Callable
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_a_resumed_run_keeps_the_compile_decision(tiny_model: Callable[..., torch.nn.Module], tmp_path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile decision (after two eager micro-batches) is part of the checkpoint: a run resumed after it
+    compiles before its first step, one resumed before it goes on probing, so every step of a resumed run takes
+    the path it took in the uninterrupted run (the condition for an exact resume)."""
+    from dist_train_script import make_data
+    from lmcraft.objectives.clm import CausalLM
+    from lmcraft.train import Trainer, TrainerConfig
+    from lmcraft.train import compile as training_compile
+    from lmcraft.train import trainer as trainer_module
+
+    monkeypatch.setenv("LMCRAFT_CACHE", str(tmp_path / "cache"))
+    compiled_before_step: list[int] = []
+    trainers: list[Trainer] = []
+    monkeypatch.setattr(trainer_module, "compile_model",  # no real compile: note the step it comes before
+                        lambda m, dynamic=None: compiled_before_step.append(trainers[-1].state.step + 1) or True)
+    objective = CausalLM()
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]):  # noqa: ANN202 - a LossOutput
+        return objective.loss(m, objective.transform({"input_ids": batch["input_ids"]}))
+
+    cfg = TrainerConfig(max_steps=4, save_every=1, keep_last=4, micro_batch_size=4, compile="auto",
+                        precision="fp32", progress=False, tensorboard=False, plot=False, device="cpu")
+    model = tiny_model(vocab_size=32)
+    training_compile.record_compile_seconds("train", training_compile.training_compile_key(model, "fp32", [4]), 0.0)
+    for name, resume in (("full", None), ("from-1", "step-1"), ("from-3", "step-3")):
+        compiled_before_step.clear()
+        trainers.append(Trainer(tiny_model(vocab_size=32), loss, make_data(32), config=cfg,
+                                output_dir=tmp_path / name))
+        trainers[-1].train(resume_from=tmp_path / "full" / resume if resume else None)
+        assert compiled_before_step == [3 if name != "from-3" else 4], name  # steps 3 and 4 compiled in each
+        assert trainers[-1].state.compiled == "static"

@@ -133,6 +133,8 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     log_acc: dict[str, float] = field(default_factory=dict)
     precision: str | None = None  # the resolved fp32/bf16, kept by a resume
+    compiled: str | None = None  # "static", "dynamic" or "eager" once decided (`_decide_compile`), kept by a resume
+    compile_probe: list[str] = field(default_factory=list)  # the micro-batch shapes seen before that decision
 
 
 def set_seed(seed: int) -> None:
@@ -309,39 +311,24 @@ class Trainer:
     def _train_steps(self, resumed: bool) -> None:
         """Optimizer steps up to `total_steps` (or a stop), with the evaluations and checkpoints they are due."""
         last_saved = self.state.step if resumed else None
-        compile_pending = self.config.compile == "auto"
-        shapes_seen: list[tuple] = []  # the micro-batches' shapes before an auto compile: do they vary?
-        eager_seconds: float | None = None  # set while the step after an auto compile is to be timed
-        compile_key: list = []
-        if self.config.compile is True:
-            compile_model(self.model)
-        while self.state.step < self.total_steps and self.state.stopped is None:
+        st, compiling = self.state, self.config.compile is not False
+        if compiling and st.compiled in ("static", "dynamic"):  # a resumed run goes on as it was compiled
+            compile_model(self.model, True if st.compiled == "dynamic" else None)
+        timing: tuple[float, list] | None = None  # (eager step seconds, record key) while a compile is to be timed
+        while st.step < self.total_steps and st.stopped is None:
             if self.should_stop:
-                self.state.stopped = "callback"
+                st.stopped = "callback"
                 break
             t0 = time.perf_counter()
             metrics = self._optimizer_step()
             seconds = time.perf_counter() - t0
-            if eager_seconds is not None:  # the first compiled step: its excess over the eager one is the compile
-                record_compile_seconds("train", compile_key, max(0.0, seconds - eager_seconds))
-                eager_seconds = None
-            shapes_seen += self._window_shapes if compile_pending else []
-            if compile_pending and (len(shapes_seen) >= 2 or self.state.step >= self.total_steps):
-                # auto: decide from the measured eager step (rule in lmcraft.train.compile), once two micro-batches
-                # have shown whether shapes vary (then dynamic shapes from the start: one compile, not two)
-                compile_pending = False
-                dynamic = True if len(set(shapes_seen)) > 1 else None
-                compile_key = training_compile_key(self.model, self.precision, [self.loader.batch_size], dynamic)
-                expected, source = recorded_compile_seconds("train", compile_key)
-                left = self.total_steps - self.state.step
-                if should_compile("auto", left, seconds, expected):
-                    log.info("compile auto: %d steps x %.2f s > %d x %.0f s (%s): compiling%s", left, seconds,
-                             AMORTISE, expected, source, " with dynamic shapes (batch shapes vary)" if dynamic else "")
-                    if compile_model(self.model, dynamic):
-                        eager_seconds = seconds
-                else:
-                    log.info("compile auto: %d steps x %.2f s <= %d x %.0f s (%s): training eager", left, seconds,
-                             AMORTISE, expected, source)
+            if timing is not None:  # the first compiled step: its excess over the eager one is the compile
+                record_compile_seconds("train", timing[1], max(0.0, seconds - timing[0]))
+                timing = None
+            if compiling and st.compiled is None:
+                st.compile_probe += [repr(shape) for shape in self._window_shapes]
+                if len(st.compile_probe) >= 2 or st.step >= self.total_steps:
+                    timing = self._decide_compile(seconds)
             self.callbacks.on_step_end(self, metrics)
             self._maybe_log(metrics)
             step, cfg = self.state.step, self.config
@@ -419,6 +406,31 @@ class Trainer:
             raise LmcraftError(f"this run does not fit trainer.memory_limit={self.config.memory_limit}: the pre-flight "
                                f"step on the longest batch ({rows}) measured {measured / 2**30:.2f} GiB with the "
                                f"optimizer state:\n{plan.table(limit)}")
+
+    def _decide_compile(self, step_seconds: float) -> tuple[float, list] | None:
+        """Once two eager micro-batches have run: compile (`compile: true`, or auto's rule in
+        lmcraft.train.compile on the last step's time), with dynamic shapes where the micro-batches' shapes
+        differed. The decision goes into the state, so a resumed run takes the same path at every step.
+        Returns (the eager step's seconds, the record key) when the next step's time is to be recorded."""
+        st, mode = self.state, self.config.compile
+        dynamic = True if len(set(st.compile_probe)) > 1 else None
+        key = training_compile_key(self.model, self.precision, [self.loader.batch_size], dynamic)
+        expected, source = recorded_compile_seconds("train", key)
+        left = self.total_steps - st.step
+        shapes = " with dynamic shapes (batch shapes vary)" if dynamic else ""
+        if not should_compile(mode, left, step_seconds, expected):
+            log.info("compile auto: %d steps x %.2f s <= %d x %.0f s (%s): training eager", left, step_seconds,
+                     AMORTISE, expected, source)
+            st.compiled = "eager"
+            return None
+        if mode == "auto":
+            log.info("compile auto: %d steps x %.2f s > %d x %.0f s (%s): compiling%s", left, step_seconds, AMORTISE,
+                     expected, source, shapes)
+        if not compile_model(self.model, dynamic):
+            st.compiled = "eager"
+            return None
+        st.compiled = "dynamic" if dynamic else "static"
+        return step_seconds, key
 
     def _optimizer_step(self) -> dict[str, float]:
         """One window of micro-batches -> one (or a skipped) optimizer update; returns the step's metrics."""
