@@ -2,15 +2,18 @@
 
 Rule of `auto`: compile only when it pays back. Once two (eager) micro-batches have run, with t_step the measured
 time of the last optimizer step, compile when remaining_steps * t_step > AMORTISE * t_compile, i.e. the eager run
-left is at least 20 times longer than the compile, so tests and short runs stay eager. Where those micro-batches
-had different shapes (padded to their longest sequence: SFT, preference data), the compile uses dynamic shapes
-from the start: one compile instead of a static one followed by torch's automatic dynamic recompile (a 2-layer
-test model on a 2-core EPYC, padded batches of four lengths: 31.5 s instead of 22.0 + 16.7 s). Packed data keeps
-static shapes, which compile faster (llama-14m: 40 s static, 63 s dynamic). `compile: true` compiles at the same
-point whatever the rule says. The trainer keeps the decision in its checkpointed state, so a resumed run compiles
-(or not) before its first step and takes the uninterrupted run's path at every step. t_compile is what compiling this model (and
-shape) took before on this machine, measured and kept under `<lmcraft cache>/compile/` (`record_compile_seconds`,
-for training and generation alike), else TYPICAL_COMPILE_S.
+left is at least 20 times longer than the compile, so tests and short runs stay eager. t_compile is what compiling
+this model (and shape) took before on this machine, measured and kept under `<lmcraft cache>/compile/`
+(`record_compile_seconds`, for training and generation alike), else TYPICAL_COMPILE_S. `compile: true` compiles at
+the same point whatever the rule says.
+
+Where those two micro-batches had different shapes (padded to their longest sequence: SFT, preference data), the
+compile uses dynamic shapes from the start: one compile instead of a static one followed by torch's automatic
+dynamic recompile (a 2-layer test model on a 2-core EPYC, padded batches of four lengths: 31.5 s instead of
+22.0 + 16.7 s). Packed data keeps static shapes, which compile faster (llama-14m: 40 s static, 63 s dynamic).
+The trainer keeps the decision in its checkpointed state, so a resumed run compiles (or not) before its first step
+and takes the uninterrupted run's path at every step.
+
 Compiled code is cached under `<lmcraft cache>/inductor` (TORCHINDUCTOR_CACHE_DIR, unless already set), so a
 second run of the same model skips most of the work. A failure to compile is reported and the run goes on eager.
 
