@@ -189,12 +189,13 @@ class PairRewardAccuracy:
     def _logps(self, model: nn.Module, net: nn.Module) -> list[float]:
         """Answer log-probs of every held-out item under `net` (`model` or its reference), no-grad in eval mode."""
         from lmcraft.align.instruct import collate_padded
+        from lmcraft.train.trainer import move_to
 
         device = next(model.parameters()).device
 
         def rows(part: slice) -> list[float]:
             batch = collate_padded([ex for ex, _ in self.data.items[part]], self.data.pad_id)
-            return _logps(net, {k: v.to(device) for k, v in batch.items()})[0].tolist()
+            return _logps(net, move_to(batch, device))[0].tolist()
 
         return [v for part in scored_batches(model, len(self.data), self.batch_size, rows) for v in part]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "latest_checkpoint",
     "prune_checkpoints",
     "remove_stale",
+    "tensors_in",
 ]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -102,15 +104,21 @@ def save_model_files(
     fmt.write_extra(model, directory)
 
 
+def tensors_in(tree: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) dict/list/tuple, in order (a state dict, a batch)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from tensors_in(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from tensors_in(value)
+
+
 def state_bytes(state: Any) -> int:
     """Bytes of the tensors in a (nested) state dict: what writing it to disk takes, about."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_bytes(v) for v in state)
-    return 0
+    return sum(t.numel() * t.element_size() for t in tensors_in(state))
 
 
 def load_weights(directory: Path, fmt: WeightsFormat) -> dict[str, torch.Tensor]:

@@ -144,14 +144,8 @@ def training_compile_key(model: nn.Module, precision: str, batch_shape: Sequence
 
 
 def batch_shapes(batch: Any) -> tuple:
-    """The shapes of every tensor in a (nested) dict/list/tuple batch, in order: equal for two batches exactly when
-    a compiled step sees the same input shapes for both."""
-    import torch
+    """The shapes of every tensor in a (nested) dict/list/tuple batch, in order: equal for two batches of one
+    collate exactly when a compiled step sees the same input shapes for both."""
+    from lmcraft.train.checkpoint import tensors_in
 
-    if isinstance(batch, torch.Tensor):
-        return tuple(batch.shape)
-    if isinstance(batch, dict):
-        return tuple((k, batch_shapes(v)) for k, v in batch.items())
-    if isinstance(batch, list | tuple):
-        return tuple(batch_shapes(v) for v in batch)
-    return ()
+    return tuple(tuple(t.shape) for t in tensors_in(batch))
